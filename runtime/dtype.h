@@ -1,0 +1,34 @@
+// Element types and devices.
+#pragma once
+#include <cstdint>
+#include <cstring>
+#include <string>
+
+namespace ievo {
+
+enum class DType : uint8_t { F32, F64, BF16, F16, I32, I64 };
+enum class Device : uint8_t { CPU, CUDA };
+
+size_t dtype_size(DType t);
+const char* dtype_name(DType t);  // "f32", "bf16", ...
+DType dtype_from_name(const std::string& s);  // accepts "f32"/"fp32"/"float32", ... ; throws
+const char* device_name(Device d);
+
+// bf16 <-> f32 on the host: round-to-nearest-even, NaN kept quiet.
+inline uint16_t f32_to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+inline float bf16_to_f32(uint16_t h) {
+  uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+uint16_t f32_to_f16(float f);
+float f16_to_f32(uint16_t h);
+
+}  // namespace ievo

@@ -1,0 +1,52 @@
+// CUDA implementations of the ops, behind the same calls: each ops/<family>.cpp dispatches here
+// when its tensors live on the GPU (only in builds with IEVO_CUDA). Semantics are those of the
+// public declarations in ops/<family>.h; the CUDA side defines these in ops/<family>.cu.
+#pragma once
+#ifdef IEVO_CUDA
+#include "runtime/ops/adamw.h"
+#include "runtime/ops/attention.h"
+#include "runtime/tensor.h"
+
+namespace ievo::ops::cuda {
+
+void matmul(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, Tensor& c, float alpha,
+            float beta);
+
+void fill(Tensor& x, double value);
+void axpy(double alpha, const Tensor& x, Tensor& y);
+void scale(Tensor& x, double alpha);
+void add(const Tensor& a, const Tensor& b, Tensor& out);
+void cast(const Tensor& src, Tensor& dst);
+double sum_squares(const Tensor& x);
+bool all_finite(const Tensor& x);
+
+void embedding_forward(const Tensor& table, const Tensor& ids, Tensor& out);
+void embedding_backward(const Tensor& dout, const Tensor& ids, Tensor& dtable);
+
+void rmsnorm_forward(const Tensor& x, const Tensor& w, double eps, Tensor& y, Tensor& rstd);
+void rmsnorm_backward(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& rstd,
+                      Tensor& dx, Tensor& dw);
+
+void rope_forward(const Tensor& x, const Tensor& pos, double theta, Tensor& y);
+void rope_backward(const Tensor& dy, const Tensor& pos, double theta, Tensor& dx);
+
+void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& cu_seqlens,
+                       int max_seqlen, Tensor& out, Tensor& lse);
+void attention_backward(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
+                        const Tensor& out, const Tensor& lse, const Tensor& cu_seqlens,
+                        int max_seqlen, Tensor& dq, Tensor& dk, Tensor& dv);
+
+void swiglu_forward(const Tensor& gate, const Tensor& up, Tensor& out);
+void swiglu_backward(const Tensor& dout, const Tensor& gate, const Tensor& up, Tensor& dgate,
+                     Tensor& dup);
+
+double cross_entropy_forward(const Tensor& logits, const Tensor& targets, Tensor& losses,
+                             int64_t* count);
+void cross_entropy_backward(const Tensor& logits, const Tensor& targets, double grad_scale,
+                            Tensor& dlogits);
+
+void adamw_step(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v, const AdamWHyper& h,
+                Tensor* param_lowp);
+
+}  // namespace ievo::ops::cuda
+#endif

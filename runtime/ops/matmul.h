@@ -1,0 +1,15 @@
+// General matrix multiply on 2-D tensors (leading dimensions of a contiguous tensor may be
+// flattened by the caller with view()).
+//   C = alpha * op(A) @ op(B) + beta * C,   op(X) = X or X^T
+// A: [M, K] (or [K, M] with trans_a), B: [K, N] (or [N, K] with trans_b), C: [M, N].
+// CPU: f32/f64 through OpenBLAS cblas. CUDA: cuBLASLt (f32 with TF32 off, bf16 with fp32 accumulate).
+// The linear layer y = x W^T (W is [out, in], as in HF) is matmul(x, false, W, true, y).
+#pragma once
+#include "runtime/tensor.h"
+
+namespace ievo::ops {
+
+void matmul(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, Tensor& c,
+            float alpha = 1.0f, float beta = 0.0f);
+
+}  // namespace ievo::ops

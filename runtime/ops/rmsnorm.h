@@ -1,0 +1,14 @@
+// RMSNorm as in HF Llama: y = w * (x / sqrt(mean(x^2) + eps)), statistics in fp32 (f64 for f64).
+//   x [N, D], w [D], y [N, D], rstd [N] (f32, or f64 for f64 inputs) = 1/sqrt(mean(x^2)+eps)
+//   backward: dx = (rstd * (w*dy) - x * rstd^3 * mean(w*dy*x)) ; dw += sum_n dy * x * rstd
+// dx is written (not accumulated); dw is accumulated.
+#pragma once
+#include "runtime/tensor.h"
+
+namespace ievo::ops {
+
+void rmsnorm_forward(const Tensor& x, const Tensor& w, double eps, Tensor& y, Tensor& rstd);
+void rmsnorm_backward(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& rstd,
+                      Tensor& dx, Tensor& dw);
+
+}  // namespace ievo::ops
