@@ -1,0 +1,76 @@
+// Helpers shared by the CPU reference kernels in runtime/ops/*.cpp (not a public interface):
+// argument checks whose messages name the op and the tensor, and dispatch on the element type.
+#pragma once
+#include <cstdint>
+#include <utility>
+
+#include "runtime/tensor.h"
+
+namespace ievo::ops::cpu {
+
+// Host element types for the 16-bit floats (storage only; arithmetic goes through float).
+struct bf16_t {
+  uint16_t bits;
+};
+struct f16_t {
+  uint16_t bits;
+};
+
+inline double to_double(float v) { return v; }
+inline double to_double(double v) { return v; }
+inline double to_double(bf16_t v) { return bf16_to_f32(v.bits); }
+inline double to_double(f16_t v) { return f16_to_f32(v.bits); }
+
+template <typename T>
+T from_double(double v);
+template <>
+inline float from_double<float>(double v) { return static_cast<float>(v); }
+template <>
+inline double from_double<double>(double v) { return v; }
+template <>
+inline bf16_t from_double<bf16_t>(double v) { return {f32_to_bf16(static_cast<float>(v))}; }
+template <>
+inline f16_t from_double<f16_t>(double v) { return {f32_to_f16(static_cast<float>(v))}; }
+
+// A defined, contiguous CPU tensor.
+inline void expect_cpu(const Tensor& t, const char* name, const char* op) {
+  IEVO_CHECK(t.defined(), op, ": tensor '", name, "' is undefined");
+  IEVO_CHECK(t.is_cpu(), op, ": tensor '", name, "' is on ", device_name(t.device()),
+             " while the other arguments are on the cpu");
+  IEVO_CHECK(t.is_contiguous(), op, ": tensor '", name, "' (", t.describe(),
+             ") must be contiguous");
+}
+
+// A defined, contiguous CPU tensor of f32 or f64.
+inline void expect_float(const Tensor& t, const char* name, const char* op) {
+  expect_cpu(t, name, op);
+  IEVO_CHECK(t.dtype() == DType::F32 || t.dtype() == DType::F64, op, ": tensor '", name,
+             "' has dtype ", dtype_name(t.dtype()), ", the CPU kernels take f32 or f64");
+}
+
+// Calls f(T{}) with T = float or double according to dt.
+template <typename F>
+decltype(auto) dispatch_float(DType dt, const char* op, F&& f) {
+  switch (dt) {
+    case DType::F32: return std::forward<F>(f)(float{});
+    case DType::F64: return std::forward<F>(f)(double{});
+    default: IEVO_FAIL(op, ": unsupported dtype ", dtype_name(dt), " on the cpu (f32 or f64)");
+  }
+}
+
+// Calls f(T{}) for any floating storage type (f32, f64, bf16, f16).
+template <typename F>
+decltype(auto) dispatch_storage(DType dt, const char* op, F&& f) {
+  switch (dt) {
+    case DType::F32: return std::forward<F>(f)(float{});
+    case DType::F64: return std::forward<F>(f)(double{});
+    case DType::BF16: return std::forward<F>(f)(bf16_t{});
+    case DType::F16: return std::forward<F>(f)(f16_t{});
+    default: IEVO_FAIL(op, ": unsupported dtype ", dtype_name(dt), " (f32, f64, bf16 or f16)");
+  }
+}
+
+// Element loops shorter than this run on one thread.
+constexpr int64_t kParallelMin = 1 << 14;
+
+}  // namespace ievo::ops::cpu

@@ -1,0 +1,82 @@
+// Token embedding on the CPU: a row gather, and its backward (a scatter-add into the table).
+// The backward splits the table's columns among threads and walks the tokens in order, so
+// repeated ids accumulate in a fixed order (deterministic, no atomics).
+#include "runtime/ops/embedding.h"
+
+#include <algorithm>
+#include <cstring>
+
+#include "runtime/ops/cpu_common.h"
+#include "runtime/ops/cuda_ops.h"
+
+namespace ievo::ops {
+namespace {
+
+void check_ids(const Tensor& ids, int64_t vocab, const char* op) {
+  cpu::expect_cpu(ids, "ids", op);
+  check_dtype(ids, DType::I32, "ids");
+  IEVO_CHECK(ids.dim() == 1, op, ": tensor 'ids' must be 1-D, has shape ", shape_str(ids.shape()));
+  const int32_t* p = ids.data<int32_t>();
+  for (int64_t n = 0; n < ids.numel(); ++n)
+    if (p[n] < 0 || p[n] >= vocab)
+      IEVO_FAIL(op, ": token id ", p[n], " at position ", n, " is outside the vocabulary [0, ",
+                vocab, ")");
+}
+
+}  // namespace
+
+void embedding_forward(const Tensor& table, const Tensor& ids, Tensor& out) {
+#ifdef IEVO_CUDA
+  if (!out.is_cpu()) return cuda::embedding_forward(table, ids, out);
+#endif
+  const char* op = "embedding_forward";
+  cpu::expect_float(table, "table", op);
+  cpu::expect_float(out, "out", op);
+  IEVO_CHECK(table.dim() == 2, op, ": tensor 'table' must be [V, D], has shape ",
+             shape_str(table.shape()));
+  check_dtype(out, table.dtype(), "out");
+  check_ids(ids, table.size(0), op);
+  const int64_t n_tok = ids.numel(), d = table.size(1);
+  check_shape(out, {n_tok, d}, "out");
+  const size_t row_bytes = static_cast<size_t>(d) * dtype_size(table.dtype());
+  const char* src = static_cast<const char*>(table.raw());
+  char* dst = static_cast<char*>(out.raw());
+  const int32_t* id = ids.data<int32_t>();
+#pragma omp parallel for schedule(static) if (n_tok * d > cpu::kParallelMin)
+  for (int64_t n = 0; n < n_tok; ++n)
+    std::memcpy(dst + n * row_bytes, src + static_cast<int64_t>(id[n]) * row_bytes, row_bytes);
+}
+
+void embedding_backward(const Tensor& dout, const Tensor& ids, Tensor& dtable) {
+#ifdef IEVO_CUDA
+  if (!dtable.is_cpu()) return cuda::embedding_backward(dout, ids, dtable);
+#endif
+  const char* op = "embedding_backward";
+  cpu::expect_float(dtable, "dtable", op);
+  cpu::expect_float(dout, "dout", op);
+  IEVO_CHECK(dtable.dim() == 2, op, ": tensor 'dtable' must be [V, D], has shape ",
+             shape_str(dtable.shape()));
+  check_dtype(dout, dtable.dtype(), "dout");
+  check_ids(ids, dtable.size(0), op);
+  const int64_t n_tok = ids.numel(), d = dtable.size(1);
+  check_shape(dout, {n_tok, d}, "dout");
+  cpu::dispatch_float(dtable.dtype(), op, [&](auto tag) {
+    using T = decltype(tag);
+    const T* g = dout.data<T>();
+    T* t = dtable.data<T>();
+    const int32_t* id = ids.data<int32_t>();
+    constexpr int64_t kCols = 64;  // column block per task
+    const int64_t blocks = (d + kCols - 1) / kCols;
+#pragma omp parallel for schedule(static) if (n_tok * d > cpu::kParallelMin)
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t c0 = b * kCols, c1 = std::min(d, c0 + kCols);
+      for (int64_t n = 0; n < n_tok; ++n) {
+        T* row = t + static_cast<int64_t>(id[n]) * d;
+        const T* grow = g + n * d;
+        for (int64_t c = c0; c < c1; ++c) row[c] += grow[c];
+      }
+    }
+  });
+}
+
+}  // namespace ievo::ops
