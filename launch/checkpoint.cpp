@@ -1,0 +1,367 @@
+#include "launch/checkpoint.h"
+
+#include <hdf5.h>
+
+#include <algorithm>
+#include <filesystem>
+
+#include "models/atomic_file.h"
+#include "models/hf_adapter.h"
+#include "models/hf_config.h"
+
+#ifndef IEVO_VERSION
+#define IEVO_VERSION "unknown"
+#endif
+
+namespace fs = std::filesystem;
+
+namespace ievo {
+
+namespace {
+
+constexpr int kFormatVersion = 1;
+constexpr const char* kFormat = "ievo-checkpoint";
+constexpr const char* kChecksumAlgorithm = "fnv1a64-1MiB-blocks";
+
+// ---- HDF5 plumbing: RAII ids, errors with HDF5's own message ----------------------------------
+
+class H5Id {
+ public:
+  H5Id(hid_t id, herr_t (*close)(hid_t)) : id_(id), close_(close) {}
+  ~H5Id() {
+    if (id_ >= 0) close_(id_);
+  }
+  H5Id(H5Id&& o) noexcept : id_(o.id_), close_(o.close_) { o.id_ = H5I_INVALID_HID; }
+  H5Id(const H5Id&) = delete;
+  H5Id& operator=(const H5Id&) = delete;
+  H5Id& operator=(H5Id&&) = delete;
+  operator hid_t() const { return id_; }
+  bool ok() const { return id_ >= 0; }
+
+ private:
+  hid_t id_;
+  herr_t (*close_)(hid_t);
+};
+
+herr_t collect_error(unsigned n, const H5E_error2_t* e, void* out) {
+  auto* s = static_cast<std::string*>(out);
+  if (n < 3 && e->desc && *e->desc) *s += (s->empty() ? "" : "; ") + std::string(e->desc);
+  return 0;
+}
+
+// The innermost messages of HDF5's error stack (then cleared); automatic printing is off.
+std::string h5_error() {
+  std::string s;
+  H5Ewalk2(H5E_DEFAULT, H5E_WALK_UPWARD, collect_error, &s);
+  H5Eclear2(H5E_DEFAULT);
+  return s.empty() ? "HDF5 error" : s;
+}
+
+void h5_init() {
+  static bool done = [] {
+    H5open();
+    H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr);
+    return true;
+  }();
+  (void)done;
+}
+
+#define H5_CHECK(cond, ...)                                   \
+  do {                                                        \
+    if (!(cond)) IEVO_FAIL(__VA_ARGS__, ": ", h5_error());    \
+  } while (0)
+
+H5Id file_access_plist() {
+  H5Id fapl(H5Pcreate(H5P_FILE_ACCESS), H5Pclose);
+  // v1.8+ object headers and superblock carry checksums of the file's metadata.
+  H5Pset_libver_bounds(fapl, H5F_LIBVER_V18, H5F_LIBVER_LATEST);
+  H5Pset_fclose_degree(fapl, H5F_CLOSE_STRONG);
+#if H5_VERSION_GE(1, 10, 7)
+  H5Pset_file_locking(fapl, false, true);  // shared filesystems often refuse flock
+#endif
+  return fapl;
+}
+
+void write_string_attr(hid_t obj, const char* name, const std::string& value, const std::string& file) {
+  H5Id type(H5Tcopy(H5T_C_S1), H5Tclose);
+  H5Tset_size(type, std::max<size_t>(1, value.size()));
+  H5Id space(H5Screate(H5S_SCALAR), H5Sclose);
+  H5Id a(H5Acreate2(obj, name, type, space, H5P_DEFAULT, H5P_DEFAULT), H5Aclose);
+  H5_CHECK(a.ok() && H5Awrite(a, type, value.c_str()) >= 0, "checkpoint ", file,
+           ": cannot write attribute ", name);
+}
+
+std::string read_string_attr(hid_t obj, const char* name, const std::string& file) {
+  H5_CHECK(H5Aexists(obj, name) > 0, "checkpoint ", file, ": no attribute '", name,
+           "' (not an ievo checkpoint?)");
+  H5Id a(H5Aopen(obj, name, H5P_DEFAULT), H5Aclose);
+  H5Id type(H5Aget_type(a), H5Tclose);
+  H5_CHECK(H5Tget_class(type) == H5T_STRING && !H5Tis_variable_str(type), "checkpoint ", file,
+           ": attribute '", name, "' is not a fixed-length string");
+  std::string s(H5Tget_size(type), '\0');
+  H5_CHECK(H5Aread(a, type, s.data()) >= 0, "checkpoint ", file, ": cannot read attribute ", name);
+  s.resize(std::strlen(s.c_str()));
+  return s;
+}
+
+void write_u64_attr(hid_t obj, const char* name, uint64_t v, const std::string& where) {
+  H5Id space(H5Screate(H5S_SCALAR), H5Sclose);
+  H5Id a(H5Acreate2(obj, name, H5T_STD_U64LE, space, H5P_DEFAULT, H5P_DEFAULT), H5Aclose);
+  H5_CHECK(a.ok() && H5Awrite(a, H5T_NATIVE_UINT64, &v) >= 0, where, ": cannot write attribute ", name);
+}
+
+// ---- groups of tensors ---------------------------------------------------------------------
+
+void write_group(hid_t file, const std::string& path, const std::string& group, const ParamStore& s) {
+  IEVO_CHECK(!group.empty() && group.find('/') == std::string::npos && group.find('.') != 0,
+             "checkpoint ", path, ": bad group name '", group, "'");
+  H5Id g(H5Gcreate2(file, group.c_str(), H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT), H5Gclose);
+  H5_CHECK(g.ok(), "checkpoint ", path, ": cannot create group /", group);
+  const DType fdt = s.dtype() == DType::F64 ? DType::F64 : DType::F32;
+  for (size_t i = 0; i < s.size(); ++i) {
+    const std::string& name = s.spec(i).name;
+    const std::string where = "checkpoint " + path + ": dataset /" + group + "/" + name;
+    Tensor t = s[i].is_cpu() ? s[i] : s[i].to(Device::CPU);
+    if (t.dtype() != fdt) t = t.to(fdt);
+    if (!t.is_contiguous()) t = t.clone();
+    std::vector<hsize_t> dims(t.shape().begin(), t.shape().end());
+    H5Id space(dims.empty() ? H5Screate(H5S_SCALAR)
+                            : H5Screate_simple(static_cast<int>(dims.size()), dims.data(), nullptr),
+               H5Sclose);
+    H5Id ds(H5Dcreate2(g, name.c_str(), fdt == DType::F32 ? H5T_IEEE_F32LE : H5T_IEEE_F64LE, space,
+                       H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT),
+            H5Dclose);
+    H5_CHECK(space.ok() && ds.ok(), where, ": cannot create");
+    if (t.numel() > 0)
+      H5_CHECK(H5Dwrite(ds, fdt == DType::F32 ? H5T_NATIVE_FLOAT : H5T_NATIVE_DOUBLE, H5S_ALL,
+                        H5S_ALL, H5P_DEFAULT, t.raw()) >= 0,
+               where, ": write failed");
+    write_u64_attr(ds, "checksum", checkpoint_checksum(t.raw(), t.nbytes()), where);
+  }
+}
+
+std::vector<std::string> link_names(hid_t g, const std::string& where) {
+  H5G_info_t info;
+  H5_CHECK(H5Gget_info(g, &info) >= 0, where, ": cannot list");
+  std::vector<std::string> names;
+  for (hsize_t i = 0; i < info.nlinks; ++i) {
+    ssize_t n = H5Lget_name_by_idx(g, ".", H5_INDEX_NAME, H5_ITER_INC, i, nullptr, 0, H5P_DEFAULT);
+    H5_CHECK(n >= 0, where, ": cannot list");
+    std::string s(static_cast<size_t>(n) + 1, '\0');
+    H5Lget_name_by_idx(g, ".", H5_INDEX_NAME, H5_ITER_INC, i, s.data(), s.size(), H5P_DEFAULT);
+    s.resize(static_cast<size_t>(n));
+    names.push_back(s);
+  }
+  return names;
+}
+
+void read_group(hid_t file, const std::string& path, const std::string& group, ParamStore& s) {
+  const std::string gwhere = "checkpoint " + path + ": group /" + group;
+  H5Id g(H5Gopen2(file, group.c_str(), H5P_DEFAULT), H5Gclose);
+  H5_CHECK(g.ok(), gwhere, ": cannot open");
+  for (auto& n : link_names(g, gwhere))
+    IEVO_CHECK(s.has(n), "checkpoint ", path, ": dataset /", group, "/", n,
+               " is not a parameter of the model (does the model config match?)");
+  for (size_t i = 0; i < s.size(); ++i) {
+    const std::string& name = s.spec(i).name;
+    const std::string where = "checkpoint " + path + ": dataset /" + group + "/" + name;
+    IEVO_CHECK(H5Lexists(g, name.c_str(), H5P_DEFAULT) > 0, "checkpoint ", path,
+               ": missing dataset /", group, "/", name);
+    H5Id ds(H5Dopen2(g, name.c_str(), H5P_DEFAULT), H5Dclose);
+    H5_CHECK(ds.ok(), where, ": cannot open");
+    H5Id type(H5Dget_type(ds), H5Tclose);
+    H5Id space(H5Dget_space(ds), H5Sclose);
+    H5_CHECK(type.ok() && space.ok(), where, ": cannot read its type");
+    const size_t tsize = H5Tget_size(type);
+    IEVO_CHECK(H5Tget_class(type) == H5T_FLOAT && (tsize == 4 || tsize == 8), where,
+               " is not f32 or f64");
+    const int rank = H5Sget_simple_extent_ndims(space);
+    H5_CHECK(rank >= 0, where, ": cannot read its shape");
+    std::vector<hsize_t> dims(static_cast<size_t>(rank));
+    H5Sget_simple_extent_dims(space, dims.data(), nullptr);
+    const Shape shape(dims.begin(), dims.end());
+    IEVO_CHECK(shape == s.spec(i).shape, where, " has shape ", shape_str(shape), ", expected ",
+               shape_str(s.spec(i).shape));
+    const DType fdt = tsize == 4 ? DType::F32 : DType::F64;
+    Tensor t = Tensor::empty(shape, fdt);
+    if (t.numel() > 0)
+      H5_CHECK(H5Dread(ds, fdt == DType::F32 ? H5T_NATIVE_FLOAT : H5T_NATIVE_DOUBLE, H5S_ALL,
+                       H5S_ALL, H5P_DEFAULT, t.raw()) >= 0,
+               where, ": read failed");
+    IEVO_CHECK(H5Aexists(ds, "checksum") > 0, where, " has no checksum attribute");
+    uint64_t stored = 0;
+    H5Id a(H5Aopen(ds, "checksum", H5P_DEFAULT), H5Aclose);
+    H5_CHECK(a.ok() && H5Aread(a, H5T_NATIVE_UINT64, &stored) >= 0, where, ": cannot read checksum");
+    const uint64_t actual = checkpoint_checksum(t.raw(), t.nbytes());
+    IEVO_CHECK(stored == actual, where, " is corrupt: checksum ", actual, " but ", stored,
+               " was stored");
+    s[i].copy_from(t.dtype() == s.dtype() ? t : t.to(s.dtype()));
+  }
+}
+
+std::string normalized(const std::string& dir) {
+  std::string d = fs::path(dir).lexically_normal().string();
+  while (d.size() > 1 && d.back() == '/') d.pop_back();
+  return d;
+}
+
+}  // namespace
+
+uint64_t checkpoint_checksum(const void* data, size_t bytes) {
+  constexpr uint64_t kBasis = 0xcbf29ce484222325ULL, kPrime = 0x100000001b3ULL;
+  constexpr size_t kBlock = size_t{1} << 20;
+  const auto* p = static_cast<const unsigned char*>(data);
+  const int64_t nb = static_cast<int64_t>((bytes + kBlock - 1) / kBlock);
+  std::vector<uint64_t> digest(static_cast<size_t>(nb));
+#pragma omp parallel for schedule(static) if (nb > 4)
+  for (int64_t b = 0; b < nb; ++b) {
+    const size_t begin = static_cast<size_t>(b) * kBlock, end = std::min(bytes, begin + kBlock);
+    uint64_t h = kBasis;
+    for (size_t i = begin; i < end; ++i) h = (h ^ p[i]) * kPrime;
+    digest[static_cast<size_t>(b)] = h;
+  }
+  uint64_t h = kBasis;
+  for (uint64_t d : digest)
+    for (int k = 0; k < 8; ++k) h = (h ^ ((d >> (8 * k)) & 0xff)) * kPrime;
+  return h;
+}
+
+std::string checkpoint_dir(const std::string& run_dir, int64_t step) {
+  return (fs::path(run_dir) / "checkpoints" / ("step_" + std::to_string(step))).string();
+}
+
+void save_checkpoint(const std::string& ckpt_dir, const ModelConfig& c, const CheckpointState& state,
+                     const std::vector<std::pair<std::string, const ParamStore*>>& groups,
+                     bool update_latest) {
+  h5_init();
+  const std::string final_dir = normalized(ckpt_dir);
+  const std::string tmp = final_dir + ".tmp";
+  std::error_code ec;
+  fs::remove_all(tmp, ec);  // a leftover of an interrupted save
+  fs::create_directories(tmp);
+
+  const std::string h5 = (fs::path(tmp) / "model.h5").string();
+  nlohmann::json group_names = nlohmann::json::array();
+  {
+    H5Id fapl = file_access_plist();
+    H5Id f(H5Fcreate(h5.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, fapl), H5Fclose);
+    H5_CHECK(f.ok(), "checkpoint ", h5, ": cannot create");
+    write_string_attr(f, "format", kFormat, h5);
+    write_u64_attr(f, "format_version", kFormatVersion, h5);
+    write_string_attr(f, "checksum_algorithm", kChecksumAlgorithm, h5);
+    for (auto& [name, store] : groups) {
+      IEVO_CHECK(store != nullptr, "save_checkpoint: group ", name, " has no store");
+      write_group(f, h5, name, *store);
+      group_names.push_back(name);
+    }
+    H5_CHECK(H5Fflush(f, H5F_SCOPE_GLOBAL) >= 0, "checkpoint ", h5, ": flush failed");
+  }
+  fsync_path(h5);
+
+  write_file_atomic((fs::path(tmp) / "config.json").string(),
+                    hf_model_config_json(c, "float32").dump(2) + "\n");
+  nlohmann::json st = {{"format_version", kFormatVersion},
+                       {"step", state.step},
+                       {"consumed_samples", state.consumed_samples},
+                       {"seed", state.seed},
+                       {"config_yaml", state.config_yaml},
+                       {"ievo_version", IEVO_VERSION},
+                       {"groups", group_names},
+                       {"extra", state.extra.is_null() ? nlohmann::json::object() : state.extra}};
+  write_file_atomic((fs::path(tmp) / "state.json").string(), st.dump(2) + "\n");
+  fsync_path(tmp);
+
+  replace_directory(tmp, final_dir);
+  if (update_latest) {
+    const fs::path parent = fs::path(final_dir).parent_path();
+    write_file_atomic(((parent.empty() ? fs::path(".") : parent) / "latest").string(),
+                      fs::path(final_dir).filename().string() + "\n");
+  }
+}
+
+std::vector<std::string> checkpoint_groups(const std::string& ckpt_dir) {
+  h5_init();
+  const std::string h5 = (fs::path(ckpt_dir) / "model.h5").string();
+  IEVO_CHECK(fs::exists(h5), "checkpoint ", ckpt_dir, ": no model.h5");
+  H5Id fapl = file_access_plist();
+  H5Id f(H5Fopen(h5.c_str(), H5F_ACC_RDONLY, fapl), H5Fclose);
+  H5_CHECK(f.ok(), "checkpoint ", h5, ": cannot open as HDF5");
+  return link_names(f, "checkpoint " + h5);
+}
+
+CheckpointState load_checkpoint(const std::string& ckpt_dir,
+                                const std::vector<std::pair<std::string, ParamStore*>>& groups,
+                                bool optimizer_optional) {
+  h5_init();
+  const std::string state_path = (fs::path(ckpt_dir) / "state.json").string();
+  const std::string h5 = (fs::path(ckpt_dir) / "model.h5").string();
+  IEVO_CHECK(fs::exists(state_path), "checkpoint ", ckpt_dir,
+             ": no state.json (not a checkpoint, or an incomplete one)");
+  IEVO_CHECK(fs::exists(h5), "checkpoint ", ckpt_dir, ": no model.h5");
+
+  CheckpointState state;
+  try {
+    auto j = nlohmann::json::parse(read_text_file(state_path));
+    const int version = j.at("format_version").get<int>();
+    IEVO_CHECK(version <= kFormatVersion, "checkpoint ", state_path, ": format_version ", version,
+               " is newer than this ievo reads (", kFormatVersion, ")");
+    state.step = j.at("step").get<int64_t>();
+    state.consumed_samples = j.at("consumed_samples").get<int64_t>();
+    state.seed = j.at("seed").get<uint64_t>();
+    state.config_yaml = j.at("config_yaml").get<std::string>();
+    state.extra = j.value("extra", nlohmann::json::object());
+  } catch (const nlohmann::json::exception& e) {
+    IEVO_FAIL("checkpoint ", state_path, ": ", e.what());
+  }
+
+  H5Id fapl = file_access_plist();
+  H5Id f(H5Fopen(h5.c_str(), H5F_ACC_RDONLY, fapl), H5Fclose);
+  H5_CHECK(f.ok(), "checkpoint ", h5, ": cannot open as HDF5");
+  const std::string format = read_string_attr(f, "format", h5);
+  IEVO_CHECK(format == kFormat, "checkpoint ", h5, ": format '", format, "', expected '", kFormat, "'");
+  const std::string algo = read_string_attr(f, "checksum_algorithm", h5);
+  IEVO_CHECK(algo == kChecksumAlgorithm, "checkpoint ", h5, ": unknown checksum algorithm '", algo, "'");
+  for (auto& [name, store] : groups) {
+    IEVO_CHECK(store != nullptr, "load_checkpoint: group ", name, " has no store");
+    if (H5Lexists(f, name.c_str(), H5P_DEFAULT) <= 0) {
+      H5Eclear2(H5E_DEFAULT);
+      IEVO_CHECK(optimizer_optional && name != "params", "checkpoint ", h5, ": missing group /",
+                 name);
+      store->zero();
+      continue;
+    }
+    read_group(f, h5, name, *store);
+  }
+  return state;
+}
+
+ModelConfig read_checkpoint_model_config(const std::string& ckpt_dir) {
+  return read_hf_model_config(ckpt_dir);
+}
+
+std::string latest_checkpoint(const std::string& run_dir) {
+  const fs::path dir = fs::path(run_dir) / "checkpoints";
+  std::error_code ec;
+  if (!fs::is_directory(dir, ec)) return "";
+  auto complete = [&](const std::string& name) {
+    return !name.empty() && fs::exists(dir / name / "state.json", ec) &&
+           fs::exists(dir / name / "model.h5", ec);
+  };
+  if (fs::exists(dir / "latest", ec)) {
+    std::string name = read_text_file((dir / "latest").string());
+    while (!name.empty() && std::isspace(static_cast<unsigned char>(name.back()))) name.pop_back();
+    if (name.find('/') == std::string::npos && complete(name)) return (dir / name).string();
+  }
+  int64_t best = -1;
+  for (auto& e : fs::directory_iterator(dir, ec)) {
+    const std::string n = e.path().filename().string();
+    if (n.rfind("step_", 0) != 0 || n.size() == 5) continue;
+    if (!std::all_of(n.begin() + 5, n.end(), [](char ch) { return std::isdigit(static_cast<unsigned char>(ch)); }))
+      continue;
+    const int64_t step = std::stoll(n.substr(5));
+    if (step > best && complete(n)) best = step;
+  }
+  return best < 0 ? "" : (dir / ("step_" + std::to_string(best))).string();
+}
+
+}  // namespace ievo
