@@ -1,0 +1,649 @@
+// CPU reference ops: forwards against naive formulas written here (f32 and f64), backwards
+// against central finite differences in f64 of a random linear functional L = sum(r * out),
+// AdamW against a scalar transcription of torch's formula, error messages of bad inputs,
+// casts and reductions.
+#include <gtest/gtest.h>
+#include <omp.h>
+
+#include <cmath>
+#include <cstring>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "runtime/ops/adamw.h"
+#include "runtime/ops/attention.h"
+#include "runtime/ops/cross_entropy.h"
+#include "runtime/ops/elementwise.h"
+#include "runtime/ops/embedding.h"
+#include "runtime/ops/matmul.h"
+#include "runtime/ops/rmsnorm.h"
+#include "runtime/ops/rope.h"
+#include "runtime/ops/swiglu.h"
+#include "util.h"
+
+using namespace ievo;
+using ievo::test::max_abs_diff;
+using ievo::test::random_tensor;
+using ievo::test::rel_l2;
+
+namespace {
+
+constexpr double kFdEps = 1e-6;
+constexpr double kFdTol = 1e-6;  // rel L2 of analytic vs finite-difference gradients
+
+// sum_i r_i * x_i in double.
+double dot_all(const Tensor& r, const Tensor& x) {
+  auto a = r.to_double_vector(), b = x.to_double_vector();
+  EXPECT_EQ(a.size(), b.size());
+  double s = 0;
+  for (size_t i = 0; i < a.size(); ++i) s += a[i] * b[i];
+  return s;
+}
+
+// Central differences of f with respect to every element of x (f64, CPU; perturbed in place).
+Tensor numeric_grad(Tensor x, const std::function<double()>& f, double eps = kFdEps) {
+  Tensor g = Tensor::zeros(x.shape(), DType::F64);
+  double* p = x.data<double>();
+  for (int64_t i = 0; i < x.numel(); ++i) {
+    const double save = p[i];
+    p[i] = save + eps;
+    const double fp = f();
+    p[i] = save - eps;
+    const double fm = f();
+    p[i] = save;
+    g.data<double>()[i] = (fp - fm) / (2 * eps);
+  }
+  return g;
+}
+
+Tensor ids_tensor(const std::vector<int32_t>& v) {
+  return Tensor::from_vector(v, {static_cast<int64_t>(v.size())});
+}
+
+Tensor sub(const Tensor& a, const Tensor& b) {  // a - b, f64
+  Tensor out = a.to(DType::F64);
+  auto vb = b.to_double_vector();
+  for (int64_t i = 0; i < out.numel(); ++i) out.data<double>()[i] -= vb[i];
+  return out;
+}
+
+const DType kFloatTypes[] = {DType::F32, DType::F64};
+double fwd_tol(DType dt) { return dt == DType::F32 ? 1e-6 : 1e-13; }
+
+template <typename Fn>
+std::string error_message(Fn fn) {
+  try {
+    fn();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "(no ievo::Error thrown)";
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------- matmul
+
+TEST(Matmul, ForwardAllTransposesAlphaBeta) {
+  const int64_t M = 5, K = 4, N = 3;
+  for (DType dt : kFloatTypes)
+    for (int ta = 0; ta < 2; ++ta)
+      for (int tb = 0; tb < 2; ++tb) {
+        Tensor a = random_tensor(ta ? Shape{K, M} : Shape{M, K}, dt, 1);
+        Tensor b = random_tensor(tb ? Shape{N, K} : Shape{K, N}, dt, 2);
+        Tensor c = random_tensor({M, N}, dt, 3);
+        Tensor c0 = c.to(DType::F64);
+        ops::matmul(a, ta, b, tb, c, 0.5f, 2.0f);
+        Tensor ref = Tensor::empty({M, N}, DType::F64);
+        for (int64_t i = 0; i < M; ++i)
+          for (int64_t j = 0; j < N; ++j) {
+            double s = 0;
+            for (int64_t k = 0; k < K; ++k)
+              s += a.item(ta ? k * M + i : i * K + k) * b.item(tb ? j * K + k : k * N + j);
+            ref.data<double>()[i * N + j] = 0.5 * s + 2.0 * c0.item(i * N + j);
+          }
+        EXPECT_LT(rel_l2(c, ref), fwd_tol(dt)) << dtype_name(dt) << " ta=" << ta << " tb=" << tb;
+      }
+}
+
+TEST(Matmul, ColumnSlicesUseRowStride) {
+  // A = columns [2, 6) of a [5, 9] matrix, C = columns [1, 4) of a [5, 7] matrix.
+  for (DType dt : kFloatTypes) {
+    Tensor abig = random_tensor({5, 9}, dt, 4), b = random_tensor({4, 3}, dt, 5);
+    Tensor cbig = random_tensor({5, 7}, dt, 6);
+    Tensor cbig0 = cbig.clone();
+    Tensor a = abig.slice(1, 2, 6), c = cbig.slice(1, 1, 4);
+    ops::matmul(a, false, b, false, c);
+    Tensor ac = a.clone();
+    Tensor ref = Tensor::empty({5, 3}, dt);
+    ops::matmul(ac, false, b, false, ref);
+    EXPECT_LT(rel_l2(c.clone(), ref), fwd_tol(dt));
+    // Columns outside the slice are untouched.
+    for (int64_t i = 0; i < 5; ++i)
+      for (int64_t j : {0, 4, 5, 6}) EXPECT_EQ(cbig.item(i * 7 + j), cbig0.item(i * 7 + j));
+  }
+}
+
+TEST(Matmul, BackwardAllTransposesFiniteDifferences) {
+  const int64_t M = 4, K = 3, N = 5;
+  for (int ta = 0; ta < 2; ++ta)
+    for (int tb = 0; tb < 2; ++tb) {
+      Tensor a = random_tensor(ta ? Shape{K, M} : Shape{M, K}, DType::F64, 10);
+      Tensor b = random_tensor(tb ? Shape{N, K} : Shape{K, N}, DType::F64, 11);
+      Tensor r = random_tensor({M, N}, DType::F64, 12);
+      Tensor c = Tensor::empty({M, N}, DType::F64);
+      auto loss = [&] {
+        ops::matmul(a, ta, b, tb, c);
+        return dot_all(r, c);
+      };
+      // C = op(A) op(B): d op(A) = dC op(B)^T, d op(B) = op(A)^T dC.
+      Tensor da = Tensor::empty(a.shape(), DType::F64), db = Tensor::empty(b.shape(), DType::F64);
+      if (!ta) ops::matmul(r, false, b, !tb, da);  // dA = dC op(B)^T
+      else ops::matmul(b, tb, r, true, da);        // dA = op(B) dC^T
+      if (!tb) ops::matmul(a, !ta, r, false, db);  // dB = op(A)^T dC
+      else ops::matmul(r, true, a, ta, db);        // dB = dC^T op(A)
+      EXPECT_LT(rel_l2(da, numeric_grad(a, loss)), kFdTol) << "ta=" << ta << " tb=" << tb;
+      EXPECT_LT(rel_l2(db, numeric_grad(b, loss)), kFdTol) << "ta=" << ta << " tb=" << tb;
+    }
+}
+
+TEST(Matmul, ShapeMismatchNamesTensor) {
+  Tensor a = Tensor::zeros({2, 3}, DType::F32), b = Tensor::zeros({4, 2}, DType::F32);
+  Tensor c = Tensor::zeros({2, 2}, DType::F32);
+  EXPECT_NE(error_message([&] { ops::matmul(a, false, b, false, c); }).find("inner dimensions"),
+            std::string::npos);
+  Tensor b2 = Tensor::zeros({3, 5}, DType::F32);
+  EXPECT_NE(error_message([&] { ops::matmul(a, false, b2, false, c); }).find("'c'"),
+            std::string::npos);
+}
+
+// ------------------------------------------------------------------------------------ embedding
+
+TEST(Embedding, ForwardGathersAndBackwardAccumulates) {
+  const int64_t V = 7, D = 5;
+  Tensor ids = ids_tensor({3, 0, 3, 6, 1, 3});
+  for (DType dt : kFloatTypes) {
+    Tensor table = random_tensor({V, D}, dt, 20), out = Tensor::empty({6, D}, dt);
+    ops::embedding_forward(table, ids, out);
+    for (int64_t n = 0; n < 6; ++n)
+      for (int64_t d = 0; d < D; ++d)
+        EXPECT_EQ(out.item(n * D + d), table.item(ids.item(n) * D + d));
+  }
+  Tensor table = random_tensor({V, D}, DType::F64, 21), out = Tensor::empty({6, D}, DType::F64);
+  Tensor r = random_tensor({6, D}, DType::F64, 22);
+  Tensor dtable = random_tensor({V, D}, DType::F64, 23), dtable0 = dtable.clone();
+  ops::embedding_backward(r, ids, dtable);  // accumulates
+  Tensor fd = numeric_grad(table, [&] {
+    ops::embedding_forward(table, ids, out);
+    return dot_all(r, out);
+  });
+  EXPECT_LT(rel_l2(sub(dtable, dtable0), fd), kFdTol);
+}
+
+TEST(Embedding, IdOutOfRangeNamesIt) {
+  Tensor table = Tensor::zeros({7, 3}, DType::F32), out = Tensor::empty({3, 3}, DType::F32);
+  const std::string msg = error_message([&] { ops::embedding_forward(table, ids_tensor({1, 2, 7}), out); });
+  EXPECT_NE(msg.find("token id 7"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("position 2"), std::string::npos) << msg;
+  Tensor dtable = Tensor::zeros({7, 3}, DType::F32);
+  const std::string msg2 = error_message([&] { ops::embedding_backward(out, ids_tensor({-1, 2, 3}), dtable); });
+  EXPECT_NE(msg2.find("token id -1"), std::string::npos) << msg2;
+}
+
+// -------------------------------------------------------------------------------------- rmsnorm
+
+TEST(RMSNorm, ForwardMatchesFormula) {
+  const int64_t N = 4, D = 6;
+  const double eps = 1e-5;
+  for (DType dt : kFloatTypes) {
+    Tensor x = random_tensor({N, D}, dt, 30, -2, 2), w = random_tensor({D}, dt, 31);
+    Tensor y = Tensor::empty({N, D}, dt), rstd = Tensor::empty({N}, dt);
+    ops::rmsnorm_forward(x, w, eps, y, rstd);
+    Tensor yref = Tensor::empty({N, D}, DType::F64), rref = Tensor::empty({N}, DType::F64);
+    for (int64_t i = 0; i < N; ++i) {
+      double ms = 0;
+      for (int64_t j = 0; j < D; ++j) ms += x.item(i * D + j) * x.item(i * D + j) / D;
+      const double r = 1 / std::sqrt(ms + eps);
+      rref.data<double>()[i] = r;
+      for (int64_t j = 0; j < D; ++j) yref.data<double>()[i * D + j] = w.item(j) * x.item(i * D + j) * r;
+    }
+    EXPECT_LT(rel_l2(y, yref), fwd_tol(dt)) << dtype_name(dt);
+    EXPECT_LT(rel_l2(rstd, rref), fwd_tol(dt)) << dtype_name(dt);
+  }
+}
+
+TEST(RMSNorm, BackwardFiniteDifferences) {
+  const int64_t N = 5, D = 7;
+  const double eps = 1e-6;
+  Tensor x = random_tensor({N, D}, DType::F64, 32, -2, 2), w = random_tensor({D}, DType::F64, 33);
+  Tensor r = random_tensor({N, D}, DType::F64, 34);
+  Tensor y = Tensor::empty({N, D}, DType::F64), rstd = Tensor::empty({N}, DType::F64);
+  auto loss = [&] {
+    ops::rmsnorm_forward(x, w, eps, y, rstd);
+    return dot_all(r, y);
+  };
+  loss();
+  Tensor dx = Tensor::empty({N, D}, DType::F64);
+  Tensor dw = random_tensor({D}, DType::F64, 35), dw0 = dw.clone();
+  ops::rmsnorm_backward(r, x, w, rstd, dx, dw);
+  EXPECT_LT(rel_l2(dx, numeric_grad(x, loss)), kFdTol);
+  EXPECT_LT(rel_l2(sub(dw, dw0), numeric_grad(w, loss)), kFdTol);
+}
+
+TEST(RMSNorm, WrongWeightShapeNamesTensor) {
+  Tensor x = Tensor::zeros({2, 4}, DType::F32), w = Tensor::zeros({3}, DType::F32);
+  Tensor y = Tensor::empty({2, 4}, DType::F32), rstd = Tensor::empty({2}, DType::F32);
+  const std::string msg = error_message([&] { ops::rmsnorm_forward(x, w, 1e-5, y, rstd); });
+  EXPECT_NE(msg.find("'w'"), std::string::npos) << msg;
+}
+
+// ----------------------------------------------------------------------------------------- rope
+
+TEST(RoPE, KnownAngle) {
+  // hd = 2: inv_freq = 1, so the angle is the position itself.
+  for (DType dt : kFloatTypes) {
+    Tensor x = Tensor::from_vector(std::vector<double>{1, 0, 0.5, 2}, {2, 1, 2}).to(dt);
+    Tensor y = Tensor::empty({2, 1, 2}, dt);
+    ops::rope_forward(x, ids_tensor({1, 0}), 10000.0, y);
+    EXPECT_NEAR(y.item(0), std::cos(1.0), 1e-7);
+    EXPECT_NEAR(y.item(1), std::sin(1.0), 1e-7);
+    EXPECT_EQ(y.item(2), 0.5);  // position 0: identity
+    EXPECT_EQ(y.item(3), 2.0);
+  }
+}
+
+TEST(RoPE, ForwardMatchesFormula) {
+  const int64_t N = 3, H = 2, hd = 8, half = hd / 2;
+  const double theta = 10000.0;
+  const std::vector<int32_t> pos = {0, 5, 17};
+  for (DType dt : kFloatTypes) {
+    Tensor x = random_tensor({N, H, hd}, dt, 40), y = Tensor::empty({N, H, hd}, dt);
+    ops::rope_forward(x, ids_tensor(pos), theta, y);
+    Tensor ref = Tensor::empty({N, H, hd}, DType::F64);
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t h = 0; h < H; ++h)
+        for (int64_t i = 0; i < half; ++i) {
+          const double angle = pos[n] * std::pow(theta, -2.0 * i / hd);
+          const int64_t o = (n * H + h) * hd;
+          const double a = x.item(o + i), b = x.item(o + i + half);
+          ref.data<double>()[o + i] = a * std::cos(angle) - b * std::sin(angle);
+          ref.data<double>()[o + i + half] = b * std::cos(angle) + a * std::sin(angle);
+        }
+    // Angles are fp32 (as in HF): |angle error| <= ~17 * 2^-24 per unit of |x|.
+    EXPECT_LT(max_abs_diff(y, ref), 5e-6) << dtype_name(dt);
+    // In place gives the same result.
+    Tensor xi = x.clone();
+    ops::rope_forward(xi, ids_tensor(pos), theta, xi);
+    EXPECT_EQ(max_abs_diff(xi, y), 0.0);
+  }
+}
+
+TEST(RoPE, BackwardFiniteDifferences) {
+  const int64_t N = 4, H = 3, hd = 6;
+  Tensor x = random_tensor({N, H, hd}, DType::F64, 41), r = random_tensor({N, H, hd}, DType::F64, 42);
+  Tensor pos = ids_tensor({0, 1, 7, 300}), y = Tensor::empty({N, H, hd}, DType::F64);
+  Tensor dx = Tensor::empty({N, H, hd}, DType::F64);
+  ops::rope_backward(r, pos, 500000.0, dx);
+  Tensor fd = numeric_grad(x, [&] {
+    ops::rope_forward(x, pos, 500000.0, y);
+    return dot_all(r, y);
+  });
+  EXPECT_LT(rel_l2(dx, fd), kFdTol);
+}
+
+// ------------------------------------------------------------------------------------ attention
+
+namespace {
+
+// Naive causal GQA attention with explicit masks, in double.
+void naive_attention(const Tensor& q, const Tensor& k, const Tensor& v, const std::vector<int32_t>& cu,
+                     Tensor& out, Tensor& lse) {
+  const int64_t N = q.size(0), Hq = q.size(1), Hkv = k.size(1), hd = q.size(2);
+  auto Q = q.to_double_vector(), K = k.to_double_vector(), V = v.to_double_vector();
+  out = Tensor::zeros({N, Hq, hd}, DType::F64);
+  lse = Tensor::zeros({Hq, N}, DType::F64);
+  std::vector<int> seq(N);
+  for (size_t s = 0; s + 1 < cu.size(); ++s)
+    for (int i = cu[s]; i < cu[s + 1]; ++i) seq[i] = static_cast<int>(s);
+  for (int64_t h = 0; h < Hq; ++h) {
+    const int64_t g = h / (Hq / Hkv);
+    for (int64_t i = 0; i < N; ++i) {
+      std::vector<double> p(N, 0.0);
+      double z = 0;
+      for (int64_t j = 0; j < N; ++j) {
+        if (seq[j] != seq[i] || j > i) continue;  // other document or future token
+        double s = 0;
+        for (int64_t c = 0; c < hd; ++c) s += Q[(i * Hq + h) * hd + c] * K[(j * Hkv + g) * hd + c];
+        p[j] = std::exp(s / std::sqrt(static_cast<double>(hd)));
+        z += p[j];
+      }
+      lse.data<double>()[h * N + i] = std::log(z);
+      for (int64_t j = 0; j < N; ++j)
+        for (int64_t c = 0; c < hd; ++c)
+          out.data<double>()[(i * Hq + h) * hd + c] += p[j] / z * V[(j * Hkv + g) * hd + c];
+    }
+  }
+}
+
+}  // namespace
+
+TEST(Attention, ForwardMatchesNaiveGQA) {
+  const int64_t Hq = 4, Hkv = 2, hd = 8;
+  const std::vector<int32_t> cu = {0, 5, 6, 13};  // lengths 5, 1, 7
+  const int64_t N = 13;
+  for (DType dt : kFloatTypes) {
+    Tensor q = random_tensor({N, Hq, hd}, dt, 50, -2, 2), k = random_tensor({N, Hkv, hd}, dt, 51, -2, 2);
+    Tensor v = random_tensor({N, Hkv, hd}, dt, 52);
+    Tensor out = Tensor::empty({N, Hq, hd}, dt), lse = Tensor::empty({Hq, N}, dt);
+    ops::attention_forward(q, k, v, ids_tensor(cu), 7, out, lse);
+    Tensor ref, lref;
+    naive_attention(q, k, v, cu, ref, lref);
+    const double tol = dt == DType::F32 ? 1e-6 : 1e-13;
+    EXPECT_LT(rel_l2(out, ref), tol) << dtype_name(dt);
+    EXPECT_LT(rel_l2(lse, lref), tol) << dtype_name(dt);
+  }
+}
+
+TEST(Attention, BackwardFiniteDifferencesGQA) {
+  const int64_t Hq = 4, Hkv = 2, hd = 8, N = 13;
+  const Tensor cu = ids_tensor({0, 5, 6, 13});
+  Tensor q = random_tensor({N, Hq, hd}, DType::F64, 53, -2, 2);
+  Tensor k = random_tensor({N, Hkv, hd}, DType::F64, 54, -2, 2);
+  Tensor v = random_tensor({N, Hkv, hd}, DType::F64, 55);
+  Tensor r = random_tensor({N, Hq, hd}, DType::F64, 56);
+  Tensor out = Tensor::empty({N, Hq, hd}, DType::F64), lse = Tensor::empty({Hq, N}, DType::F64);
+  auto loss = [&] {
+    ops::attention_forward(q, k, v, cu, 7, out, lse);
+    return dot_all(r, out);
+  };
+  loss();
+  Tensor dq = Tensor::empty(q.shape(), DType::F64), dk = Tensor::empty(k.shape(), DType::F64);
+  Tensor dv = Tensor::empty(v.shape(), DType::F64);
+  ops::attention_backward(r, q, k, v, out, lse, cu, 7, dq, dk, dv);
+  EXPECT_LT(rel_l2(dq, numeric_grad(q, loss)), kFdTol);
+  EXPECT_LT(rel_l2(dk, numeric_grad(k, loss)), kFdTol);
+  EXPECT_LT(rel_l2(dv, numeric_grad(v, loss)), kFdTol);
+}
+
+TEST(Attention, RejectsBadSeqlens) {
+  Tensor q = Tensor::zeros({4, 2, 4}, DType::F32), k = Tensor::zeros({4, 1, 4}, DType::F32);
+  Tensor out = Tensor::empty({4, 2, 4}, DType::F32), lse = Tensor::empty({2, 4}, DType::F32);
+  EXPECT_NE(error_message([&] { ops::attention_forward(q, k, k, ids_tensor({0, 4}), 3, out, lse); })
+                .find("max_seqlen"),
+            std::string::npos);
+  EXPECT_NE(error_message([&] { ops::attention_forward(q, k, k, ids_tensor({0, 3}), 4, out, lse); })
+                .find("cu_seqlens ends at 3"),
+            std::string::npos);
+}
+
+TEST(Attention, BackendSetting) {
+  ops::set_attention_backend(ops::AttentionBackend::Cudnn);
+  EXPECT_EQ(ops::attention_backend(), ops::AttentionBackend::Cudnn);
+  ops::set_attention_backend(ops::AttentionBackend::Auto);
+  EXPECT_EQ(ops::attention_backend(), ops::AttentionBackend::Auto);
+}
+
+// --------------------------------------------------------------------------------------- swiglu
+
+TEST(SwiGLU, ForwardAndBackward) {
+  const int64_t N = 3, F = 5;
+  for (DType dt : kFloatTypes) {
+    Tensor g = random_tensor({N, F}, dt, 60, -4, 4), u = random_tensor({N, F}, dt, 61);
+    Tensor out = Tensor::empty({N, F}, dt), ref = Tensor::empty({N, F}, DType::F64);
+    ops::swiglu_forward(g, u, out);
+    for (int64_t i = 0; i < N * F; ++i)
+      ref.data<double>()[i] = g.item(i) / (1 + std::exp(-g.item(i))) * u.item(i);
+    EXPECT_LT(rel_l2(out, ref), fwd_tol(dt)) << dtype_name(dt);
+  }
+  Tensor g = random_tensor({N, F}, DType::F64, 62, -4, 4), u = random_tensor({N, F}, DType::F64, 63);
+  Tensor r = random_tensor({N, F}, DType::F64, 64), out = Tensor::empty({N, F}, DType::F64);
+  auto loss = [&] {
+    ops::swiglu_forward(g, u, out);
+    return dot_all(r, out);
+  };
+  Tensor dg = Tensor::empty({N, F}, DType::F64), du = Tensor::empty({N, F}, DType::F64);
+  ops::swiglu_backward(r, g, u, dg, du);
+  EXPECT_LT(rel_l2(dg, numeric_grad(g, loss)), kFdTol);
+  EXPECT_LT(rel_l2(du, numeric_grad(u, loss)), kFdTol);
+  // In place (dgate aliases gate, dup aliases up) gives the same values.
+  Tensor g2 = g.clone(), u2 = u.clone();
+  ops::swiglu_backward(r, g2, u2, g2, u2);
+  EXPECT_EQ(max_abs_diff(g2, dg), 0.0);
+  EXPECT_EQ(max_abs_diff(u2, du), 0.0);
+}
+
+// -------------------------------------------------------------------------------- cross entropy
+
+TEST(CrossEntropy, ForwardMatchesNaiveWithIgnoredRows) {
+  const int64_t N = 6, V = 7;
+  const std::vector<int32_t> tv = {2, -100, 0, 6, -100, 3};
+  for (DType dt : kFloatTypes) {
+    Tensor logits = random_tensor({N, V}, dt, 70, -3, 3), losses = Tensor::empty({N}, dt);
+    int64_t count = -1;
+    const double total = ops::cross_entropy_forward(logits, ids_tensor(tv), losses, &count);
+    EXPECT_EQ(count, 4);
+    double ref_total = 0;
+    for (int64_t n = 0; n < N; ++n) {
+      double ref = 0;
+      if (tv[n] != -100) {
+        double z = 0;
+        for (int64_t j = 0; j < V; ++j) z += std::exp(logits.item(n * V + j));
+        ref = -std::log(std::exp(logits.item(n * V + tv[n])) / z);
+      }
+      EXPECT_NEAR(losses.item(n), ref, dt == DType::F32 ? 1e-6 : 1e-13) << n;
+      ref_total += ref;
+    }
+    EXPECT_NEAR(total, ref_total, dt == DType::F32 ? 1e-5 : 1e-12);
+  }
+  // Max-subtraction: huge logits stay finite.
+  Tensor big = Tensor::from_vector(std::vector<float>{1000.f, 0.f}, {1, 2}), l = Tensor::empty({1}, DType::F32);
+  EXPECT_NEAR(ops::cross_entropy_forward(big, ids_tensor({1}), l, nullptr), 1000.0, 1e-3);
+}
+
+TEST(CrossEntropy, BackwardFiniteDifferences) {
+  const int64_t N = 6, V = 7;
+  const double scale = 0.7;
+  Tensor t = ids_tensor({2, -100, 0, 6, -100, 3});
+  Tensor logits = random_tensor({N, V}, DType::F64, 71, -3, 3), losses = Tensor::empty({N}, DType::F64);
+  Tensor dl = Tensor::empty({N, V}, DType::F64);
+  ops::cross_entropy_backward(logits, t, scale, dl);
+  Tensor fd = numeric_grad(logits, [&] { return scale * ops::cross_entropy_forward(logits, t, losses, nullptr); });
+  EXPECT_LT(rel_l2(dl, fd), kFdTol);
+  for (int64_t j = 0; j < V; ++j) EXPECT_EQ(dl.item(1 * V + j), 0.0);  // ignored row
+  // In place.
+  Tensor inplace = logits.clone();
+  ops::cross_entropy_backward(inplace, t, scale, inplace);
+  EXPECT_EQ(max_abs_diff(inplace, dl), 0.0);
+}
+
+TEST(CrossEntropy, TargetOutOfRangeNamesIt) {
+  Tensor logits = Tensor::zeros({3, 7}, DType::F32), losses = Tensor::empty({3}, DType::F32);
+  const std::string msg = error_message([&] { ops::cross_entropy_forward(logits, ids_tensor({0, -100, 9}), losses, nullptr); });
+  EXPECT_NE(msg.find("target 9"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("row 2"), std::string::npos) << msg;
+  const std::string msg2 = error_message([&] { ops::cross_entropy_backward(logits, ids_tensor({-5, 0, 0}), 1.0, logits); });
+  EXPECT_NE(msg2.find("target -5"), std::string::npos) << msg2;
+}
+
+TEST(LMHeadLoss, ChunkedMatchesFullAndGradients) {
+  const int64_t N = 7, D = 5, V = 11, chunk = 3;  // 3 does not divide 7
+  const double scale = 0.37;
+  Tensor t = ids_tensor({1, 10, -100, 0, 5, -100, 7});
+  Tensor h = random_tensor({N, D}, DType::F64, 80), w = random_tensor({V, D}, DType::F64, 81);
+  // Reference: full logits, then cross entropy.
+  Tensor logits = Tensor::empty({N, V}, DType::F64), losses = Tensor::empty({N}, DType::F64);
+  ops::matmul(h, false, w, true, logits);
+  int64_t ref_count = 0;
+  const double ref = ops::cross_entropy_forward(logits, t, losses, &ref_count);
+
+  int64_t count = 10;  // added to
+  Tensor dh = Tensor::empty({N, D}, DType::F64);
+  Tensor dw = random_tensor({V, D}, DType::F64, 82), dw0 = dw.clone();
+  const double loss = ops::lm_head_loss(h, w, t, scale, chunk, &count, &dh, &dw);
+  EXPECT_NEAR(loss, ref, 1e-12 * std::fabs(ref));
+  EXPECT_EQ(count, 10 + ref_count);
+  EXPECT_EQ(ref_count, 5);
+
+  auto f = [&] { return scale * ops::lm_head_loss(h, w, t, 1.0, chunk, nullptr, nullptr, nullptr); };
+  EXPECT_LT(rel_l2(dh, numeric_grad(h, f)), kFdTol);
+  EXPECT_LT(rel_l2(sub(dw, dw0), numeric_grad(w, f)), kFdTol);
+}
+
+// ---------------------------------------------------------------------------------------- adamw
+
+namespace {
+
+// torch.optim.AdamW for one scalar, in double.
+struct NaiveAdamW {
+  double p, m = 0, v = 0;
+  void step(double grad, const ops::AdamWHyper& h) {
+    const double g = grad * h.grad_scale;
+    p *= 1 - h.lr * h.weight_decay;
+    m = h.beta1 * m + (1 - h.beta1) * g;
+    v = h.beta2 * v + (1 - h.beta2) * g * g;
+    const double mhat = m / (1 - std::pow(h.beta1, h.step));
+    const double vhat = v / (1 - std::pow(h.beta2, h.step));
+    p -= h.lr * mhat / (std::sqrt(vhat) + h.eps);
+  }
+};
+
+}  // namespace
+
+TEST(AdamW, StepOneHandComputed) {
+  // p = 1, grad 0.25 * grad_scale 2 = 0.5, lr 0.1, wd 0.01, betas (0.9, 0.999):
+  // p = 1 * (1 - 0.001) - (0.1 / 0.1) * 0.05 / (sqrt(0.00025) / sqrt(0.001) + 1e-8)
+  //   = 0.999 - 0.1 / (1 + 2e-8) = 0.899000002 (to 4e-17).
+  Tensor p = Tensor::from_vector(std::vector<double>{1.0}, {1});
+  Tensor g = Tensor::from_vector(std::vector<double>{0.25}, {1});
+  Tensor m = Tensor::zeros({1}, DType::F64), v = Tensor::zeros({1}, DType::F64);
+  ops::AdamWHyper h;
+  h.lr = 0.1;
+  h.weight_decay = 0.01;
+  h.grad_scale = 2.0;
+  h.step = 1;
+  ops::adamw_step(p, g, m, v, h);
+  EXPECT_NEAR(p.item(0), 0.899000002, 1e-15);
+  EXPECT_NEAR(m.item(0), 0.05, 1e-16);
+  EXPECT_NEAR(v.item(0), 0.00025, 1e-18);
+}
+
+TEST(AdamW, SeveralStepsMatchTorchFormula) {
+  const int64_t n = 9;
+  ops::AdamWHyper h;
+  h.lr = 3e-3;
+  h.beta1 = 0.9;
+  h.beta2 = 0.95;
+  h.eps = 1e-8;
+  h.weight_decay = 0.1;
+  h.grad_scale = 0.5;
+  for (DType dt : kFloatTypes) {
+    Tensor p = random_tensor({n}, dt, 90), m = Tensor::zeros({n}, dt), v = Tensor::zeros({n}, dt);
+    Tensor lowp = Tensor::empty({n}, DType::BF16);
+    std::vector<NaiveAdamW> ref;
+    for (int64_t i = 0; i < n; ++i) ref.push_back({p.item(i)});
+    for (int64_t step = 1; step <= 5; ++step) {
+      Tensor g = random_tensor({n}, dt, 100 + step, -2, 2);
+      h.step = step;
+      ops::adamw_step(p, g, m, v, h, dt == DType::F32 ? &lowp : nullptr);
+      for (int64_t i = 0; i < n; ++i) ref[i].step(g.item(i), h);
+    }
+    const double tol = dt == DType::F32 ? 1e-6 : 1e-13;
+    for (int64_t i = 0; i < n; ++i) {
+      EXPECT_NEAR(p.item(i), ref[i].p, tol * (1 + std::fabs(ref[i].p))) << dtype_name(dt) << " " << i;
+      EXPECT_NEAR(m.item(i), ref[i].m, tol) << dtype_name(dt) << " " << i;
+      EXPECT_NEAR(v.item(i), ref[i].v, tol) << dtype_name(dt) << " " << i;
+      if (dt == DType::F32) {
+        EXPECT_EQ(lowp.data<uint16_t>()[i], f32_to_bf16(p.data<float>()[i])) << i;
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------- casts and elementwise
+
+TEST(Elementwise, CastRoundTrips) {
+  const float one = 1.0f, tie_down = 1.0f + std::ldexp(1.0f, -8), tie_up = 1.0f + 3 * std::ldexp(1.0f, -8);
+  const float above = 1.0f + std::ldexp(1.0f, -8) + std::ldexp(1.0f, -20);
+  Tensor x = Tensor::from_vector(std::vector<float>{one, tie_down, tie_up, above, -2.5f}, {5});
+  Tensor b = Tensor::empty({5}, DType::BF16);
+  ops::cast(x, b);
+  const uint16_t* bits = b.data<uint16_t>();
+  EXPECT_EQ(bits[0], 0x3F80);  // 1.0
+  EXPECT_EQ(bits[1], 0x3F80);  // halfway between 0x3F80 and 0x3F81: to even
+  EXPECT_EQ(bits[2], 0x3F82);  // halfway between 0x3F81 and 0x3F82: to even
+  EXPECT_EQ(bits[3], 0x3F81);  // above halfway: up
+  EXPECT_EQ(bits[4], 0xC020);  // -2.5
+  Tensor back = Tensor::empty({5}, DType::F32);
+  ops::cast(b, back);
+  const std::vector<double> expect = {1.0, 1.0, 1.015625, 1.0078125, -2.5};
+  for (int i = 0; i < 5; ++i) EXPECT_EQ(back.item(i), expect[i]) << i;
+
+  Tensor h = Tensor::empty({5}, DType::F16);
+  ops::cast(x, h);
+  EXPECT_EQ(h.data<uint16_t>()[0], 0x3C00);  // 1.0 in f16
+  Tensor d = Tensor::from_vector(std::vector<double>{0.1, -3.0}, {2}), f = Tensor::empty({2}, DType::F32);
+  Tensor d2 = Tensor::empty({2}, DType::F64);
+  ops::cast(d, f);
+  ops::cast(f, d2);
+  EXPECT_EQ(d2.item(0), static_cast<double>(0.1f));
+  EXPECT_EQ(d2.item(1), -3.0);
+}
+
+TEST(Elementwise, FillAxpyScaleAdd) {
+  for (DType dt : kFloatTypes) {
+    Tensor x = Tensor::empty({4}, dt), y = Tensor::empty({4}, dt);
+    ops::fill(x, 1.5);
+    ops::fill(y, -2.0);
+    ops::axpy(2.0, x, y);  // y = -2 + 3 = 1
+    ops::scale(y, 4.0);    // 4
+    ops::add(x, y, y);     // 5.5
+    for (int i = 0; i < 4; ++i) EXPECT_EQ(y.item(i), 5.5);
+  }
+  Tensor bf = Tensor::empty({3}, DType::BF16);
+  ops::fill(bf, 1.0);
+  EXPECT_EQ(bf.data<uint16_t>()[2], 0x3F80);
+}
+
+TEST(Elementwise, SumSquaresAndAllFinite) {
+  const int64_t n = 100000;
+  Tensor x = Tensor::empty({n}, DType::F64);
+  for (int64_t i = 0; i < n; ++i) x.data<double>()[i] = static_cast<double>(i + 1);
+  EXPECT_EQ(ops::sum_squares(x), 333338333350000.0);  // n (n+1) (2n+1) / 6, exact in double
+  Tensor xf = x.to(DType::F32);
+  EXPECT_EQ(ops::sum_squares(xf), 333338333350000.0);  // integers <= 1e5 are exact in f32
+  Tensor b = Tensor::empty({3}, DType::BF16);
+  ops::fill(b, -3.0);
+  EXPECT_EQ(ops::sum_squares(b), 27.0);
+
+  EXPECT_TRUE(ops::all_finite(xf));
+  xf.data<float>()[77777] = NAN;
+  EXPECT_FALSE(ops::all_finite(xf));
+  xf.data<float>()[77777] = INFINITY;
+  EXPECT_FALSE(ops::all_finite(xf));
+  b.data<uint16_t>()[1] = 0x7FC0;  // bf16 NaN
+  EXPECT_FALSE(ops::all_finite(b));
+}
+
+TEST(Determinism, SameBitsWithOneOrTwoThreads) {
+  const int64_t N = 512, D = 200;
+  Tensor x = random_tensor({N, D}, DType::F32, 110), w = random_tensor({D}, DType::F32, 111);
+  Tensor dy = random_tensor({N, D}, DType::F32, 112);
+  auto run = [&](int threads, Tensor& dw, double& ss) {
+    omp_set_num_threads(threads);
+    Tensor y = Tensor::empty({N, D}, DType::F32), rstd = Tensor::empty({N}, DType::F32);
+    Tensor dx = Tensor::empty({N, D}, DType::F32);
+    ops::rmsnorm_forward(x, w, 1e-5, y, rstd);
+    dw = Tensor::zeros({D}, DType::F32);
+    ops::rmsnorm_backward(dy, x, w, rstd, dx, dw);
+    ss = ops::sum_squares(x.view({-1}));
+  };
+  Tensor dw1, dw2;
+  double s1 = 0, s2 = 0;
+  const int saved = omp_get_max_threads();
+  run(1, dw1, s1);
+  run(2, dw2, s2);
+  omp_set_num_threads(saved);
+  EXPECT_EQ(std::memcmp(dw1.raw(), dw2.raw(), dw1.nbytes()), 0);
+  EXPECT_EQ(s1, s2);
+}
