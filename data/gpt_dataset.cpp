@@ -176,14 +176,6 @@ void fill_batch(const SampleSource& src, int64_t first, int64_t batch, int32_t* 
   }
 }
 
-Batch make_batch(const SampleSource& src, int64_t first, int64_t batch) {
-  Batch out;
-  out.inputs = Tensor::empty({batch, src.seq_len()}, DType::I32);
-  out.targets = Tensor::empty({batch, src.seq_len()}, DType::I32);
-  fill_batch(src, first, batch, out.inputs.data<int32_t>(), out.targets.data<int32_t>());
-  return out;
-}
-
 IndexedSampleSource::IndexedSampleSource(const std::vector<std::string>& prefixes,
                                          std::vector<double> weights, int64_t seq_len,
                                          uint64_t seed, bool shuffle, int64_t vocab_size)

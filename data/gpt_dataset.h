@@ -21,7 +21,6 @@
 #include <vector>
 
 #include "data/indexed_dataset.h"
-#include "runtime/tensor.h"
 
 namespace ievo {
 
@@ -37,12 +36,9 @@ class SampleSource {
 
 // Samples [first, first + batch): inputs[b * T + t] = tokens_b[t], targets[b * T + t] =
 // tokens_b[t + 1]; both arrays hold batch * T entries.
+// (models/batch.h turns rows of T + 1 tokens into the packed Batch the model takes.)
 void fill_batch(const SampleSource& src, int64_t first, int64_t batch, int32_t* inputs,
                 int32_t* targets);
-struct Batch {
-  Tensor inputs, targets;  // i32 [batch, seq_len] on the CPU
-};
-Batch make_batch(const SampleSource& src, int64_t first, int64_t batch);
 
 namespace detail {
 struct DocStream;
