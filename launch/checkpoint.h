@@ -40,7 +40,7 @@ struct CheckpointState {
   nlohmann::json extra;     // anything else the trainer wants back (scheduler, RNG, data state)
 };
 
-// Saves into ckpt_dir (".../checkpoints/step_N"). Groups are named stores, e.g.
+// Saves into ckpt_dir (".../checkpoints/step_N"); one process writes (rank 0 with full stores). Groups are named stores, e.g.
 // {{"params", &params}, {"exp_avg", &m}, {"exp_avg_sq", &v}}; any dtype/device. With
 // update_latest, the parent directory's `latest` names ckpt_dir afterwards.
 void save_checkpoint(const std::string& ckpt_dir, const ModelConfig& c, const CheckpointState& state,

@@ -170,7 +170,7 @@ void save_hf(const std::string& out_dir, const ModelConfig& c, const ParamStore&
   // The tensors in HF layout, produced one at a time while writing.
   auto convert = [dtype](const Tensor& t) {
     Tensor h = t.is_cpu() ? t : t.to(Device::CPU);
-    return h.to(dtype);
+    return h.dtype() == dtype && h.is_contiguous() ? h : h.to(dtype);
   };
   std::vector<SafetensorsEntry> entries;
   for (const ParamSpec& spec : param_specs(c)) {
@@ -208,6 +208,9 @@ void save_hf(const std::string& out_dir, const ModelConfig& c, const ParamStore&
 
   std::string dst = fs::path(out_dir).lexically_normal().string();
   while (dst.size() > 1 && dst.back() == '/') dst.pop_back();
+  std::error_code ec0;
+  IEVO_CHECK(!fs::exists(dst, ec0) || fs::is_directory(dst, ec0), "save_hf: ", dst,
+             " exists and is not a directory");
   const fs::path parent = fs::path(dst).parent_path();
   if (!parent.empty()) fs::create_directories(parent);
   const std::string tmp = make_temp_directory(dst + ".tmp-");

@@ -438,6 +438,12 @@ TEST(Checkpoint, SaveLoadExact) {
   expect_same_store(pb, pb2);
   EXPECT_EQ(latest_checkpoint(run), checkpoint_dir(run, 9));
 
+  // An f64 store is saved as f64.
+  ParamStore pd = random_store(c, 85, DType::F64), pd2(param_specs(c), DType::F64, Device::CPU);
+  save_checkpoint(checkpoint_dir(run, 8), c, st, {{"params", &pd}}, false);
+  load_checkpoint(checkpoint_dir(run, 8), {{"params", &pd2}}, false);
+  expect_same_store(pd, pd2);
+
   // Saving the same step again replaces it.
   st.step = 9;
   st.consumed_samples = 999;
@@ -553,7 +559,7 @@ TEST(Checkpoint, ChecksumIsBlockedFnv1a) {
 
 TEST(Convert, HfCheckpointHfIsBitExact) {
   for (Arch arch : {Arch::Llama, Arch::InternLM2}) {
-    for (DType dt : {DType::F32, DType::BF16}) {
+    for (DType dt : {DType::F32, DType::BF16, DType::F16}) {
       const ModelConfig c = small_config(arch);
       const std::string root = temp_dir("conv");
       save_hf(root + "/hf1", c, random_store(c, 120), dt);
