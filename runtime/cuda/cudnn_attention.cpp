@@ -1,0 +1,300 @@
+// cuDNN SDPA through the cudnn-frontend graph API (see cudnn_attention.h). Kept in its own
+// compilation unit: the frontend headers are large.
+//
+// Layout: ievo's packed q [N, Hq, hd] is cuDNN's ragged "THD" form: dims [S, Hq, smax, hd] with
+// strides [smax*Hq*hd, hd, Hq*hd, 1] and a ragged offset tensor [S+1] giving each sequence's
+// first element (cu[s] * Hq * hd); sequence lengths [S] drive the padding mask; the causal mask
+// is the top-left diagonal band (right bound 0), equal to bottom-right since q and kv lengths
+// match. Stats (natural-log lse) stay padded [S, Hq, smax, 1] in a scratch buffer.
+// Graph cache key: (direction, S, smax rounded up to 64, Hq, Hkv, hd, deterministic).
+#include "runtime/cuda/cudnn_attention.h"
+
+#include <cudnn.h>
+#include <cudnn_frontend.h>
+
+#include <cmath>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <tuple>
+#include <unordered_map>
+
+#include "runtime/cuda/attention_aux.h"
+#include "runtime/cuda/check.h"
+#include "runtime/cuda/cuda.h"
+
+namespace fe = cudnn_frontend;
+
+namespace ievo::cuda::cudnn_attn {
+namespace {
+
+enum Uid : int64_t {
+  kQ = 1, kK, kV, kO, kStats, kSeqQ, kSeqKV, kOffQ, kOffK, kOffV, kOffO,
+  kDO = 101, kDQ, kDK, kDV
+};
+
+struct Key {
+  bool bwd;
+  int64_t b, smax, hq, hkv, hd;
+  bool det;
+  auto tie() const { return std::tie(bwd, b, smax, hq, hkv, hd, det); }
+  bool operator<(const Key& o) const { return tie() < o.tie(); }
+};
+
+struct Entry {
+  std::shared_ptr<fe::graph::Graph> graph;
+  int64_t workspace = 0;
+};
+
+struct State {
+  std::mutex mu;
+  cudnnHandle_t handle = nullptr;
+  std::map<Key, Entry> graphs;
+};
+
+State& state() {
+  static State* s = new State();  // leaked: graphs live until exit
+  return *s;
+}
+
+#define IEVO_FE_CHECK(expr)                                                                  \
+  do {                                                                                       \
+    auto ievo_st_ = (expr);                                                                  \
+    if (!ievo_st_.is_good())                                                                 \
+      IEVO_FAIL("cuDNN attention: ", #expr, " failed: ", ievo_st_.get_message(), " [",        \
+                __FILE__, ":", __LINE__, "]");                                               \
+  } while (0)
+
+cudnnHandle_t handle(State& st) {
+  if (!st.handle) {
+    cudnnStatus_t e = cudnnCreate(&st.handle);
+    IEVO_CHECK(e == CUDNN_STATUS_SUCCESS, "cudnnCreate failed: ", cudnnGetErrorString(e));
+  }
+  return st.handle;
+}
+
+bool offsets_64() { return cudnnGetVersion() >= 90600; }
+
+using TensorPtr = std::shared_ptr<fe::graph::Tensor_attributes>;
+
+TensorPtr index_tensor(fe::graph::Graph& g, const char* name, int64_t uid, int64_t n, bool i64) {
+  return g.tensor(fe::graph::Tensor_attributes()
+                      .set_name(name)
+                      .set_uid(uid)
+                      .set_dim({n, 1, 1, 1})
+                      .set_stride({1, 1, 1, 1})
+                      .set_data_type(i64 ? fe::DataType_t::INT64 : fe::DataType_t::INT32));
+}
+
+// Strides of the ragged THD layout for dims [b, h, smax, hd].
+std::vector<int64_t> thd_stride(int64_t h, int64_t smax, int64_t hd) {
+  return {smax * h * hd, hd, h * hd, 1};
+}
+
+TensorPtr thd_tensor(fe::graph::Graph& g, const char* name, int64_t uid, int64_t b, int64_t h,
+                     int64_t smax, int64_t hd, const TensorPtr& ragged) {
+  return g.tensor(fe::graph::Tensor_attributes()
+                      .set_name(name)
+                      .set_uid(uid)
+                      .set_dim({b, h, smax, hd})
+                      .set_stride(thd_stride(h, smax, hd))
+                      .set_ragged_offset(ragged));
+}
+
+void finish_build(fe::graph::Graph& g, cudnnHandle_t h, Entry& e) {
+  IEVO_FE_CHECK(g.validate());
+  IEVO_FE_CHECK(g.build_operation_graph(h));
+  IEVO_FE_CHECK(g.create_execution_plans({fe::HeurMode_t::A, fe::HeurMode_t::FALLBACK}));
+  IEVO_FE_CHECK(g.check_support(h));
+  IEVO_FE_CHECK(g.build_plans(h));
+  IEVO_FE_CHECK(g.get_workspace_size(e.workspace));
+}
+
+Entry build_forward(const Key& k, cudnnHandle_t h, float scale) {
+  Entry e;
+  e.graph = std::make_shared<fe::graph::Graph>();
+  auto& g = *e.graph;
+  g.set_io_data_type(fe::DataType_t::BFLOAT16)
+      .set_intermediate_data_type(fe::DataType_t::FLOAT)
+      .set_compute_data_type(fe::DataType_t::FLOAT);
+  const bool i64 = offsets_64();
+  auto off_q = index_tensor(g, "off_q", kOffQ, k.b + 1, i64);
+  auto off_k = index_tensor(g, "off_k", kOffK, k.b + 1, i64);
+  auto off_v = index_tensor(g, "off_v", kOffV, k.b + 1, i64);
+  auto off_o = index_tensor(g, "off_o", kOffO, k.b + 1, i64);
+  auto seq_q = index_tensor(g, "seq_q", kSeqQ, k.b, false);
+  auto seq_kv = index_tensor(g, "seq_kv", kSeqKV, k.b, false);
+  auto q = thd_tensor(g, "Q", kQ, k.b, k.hq, k.smax, k.hd, off_q);
+  auto kk = thd_tensor(g, "K", kK, k.b, k.hkv, k.smax, k.hd, off_k);
+  auto v = thd_tensor(g, "V", kV, k.b, k.hkv, k.smax, k.hd, off_v);
+  auto opts = fe::graph::SDPA_attributes()
+                  .set_name("ievo_sdpa")
+                  .set_generate_stats(true)
+                  .set_attn_scale(scale)
+                  .set_diagonal_alignment(fe::DiagonalAlignment_t::TOP_LEFT)
+                  .set_diagonal_band_right_bound(0)
+                  .set_padding_mask(true)
+                  .set_seq_len_q(seq_q)
+                  .set_seq_len_kv(seq_kv);
+  auto [o, stats] = g.sdpa(q, kk, v, opts);
+  o->set_output(true)
+      .set_uid(kO)
+      .set_dim({k.b, k.hq, k.smax, k.hd})
+      .set_stride(thd_stride(k.hq, k.smax, k.hd))
+      .set_ragged_offset(off_o);
+  stats->set_output(true)
+      .set_uid(kStats)
+      .set_data_type(fe::DataType_t::FLOAT)
+      .set_dim({k.b, k.hq, k.smax, 1})
+      .set_stride({k.hq * k.smax, k.smax, 1, 1});
+  finish_build(g, h, e);
+  return e;
+}
+
+Entry build_backward(const Key& k, cudnnHandle_t h, float scale) {
+  Entry e;
+  e.graph = std::make_shared<fe::graph::Graph>();
+  auto& g = *e.graph;
+  g.set_io_data_type(fe::DataType_t::BFLOAT16)
+      .set_intermediate_data_type(fe::DataType_t::FLOAT)
+      .set_compute_data_type(fe::DataType_t::FLOAT);
+  const bool i64 = offsets_64();
+  auto off_q = index_tensor(g, "off_q", kOffQ, k.b + 1, i64);
+  auto off_k = index_tensor(g, "off_k", kOffK, k.b + 1, i64);
+  auto off_v = index_tensor(g, "off_v", kOffV, k.b + 1, i64);
+  auto off_o = index_tensor(g, "off_o", kOffO, k.b + 1, i64);
+  auto seq_q = index_tensor(g, "seq_q", kSeqQ, k.b, false);
+  auto seq_kv = index_tensor(g, "seq_kv", kSeqKV, k.b, false);
+  auto q = thd_tensor(g, "Q", kQ, k.b, k.hq, k.smax, k.hd, off_q);
+  auto kk = thd_tensor(g, "K", kK, k.b, k.hkv, k.smax, k.hd, off_k);
+  auto v = thd_tensor(g, "V", kV, k.b, k.hkv, k.smax, k.hd, off_v);
+  auto o = thd_tensor(g, "O", kO, k.b, k.hq, k.smax, k.hd, off_o);
+  auto dout = thd_tensor(g, "dO", kDO, k.b, k.hq, k.smax, k.hd, off_o);
+  auto stats = g.tensor(fe::graph::Tensor_attributes()
+                            .set_name("Stats")
+                            .set_uid(kStats)
+                            .set_dim({k.b, k.hq, k.smax, 1})
+                            .set_stride({k.hq * k.smax, k.smax, 1, 1})
+                            .set_data_type(fe::DataType_t::FLOAT));
+  auto opts = fe::graph::SDPA_backward_attributes()
+                  .set_name("ievo_sdpa_backward")
+                  .set_attn_scale(scale)
+                  .set_diagonal_alignment(fe::DiagonalAlignment_t::TOP_LEFT)
+                  .set_diagonal_band_right_bound(0)
+                  .set_padding_mask(true)
+                  .set_seq_len_q(seq_q)
+                  .set_seq_len_kv(seq_kv)
+                  .set_deterministic_algorithm(k.det);
+  auto [dq, dk, dv] = g.sdpa_backward(q, kk, v, o, dout, stats, opts);
+  dq->set_output(true).set_uid(kDQ).set_dim({k.b, k.hq, k.smax, k.hd})
+      .set_stride(thd_stride(k.hq, k.smax, k.hd)).set_ragged_offset(off_q);
+  dk->set_output(true).set_uid(kDK).set_dim({k.b, k.hkv, k.smax, k.hd})
+      .set_stride(thd_stride(k.hkv, k.smax, k.hd)).set_ragged_offset(off_k);
+  dv->set_output(true).set_uid(kDV).set_dim({k.b, k.hkv, k.smax, k.hd})
+      .set_stride(thd_stride(k.hkv, k.smax, k.hd)).set_ragged_offset(off_v);
+  finish_build(g, h, e);
+  return e;
+}
+
+// Per-call scratch: lengths, ragged offsets and padded stats.
+struct Aux {
+  DeviceBuffer seq_len, off_q, off_kv, stats;
+};
+
+Aux make_aux(const int32_t* cu, int b, int64_t smax, int64_t hq, int64_t hkv, int64_t hd,
+             cudaStream_t s) {
+  Aux a;
+  const bool i64 = offsets_64();
+  const size_t osz = i64 ? 8 : 4;
+  a.seq_len = DeviceBuffer(b * sizeof(int32_t));
+  a.off_q = DeviceBuffer((b + 1) * osz);
+  a.off_kv = DeviceBuffer((b + 1) * osz);
+  a.stats = DeviceBuffer(static_cast<size_t>(b * hq * smax) * sizeof(float));
+  attn::build_ragged_aux(cu, b, hq * hd, hkv * hd, i64, a.seq_len.as<int32_t>(), a.off_q.data(),
+                         a.off_kv.data(), s);
+  return a;
+}
+
+void run(State& st, const Entry& e, std::unordered_map<int64_t, void*>& pack, cudaStream_t s) {
+  cudnnHandle_t h = handle(st);
+  cudnnStatus_t cs = cudnnSetStream(h, s);
+  IEVO_CHECK(cs == CUDNN_STATUS_SUCCESS, "cudnnSetStream failed: ", cudnnGetErrorString(cs));
+  DeviceBuffer ws(static_cast<size_t>(std::max<int64_t>(e.workspace, 1)));
+  IEVO_FE_CHECK(e.graph->execute(h, pack, ws.data()));
+}
+
+int64_t round_smax(int max_seqlen) { return std::max<int64_t>(64, (max_seqlen + 63) / 64 * 64); }
+
+void* mut(const void* p) { return const_cast<void*>(p); }
+
+}  // namespace
+
+bool usable(std::string* why) {
+  static std::string reason;
+  static const bool ok = [] {
+    const size_t v = cudnnGetVersion();
+    if (v < 90000) {
+      reason = detail::cat("cuDNN ", v, " < 9.0");
+      return false;
+    }
+    const cudaDeviceProp& p = device_properties();
+    if (p.major < 9) {
+      reason = detail::cat("ragged (packed) layouts need sm_90+, this GPU is sm_", p.major, p.minor);
+      return false;
+    }
+    return true;
+  }();
+  if (!ok && why) *why = reason;
+  return ok;
+}
+
+bool supports_head_dim(int64_t hd) { return hd > 0 && hd % 8 == 0 && hd <= 128; }
+
+void forward(const Tensor& q, const Tensor& k, const Tensor& v, const int32_t* cu, int num_seqs,
+             int max_seqlen, Tensor& out, Tensor& lse) {
+  const int64_t n = q.size(0), hq = q.size(1), hkv = k.size(1), hd = q.size(2);
+  const int64_t smax = round_smax(max_seqlen);
+  const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(hd)));
+  cudaStream_t s = current_stream();
+  State& st = state();
+  std::lock_guard<std::mutex> lock(st.mu);
+  const Key key{false, num_seqs, smax, hq, hkv, hd, false};
+  auto it = st.graphs.find(key);
+  if (it == st.graphs.end()) it = st.graphs.emplace(key, build_forward(key, handle(st), scale)).first;
+  Aux a = make_aux(cu, num_seqs, smax, hq, hkv, hd, s);
+  std::unordered_map<int64_t, void*> pack = {
+      {kQ, mut(q.raw())},          {kK, mut(k.raw())},          {kV, mut(v.raw())},
+      {kO, out.raw()},             {kStats, a.stats.data()},    {kSeqQ, a.seq_len.data()},
+      {kSeqKV, a.seq_len.data()},  {kOffQ, a.off_q.data()},     {kOffK, a.off_kv.data()},
+      {kOffV, a.off_kv.data()},    {kOffO, a.off_q.data()}};
+  run(st, it->second, pack, s);
+  attn::padded_to_packed(a.stats.as<float>(), cu, num_seqs, static_cast<int>(hq),
+                         static_cast<int>(smax), static_cast<int>(n), lse.data<float>(), s);
+}
+
+void backward(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
+              const Tensor& out, const Tensor& lse, const int32_t* cu, int num_seqs,
+              int max_seqlen, Tensor& dq, Tensor& dk, Tensor& dv) {
+  const int64_t n = q.size(0), hq = q.size(1), hkv = k.size(1), hd = q.size(2);
+  const int64_t smax = round_smax(max_seqlen);
+  const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(hd)));
+  cudaStream_t s = current_stream();
+  State& st = state();
+  std::lock_guard<std::mutex> lock(st.mu);
+  const Key key{true, num_seqs, smax, hq, hkv, hd, deterministic()};
+  auto it = st.graphs.find(key);
+  if (it == st.graphs.end()) it = st.graphs.emplace(key, build_backward(key, handle(st), scale)).first;
+  Aux a = make_aux(cu, num_seqs, smax, hq, hkv, hd, s);
+  IEVO_CUDA_CHECK(cudaMemsetAsync(a.stats.data(), 0, a.stats.size(), s));
+  attn::packed_to_padded(lse.data<float>(), cu, num_seqs, static_cast<int>(hq),
+                         static_cast<int>(smax), static_cast<int>(n), a.stats.as<float>(), s);
+  std::unordered_map<int64_t, void*> pack = {
+      {kQ, mut(q.raw())},        {kK, mut(k.raw())},         {kV, mut(v.raw())},
+      {kO, mut(out.raw())},      {kDO, mut(dout.raw())},     {kStats, a.stats.data()},
+      {kDQ, dq.raw()},           {kDK, dk.raw()},            {kDV, dv.raw()},
+      {kSeqQ, a.seq_len.data()}, {kSeqKV, a.seq_len.data()}, {kOffQ, a.off_q.data()},
+      {kOffK, a.off_kv.data()},  {kOffV, a.off_kv.data()},   {kOffO, a.off_q.data()}};
+  run(st, it->second, pack, s);
+}
+
+}  // namespace ievo::cuda::cudnn_attn

@@ -1,0 +1,91 @@
+// AdamW on the GPU (see adamw.h): fp32 param, m, v; grad f32, bf16 or f16; optional bf16/f16 copy
+// of the updated param. Element order and scalar rounding follow the CPU op (torch's
+// single-tensor path): p *= 1 - lr wd; m = lerp(m, g, 1 - b1); v = v b2 + (1 - b2) g^2;
+// p += (-lr / (1 - b1^t)) m / (sqrt(v) / sqrt(1 - b2^t) + eps).
+#include <cmath>
+
+#include "runtime/cuda/kernels.cuh"
+#include "runtime/ops/cuda_ops.h"
+
+namespace ievo::ops::cuda {
+using namespace ievo::cuda;
+
+namespace {
+
+struct Scalars {
+  float decay, w1, b2, w2, eps, c2, neg_step, gs;
+};
+
+__device__ __forceinline__ float lerp_torch(float a, float b, float w) {
+  return fabsf(w) < 0.5f ? a + w * (b - a) : b - (b - a) * (1.f - w);
+}
+
+template <typename G, typename L>
+__global__ void adamw_kernel(float* p, const G* grad, float* m, float* v, L* lowp, int64_t n,
+                             Scalars k) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
+    const float g = to_f(grad[i]) * k.gs;
+    float pi = p[i] * k.decay;
+    const float mi = lerp_torch(m[i], g, k.w1);
+    const float vi = v[i] * k.b2 + k.w2 * g * g;
+    const float denom = sqrtf(vi) / k.c2 + k.eps;
+    pi = pi + k.neg_step * mi / denom;
+    p[i] = pi;
+    m[i] = mi;
+    v[i] = vi;
+    if (lowp) lowp[i] = from_f<L>(pi);
+  }
+}
+
+}  // namespace
+
+void adamw_step(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v, const AdamWHyper& h,
+                Tensor* param_lowp) {
+  const char* op = "adamw_step";
+  expect_cuda(param, "param", op);
+  expect_cuda(grad, "grad", op);
+  expect_cuda(m, "m", op);
+  expect_cuda(v, "v", op);
+  check_dtype(param, DType::F32, "param");
+  check_dtype(m, DType::F32, "m");
+  check_dtype(v, DType::F32, "v");
+  check_shape(grad, param.shape(), "grad");
+  check_shape(m, param.shape(), "m");
+  check_shape(v, param.shape(), "v");
+  IEVO_CHECK(h.step >= 1, op, ": step must be >= 1 (1-based), got ", h.step);
+  const bool lowp = param_lowp && param_lowp->defined();
+  if (lowp) {
+    expect_cuda(*param_lowp, "param_lowp", op);
+    check_shape(*param_lowp, param.shape(), "param_lowp");
+    IEVO_CHECK(param_lowp->dtype() == DType::BF16 || param_lowp->dtype() == DType::F16, op,
+               ": tensor 'param_lowp' has dtype ", dtype_name(param_lowp->dtype()),
+               ", expected bf16 or f16");
+  }
+  const int64_t n = param.numel();
+  if (n == 0) return;
+  const double bc1 = 1.0 - std::pow(h.beta1, static_cast<double>(h.step));
+  const double bc2_sqrt = std::sqrt(1.0 - std::pow(h.beta2, static_cast<double>(h.step)));
+  const Scalars k{static_cast<float>(1.0 - h.lr * h.weight_decay), static_cast<float>(1.0 - h.beta1),
+                  static_cast<float>(h.beta2),  static_cast<float>(1.0 - h.beta2),
+                  static_cast<float>(h.eps),    static_cast<float>(bc2_sqrt),
+                  static_cast<float>(-(h.lr / bc1)), static_cast<float>(h.grad_scale)};
+  cudaStream_t s = current_stream();
+  const unsigned grid = grid_for(n, 256, 8192);
+  dispatch_fp(grad.dtype(), op, [&](auto gtag) {
+    using G = decltype(gtag);
+    if (!lowp) {
+      adamw_kernel<G, bf16><<<grid, 256, 0, s>>>(param.data<float>(), grad.data<G>(), m.data<float>(),
+                                                 v.data<float>(), nullptr, n, k);
+    } else if (param_lowp->dtype() == DType::BF16) {
+      adamw_kernel<G, bf16><<<grid, 256, 0, s>>>(param.data<float>(), grad.data<G>(), m.data<float>(),
+                                                 v.data<float>(), param_lowp->data<bf16>(), n, k);
+    } else {
+      adamw_kernel<G, f16><<<grid, 256, 0, s>>>(param.data<float>(), grad.data<G>(), m.data<float>(),
+                                                v.data<float>(), param_lowp->data<f16>(), n, k);
+    }
+    IEVO_CUDA_LAUNCH_CHECK("adamw_kernel");
+  });
+}
+
+}  // namespace ievo::ops::cuda

@@ -1,0 +1,223 @@
+// Softmax cross-entropy on the GPU (see cross_entropy.h), fp32 math for f32/bf16/f16 logits.
+// One block per row: a single pass keeps a running (max, sum of exp) per thread, merged over the
+// block in a fixed order; lse = max + log(sum). The forward's total is summed in double by one
+// block in a fixed order (deterministic), and read back with the count and the first row whose
+// target is out of range (reported as an error, as on the CPU).
+// losses: f32 (or the logits' type); dlogits: the logits' type and may alias them.
+#include <climits>
+
+#include "runtime/cuda/kernels.cuh"
+#include "runtime/ops/cross_entropy.h"
+#include "runtime/ops/cuda_ops.h"
+
+namespace ievo::ops::cuda {
+using namespace ievo::cuda;
+
+namespace {
+
+constexpr int kThreads = 256;
+
+struct MaxSum {
+  float m, s;
+};
+
+__device__ __forceinline__ MaxSum merge(MaxSum a, MaxSum b) {
+  if (a.m == -INFINITY) return b;
+  if (b.m == -INFINITY) return a;
+  const float m = fmaxf(a.m, b.m);
+  return {m, a.s * expf(a.m - m) + b.s * expf(b.m - m)};
+}
+
+// log sum exp of one row over the block (all threads get it).
+template <typename T>
+__device__ float row_lse(const T* x, int64_t v) {
+  __shared__ float sm[32], ss[32];
+  MaxSum a{-INFINITY, 0.f};
+  for (int64_t j = threadIdx.x; j < v; j += blockDim.x) {
+    const float xv = to_f(x[j]);
+    if (xv > a.m) {
+      a.s = a.s * expf(a.m - xv) + 1.f;
+      a.m = xv;
+    } else {
+      a.s += expf(xv - a.m);
+    }
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    MaxSum b{__shfl_xor_sync(0xffffffffu, a.m, o), __shfl_xor_sync(0xffffffffu, a.s, o)};
+    a = merge(a, b);
+  }
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  __syncthreads();
+  if (lane == 0) {
+    sm[warp] = a.m;
+    ss[warp] = a.s;
+  }
+  __syncthreads();
+  MaxSum r = lane < nwarps ? MaxSum{sm[lane], ss[lane]} : MaxSum{-INFINITY, 0.f};
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    MaxSum b{__shfl_xor_sync(0xffffffffu, r.m, o), __shfl_xor_sync(0xffffffffu, r.s, o)};
+    r = merge(r, b);
+  }
+  return r.m + logf(r.s);
+}
+
+__device__ __forceinline__ bool bad_target(int32_t t, int64_t v) {
+  return t != kIgnoreIndex && (t < 0 || t >= v);
+}
+
+template <typename T, typename L>
+__global__ void ce_fwd(const T* logits, const int32_t* targets, int64_t v, L* losses,
+                       float* row_loss, int* bad_row) {
+  const int64_t row = blockIdx.x;
+  const int32_t t = targets[row];
+  if (t == kIgnoreIndex || bad_target(t, v)) {
+    if (threadIdx.x == 0) {
+      if (t != kIgnoreIndex) atomicMin(bad_row, static_cast<int>(row));
+      losses[row] = from_f<L>(0.f);
+      row_loss[row] = 0.f;
+    }
+    return;
+  }
+  const T* x = logits + row * v;
+  const float lse = row_lse(x, v);
+  if (threadIdx.x == 0) {
+    const float loss = lse - to_f(x[t]);
+    losses[row] = from_f<L>(loss);
+    row_loss[row] = loss;
+  }
+}
+
+struct Totals {
+  double sum;
+  long long count;
+};
+
+__global__ void ce_total(const float* row_loss, const int32_t* targets, int64_t n, Totals* out) {
+  __shared__ double s1[32];
+  __shared__ long long s2[32];
+  double s = 0;
+  long long c = 0;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+    s += row_loss[i];
+    c += targets[i] != kIgnoreIndex;
+  }
+  s = block_sum(s, s1);
+  c = block_sum(c, s2);
+  if (threadIdx.x == 0) *out = Totals{s, c};
+}
+
+template <typename T>
+__global__ void ce_bwd(const T* logits, const int32_t* targets, int64_t v, float gs, T* dlogits,
+                       int* bad_row) {
+  const int64_t row = blockIdx.x;
+  const int32_t t = targets[row];
+  const T* x = logits + row * v;
+  T* g = dlogits + row * v;
+  if (t == kIgnoreIndex || bad_target(t, v)) {
+    if (t != kIgnoreIndex && threadIdx.x == 0) atomicMin(bad_row, static_cast<int>(row));
+    for (int64_t j = threadIdx.x; j < v; j += blockDim.x) g[j] = from_f<T>(0.f);
+    return;
+  }
+  const float lse = row_lse(x, v);
+  // Same element-to-thread map as row_lse: element j is read and written by one thread only.
+  for (int64_t j = threadIdx.x; j < v; j += blockDim.x) {
+    const float p = expf(to_f(x[j]) - lse);
+    g[j] = from_f<T>(gs * (p - (j == t ? 1.f : 0.f)));
+  }
+}
+
+void check_args(const Tensor& logits, const Tensor& targets, const char* op) {
+  expect_cuda(logits, "logits", op);
+  expect_cuda(targets, "targets", op);
+  IEVO_CHECK(logits.dim() == 2, op, ": tensor 'logits' must be [N, V], has shape ",
+             shape_str(logits.shape()));
+  check_dtype(targets, DType::I32, "targets");
+  check_shape(targets, {logits.size(0)}, "targets");
+  IEVO_CHECK(logits.size(0) < INT_MAX, op, ": too many rows");
+}
+
+[[noreturn]] void fail_target(const Tensor& targets, int row, int64_t vocab, const char* op) {
+  int32_t t = 0;
+  cudaStream_t s = current_stream();
+  IEVO_CUDA_CHECK(cudaMemcpyAsync(&t, targets.data<int32_t>() + row, sizeof(t),
+                                  cudaMemcpyDeviceToHost, s));
+  IEVO_CUDA_CHECK(cudaStreamSynchronize(s));
+  IEVO_FAIL(op, ": target ", t, " at row ", row, " is outside the vocabulary [0, ", vocab,
+            ") and is not the ignore index ", kIgnoreIndex);
+}
+
+}  // namespace
+
+double cross_entropy_forward(const Tensor& logits, const Tensor& targets, Tensor& losses,
+                             int64_t* count) {
+  const char* op = "cross_entropy_forward";
+  check_args(logits, targets, op);
+  expect_cuda(losses, "losses", op);
+  check_shape(losses, {logits.size(0)}, "losses");
+  IEVO_CHECK(losses.dtype() == DType::F32 || losses.dtype() == logits.dtype(), op,
+             ": tensor 'losses' has dtype ", dtype_name(losses.dtype()), ", expected f32 or ",
+             dtype_name(logits.dtype()));
+  const int64_t n = logits.size(0), v = logits.size(1);
+  if (n == 0) {
+    if (count) *count = 0;
+    return 0.0;
+  }
+  IEVO_CHECK(v > 0, op, ": empty vocabulary");
+  cudaStream_t s = current_stream();
+  // Scratch: per-row fp32 losses, the totals and the first bad row.
+  DeviceBuffer buf(n * sizeof(float) + sizeof(Totals) + 16);
+  float* row_loss = buf.as<float>();
+  auto* totals = reinterpret_cast<Totals*>(buf.as<char>() + (n * sizeof(float) + 15) / 16 * 16);
+  DeviceBuffer bad(sizeof(int));
+  const int init = INT_MAX;
+  IEVO_CUDA_CHECK(cudaMemcpyAsync(bad.data(), &init, sizeof(int), cudaMemcpyHostToDevice, s));
+  dispatch_fp(logits.dtype(), op, [&](auto tag) {
+    using T = decltype(tag);
+    if (losses.dtype() == DType::F32)
+      ce_fwd<T, float><<<n, kThreads, 0, s>>>(logits.data<T>(), targets.data<int32_t>(), v,
+                                              losses.data<float>(), row_loss, bad.as<int>());
+    else
+      ce_fwd<T, T><<<n, kThreads, 0, s>>>(logits.data<T>(), targets.data<int32_t>(), v,
+                                          losses.data<T>(), row_loss, bad.as<int>());
+    IEVO_CUDA_LAUNCH_CHECK("ce_fwd");
+  });
+  ce_total<<<1, 1024, 0, s>>>(row_loss, targets.data<int32_t>(), n, totals);
+  IEVO_CUDA_LAUNCH_CHECK("ce_total");
+  Totals host{};
+  int bad_row = 0;
+  IEVO_CUDA_CHECK(cudaMemcpyAsync(&host, totals, sizeof(Totals), cudaMemcpyDeviceToHost, s));
+  IEVO_CUDA_CHECK(cudaMemcpyAsync(&bad_row, bad.data(), sizeof(int), cudaMemcpyDeviceToHost, s));
+  IEVO_CUDA_CHECK(cudaStreamSynchronize(s));
+  if (bad_row != INT_MAX) fail_target(targets, bad_row, v, op);
+  if (count) *count = host.count;
+  return host.sum;
+}
+
+void cross_entropy_backward(const Tensor& logits, const Tensor& targets, double grad_scale,
+                            Tensor& dlogits) {
+  const char* op = "cross_entropy_backward";
+  check_args(logits, targets, op);
+  expect_cuda(dlogits, "dlogits", op);
+  check_shape(dlogits, logits.shape(), "dlogits");
+  check_dtype(dlogits, logits.dtype(), "dlogits");
+  const int64_t n = logits.size(0), v = logits.size(1);
+  if (n == 0 || v == 0) return;
+  cudaStream_t s = current_stream();
+  DeviceBuffer bad(sizeof(int));
+  const int init = INT_MAX;
+  IEVO_CUDA_CHECK(cudaMemcpyAsync(bad.data(), &init, sizeof(int), cudaMemcpyHostToDevice, s));
+  dispatch_fp(logits.dtype(), op, [&](auto tag) {
+    using T = decltype(tag);
+    ce_bwd<T><<<n, kThreads, 0, s>>>(logits.data<T>(), targets.data<int32_t>(), v,
+                                     static_cast<float>(grad_scale), dlogits.data<T>(), bad.as<int>());
+    IEVO_CUDA_LAUNCH_CHECK("ce_bwd");
+  });
+  int bad_row = 0;
+  IEVO_CUDA_CHECK(cudaMemcpyAsync(&bad_row, bad.data(), sizeof(int), cudaMemcpyDeviceToHost, s));
+  IEVO_CUDA_CHECK(cudaStreamSynchronize(s));
+  if (bad_row != INT_MAX) fail_target(targets, bad_row, v, op);
+}
+
+}  // namespace ievo::ops::cuda

@@ -1,0 +1,155 @@
+// Token embedding on the GPU (see embedding.h).
+// forward: one block per token copies its table row (16-byte packs when aligned).
+// backward, deterministic without atomics: the token positions are sorted by id with a stable
+// radix sort (cub), so equal ids form runs ordered by position; the block at the start of each
+// run sums dout over the run in that order (fp32) and adds the sum to the table row once.
+// Ids are validated first (the first bad position and its id are reported).
+#include <cub/device/device_radix_sort.cuh>
+
+#include "runtime/cuda/kernels.cuh"
+#include "runtime/ops/cuda_ops.h"
+
+namespace ievo::ops::cuda {
+using namespace ievo::cuda;
+
+namespace {
+
+__global__ void check_ids_kernel(const int32_t* ids, int64_t n, int vocab, int* bad_pos) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride)
+    if (ids[i] < 0 || ids[i] >= vocab) atomicMin(bad_pos, static_cast<int>(i));
+}
+
+// Throws naming the first id outside [0, vocab) (one device round trip).
+void check_ids(const Tensor& ids, int64_t vocab, const char* op) {
+  const int64_t n = ids.numel();
+  if (n == 0) return;
+  IEVO_CHECK(n < INT32_MAX && vocab < INT32_MAX, op, ": too many tokens or vocabulary too large");
+  cudaStream_t s = current_stream();
+  DeviceBuffer buf(sizeof(int));
+  const int init = INT32_MAX;
+  IEVO_CUDA_CHECK(cudaMemcpyAsync(buf.data(), &init, sizeof(int), cudaMemcpyHostToDevice, s));
+  check_ids_kernel<<<grid_for(n, 256, 1024), 256, 0, s>>>(ids.data<int32_t>(), n,
+                                                          static_cast<int>(vocab), buf.as<int>());
+  IEVO_CUDA_LAUNCH_CHECK("check_ids_kernel");
+  int pos = 0;
+  IEVO_CUDA_CHECK(cudaMemcpyAsync(&pos, buf.data(), sizeof(int), cudaMemcpyDeviceToHost, s));
+  IEVO_CUDA_CHECK(cudaStreamSynchronize(s));
+  if (pos == INT32_MAX) return;
+  int32_t id = 0;
+  IEVO_CUDA_CHECK(cudaMemcpyAsync(&id, ids.data<int32_t>() + pos, sizeof(int32_t),
+                                  cudaMemcpyDeviceToHost, s));
+  IEVO_CUDA_CHECK(cudaStreamSynchronize(s));
+  IEVO_FAIL(op, ": token id ", id, " at position ", pos, " is outside the vocabulary [0, ", vocab, ")");
+}
+
+template <typename T, int N>
+__global__ void gather_rows(const T* table, const int32_t* ids, T* out, int64_t d) {
+  const int64_t row = blockIdx.x;
+  const T* src = table + static_cast<int64_t>(ids[row]) * d;
+  T* dst = out + row * d;
+  for (int64_t c = threadIdx.x; c < d / N; c += blockDim.x)
+    store_pack<T, N>(dst + c * N, load_pack<T, N>(src + c * N));
+}
+
+__global__ void iota_kernel(int32_t* v, int64_t n) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride)
+    v[i] = static_cast<int32_t>(i);
+}
+
+// Block i handles the run of equal sorted ids starting at i (if one starts there).
+template <typename G, typename T>
+__global__ void scatter_runs(const int32_t* sorted_ids, const int32_t* perm, int64_t n,
+                             const G* dout, T* dtable, int64_t d) {
+  const int64_t i = blockIdx.x;
+  const int32_t id = sorted_ids[i];
+  if (i > 0 && sorted_ids[i - 1] == id) return;
+  int64_t end = i + 1;
+  while (end < n && sorted_ids[end] == id) ++end;
+  T* row = dtable + static_cast<int64_t>(id) * d;
+  for (int64_t c = threadIdx.x; c < d; c += blockDim.x) {
+    float acc = 0.f;
+    for (int64_t r = i; r < end; ++r) acc += to_f(dout[static_cast<int64_t>(perm[r]) * d + c]);
+    row[c] = from_f<T>(to_f(row[c]) + acc);
+  }
+}
+
+int bits_for(int64_t vocab) {
+  int b = 1;
+  while ((int64_t{1} << b) < vocab) ++b;
+  return b;
+}
+
+}  // namespace
+
+void embedding_forward(const Tensor& table, const Tensor& ids, Tensor& out) {
+  const char* op = "embedding_forward";
+  expect_cuda(table, "table", op);
+  expect_cuda(ids, "ids", op);
+  expect_cuda(out, "out", op);
+  IEVO_CHECK(table.dim() == 2, op, ": tensor 'table' must be [V, D], has shape ",
+             shape_str(table.shape()));
+  check_dtype(ids, DType::I32, "ids");
+  check_dtype(out, table.dtype(), "out");
+  IEVO_CHECK(ids.dim() == 1, op, ": tensor 'ids' must be 1-D, has shape ", shape_str(ids.shape()));
+  const int64_t n = ids.numel(), d = table.size(1);
+  check_shape(out, {n, d}, "out");
+  check_ids(ids, table.size(0), op);
+  if (n == 0 || d == 0) return;
+  const size_t es = dtype_size(table.dtype());
+  cudaStream_t s = current_stream();
+  const int threads = 128;
+  // Rows as 16-byte packs when the row size and pointers allow, else as elements.
+  auto launch = [&](auto tag) {
+    using T = decltype(tag);
+    constexpr int N = 16 / sizeof(T);
+    if ((d * es) % 16 == 0 && aligned_to(table.raw(), 16) && aligned_to(out.raw(), 16))
+      gather_rows<T, N><<<n, threads, 0, s>>>(table.data<T>(), ids.data<int32_t>(), out.data<T>(), d);
+    else
+      gather_rows<T, 1><<<n, threads, 0, s>>>(table.data<T>(), ids.data<int32_t>(), out.data<T>(), d);
+    IEVO_CUDA_LAUNCH_CHECK("gather_rows");
+  };
+  dispatch_fp(table.dtype(), op, launch);
+}
+
+void embedding_backward(const Tensor& dout, const Tensor& ids, Tensor& dtable) {
+  const char* op = "embedding_backward";
+  expect_cuda(dout, "dout", op);
+  expect_cuda(ids, "ids", op);
+  expect_cuda(dtable, "dtable", op);
+  IEVO_CHECK(dtable.dim() == 2, op, ": tensor 'dtable' must be [V, D], has shape ",
+             shape_str(dtable.shape()));
+  check_dtype(ids, DType::I32, "ids");
+  IEVO_CHECK(ids.dim() == 1, op, ": tensor 'ids' must be 1-D, has shape ", shape_str(ids.shape()));
+  const int64_t n = ids.numel(), d = dtable.size(1), vocab = dtable.size(0);
+  check_shape(dout, {n, d}, "dout");
+  check_ids(ids, vocab, op);
+  if (n == 0 || d == 0) return;
+  cudaStream_t s = current_stream();
+  // Stable sort of (id, position) pairs by id.
+  DeviceBuffer keys_out(n * sizeof(int32_t)), vals_in(n * sizeof(int32_t)),
+      vals_out(n * sizeof(int32_t));
+  iota_kernel<<<grid_for(n, 256, 1024), 256, 0, s>>>(vals_in.as<int32_t>(), n);
+  IEVO_CUDA_LAUNCH_CHECK("iota_kernel");
+  const int nn = static_cast<int>(n), end_bit = bits_for(vocab);
+  size_t temp_bytes = 0;
+  IEVO_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(nullptr, temp_bytes, ids.data<int32_t>(),
+                                                  keys_out.as<int32_t>(), vals_in.as<int32_t>(),
+                                                  vals_out.as<int32_t>(), nn, 0, end_bit, s));
+  DeviceBuffer temp(temp_bytes);
+  IEVO_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(temp.data(), temp_bytes, ids.data<int32_t>(),
+                                                  keys_out.as<int32_t>(), vals_in.as<int32_t>(),
+                                                  vals_out.as<int32_t>(), nn, 0, end_bit, s));
+  dispatch_fp(dout.dtype(), op, [&](auto gtag) {
+    using G = decltype(gtag);
+    dispatch_fp(dtable.dtype(), op, [&](auto ttag) {
+      using T = decltype(ttag);
+      scatter_runs<G, T><<<n, 128, 0, s>>>(keys_out.as<int32_t>(), vals_out.as<int32_t>(), n,
+                                           dout.data<G>(), dtable.data<T>(), d);
+      IEVO_CUDA_LAUNCH_CHECK("scatter_runs");
+    });
+  });
+}
+
+}  // namespace ievo::ops::cuda

@@ -1,0 +1,173 @@
+// C = alpha op(A) op(B) + beta C on the GPU through cuBLASLt, row-major semantics of matmul.h.
+//
+// cuBLAS is column-major: a row-major [r, c] matrix with row stride ld is the column-major
+// [c, r] matrix with leading dimension ld. So row-major C = op(A) op(B) is computed as the
+// column-major product C^T = op(B)^T op(A)^T, i.e. cuBLAS "A" = our B and "B" = our A with the
+// same transpose flags, m = N, n = M. Column slices (row stride > columns) pass ld = stride(0).
+// f32 runs with CUBLAS_COMPUTE_32F (no TF32), bf16/f16 with fp32 accumulation; alpha/beta are
+// fp32. Plans (descriptors + heuristic algorithm) are cached per shape, layout and alignment.
+#include <climits>
+#include <map>
+#include <mutex>
+#include <tuple>
+
+#include "runtime/cuda/kernels.cuh"
+#include "runtime/ops/cuda_ops.h"
+#include "runtime/ops/elementwise.h"
+
+namespace ievo::ops::cuda {
+using namespace ievo::cuda;
+
+namespace {
+
+constexpr size_t kWorkspace = size_t{32} << 20;
+
+struct PlanKey {
+  int dtype, ta, tb;
+  int64_t m, n, k, lda, ldb, ldc;
+  int align_a, align_b, align_c;
+  auto tie() const { return std::tie(dtype, ta, tb, m, n, k, lda, ldb, ldc, align_a, align_b, align_c); }
+  bool operator<(const PlanKey& o) const { return tie() < o.tie(); }
+};
+
+struct Plan {
+  cublasLtMatmulDesc_t desc = nullptr;
+  cublasLtMatrixLayout_t la = nullptr, lb = nullptr, lc = nullptr;
+  cublasLtMatmulAlgo_t algo{};
+  bool has_algo = false;  // false: use cublasGemmEx
+};
+
+struct Blas {
+  std::mutex mu;
+  cublasLtHandle_t lt = nullptr;
+  cublasHandle_t blas = nullptr;
+  std::map<PlanKey, Plan> plans;
+  std::map<cudaStream_t, DeviceBuffer> workspace;  // one per stream: concurrent matmuls
+};
+
+Blas& blas() {
+  static Blas* b = [] {
+    auto* s = new Blas();  // leaked: used until exit
+    IEVO_CUBLAS_CHECK(cublasLtCreate(&s->lt));
+    IEVO_CUBLAS_CHECK(cublasCreate(&s->blas));
+    IEVO_CUBLAS_CHECK(cublasSetMathMode(s->blas, CUBLAS_DEFAULT_MATH));  // no TF32
+    return s;
+  }();
+  return *b;
+}
+
+cudaDataType_t cuda_type(DType t) {
+  switch (t) {
+    case DType::F32: return CUDA_R_32F;
+    case DType::BF16: return CUDA_R_16BF;
+    case DType::F16: return CUDA_R_16F;
+    default: IEVO_FAIL("matmul: dtype ", dtype_name(t), " is not supported on cuda (f32, bf16, f16)");
+  }
+}
+
+int alignment(const void* p) {
+  for (int a = 16; a > 1; a /= 2)
+    if (aligned_to(p, a)) return a;
+  return 1;
+}
+
+// Leading dimension of a row-major 2-D device tensor (checked), as in the CPU op.
+int64_t leading_dim(const Tensor& t, const char* name) {
+  IEVO_CHECK(t.defined(), "matmul: tensor '", name, "' is undefined");
+  IEVO_CHECK(t.device() == Device::CUDA, "matmul: tensor '", name, "' is on ",
+             device_name(t.device()), " while the other arguments are on cuda");
+  IEVO_CHECK(t.dim() == 2, "matmul: tensor '", name, "' must be 2-D, has shape ",
+             shape_str(t.shape()));
+  const int64_t rows = t.size(0), cols = t.size(1);
+  IEVO_CHECK(cols <= 1 || t.strides()[1] == 1, "matmul: tensor '", name,
+             "' must have unit column stride, has strides ", shape_str(t.strides()));
+  const int64_t ld = rows <= 1 ? std::max<int64_t>(cols, 1) : t.strides()[0];
+  IEVO_CHECK(ld >= std::max<int64_t>(cols, 1) && ld <= INT_MAX, "matmul: tensor '", name,
+             "' has row stride ", ld, " for ", cols, " columns");
+  return ld;
+}
+
+Plan make_plan(Blas& b, const PlanKey& key, cudaDataType_t dt) {
+  Plan p;
+  const cublasOperation_t opa = key.tb ? CUBLAS_OP_T : CUBLAS_OP_N;  // cuBLAS A = our B
+  const cublasOperation_t opb = key.ta ? CUBLAS_OP_T : CUBLAS_OP_N;  // cuBLAS B = our A
+  IEVO_CUBLAS_CHECK(cublasLtMatmulDescCreate(&p.desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+  IEVO_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_TRANSA, &opa, sizeof(opa)));
+  IEVO_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_TRANSB, &opb, sizeof(opb)));
+  // Stored column-major shapes: our B is [K, N] row-major (or [N, K] with tb) -> [N, K] ([K, N]).
+  const int64_t m = key.n, n = key.m, k = key.k;
+  IEVO_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.la, dt, key.tb ? k : m, key.tb ? m : k, key.ldb));
+  IEVO_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.lb, dt, key.ta ? n : k, key.ta ? k : n, key.lda));
+  IEVO_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.lc, dt, m, n, key.ldc));
+  cublasLtMatmulPreference_t pref;
+  IEVO_CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
+  const uint64_t ws = kWorkspace;
+  const uint32_t al_a = key.align_b, al_b = key.align_a, al_c = key.align_c;
+  IEVO_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws)));
+  IEVO_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &al_a, sizeof(al_a)));
+  IEVO_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &al_b, sizeof(al_b)));
+  IEVO_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &al_c, sizeof(al_c)));
+  IEVO_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &al_c, sizeof(al_c)));
+  cublasLtMatmulHeuristicResult_t res{};
+  int count = 0;
+  cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(b.lt, p.desc, p.la, p.lb, p.lc, p.lc, pref, 1,
+                                                     &res, &count);
+  cublasLtMatmulPreferenceDestroy(pref);
+  if (st == CUBLAS_STATUS_SUCCESS && count > 0 && res.state == CUBLAS_STATUS_SUCCESS) {
+    p.algo = res.algo;
+    p.has_algo = true;
+  }
+  return p;
+}
+
+}  // namespace
+
+void matmul(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, Tensor& c, float alpha,
+            float beta) {
+  const int64_t lda = leading_dim(a, "a"), ldb = leading_dim(b, "b"), ldc = leading_dim(c, "c");
+  IEVO_CHECK(a.dtype() == c.dtype() && b.dtype() == c.dtype(), "matmul: dtypes differ (a ",
+             dtype_name(a.dtype()), ", b ", dtype_name(b.dtype()), ", c ", dtype_name(c.dtype()), ")");
+  const cudaDataType_t dt = cuda_type(c.dtype());
+  const int64_t m = trans_a ? a.size(1) : a.size(0);
+  const int64_t k = trans_a ? a.size(0) : a.size(1);
+  const int64_t kb = trans_b ? b.size(1) : b.size(0);
+  const int64_t n = trans_b ? b.size(0) : b.size(1);
+  IEVO_CHECK(k == kb, "matmul: inner dimensions differ: op(a) is [", m, ", ", k, "] (a ",
+             shape_str(a.shape()), trans_a ? "^T" : "", "), op(b) is [", kb, ", ", n, "] (b ",
+             shape_str(b.shape()), trans_b ? "^T" : "", ")");
+  check_shape(c, {m, n}, "c");
+  if (m == 0 || n == 0) return;
+  if (k == 0) {  // op(A) op(B) = 0: C = beta C
+    IEVO_CHECK(c.is_contiguous(), "matmul: K = 0 with a non-contiguous 'c' is not supported on cuda");
+    if (beta == 0.0f) c.zero_();
+    else ops::scale(c, beta);
+    return;
+  }
+  IEVO_CHECK(m <= INT_MAX && n <= INT_MAX && k <= INT_MAX, "matmul: dimensions too large");
+
+  Blas& bl = blas();
+  cudaStream_t stream = current_stream();
+  std::lock_guard<std::mutex> lock(bl.mu);
+  const PlanKey key{static_cast<int>(c.dtype()), trans_a, trans_b, m, n, k, lda, ldb, ldc,
+                    alignment(a.raw()), alignment(b.raw()), alignment(c.raw())};
+  auto it = bl.plans.find(key);
+  if (it == bl.plans.end()) it = bl.plans.emplace(key, make_plan(bl, key, dt)).first;
+  const Plan& p = it->second;
+  const cublasOperation_t opa = trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
+  const cublasOperation_t opb = trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
+  if (p.has_algo) {
+    auto ws = bl.workspace.find(stream);
+    if (ws == bl.workspace.end()) ws = bl.workspace.emplace(stream, DeviceBuffer(kWorkspace)).first;
+    IEVO_CUBLAS_CHECK(cublasLtMatmul(bl.lt, p.desc, &alpha, b.raw(), p.la, a.raw(), p.lb, &beta,
+                                     c.raw(), p.lc, c.raw(), p.lc, &p.algo, ws->second.data(),
+                                     kWorkspace, stream));
+  } else {
+    IEVO_CUBLAS_CHECK(cublasSetStream(bl.blas, stream));
+    IEVO_CUBLAS_CHECK(cublasGemmEx(bl.blas, opa, opb, static_cast<int>(n), static_cast<int>(m),
+                                   static_cast<int>(k), &alpha, b.raw(), dt, static_cast<int>(ldb),
+                                   a.raw(), dt, static_cast<int>(lda), &beta, c.raw(), dt,
+                                   static_cast<int>(ldc), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+  }
+}
+
+}  // namespace ievo::ops::cuda
