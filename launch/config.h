@@ -76,4 +76,14 @@ Config load_config_string(const std::string& yaml, const std::string& name,
 // Resolved config as YAML (every key, defaults filled in).
 std::string config_to_yaml(const Config& c);
 
+// The schema of known keys, in table order (for docs/config.md, `--help` and tests).
+struct ConfigKeyInfo {
+  std::string key;            // dotted path, e.g. "train.steps"
+  std::string type;           // int, float, bool, string, list of strings, list of floats, or "a | b"
+  std::string default_value;  // as YAML, from a default-constructed Config
+  std::string required;       // "" (optional), "yes", "unless data.synthetic", ...
+  std::string description;
+};
+std::vector<ConfigKeyInfo> config_schema();
+
 }  // namespace ievo
