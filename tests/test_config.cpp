@@ -80,10 +80,10 @@ TEST(Config, ShippedConfigsLoad) {
   EXPECT_GE(n, 4);
   const std::string dir = test::source_dir() + "/configs/";
   Config tiny = load_config(dir + "tiny.yaml");
-  EXPECT_EQ(tiny.model.model.hidden_size, 64);
+  EXPECT_EQ(tiny.model.model.hidden_size, 128);
   EXPECT_EQ(tiny.model.model.num_kv_heads, 2);
   EXPECT_EQ(tiny.train.global_batch_size / tiny.train.micro_batch_size, 2);
-  EXPECT_EQ(tiny.optim.lr, 3e-3);
+  EXPECT_EQ(tiny.optim.lr, 2e-3);
   EXPECT_EQ(tiny.schedule.kind, "cosine");
   EXPECT_EQ(tiny.run.device, "cpu");
   // Parameter counts of the published models (TinyLlama 1,100,048,384; InternLM2-1.8B

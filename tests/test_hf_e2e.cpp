@@ -157,7 +157,7 @@ TEST(HfGradients, Step1GradientsMatchInFloat64) {
     }
     // The script saved the gradients after clip_grad_norm_, i.e. scaled by the clip coefficient.
     const double norm = std::sqrt(grad_sum_squares(g));
-    EXPECT_NEAR(norm, exp["steps"][0]["grad_norm"].get<double>(), 1e-9 * norm) << v;
+    EXPECT_NEAR(norm, exp["steps"][0]["grad_norm"].get<double>(), 1e-7 * norm) << v;  // fp32 RoPE angles in both: ~2e-8 seen
     const double coef = clip_coefficient(norm, var["clip"].get<double>());
     auto ref = SafetensorsFile::open(fx + "/grads_step1.safetensors");
     int compared = 0;
