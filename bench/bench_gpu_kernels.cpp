@@ -1,0 +1,157 @@
+// GPU kernel timings (CUDA event timing, manual time per iteration) at TinyLlama-1.1B shapes:
+// T = 2048, micro-batch 8 (N = 16384 tokens), d 2048, Hq 32, Hkv 4, hd 64, ffn 5632, V 32000.
+//   build/bench/bench_gpu_kernels --benchmark_counters_tabular=true
+// Counters: TFLOP/s for matrix work (attention counts the causal half: 2 * 2 * N * T/2 * d per
+// direction of QK^T and PV, backward 2.5x the forward), GB/s for memory-bound kernels (bytes
+// read + written once). Skips everything without a GPU.
+#include <benchmark/benchmark.h>
+
+#include <vector>
+
+#include "runtime/ops/attention.h"
+#include "runtime/ops/cross_entropy.h"
+#include "runtime/ops/matmul.h"
+#include "runtime/ops/rmsnorm.h"
+#include "runtime/ops/swiglu.h"
+#include "runtime/tensor.h"
+#ifdef IEVO_CUDA
+#include "runtime/cuda/cuda.h"
+#endif
+
+using namespace ievo;
+
+namespace {
+
+#ifdef IEVO_CUDA
+bool skip(benchmark::State& state) {
+  if (!cuda::available()) {
+    state.SkipWithError("no CUDA device");
+    return true;
+  }
+  return false;
+}
+
+Tensor rnd(const Shape& s, DType dt) {
+  Tensor t = Tensor::empty(s, DType::F32);
+  uint32_t x = 12345;
+  for (int64_t i = 0; i < t.numel(); ++i) {
+    x = x * 1664525u + 1013904223u;
+    t.data<float>()[i] = static_cast<float>(x >> 8) / static_cast<float>(1u << 24) - 0.5f;
+  }
+  return t.to(dt).to(Device::CUDA);
+}
+
+// Times body() with CUDA events; one manual-time sample per iteration.
+template <typename F>
+void timed(benchmark::State& state, F&& body) {
+  body();  // warm-up (plan/graph building)
+  cuda::synchronize();
+  cuda::Event a(true), b(true);
+  for (auto _ : state) {
+    a.record();
+    body();
+    b.record();
+    b.synchronize();
+    state.SetIterationTime(b.elapsed_ms(a) / 1e3);
+  }
+}
+
+constexpr int64_t kT = 2048, kB = 8, kN = kT * kB, kD = 2048, kHq = 32, kHkv = 4, kHd = 64,
+                  kF = 5632, kV = 32000;
+
+void BM_matmul(benchmark::State& state, int64_t m, int64_t n, int64_t k, bool tb) {
+  if (skip(state)) return;
+  Tensor a = rnd({m, k}, DType::BF16), b = rnd(tb ? Shape{n, k} : Shape{k, n}, DType::BF16);
+  Tensor c = Tensor::empty({m, n}, DType::BF16, Device::CUDA);
+  timed(state, [&] { ops::matmul(a, false, b, tb, c); });
+  state.counters["TFLOP/s"] = benchmark::Counter(2.0 * m * n * k / 1e12,
+                                                 benchmark::Counter::kIsIterationInvariantRate);
+}
+
+void BM_attention(benchmark::State& state, ops::AttentionBackend be, bool backward) {
+  if (skip(state)) return;
+  ops::set_attention_backend(be);
+  Tensor q = rnd({kN, kHq, kHd}, DType::BF16), k = rnd({kN, kHkv, kHd}, DType::BF16),
+         v = rnd({kN, kHkv, kHd}, DType::BF16), dout = rnd({kN, kHq, kHd}, DType::BF16);
+  Tensor out = Tensor::empty(q.shape(), DType::BF16, Device::CUDA);
+  Tensor lse = Tensor::empty({kHq, kN}, DType::F32, Device::CUDA);
+  std::vector<int32_t> cu;
+  for (int64_t b = 0; b <= kB; ++b) cu.push_back(static_cast<int32_t>(b * kT));
+  Tensor gcu = Tensor::from_vector(cu, {kB + 1}).to(Device::CUDA);
+  Tensor dq = Tensor::empty(q.shape(), DType::BF16, Device::CUDA), dk = Tensor::empty(k.shape(), DType::BF16, Device::CUDA),
+         dv = Tensor::empty(v.shape(), DType::BF16, Device::CUDA);
+  try {
+    ops::attention_forward(q, k, v, gcu, static_cast<int>(kT), out, lse);
+    if (backward) {
+      timed(state, [&] {
+        ops::attention_backward(dout, q, k, v, out, lse, gcu, static_cast<int>(kT), dq, dk, dv);
+      });
+    } else {
+      timed(state, [&] { ops::attention_forward(q, k, v, gcu, static_cast<int>(kT), out, lse); });
+    }
+  } catch (const Error& e) {
+    state.SkipWithError(e.what());
+  }
+  ops::set_attention_backend(ops::AttentionBackend::Auto);
+  const double fwd = 4.0 * kB * kHq * kHd * (kT * kT / 2.0);
+  state.counters["TFLOP/s"] = benchmark::Counter((backward ? 2.5 : 1.0) * fwd / 1e12,
+                                                 benchmark::Counter::kIsIterationInvariantRate);
+}
+
+void BM_rmsnorm(benchmark::State& state, bool backward) {
+  if (skip(state)) return;
+  Tensor x = rnd({kN, kD}, DType::BF16), w = rnd({kD}, DType::BF16), y = Tensor::empty({kN, kD}, DType::BF16, Device::CUDA);
+  Tensor rstd = Tensor::empty({kN}, DType::F32, Device::CUDA), dw = Tensor::zeros({kD}, DType::F32, Device::CUDA);
+  ops::rmsnorm_forward(x, w, 1e-5, y, rstd);
+  if (backward) timed(state, [&] { ops::rmsnorm_backward(x, x, w, rstd, y, dw); });
+  else timed(state, [&] { ops::rmsnorm_forward(x, w, 1e-5, y, rstd); });
+  const double bytes = (backward ? 3.0 : 2.0) * kN * kD * 2;
+  state.counters["GB/s"] = benchmark::Counter(bytes / 1e9, benchmark::Counter::kIsIterationInvariantRate);
+}
+
+void BM_swiglu(benchmark::State& state) {
+  if (skip(state)) return;
+  Tensor g = rnd({kN, kF}, DType::BF16), u = rnd({kN, kF}, DType::BF16), o = Tensor::empty({kN, kF}, DType::BF16, Device::CUDA);
+  timed(state, [&] { ops::swiglu_forward(g, u, o); });
+  state.counters["GB/s"] = benchmark::Counter(3.0 * kN * kF * 2 / 1e9, benchmark::Counter::kIsIterationInvariantRate);
+}
+
+void BM_cross_entropy(benchmark::State& state) {
+  if (skip(state)) return;
+  const int64_t rows = 4096;
+  Tensor logits = rnd({rows, kV}, DType::BF16), losses = Tensor::empty({rows}, DType::F32, Device::CUDA);
+  std::vector<int32_t> t(rows, 7);
+  Tensor targets = Tensor::from_vector(t, {rows}).to(Device::CUDA);
+  timed(state, [&] {
+    int64_t cnt = 0;
+    ops::cross_entropy_forward(logits, targets, losses, &cnt);
+    ops::cross_entropy_backward(logits, targets, 1.0, logits);
+  });
+  state.counters["GB/s"] = benchmark::Counter(3.0 * rows * kV * 2 / 1e9, benchmark::Counter::kIsIterationInvariantRate);
+}
+
+using B = ops::AttentionBackend;
+BENCHMARK_CAPTURE(BM_matmul, qkv_proj, kN, kD + 2 * kHkv * kHd, kD, true)->UseManualTime()->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(BM_matmul, mlp_up, kN, 2 * kF, kD, true)->UseManualTime()->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(BM_matmul, lm_head_chunk, 4096, kV, kD, true)->UseManualTime()->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(BM_matmul, square8192, 8192, 8192, 8192, true)->UseManualTime()->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(BM_attention, flash_fwd, B::Flash, false)->UseManualTime()->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(BM_attention, flash_bwd, B::Flash, true)->UseManualTime()->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(BM_attention, cudnn_fwd, B::Cudnn, false)->UseManualTime()->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(BM_attention, cudnn_bwd, B::Cudnn, true)->UseManualTime()->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(BM_rmsnorm, fwd, false)->UseManualTime()->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(BM_rmsnorm, bwd, true)->UseManualTime()->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_swiglu)->UseManualTime()->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_cross_entropy)->UseManualTime()->Unit(benchmark::kMillisecond);
+#else
+void BM_no_cuda(benchmark::State& state) {
+  for (auto _ : state) {
+  }
+  state.SkipWithError("built without CUDA");
+}
+BENCHMARK(BM_no_cuda);
+#endif
+
+}  // namespace
+
+BENCHMARK_MAIN();

@@ -1,0 +1,548 @@
+// GPU ops against the CPU reference ops on random inputs (label gpu; skipped without a GPU).
+// Each CUDA op is called through the public op (which dispatches on the device) and compared
+// with the same op on the CPU by relative L2 error:
+//   f32:  <= 1e-5 (attention included);
+//   bf16: <= 1e-2, the CPU reference run in f32 on the bf16-rounded inputs.
+// Observed errors are printed ("[gpu] <case> rel_l2 ...") so they can be reported.
+// Also: allocator statistics, copies, error messages, and bit-identical repeats of the
+// deterministic backward kernels (embedding, RMSNorm, attention).
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "runtime/ops/adamw.h"
+#include "runtime/ops/attention.h"
+#include "runtime/ops/cross_entropy.h"
+#include "runtime/ops/elementwise.h"
+#include "runtime/ops/embedding.h"
+#include "runtime/ops/matmul.h"
+#include "runtime/ops/rmsnorm.h"
+#include "runtime/ops/rope.h"
+#include "runtime/ops/swiglu.h"
+#include "util.h"
+#ifdef IEVO_CUDA
+#include "runtime/cuda/cuda.h"
+#endif
+
+namespace ievo {
+namespace {
+
+using test::random_tensor;
+using test::rel_l2;
+
+constexpr double kTolF32 = 1e-5;
+constexpr double kTolBf16 = 1e-2;
+
+bool gpu_available() {
+#ifdef IEVO_CUDA
+  return cuda::available();
+#else
+  return false;
+#endif
+}
+
+#define REQUIRE_GPU()                                                                     \
+  do {                                                                                    \
+    if (!gpu_available()) GTEST_SKIP() << "no CUDA device (or a CPU-only build): skipped"; \
+  } while (0)
+
+double tol(DType dt) { return dt == DType::F32 ? kTolF32 : kTolBf16; }
+
+// Prints and checks one comparison.
+void expect_close(const std::string& what, const Tensor& got, const Tensor& ref, double limit) {
+  const double e = rel_l2(got, ref);
+  std::printf("[gpu] %-44s rel_l2 %.3e (limit %.0e)\n", what.c_str(), e, limit);
+  EXPECT_LE(e, limit) << what;
+}
+
+// f32 CPU tensor -> dtype dt on the GPU.
+Tensor gpu(const Tensor& cpu, DType dt) { return cpu.to(dt).to(Device::CUDA); }
+// What the GPU sees, as f32 on the CPU (bf16 rounding applied).
+Tensor seen(const Tensor& cpu, DType dt) { return cpu.to(dt).to(DType::F32); }
+// GPU tensor -> f32 CPU tensor.
+Tensor host(const Tensor& g) { return g.to(Device::CPU).to(DType::F32); }
+
+Tensor rand(const Shape& s, uint64_t seed, double lo = -1, double hi = 1) {
+  return random_tensor(s, DType::F32, seed, lo, hi);
+}
+
+Tensor rand_ids(int64_t n, int32_t vocab, uint64_t seed) {
+  std::mt19937 rng(static_cast<uint32_t>(seed));
+  std::uniform_int_distribution<int32_t> u(0, vocab - 1);
+  std::vector<int32_t> v(static_cast<size_t>(n));
+  for (auto& x : v) x = u(rng);
+  return Tensor::from_vector(v, {n});
+}
+
+bool bit_equal(const Tensor& a, const Tensor& b) {
+  Tensor ha = a.to(Device::CPU), hb = b.to(Device::CPU);
+  return ha.nbytes() == hb.nbytes() && std::memcmp(ha.raw(), hb.raw(), ha.nbytes()) == 0;
+}
+
+const char* dn(DType dt) { return dtype_name(dt); }
+
+// ---------------------------------------------------------------------------------------------
+TEST(GpuRuntime, AllocatorStatsAndCopies) {
+  REQUIRE_GPU();
+  Allocator& a = allocator(Device::CUDA);
+  const MemoryStats s0 = a.stats();
+  const int64_t bytes = 3 * 1000 * 1000 + 4;  // odd size: rounded internally, counted exactly
+  {
+    Tensor t = Tensor::empty({bytes / 4}, DType::F32, Device::CUDA);
+    const MemoryStats s1 = a.stats();
+    EXPECT_EQ(s1.live_bytes - s0.live_bytes, bytes);
+    EXPECT_GE(s1.peak_bytes, s1.live_bytes);
+    EXPECT_GE(s1.reserved_bytes, s1.live_bytes);
+    EXPECT_EQ(s1.num_allocs, s0.num_allocs + 1);
+  }
+  const MemoryStats s2 = a.stats();
+  EXPECT_EQ(s2.live_bytes, s0.live_bytes);
+  EXPECT_GE(s2.peak_bytes, s0.live_bytes + bytes);
+  {
+    Tensor t = Tensor::empty({bytes / 4}, DType::F32, Device::CUDA);  // served from the cache
+    EXPECT_EQ(a.stats().reserved_bytes, s2.reserved_bytes);
+  }
+  a.reset_peak();
+  EXPECT_EQ(a.stats().peak_bytes, a.stats().live_bytes);
+  a.empty_cache();
+  EXPECT_LT(a.stats().reserved_bytes, s2.reserved_bytes);
+
+  // Host -> device -> device -> host round trip, zero_.
+  Tensor x = rand({1001}, 1);
+  Tensor g = x.to(Device::CUDA);
+  Tensor g2 = g.clone();
+  EXPECT_TRUE(bit_equal(g2, x));
+  g2.zero_();
+  EXPECT_EQ(test::max_abs_diff(g2, Tensor::zeros({1001}, DType::F32)), 0.0);
+}
+
+TEST(GpuRuntime, StreamsEventsPinned) {
+  REQUIRE_GPU();
+#ifdef IEVO_CUDA
+  cuda::Stream side;
+  Tensor x = rand({4096}, 2).to(Device::CUDA);
+  cuda::Event done(true), start(true);
+  start.record();
+  Tensor y = Tensor::empty({4096}, DType::F32, Device::CUDA);
+  ops::cast(x, y);
+  done.record();
+  done.wait(side.get());  // side stream waits for the copy
+  {
+    cuda::StreamGuard guard(side.get());
+    EXPECT_EQ(cuda::current_stream(), side.get());
+    ops::scale(y, 2.0);
+  }
+  EXPECT_EQ(cuda::current_stream(), cuda::compute_stream());
+  IEVO_CHECK(cudaStreamSynchronize(side.get()) == cudaSuccess, "sync");
+  done.synchronize();
+  EXPECT_GE(done.elapsed_ms(start), 0.0f);
+  cuda::PinnedBuffer pin(4096 * sizeof(float));
+  IEVO_CHECK(cudaMemcpy(pin.data(), y.raw(), 4096 * sizeof(float), cudaMemcpyDeviceToHost) ==
+                 cudaSuccess, "copy");
+  Tensor hx = x.to(Device::CPU);
+  for (int i = 0; i < 4096; i += 97)
+    EXPECT_EQ(static_cast<float*>(pin.data())[i], 2.0f * hx.data<float>()[i]);
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------
+class GpuMatmul : public ::testing::TestWithParam<DType> {};
+
+TEST_P(GpuMatmul, AllTransposesAlphaBetaAndSlices) {
+  REQUIRE_GPU();
+  const DType dt = GetParam();
+  const int64_t m = 37, k = 100, n = 53;
+  uint64_t seed = 10;
+  for (int ta = 0; ta < 2; ++ta) {
+    for (int tb = 0; tb < 2; ++tb) {
+      Tensor a = rand(ta ? Shape{k, m} : Shape{m, k}, ++seed);
+      Tensor b = rand(tb ? Shape{n, k} : Shape{k, n}, ++seed);
+      Tensor c = rand({m, n}, ++seed);
+      Tensor ref = seen(c, dt);
+      ops::matmul(seen(a, dt), ta, seen(b, dt), tb, ref, 0.5f, 0.25f);
+      Tensor cg = gpu(c, dt);
+      ops::matmul(gpu(a, dt), ta, gpu(b, dt), tb, cg, 0.5f, 0.25f);
+      expect_close(std::string("matmul ") + dn(dt) + (ta ? " aT" : " a") + (tb ? " bT" : " b"),
+                   host(cg), ref, tol(dt));
+    }
+  }
+  // Column slices of wider matrices (lda = stride(0) > columns), C a column slice too.
+  Tensor wa = rand({m, k + 24}, 21), wb = rand({n, k + 8}, 22), wc = rand({m, n + 16}, 23);
+  Tensor ref = seen(wc, dt);
+  Tensor ref_c = ref.slice(1, 8, 8 + n);
+  ops::matmul(seen(wa, dt).slice(1, 16, 16 + k), false, seen(wb, dt).slice(1, 8, 8 + k), true,
+              ref_c);
+  Tensor gc = gpu(wc, dt);
+  Tensor gc_s = gc.slice(1, 8, 8 + n);
+  ops::matmul(gpu(wa, dt).slice(1, 16, 16 + k), false, gpu(wb, dt).slice(1, 8, 8 + k), true, gc_s);
+  expect_close(std::string("matmul ") + dn(dt) + " column slices", host(gc), ref, tol(dt));
+}
+
+INSTANTIATE_TEST_SUITE_P(Dtypes, GpuMatmul, ::testing::Values(DType::F32, DType::BF16),
+                         [](const auto& i) { return std::string(dtype_name(i.param)); });
+
+// ---------------------------------------------------------------------------------------------
+TEST(GpuElementwise, FillAxpyScaleAddCast) {
+  REQUIRE_GPU();
+  for (DType dt : {DType::F32, DType::BF16}) {
+    const Shape s{1001};  // odd length: packed main loop plus a scalar tail
+    Tensor x = rand(s, 31), y = rand(s, 32);
+    Tensor gx = gpu(x, dt), gy = gpu(y, dt);
+    Tensor rx = seen(x, dt), ry = seen(y, dt);
+    ops::axpy(0.75, gx, gy);
+    ops::axpy(0.75, rx, ry);
+    expect_close(std::string("axpy ") + dn(dt), host(gy), ry, tol(dt));
+    ops::scale(gy, -1.5);
+    ops::scale(ry, -1.5);
+    expect_close(std::string("scale ") + dn(dt), host(gy), ry, tol(dt));
+    Tensor go = Tensor::empty(s, dt, Device::CUDA), ro = Tensor::empty(s, DType::F32);
+    ops::add(gx, gy, go);
+    ops::add(rx, ry, ro);
+    expect_close(std::string("add ") + dn(dt), host(go), ro, tol(dt));
+    ops::fill(go, 0.3);
+    EXPECT_LE(test::max_abs_diff(host(go), seen(Tensor::from_vector(std::vector<float>(1001, 0.3f), s), dt)), 0.0);
+    // Unaligned views (offset by one element) take the scalar path.
+    Tensor gv = gx.slice(0, 1, 1001), rv = rx.slice(0, 1, 1001).clone();
+    ops::scale(gv, 2.0);
+    ops::scale(rv, 2.0);
+    expect_close(std::string("scale unaligned ") + dn(dt), host(gv), rv, tol(dt));
+  }
+  // Casts agree bit for bit with the CPU casts (round to nearest even).
+  Tensor x = rand({999}, 33, -100, 100);
+  for (DType to : {DType::BF16, DType::F16}) {
+    Tensor gx = x.to(Device::CUDA), g16 = Tensor::empty({999}, to, Device::CUDA);
+    ops::cast(gx, g16);
+    Tensor c16 = Tensor::empty({999}, to);
+    ops::cast(x, c16);
+    EXPECT_TRUE(bit_equal(g16, c16)) << "cast f32 -> " << dtype_name(to);
+    Tensor back = Tensor::empty({999}, DType::F32, Device::CUDA), cback = Tensor::empty({999}, DType::F32);
+    ops::cast(g16, back);
+    ops::cast(c16, cback);
+    EXPECT_TRUE(bit_equal(back, cback)) << "cast " << dtype_name(to) << " -> f32";
+  }
+}
+
+TEST(GpuElementwise, SumSquaresAndAllFinite) {
+  REQUIRE_GPU();
+  for (DType dt : {DType::F32, DType::BF16}) {
+    Tensor x = rand({1 << 20 | 37}, 41);
+    Tensor gx = gpu(x, dt);
+    const double got = ops::sum_squares(gx), ref = ops::sum_squares(seen(x, dt));
+    std::printf("[gpu] sum_squares %-32s rel %.3e\n", dn(dt), std::fabs(got - ref) / ref);
+    EXPECT_NEAR(got, ref, 1e-10 * ref);
+    EXPECT_EQ(ops::sum_squares(gx), got) << "repeat must be bit-identical";
+    EXPECT_TRUE(ops::all_finite(gx));
+  }
+  Tensor x = rand({5000}, 42);
+  x.data<float>()[4321] = NAN;
+  EXPECT_FALSE(ops::all_finite(x.to(Device::CUDA)));
+  x.data<float>()[4321] = INFINITY;
+  EXPECT_FALSE(ops::all_finite(gpu(x, DType::BF16)));
+}
+
+// ---------------------------------------------------------------------------------------------
+TEST(GpuEmbedding, ForwardBackwardDeterministic) {
+  REQUIRE_GPU();
+  const int64_t vocab = 1000, d = 100, n = 777;
+  Tensor ids = rand_ids(n, 50, 51);  // ids < 50: many repeats
+  ids.data<int32_t>()[5] = static_cast<int32_t>(vocab - 1);
+  Tensor gids = ids.to(Device::CUDA);
+  for (DType dt : {DType::F32, DType::BF16}) {
+    Tensor table = rand({vocab, d}, 52);
+    Tensor gout = Tensor::empty({n, d}, dt, Device::CUDA), out = Tensor::empty({n, d}, DType::F32);
+    ops::embedding_forward(gpu(table, dt), gids, gout);
+    ops::embedding_forward(seen(table, dt), ids, out);
+    EXPECT_EQ(test::max_abs_diff(host(gout), out), 0.0) << "gather is exact";
+    Tensor dout = rand({n, d}, 53);
+    Tensor dtab = rand({vocab, d}, 54);
+    Tensor ref = seen(dtab, dt);
+    ops::embedding_backward(seen(dout, dt), ids, ref);
+    Tensor g1 = gpu(dtab, dt), g2 = gpu(dtab, dt);
+    ops::embedding_backward(gpu(dout, dt), gids, g1);
+    ops::embedding_backward(gpu(dout, dt), gids, g2);
+    expect_close(std::string("embedding_backward ") + dn(dt), host(g1), ref, tol(dt));
+    EXPECT_TRUE(bit_equal(g1, g2)) << "embedding backward not deterministic";
+  }
+  // bf16 gradient into an f32 table gradient (mixed precision).
+  Tensor dout = rand({n, d}, 55);
+  Tensor ref = Tensor::zeros({vocab, d}, DType::F32);
+  ops::embedding_backward(seen(dout, DType::BF16), ids, ref);
+  Tensor g = Tensor::zeros({vocab, d}, DType::F32, Device::CUDA);
+  ops::embedding_backward(gpu(dout, DType::BF16), gids, g);
+  expect_close("embedding_backward bf16 -> f32 table", host(g), ref, kTolF32);
+  // Out-of-range id: an error naming the id and its position.
+  Tensor bad = ids.clone();
+  bad.data<int32_t>()[123] = 5000;
+  Tensor gout = Tensor::empty({n, d}, DType::F32, Device::CUDA);
+  try {
+    ops::embedding_forward(rand({vocab, d}, 56).to(Device::CUDA), bad.to(Device::CUDA), gout);
+    ADD_FAILURE() << "no error for id 5000";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("5000"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("position 123"), std::string::npos) << e.what();
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+TEST(GpuRmsNorm, ForwardBackwardDeterministic) {
+  REQUIRE_GPU();
+  for (int64_t d : {int64_t{100}, int64_t{2048}, int64_t{12000}}) {  // 12000: dw in global scratch
+    const int64_t n = d > 4096 ? 9 : 37;
+    for (DType dt : {DType::F32, DType::BF16}) {
+      Tensor x = rand({n, d}, 61), w = rand({d}, 62, 0.5, 1.5), dy = rand({n, d}, 63);
+      Tensor rx = seen(x, dt), rw = seen(w, dt), rdy = seen(dy, dt);
+      Tensor y = Tensor::empty({n, d}, DType::F32), rstd = Tensor::empty({n}, DType::F32);
+      ops::rmsnorm_forward(rx, rw, 1e-5, y, rstd);
+      Tensor gx = gpu(x, dt), gw = gpu(w, dt);
+      Tensor gy = Tensor::empty({n, d}, dt, Device::CUDA), grstd = Tensor::empty({n}, DType::F32, Device::CUDA);
+      ops::rmsnorm_forward(gx, gw, 1e-5, gy, grstd);
+      const std::string tag = std::string(dn(dt)) + " D=" + std::to_string(d);
+      expect_close("rmsnorm_forward y " + tag, host(gy), y, tol(dt));
+      expect_close("rmsnorm_forward rstd " + tag, host(grstd), rstd, kTolF32);
+      Tensor dx = Tensor::empty({n, d}, DType::F32), dw = rand({d}, 64);
+      Tensor gdw_init = dw.clone();
+      ops::rmsnorm_backward(rdy, rx, rw, rstd, dx, dw);
+      Tensor gdx = Tensor::empty({n, d}, dt, Device::CUDA);
+      Tensor gdw = gdw_init.to(Device::CUDA);  // f32 accumulation buffer
+      ops::rmsnorm_backward(gpu(dy, dt), gx, gw, grstd, gdx, gdw);
+      expect_close("rmsnorm_backward dx " + tag, host(gdx), dx, tol(dt));
+      expect_close("rmsnorm_backward dw " + tag, host(gdw), dw, tol(dt));
+      Tensor gdx2 = Tensor::empty({n, d}, dt, Device::CUDA), gdw2 = gdw_init.to(Device::CUDA);
+      ops::rmsnorm_backward(gpu(dy, dt), gx, gw, grstd, gdx2, gdw2);
+      EXPECT_TRUE(bit_equal(gdx, gdx2) && bit_equal(gdw, gdw2)) << "rmsnorm backward not deterministic";
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+TEST(GpuRope, ForwardBackwardInPlace) {
+  REQUIRE_GPU();
+  const int64_t n = 37, h = 3, hd = 64;
+  std::vector<int32_t> pv(n);
+  for (int64_t i = 0; i < n; ++i) pv[i] = static_cast<int32_t>((i * 97) % 2048);
+  Tensor pos = Tensor::from_vector(pv, {n});
+  Tensor gpos = pos.to(Device::CUDA);
+  for (DType dt : {DType::F32, DType::BF16}) {
+    Tensor x = rand({n, h, hd}, 71);
+    Tensor y = Tensor::empty({n, h, hd}, DType::F32);
+    ops::rope_forward(seen(x, dt), pos, 10000.0, y);
+    Tensor gy = gpu(x, dt);
+    ops::rope_forward(gy, gpos, 10000.0, gy);  // in place
+    expect_close(std::string("rope_forward ") + dn(dt), host(gy), y, tol(dt));
+    Tensor dx = Tensor::empty({n, h, hd}, DType::F32);
+    ops::rope_backward(seen(x, dt), pos, 10000.0, dx);
+    Tensor gdx = Tensor::empty({n, h, hd}, dt, Device::CUDA);
+    ops::rope_backward(gpu(x, dt), gpos, 10000.0, gdx);
+    expect_close(std::string("rope_backward ") + dn(dt), host(gdx), dx, tol(dt));
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+TEST(GpuSwiglu, ForwardBackward) {
+  REQUIRE_GPU();
+  const Shape s{37, 101};
+  for (DType dt : {DType::F32, DType::BF16}) {
+    Tensor g = rand(s, 81, -4, 4), u = rand(s, 82), dout = rand(s, 83);
+    Tensor out = Tensor::empty(s, DType::F32);
+    ops::swiglu_forward(seen(g, dt), seen(u, dt), out);
+    Tensor gout = Tensor::empty(s, dt, Device::CUDA);
+    ops::swiglu_forward(gpu(g, dt), gpu(u, dt), gout);
+    expect_close(std::string("swiglu_forward ") + dn(dt), host(gout), out, tol(dt));
+    Tensor dg = Tensor::empty(s, DType::F32), du = Tensor::empty(s, DType::F32);
+    ops::swiglu_backward(seen(dout, dt), seen(g, dt), seen(u, dt), dg, du);
+    Tensor gg = gpu(g, dt), gu = gpu(u, dt);
+    ops::swiglu_backward(gpu(dout, dt), gg, gu, gg, gu);  // in place
+    expect_close(std::string("swiglu_backward dgate ") + dn(dt), host(gg), dg, tol(dt));
+    expect_close(std::string("swiglu_backward dup ") + dn(dt), host(gu), du, tol(dt));
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+TEST(GpuCrossEntropy, ForwardBackwardIgnoreIndex) {
+  REQUIRE_GPU();
+  const int64_t n = 37, v = 1000;
+  Tensor targets = rand_ids(n, static_cast<int32_t>(v), 91);
+  targets.data<int32_t>()[3] = ops::kIgnoreIndex;
+  targets.data<int32_t>()[20] = ops::kIgnoreIndex;
+  Tensor gt = targets.to(Device::CUDA);
+  for (DType dt : {DType::F32, DType::BF16}) {
+    Tensor logits = rand({n, v}, 92, -6, 6);
+    Tensor rl = seen(logits, dt);
+    Tensor losses = Tensor::empty({n}, DType::F32);
+    int64_t count = 0, gcount = 0;
+    const double sum = ops::cross_entropy_forward(rl, targets, losses, &count);
+    Tensor gl = gpu(logits, dt);
+    Tensor glosses = Tensor::empty({n}, DType::F32, Device::CUDA);
+    const double gsum = ops::cross_entropy_forward(gl, gt, glosses, &gcount);
+    EXPECT_EQ(gcount, count);
+    std::printf("[gpu] cross_entropy sum %-30s rel %.3e\n", dn(dt), std::fabs(gsum - sum) / sum);
+    EXPECT_NEAR(gsum, sum, 1e-5 * sum);
+    expect_close(std::string("cross_entropy_forward losses ") + dn(dt), host(glosses), losses, kTolF32);
+    Tensor dl = Tensor::empty({n, v}, DType::F32);
+    ops::cross_entropy_backward(rl, targets, 0.5, dl);
+    ops::cross_entropy_backward(gl, gt, 0.5, gl);  // in place
+    expect_close(std::string("cross_entropy_backward ") + dn(dt), host(gl), dl, tol(dt));
+  }
+  Tensor bad = targets.clone();
+  bad.data<int32_t>()[7] = 1000;
+  Tensor gl = rand({n, v}, 93).to(Device::CUDA), gls = Tensor::empty({n}, DType::F32, Device::CUDA);
+  EXPECT_THROW(ops::cross_entropy_forward(gl, bad.to(Device::CUDA), gls, nullptr), Error);
+}
+
+TEST(GpuCrossEntropy, LmHeadLossChunked) {
+  REQUIRE_GPU();
+  const int64_t n = 45, d = 64, v = 1000;
+  Tensor h = rand({n, d}, 94), w = rand({v, d}, 95, -0.2, 0.2);
+  Tensor targets = rand_ids(n, static_cast<int32_t>(v), 96);
+  targets.data<int32_t>()[0] = ops::kIgnoreIndex;
+  Tensor dh = Tensor::empty({n, d}, DType::F32), dw = Tensor::zeros({v, d}, DType::F32);
+  int64_t count = 0, gcount = 0;
+  const double loss = ops::lm_head_loss(h, w, targets, 1.0 / 44, 16, &count, &dh, &dw);
+  Tensor gdh = Tensor::empty({n, d}, DType::F32, Device::CUDA), gdw = Tensor::zeros({v, d}, DType::F32, Device::CUDA);
+  const double gloss = ops::lm_head_loss(h.to(Device::CUDA), w.to(Device::CUDA), targets.to(Device::CUDA),
+                                         1.0 / 44, 16, &gcount, &gdh, &gdw);
+  EXPECT_EQ(gcount, count);
+  EXPECT_NEAR(gloss, loss, 1e-5 * loss);
+  expect_close("lm_head_loss dh f32", host(gdh), dh, kTolF32);
+  expect_close("lm_head_loss dw f32", host(gdw), dw, kTolF32);
+}
+
+// ---------------------------------------------------------------------------------------------
+TEST(GpuAdamW, MatchesCpu) {
+  REQUIRE_GPU();
+  const Shape s{1003};
+  ops::AdamWHyper hp;
+  hp.lr = 3e-3;
+  hp.weight_decay = 0.1;
+  hp.step = 7;
+  hp.grad_scale = 0.5;
+  for (DType gdt : {DType::F32, DType::BF16}) {
+    Tensor p = rand(s, 101), g = rand(s, 102), m = rand(s, 103, -0.1, 0.1), v = rand(s, 104, 0, 0.01);
+    Tensor rp = p.clone(), rm = m.clone(), rv = v.clone();
+    Tensor rlow = Tensor::empty(s, DType::BF16);
+    ops::adamw_step(rp, seen(g, gdt), rm, rv, hp, &rlow);
+    Tensor gp = p.to(Device::CUDA), gm = m.to(Device::CUDA), gv = v.to(Device::CUDA);
+    Tensor glow = Tensor::empty(s, DType::BF16, Device::CUDA);
+    ops::adamw_step(gp, gpu(g, gdt), gm, gv, hp, &glow);
+    expect_close(std::string("adamw param (grad ") + dn(gdt) + ")", host(gp), rp, kTolF32);
+    expect_close(std::string("adamw m (grad ") + dn(gdt) + ")", host(gm), rm, kTolF32);
+    expect_close(std::string("adamw v (grad ") + dn(gdt) + ")", host(gv), rv, kTolF32);
+    expect_close(std::string("adamw bf16 copy (grad ") + dn(gdt) + ")", host(glow), rlow.to(DType::F32), 5e-3);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Attention: 3 packed sequences of different lengths (one shorter than a tile, one spanning
+// several tiles with a ragged end, one exactly a tile), GQA 4:1 and 1:1, hd 64/128 (and 32 for
+// the generic kernel), f32 (generic kernel) and bf16 (flash mma kernels / cuDNN).
+struct AttnCase {
+  DType dt;
+  int hd, hq, hkv;
+  ops::AttentionBackend backend;
+};
+
+std::string attn_name(const AttnCase& c) {
+  return detail::cat(dtype_name(c.dt), "_hd", c.hd, "_", c.hq, "x", c.hkv, "_",
+                     c.backend == ops::AttentionBackend::Cudnn ? "cudnn" : "flash");
+}
+
+class GpuAttention : public ::testing::TestWithParam<AttnCase> {
+ protected:
+  void TearDown() override { ops::set_attention_backend(ops::AttentionBackend::Auto); }
+};
+
+TEST_P(GpuAttention, MatchesCpuVarlen) {
+  REQUIRE_GPU();
+  const AttnCase c = GetParam();
+  const std::vector<int32_t> cu_v = {0, 37, 187, 251};  // lengths 37, 150, 64
+  const int64_t n = cu_v.back();
+  const int max_seqlen = 150;
+  Tensor cu = Tensor::from_vector(cu_v, {4});
+  Tensor q = rand({n, c.hq, c.hd}, 111), k = rand({n, c.hkv, c.hd}, 112), v = rand({n, c.hkv, c.hd}, 113);
+  Tensor dout = rand({n, c.hq, c.hd}, 114);
+  // CPU reference on what the GPU sees.
+  Tensor rq = seen(q, c.dt), rk = seen(k, c.dt), rv = seen(v, c.dt), rdo = seen(dout, c.dt);
+  Tensor out = Tensor::empty({n, c.hq, c.hd}, DType::F32), lse = Tensor::empty({c.hq, n}, DType::F32);
+  ops::attention_forward(rq, rk, rv, cu, max_seqlen, out, lse);
+  Tensor dq = Tensor::empty(q.shape(), DType::F32), dk = Tensor::empty(k.shape(), DType::F32),
+         dv = Tensor::empty(v.shape(), DType::F32);
+  ops::attention_backward(rdo, rq, rk, rv, out, lse, cu, max_seqlen, dq, dk, dv);
+
+  ops::set_attention_backend(c.backend);
+  Tensor gq = gpu(q, c.dt), gk = gpu(k, c.dt), gv = gpu(v, c.dt), gdo = gpu(dout, c.dt);
+  Tensor gcu = cu.to(Device::CUDA);
+  Tensor gout = Tensor::empty(q.shape(), c.dt, Device::CUDA);
+  Tensor glse = Tensor::empty({c.hq, n}, DType::F32, Device::CUDA);
+  try {
+    ops::attention_forward(gq, gk, gv, gcu, max_seqlen, gout, glse);
+  } catch (const Error& e) {
+    if (c.backend == ops::AttentionBackend::Cudnn && std::string(e.what()).find("unavailable") != std::string::npos)
+      GTEST_SKIP() << e.what();
+    throw;
+  }
+  const std::string name = attn_name(c);
+  const double t = tol(c.dt);
+  expect_close("attention out " + name, host(gout), out, t);
+  expect_close("attention lse " + name, host(glse), lse, c.dt == DType::F32 ? kTolF32 : 1e-3);
+  Tensor gdq = Tensor::empty(q.shape(), c.dt, Device::CUDA), gdk = Tensor::empty(k.shape(), c.dt, Device::CUDA),
+         gdv = Tensor::empty(v.shape(), c.dt, Device::CUDA);
+  ops::attention_backward(gdo, gq, gk, gv, gout, glse, cu /* host cu_seqlens */, max_seqlen, gdq, gdk, gdv);
+  expect_close("attention dq " + name, host(gdq), dq, t);
+  expect_close("attention dk " + name, host(gdk), dk, t);
+  expect_close("attention dv " + name, host(gdv), dv, t);
+
+  // Determinism of the backward (cuDNN in its deterministic mode).
+#ifdef IEVO_CUDA
+  cuda::set_deterministic(true);
+#endif
+  Tensor a1 = Tensor::empty(q.shape(), c.dt, Device::CUDA), b1 = Tensor::empty(k.shape(), c.dt, Device::CUDA),
+         c1 = Tensor::empty(v.shape(), c.dt, Device::CUDA);
+  Tensor a2 = Tensor::empty(q.shape(), c.dt, Device::CUDA), b2 = Tensor::empty(k.shape(), c.dt, Device::CUDA),
+         c2 = Tensor::empty(v.shape(), c.dt, Device::CUDA);
+  ops::attention_backward(gdo, gq, gk, gv, gout, glse, gcu, max_seqlen, a1, b1, c1);
+  ops::attention_backward(gdo, gq, gk, gv, gout, glse, gcu, max_seqlen, a2, b2, c2);
+#ifdef IEVO_CUDA
+  cuda::set_deterministic(false);
+#endif
+  EXPECT_TRUE(bit_equal(a1, a2) && bit_equal(b1, b2) && bit_equal(c1, c2))
+      << "attention backward not bit-identical across runs (" << name << ")";
+}
+
+std::vector<AttnCase> attn_cases() {
+  using B = ops::AttentionBackend;
+  std::vector<AttnCase> v;
+  for (B b : {B::Flash, B::Cudnn}) {
+    for (int hd : {64, 128}) {
+      v.push_back({DType::BF16, hd, 8, 2, b});
+      v.push_back({DType::BF16, hd, 2, 2, b});
+    }
+  }
+  for (int hd : {64, 128}) {
+    v.push_back({DType::F32, hd, 8, 2, B::Flash});
+    v.push_back({DType::F32, hd, 2, 2, B::Flash});
+  }
+  v.push_back({DType::F32, 32, 4, 1, B::Flash});   // generic kernel, small hd
+  v.push_back({DType::BF16, 32, 4, 1, B::Flash});  // generic kernel in bf16
+  return v;
+}
+
+INSTANTIATE_TEST_SUITE_P(Cases, GpuAttention, ::testing::ValuesIn(attn_cases()),
+                         [](const auto& i) { return attn_name(i.param); });
+
+TEST(GpuAttentionErrors, SequenceLongerThanMaxSeqlen) {
+  REQUIRE_GPU();
+  Tensor q = rand({20, 2, 64}, 121).to(Device::CUDA), k = rand({20, 2, 64}, 122).to(Device::CUDA);
+  Tensor out = Tensor::empty({20, 2, 64}, DType::F32, Device::CUDA);
+  Tensor lse = Tensor::empty({2, 20}, DType::F32, Device::CUDA);
+  Tensor cu = Tensor::from_vector(std::vector<int32_t>{0, 5, 20}, {3});
+  EXPECT_THROW(ops::attention_forward(q, k, k, cu.to(Device::CUDA), 10, out, lse), Error);
+  EXPECT_THROW(ops::attention_forward(q, k, k, cu, 10, out, lse), Error);
+}
+
+}  // namespace
+}  // namespace ievo
