@@ -99,7 +99,8 @@ run() {
   local bin=$DEV/tests/test_gpu_ops
   # Libraries: CUDA ones from the toolkit or pip wheels, the rest from the bundle if missing.
   local missing extra=""
-  missing=$(ldd "$bin" | awk '/not found/{print $1}')
+  missing=$(for b in "$bin" "$DEV/bench/bench_gpu_kernels" "$DEV/ievo"; do [ -x "$b" ] && ldd "$b"; done |
+            awk '/not found/{print $1}' | sort -u)
   for lib in $missing; do
     case "$lib" in
       libcud*|libcublas*|libnvrtc*|libnvJitLink*)
