@@ -291,7 +291,9 @@ TEST(GpuEmbedding, ForwardBackwardDeterministic) {
 // ---------------------------------------------------------------------------------------------
 TEST(GpuRmsNorm, ForwardBackwardDeterministic) {
   REQUIRE_GPU();
-  for (int64_t d : {int64_t{100}, int64_t{2048}, int64_t{12000}}) {  // 12000: dw in global scratch
+  // 100: bf16 element path, f32 packs; 2048/3000: packed paths (1-4 packs per thread);
+  // 12000: element path with the dw partial in global scratch.
+  for (int64_t d : {int64_t{100}, int64_t{2048}, int64_t{3000}, int64_t{12000}}) {
     const int64_t n = d > 4096 ? 9 : 37;
     for (DType dt : {DType::F32, DType::BF16}) {
       Tensor x = rand({n, d}, 61), w = rand({d}, 62, 0.5, 1.5), dy = rand({n, d}, 63);
@@ -363,9 +365,7 @@ TEST(GpuSwiglu, ForwardBackward) {
 }
 
 // ---------------------------------------------------------------------------------------------
-TEST(GpuCrossEntropy, ForwardBackwardIgnoreIndex) {
-  REQUIRE_GPU();
-  const int64_t n = 37, v = 1000;
+void check_cross_entropy(int64_t n, int64_t v) {
   Tensor targets = rand_ids(n, static_cast<int32_t>(v), 91);
   targets.data<int32_t>()[3] = ops::kIgnoreIndex;
   targets.data<int32_t>()[20] = ops::kIgnoreIndex;
@@ -380,19 +380,32 @@ TEST(GpuCrossEntropy, ForwardBackwardIgnoreIndex) {
     Tensor glosses = Tensor::empty({n}, DType::F32, Device::CUDA);
     const double gsum = ops::cross_entropy_forward(gl, gt, glosses, &gcount);
     EXPECT_EQ(gcount, count);
-    std::printf("[gpu] cross_entropy sum %-30s rel %.3e\n", dn(dt), std::fabs(gsum - sum) / sum);
+    std::printf("[gpu] cross_entropy sum %s V=%-24lld rel %.3e\n", dn(dt), static_cast<long long>(v), std::fabs(gsum - sum) / sum);
     EXPECT_NEAR(gsum, sum, 1e-5 * sum);
-    expect_close(std::string("cross_entropy_forward losses ") + dn(dt), host(glosses), losses, kTolF32);
+    expect_close(std::string("cross_entropy_forward losses ") + dn(dt) + " V=" + std::to_string(v), host(glosses), losses, kTolF32);
     Tensor dl = Tensor::empty({n, v}, DType::F32);
     ops::cross_entropy_backward(rl, targets, 0.5, dl);
     ops::cross_entropy_backward(gl, gt, 0.5, gl);  // in place
-    expect_close(std::string("cross_entropy_backward ") + dn(dt), host(gl), dl, tol(dt));
+    expect_close(std::string("cross_entropy_backward ") + dn(dt) + " V=" + std::to_string(v), host(gl), dl, tol(dt));
   }
+}
+
+TEST(GpuCrossEntropy, ForwardBackwardIgnoreIndex) {
+  REQUIRE_GPU();
+  for (int64_t v : {int64_t{1000}, int64_t{1001}})  // packed rows, element rows
+    check_cross_entropy(37, v);
+}
+
+TEST(GpuCrossEntropy, BadTarget) {
+  REQUIRE_GPU();
+  const int64_t n = 37, v = 1000;
+  Tensor targets = rand_ids(n, static_cast<int32_t>(v), 91);
   Tensor bad = targets.clone();
   bad.data<int32_t>()[7] = 1000;
   Tensor gl = rand({n, v}, 93).to(Device::CUDA), gls = Tensor::empty({n}, DType::F32, Device::CUDA);
   EXPECT_THROW(ops::cross_entropy_forward(gl, bad.to(Device::CUDA), gls, nullptr), Error);
 }
+
 
 TEST(GpuCrossEntropy, LmHeadLossChunked) {
   REQUIRE_GPU();
@@ -456,13 +469,14 @@ class GpuAttention : public ::testing::TestWithParam<AttnCase> {
   void TearDown() override { ops::set_attention_backend(ops::AttentionBackend::Auto); }
 };
 
-TEST_P(GpuAttention, MatchesCpuVarlen) {
-  REQUIRE_GPU();
-  const AttnCase c = GetParam();
-  const std::vector<int32_t> cu_v = {0, 37, 187, 251};  // lengths 37, 150, 64
+// One layout of packed sequences: GPU forward/backward (device cu_seqlens for the forward, host
+// for the backward) against the CPU, then a bit-identical repeat of the backward.
+void check_attention(const AttnCase& c, const std::vector<int32_t>& cu_v, const std::string& label) {
   const int64_t n = cu_v.back();
-  const int max_seqlen = 150;
-  Tensor cu = Tensor::from_vector(cu_v, {4});
+  int max_seqlen = 0;
+  for (size_t i = 1; i < cu_v.size(); ++i) max_seqlen = std::max(max_seqlen, cu_v[i] - cu_v[i - 1]);
+  const int64_t nseq = static_cast<int64_t>(cu_v.size());
+  Tensor cu = Tensor::from_vector(cu_v, {nseq});
   Tensor q = rand({n, c.hq, c.hd}, 111), k = rand({n, c.hkv, c.hd}, 112), v = rand({n, c.hkv, c.hd}, 113);
   Tensor dout = rand({n, c.hq, c.hd}, 114);
   // CPU reference on what the GPU sees.
@@ -473,19 +487,12 @@ TEST_P(GpuAttention, MatchesCpuVarlen) {
          dv = Tensor::empty(v.shape(), DType::F32);
   ops::attention_backward(rdo, rq, rk, rv, out, lse, cu, max_seqlen, dq, dk, dv);
 
-  ops::set_attention_backend(c.backend);
   Tensor gq = gpu(q, c.dt), gk = gpu(k, c.dt), gv = gpu(v, c.dt), gdo = gpu(dout, c.dt);
   Tensor gcu = cu.to(Device::CUDA);
   Tensor gout = Tensor::empty(q.shape(), c.dt, Device::CUDA);
   Tensor glse = Tensor::empty({c.hq, n}, DType::F32, Device::CUDA);
-  try {
-    ops::attention_forward(gq, gk, gv, gcu, max_seqlen, gout, glse);
-  } catch (const Error& e) {
-    if (c.backend == ops::AttentionBackend::Cudnn && std::string(e.what()).find("unavailable") != std::string::npos)
-      GTEST_SKIP() << e.what();
-    throw;
-  }
-  const std::string name = attn_name(c);
+  ops::attention_forward(gq, gk, gv, gcu, max_seqlen, gout, glse);
+  const std::string name = attn_name(c) + " " + label;
   const double t = tol(c.dt);
   expect_close("attention out " + name, host(gout), out, t);
   expect_close("attention lse " + name, host(glse), lse, c.dt == DType::F32 ? kTolF32 : 1e-3);
@@ -511,6 +518,35 @@ TEST_P(GpuAttention, MatchesCpuVarlen) {
 #endif
   EXPECT_TRUE(bit_equal(a1, a2) && bit_equal(b1, b2) && bit_equal(c1, c2))
       << "attention backward not bit-identical across runs (" << name << ")";
+}
+
+// Layouts: 3 sequences (37 < one tile, 150 = several tiles with a ragged end, 64 = one tile);
+// 5 with an empty and a short one; 6 (same cuDNN graph bucket as 5: reuses its graphs).
+const std::vector<std::vector<int32_t>> kLayouts = {
+    {0, 37, 187, 251}, {0, 37, 37, 187, 200, 251}, {0, 37, 37, 187, 200, 240, 251}};
+
+TEST_P(GpuAttention, MatchesCpuVarlen) {
+  REQUIRE_GPU();
+  const AttnCase c = GetParam();
+  ops::set_attention_backend(c.backend);
+  if (c.backend == ops::AttentionBackend::Cudnn) {
+    try {  // skip cleanly where cuDNN attention is not built in or not usable
+      Tensor q = Tensor::zeros({4, c.hq, c.hd}, c.dt, Device::CUDA), k = Tensor::zeros({4, c.hkv, c.hd}, c.dt, Device::CUDA);
+      Tensor o = Tensor::empty({4, c.hq, c.hd}, c.dt, Device::CUDA), l = Tensor::empty({c.hq, 4}, DType::F32, Device::CUDA);
+      ops::attention_forward(q, k, k, Tensor::from_vector(std::vector<int32_t>{0, 4}, {2}), 4, o, l);
+    } catch (const Error& e) {
+      if (std::string(e.what()).find("unavailable") != std::string::npos) GTEST_SKIP() << e.what();
+      throw;
+    }
+  }
+  for (size_t i = 0; i < kLayouts.size(); ++i)
+    check_attention(c, kLayouts[i], "S=" + std::to_string(kLayouts[i].size() - 1));
+  if (c.backend == ops::AttentionBackend::Cudnn) {
+    // Exact graph shapes (no rounding of S and max_seqlen) give the same results.
+    setenv("IEVO_CUDNN_ATTN_EXACT", "1", 1);
+    check_attention(c, kLayouts[1], "S=5 exact");
+    unsetenv("IEVO_CUDNN_ATTN_EXACT");
+  }
 }
 
 std::vector<AttnCase> attn_cases() {

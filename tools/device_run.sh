@@ -30,7 +30,9 @@ pack() {
   local targets="$tests"
   [ "${IEVO_PACK_IEVO:-0}" = 1 ] && targets="$targets ievo"
   [ "${IEVO_PACK_BENCH:-0}" = 1 ] && targets="$targets bench_gpu_kernels"
-  cmake --build "$build" --target $targets -j"$(nproc)"
+  # IEVO_PACK_NOBUILD=1: bundle what is built (e.g. while unrelated half-written files break the
+  # full build; check the binaries are newer than the sources that matter).
+  [ "${IEVO_PACK_NOBUILD:-0}" = 1 ] || cmake --build "$build" --target $targets -j"$(nproc)"
   rm -rf "$DEV"
   mkdir -p "$DEV/lib-all"
   (cd "$build" && find . -name CTestTestfile.cmake) | while read -r f; do
@@ -52,6 +54,8 @@ pack() {
     case "$name" in
       libc.so*|libm.so*|libstdc++*|libgcc_s*|ld-linux*|libpthread*|libdl.so*|librt.so*) ;;
       libcuda.so*|libcudart*|libcublas*|libcudnn*|libnvrtc*|libnvJitLink*) ;;
+      # Seen present on the device image (2026-11-25): not carried (openblas alone is 36 MB).
+      libopenblas.so*|libgfortran.so*|libquadmath.so*|libgomp.so*|libz.so*) ;;
       *) cp -L "$path" "$DEV/lib-all/$name" ;;
     esac
   done

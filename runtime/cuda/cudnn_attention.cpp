@@ -6,13 +6,21 @@
 // first element (cu[s] * Hq * hd); sequence lengths [S] drive the padding mask; the causal mask
 // is the top-left diagonal band (right bound 0), equal to bottom-right since q and kv lengths
 // match. Stats (natural-log lse) stay padded [S, Hq, smax, 1] in a scratch buffer.
-// Graph cache key: (direction, S, smax rounded up to 64, Hq, Hkv, hd, deterministic).
+// Graphs are cached by (direction, S', smax', Hq, Hkv, hd, deterministic), where S' and smax'
+// are S and max_seqlen rounded up to powers of two (smax' >= 64): packed batches whose number
+// of documents and longest document vary from step to step reuse a few graphs (building one
+// takes ~1 s). The S' - S extra sequences are empty (length 0, offsets at the end).
+// IEVO_CUDNN_ATTN_EXACT=1 in the environment disables the rounding (S' = S, smax' = max_seqlen
+// rounded up to 64), e.g. to compare the two.
 #include "runtime/cuda/cudnn_attention.h"
 
 #include <cudnn.h>
 #include <cudnn_frontend.h>
 
 #include <cmath>
+#include <cstdlib>
+#include <string>
+#include <utility>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -201,8 +209,8 @@ struct Aux {
   DeviceBuffer seq_len, off_q, off_kv, stats;
 };
 
-Aux make_aux(const int32_t* cu, int b, int64_t smax, int64_t hq, int64_t hkv, int64_t hd,
-             cudaStream_t s) {
+Aux make_aux(const int32_t* cu, int num_seqs, int64_t b, int64_t smax, int64_t hq, int64_t hkv,
+             int64_t hd, cudaStream_t s) {
   Aux a;
   const bool i64 = offsets_64();
   const size_t osz = i64 ? 8 : 4;
@@ -210,8 +218,8 @@ Aux make_aux(const int32_t* cu, int b, int64_t smax, int64_t hq, int64_t hkv, in
   a.off_q = DeviceBuffer((b + 1) * osz);
   a.off_kv = DeviceBuffer((b + 1) * osz);
   a.stats = DeviceBuffer(static_cast<size_t>(b * hq * smax) * sizeof(float));
-  attn::build_ragged_aux(cu, b, hq * hd, hkv * hd, i64, a.seq_len.as<int32_t>(), a.off_q.data(),
-                         a.off_kv.data(), s);
+  attn::build_ragged_aux(cu, num_seqs, static_cast<int>(b), hq * hd, hkv * hd, i64,
+                         a.seq_len.as<int32_t>(), a.off_q.data(), a.off_kv.data(), s);
   return a;
 }
 
@@ -223,7 +231,19 @@ void run(State& st, const Entry& e, std::unordered_map<int64_t, void*>& pack, cu
   IEVO_FE_CHECK(e.graph->execute(h, pack, ws.data()));
 }
 
-int64_t round_smax(int max_seqlen) { return std::max<int64_t>(64, (max_seqlen + 63) / 64 * 64); }
+int64_t pow2_at_least(int64_t x, int64_t lo) {
+  int64_t p = lo;
+  while (p < x) p *= 2;
+  return p;
+}
+
+// Graph shape (S', smax') for a call; see the top of the file.
+std::pair<int64_t, int64_t> graph_shape(int num_seqs, int max_seqlen) {
+  const char* e = std::getenv("IEVO_CUDNN_ATTN_EXACT");
+  if (e && std::string(e) == "1")
+    return {num_seqs, std::max<int64_t>(64, (max_seqlen + 63) / 64 * 64)};
+  return {pow2_at_least(num_seqs, 1), pow2_at_least(max_seqlen, 64)};
+}
 
 void* mut(const void* p) { return const_cast<void*>(p); }
 
@@ -253,15 +273,15 @@ bool supports_head_dim(int64_t hd) { return hd > 0 && hd % 8 == 0 && hd <= 128; 
 void forward(const Tensor& q, const Tensor& k, const Tensor& v, const int32_t* cu, int num_seqs,
              int max_seqlen, Tensor& out, Tensor& lse) {
   const int64_t n = q.size(0), hq = q.size(1), hkv = k.size(1), hd = q.size(2);
-  const int64_t smax = round_smax(max_seqlen);
+  const auto [b, smax] = graph_shape(num_seqs, max_seqlen);
   const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(hd)));
   cudaStream_t s = current_stream();
   State& st = state();
   std::lock_guard<std::mutex> lock(st.mu);
-  const Key key{false, num_seqs, smax, hq, hkv, hd, false};
+  const Key key{false, b, smax, hq, hkv, hd, false};
   auto it = st.graphs.find(key);
   if (it == st.graphs.end()) it = st.graphs.emplace(key, build_forward(key, handle(st), scale)).first;
-  Aux a = make_aux(cu, num_seqs, smax, hq, hkv, hd, s);
+  Aux a = make_aux(cu, num_seqs, b, smax, hq, hkv, hd, s);
   std::unordered_map<int64_t, void*> pack = {
       {kQ, mut(q.raw())},          {kK, mut(k.raw())},          {kV, mut(v.raw())},
       {kO, out.raw()},             {kStats, a.stats.data()},    {kSeqQ, a.seq_len.data()},
@@ -276,15 +296,15 @@ void backward(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor
               const Tensor& out, const Tensor& lse, const int32_t* cu, int num_seqs,
               int max_seqlen, Tensor& dq, Tensor& dk, Tensor& dv) {
   const int64_t n = q.size(0), hq = q.size(1), hkv = k.size(1), hd = q.size(2);
-  const int64_t smax = round_smax(max_seqlen);
+  const auto [b, smax] = graph_shape(num_seqs, max_seqlen);
   const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(hd)));
   cudaStream_t s = current_stream();
   State& st = state();
   std::lock_guard<std::mutex> lock(st.mu);
-  const Key key{true, num_seqs, smax, hq, hkv, hd, deterministic()};
+  const Key key{true, b, smax, hq, hkv, hd, deterministic()};
   auto it = st.graphs.find(key);
   if (it == st.graphs.end()) it = st.graphs.emplace(key, build_backward(key, handle(st), scale)).first;
-  Aux a = make_aux(cu, num_seqs, smax, hq, hkv, hd, s);
+  Aux a = make_aux(cu, num_seqs, b, smax, hq, hkv, hd, s);
   IEVO_CUDA_CHECK(cudaMemsetAsync(a.stats.data(), 0, a.stats.size(), s));
   attn::packed_to_padded(lse.data<float>(), cu, num_seqs, static_cast<int>(hq),
                          static_cast<int>(smax), static_cast<int>(n), a.stats.as<float>(), s);

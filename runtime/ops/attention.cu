@@ -23,17 +23,19 @@
 namespace ievo::cuda::attn {
 namespace {
 
-__global__ void ragged_aux_kernel(const int32_t* cu, int n, int64_t q_mul, int64_t kv_mul,
-                                  bool off64, int32_t* seq_len, void* q_off, void* kv_off) {
+__global__ void ragged_aux_kernel(const int32_t* cu, int n, int padded, int64_t q_mul,
+                                  int64_t kv_mul, bool off64, int32_t* seq_len, void* q_off,
+                                  void* kv_off) {
   const int s = blockIdx.x * blockDim.x + threadIdx.x;
-  if (s > n) return;
-  if (s < n) seq_len[s] = cu[s + 1] - cu[s];
+  if (s > padded) return;
+  if (s < padded) seq_len[s] = s < n ? cu[s + 1] - cu[s] : 0;
+  const int64_t start = cu[s < n ? s : n];
   if (off64) {
-    static_cast<int64_t*>(q_off)[s] = cu[s] * q_mul;
-    static_cast<int64_t*>(kv_off)[s] = cu[s] * kv_mul;
+    static_cast<int64_t*>(q_off)[s] = start * q_mul;
+    static_cast<int64_t*>(kv_off)[s] = start * kv_mul;
   } else {
-    static_cast<int32_t*>(q_off)[s] = static_cast<int32_t>(cu[s] * q_mul);
-    static_cast<int32_t*>(kv_off)[s] = static_cast<int32_t>(cu[s] * kv_mul);
+    static_cast<int32_t*>(q_off)[s] = static_cast<int32_t>(start * q_mul);
+    static_cast<int32_t*>(kv_off)[s] = static_cast<int32_t>(start * kv_mul);
   }
 }
 
@@ -62,10 +64,11 @@ __global__ void stats_kernel(const float* src, const int32_t* cu, int num_seqs, 
 
 }  // namespace
 
-void build_ragged_aux(const int32_t* cu, int num_seqs, int64_t q_mul, int64_t kv_mul, bool off64,
-                      int32_t* seq_len, void* q_off, void* kv_off, cudaStream_t s) {
-  ragged_aux_kernel<<<(num_seqs + 1 + 127) / 128, 128, 0, s>>>(cu, num_seqs, q_mul, kv_mul, off64,
-                                                               seq_len, q_off, kv_off);
+void build_ragged_aux(const int32_t* cu, int num_seqs, int padded_seqs, int64_t q_mul,
+                      int64_t kv_mul, bool off64, int32_t* seq_len, void* q_off, void* kv_off,
+                      cudaStream_t s) {
+  ragged_aux_kernel<<<(padded_seqs + 1 + 127) / 128, 128, 0, s>>>(
+      cu, num_seqs, padded_seqs, q_mul, kv_mul, off64, seq_len, q_off, kv_off);
   IEVO_CUDA_LAUNCH_CHECK("ragged_aux_kernel");
 }
 

@@ -28,19 +28,25 @@ __device__ __forceinline__ MaxSum merge(MaxSum a, MaxSum b) {
   return {m, a.s * expf(a.m - m) + b.s * expf(b.m - m)};
 }
 
-// log sum exp of one row over the block (all threads get it).
-template <typename T>
+__device__ __forceinline__ void add_elem(MaxSum& a, float xv) {
+  if (xv > a.m) {
+    a.s = a.s * expf(a.m - xv) + 1.f;
+    a.m = xv;
+  } else {
+    a.s += expf(xv - a.m);
+  }
+}
+
+// log sum exp of one row over the block (all threads get it); the row is read in packs of N
+// elements (N > 1: v % N == 0 and the row 16-byte aligned).
+template <typename T, int N>
 __device__ float row_lse(const T* x, int64_t v) {
   __shared__ float sm[32], ss[32];
   MaxSum a{-INFINITY, 0.f};
-  for (int64_t j = threadIdx.x; j < v; j += blockDim.x) {
-    const float xv = to_f(x[j]);
-    if (xv > a.m) {
-      a.s = a.s * expf(a.m - xv) + 1.f;
-      a.m = xv;
-    } else {
-      a.s += expf(xv - a.m);
-    }
+  for (int64_t c = threadIdx.x; c < v / N; c += blockDim.x) {
+    const auto p = load_pack<T, N>(x + c * N);
+#pragma unroll
+    for (int k = 0; k < N; ++k) add_elem(a, to_f(p.v[k]));
   }
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) {
@@ -67,7 +73,7 @@ __device__ __forceinline__ bool bad_target(int32_t t, int64_t v) {
   return t != kIgnoreIndex && (t < 0 || t >= v);
 }
 
-template <typename T, typename L>
+template <typename T, typename L, int N>
 __global__ void ce_fwd(const T* logits, const int32_t* targets, int64_t v, L* losses,
                        float* row_loss, int* bad_row) {
   const int64_t row = blockIdx.x;
@@ -81,7 +87,7 @@ __global__ void ce_fwd(const T* logits, const int32_t* targets, int64_t v, L* lo
     return;
   }
   const T* x = logits + row * v;
-  const float lse = row_lse(x, v);
+  const float lse = row_lse<T, N>(x, v);
   if (threadIdx.x == 0) {
     const float loss = lse - to_f(x[t]);
     losses[row] = from_f<L>(loss);
@@ -108,7 +114,7 @@ __global__ void ce_total(const float* row_loss, const int32_t* targets, int64_t 
   if (threadIdx.x == 0) *out = Totals{s, c};
 }
 
-template <typename T>
+template <typename T, int N>
 __global__ void ce_bwd(const T* logits, const int32_t* targets, int64_t v, float gs, T* dlogits,
                        int* bad_row) {
   const int64_t row = blockIdx.x;
@@ -120,11 +126,16 @@ __global__ void ce_bwd(const T* logits, const int32_t* targets, int64_t v, float
     for (int64_t j = threadIdx.x; j < v; j += blockDim.x) g[j] = from_f<T>(0.f);
     return;
   }
-  const float lse = row_lse(x, v);
+  const float lse = row_lse<T, N>(x, v);
   // Same element-to-thread map as row_lse: element j is read and written by one thread only.
-  for (int64_t j = threadIdx.x; j < v; j += blockDim.x) {
-    const float p = expf(to_f(x[j]) - lse);
-    g[j] = from_f<T>(gs * (p - (j == t ? 1.f : 0.f)));
+  for (int64_t c = threadIdx.x; c < v / N; c += blockDim.x) {
+    auto p = load_pack<T, N>(x + c * N);
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+      const int64_t j = c * N + k;
+      p.v[k] = from_f<T>(gs * (expf(to_f(p.v[k]) - lse) - (j == t ? 1.f : 0.f)));
+    }
+    store_pack<T, N>(g + c * N, p);
   }
 }
 
@@ -136,6 +147,12 @@ void check_args(const Tensor& logits, const Tensor& targets, const char* op) {
   check_dtype(targets, DType::I32, "targets");
   check_shape(targets, {logits.size(0)}, "targets");
   IEVO_CHECK(logits.size(0) < INT_MAX, op, ": too many rows");
+}
+
+// Rows can be read as 16-byte packs: row length a multiple of the pack, both bases aligned.
+template <typename T>
+bool packed_rows(const Tensor& a, const Tensor& b) {
+  return (a.size(1) * sizeof(T)) % 16 == 0 && aligned_to(a.raw(), 16) && aligned_to(b.raw(), 16);
 }
 
 [[noreturn]] void fail_target(const Tensor& targets, int row, int64_t vocab, const char* op) {
@@ -175,12 +192,17 @@ double cross_entropy_forward(const Tensor& logits, const Tensor& targets, Tensor
   IEVO_CUDA_CHECK(cudaMemcpyAsync(bad.data(), &init, sizeof(int), cudaMemcpyHostToDevice, s));
   dispatch_fp(logits.dtype(), op, [&](auto tag) {
     using T = decltype(tag);
-    if (losses.dtype() == DType::F32)
-      ce_fwd<T, float><<<n, kThreads, 0, s>>>(logits.data<T>(), targets.data<int32_t>(), v,
-                                              losses.data<float>(), row_loss, bad.as<int>());
-    else
-      ce_fwd<T, T><<<n, kThreads, 0, s>>>(logits.data<T>(), targets.data<int32_t>(), v,
-                                          losses.data<T>(), row_loss, bad.as<int>());
+    auto launch = [&](auto nc) {
+      constexpr int N = decltype(nc)::value;
+      if (losses.dtype() == DType::F32)
+        ce_fwd<T, float, N><<<n, kThreads, 0, s>>>(logits.data<T>(), targets.data<int32_t>(), v,
+                                                   losses.data<float>(), row_loss, bad.as<int>());
+      else
+        ce_fwd<T, T, N><<<n, kThreads, 0, s>>>(logits.data<T>(), targets.data<int32_t>(), v,
+                                               losses.data<T>(), row_loss, bad.as<int>());
+    };
+    if (packed_rows<T>(logits, logits)) launch(std::integral_constant<int, 16 / sizeof(T)>{});
+    else launch(std::integral_constant<int, 1>{});
     IEVO_CUDA_LAUNCH_CHECK("ce_fwd");
   });
   ce_total<<<1, 1024, 0, s>>>(row_loss, targets.data<int32_t>(), n, totals);
@@ -210,8 +232,13 @@ void cross_entropy_backward(const Tensor& logits, const Tensor& targets, double 
   IEVO_CUDA_CHECK(cudaMemcpyAsync(bad.data(), &init, sizeof(int), cudaMemcpyHostToDevice, s));
   dispatch_fp(logits.dtype(), op, [&](auto tag) {
     using T = decltype(tag);
-    ce_bwd<T><<<n, kThreads, 0, s>>>(logits.data<T>(), targets.data<int32_t>(), v,
-                                     static_cast<float>(grad_scale), dlogits.data<T>(), bad.as<int>());
+    if (packed_rows<T>(logits, dlogits))
+      ce_bwd<T, 16 / sizeof(T)><<<n, kThreads, 0, s>>>(logits.data<T>(), targets.data<int32_t>(), v,
+                                                       static_cast<float>(grad_scale),
+                                                       dlogits.data<T>(), bad.as<int>());
+    else
+      ce_bwd<T, 1><<<n, kThreads, 0, s>>>(logits.data<T>(), targets.data<int32_t>(), v,
+                                          static_cast<float>(grad_scale), dlogits.data<T>(), bad.as<int>());
     IEVO_CUDA_LAUNCH_CHECK("ce_bwd");
   });
   int bad_row = 0;

@@ -7,6 +7,9 @@
 //     sum their contributions per column in row order (shared memory, or global scratch for very
 //     wide rows); a second kernel adds the per-block partials in block order.
 // x, y, dy, dx: f32/bf16/f16 (same type); w, dw: f32 or x's type; rstd: f32.
+// Fast path (rows of 16-byte-aligned packs, D <= 4 packs per thread): each thread keeps its
+// packs of x / dy / w and its dw columns in registers; otherwise element loops (dw partial in
+// shared memory, or global scratch for very wide rows).
 #include "runtime/cuda/kernels.cuh"
 #include "runtime/ops/cuda_ops.h"
 
@@ -69,6 +72,120 @@ __global__ void rms_bwd(const T* dy, const T* x, const W* w, const float* rstd, 
   }
 }
 
+constexpr int kFastBlocks = 1024;  // backward: rows are split among this many blocks (at most)
+
+// Forward, one block per row, packs of N elements, at most P packs per thread held in registers.
+template <typename T, typename W, int N, int P>
+__global__ void rms_fwd_vec(const T* x, const W* w, float eps, T* y, float* rstd, int64_t d) {
+  __shared__ float scratch[32];
+  const int64_t row = blockIdx.x, np = d / N;
+  const T* xr = x + row * d;
+  Pack<T, N> px[P];
+  float ss = 0.f;
+#pragma unroll
+  for (int p = 0; p < P; ++p) {
+    const int64_t c = threadIdx.x + static_cast<int64_t>(p) * blockDim.x;
+    if (c < np) {
+      px[p] = load_pack<T, N>(xr + c * N);
+#pragma unroll
+      for (int k = 0; k < N; ++k) ss += to_f(px[p].v[k]) * to_f(px[p].v[k]);
+    }
+  }
+  ss = block_sum(ss, scratch);
+  const float r = 1.0f / sqrtf(ss / static_cast<float>(d) + eps);
+  if (threadIdx.x == 0) rstd[row] = r;
+#pragma unroll
+  for (int p = 0; p < P; ++p) {
+    const int64_t c = threadIdx.x + static_cast<int64_t>(p) * blockDim.x;
+    if (c < np) {
+      const auto pw = load_pack<W, N>(w + c * N);
+      Pack<T, N> py;
+#pragma unroll
+      for (int k = 0; k < N; ++k)
+        py.v[k] = from_f<T>(to_f(pw.v[k]) * to_f(from_f<T>(to_f(px[p].v[k]) * r)));
+      store_pack<T, N>(y + row * d + c * N, py);
+    }
+  }
+}
+
+// Backward: block b handles rows b, b + gridDim.x, ...; its threads own fixed column packs, so
+// w and the dw sums stay in registers; the block's dw partial row is written at the end.
+template <typename T, typename W, int N, int P>
+__global__ void rms_bwd_vec(const T* dy, const T* x, const W* w, const float* rstd, T* dx,
+                            float* partial, int64_t n, int64_t d) {
+  __shared__ float scratch[32];
+  const int64_t np = d / N;
+  float wr[P][N], acc[P][N];
+#pragma unroll
+  for (int p = 0; p < P; ++p) {
+    const int64_t c = threadIdx.x + static_cast<int64_t>(p) * blockDim.x;
+#pragma unroll
+    for (int k = 0; k < N; ++k) acc[p][k] = wr[p][k] = 0.f;
+    if (c < np) {
+      const auto pw = load_pack<W, N>(w + c * N);
+#pragma unroll
+      for (int k = 0; k < N; ++k) wr[p][k] = to_f(pw.v[k]);
+    }
+  }
+  for (int64_t row = blockIdx.x; row < n; row += gridDim.x) {
+    const float r = rstd[row];
+    Pack<T, N> pg[P], px[P];
+    float dot = 0.f;
+#pragma unroll
+    for (int p = 0; p < P; ++p) {
+      const int64_t c = threadIdx.x + static_cast<int64_t>(p) * blockDim.x;
+      if (c < np) {
+        pg[p] = load_pack<T, N>(dy + row * d + c * N);
+        px[p] = load_pack<T, N>(x + row * d + c * N);
+#pragma unroll
+        for (int k = 0; k < N; ++k) dot += wr[p][k] * to_f(pg[p].v[k]) * to_f(px[p].v[k]);
+      }
+    }
+    dot = block_sum(dot, scratch);
+    const float cc = r * r * r * dot / static_cast<float>(d);
+#pragma unroll
+    for (int p = 0; p < P; ++p) {
+      const int64_t c = threadIdx.x + static_cast<int64_t>(p) * blockDim.x;
+      if (c < np) {
+        Pack<T, N> pd;
+#pragma unroll
+        for (int k = 0; k < N; ++k) {
+          const float g = to_f(pg[p].v[k]), xv = to_f(px[p].v[k]);
+          acc[p][k] += g * xv * r;
+          pd.v[k] = from_f<T>(r * (wr[p][k] * g) - xv * cc);
+        }
+        store_pack<T, N>(dx + row * d + c * N, pd);
+      }
+    }
+  }
+#pragma unroll
+  for (int p = 0; p < P; ++p) {
+    const int64_t c = threadIdx.x + static_cast<int64_t>(p) * blockDim.x;
+    if (c < np) {
+#pragma unroll
+      for (int k = 0; k < N; ++k) partial[blockIdx.x * d + c * N + k] = acc[p][k];
+    }
+  }
+}
+
+// Packs per thread for the fast path (0: use the element kernels).
+template <typename T, typename W>
+int fast_packs(int64_t d, std::initializer_list<const void*> ptrs) {
+  constexpr int N = 16 / sizeof(T);
+  if (d % N != 0) return 0;
+  for (const void* p : ptrs)
+    if (!aligned_to(p, 16)) return 0;
+  const int64_t per = (d / N + kThreads - 1) / kThreads;
+  return per <= 1 ? 1 : per <= 2 ? 2 : per <= 4 ? 4 : 0;
+}
+
+template <int Unused, typename F>
+void dispatch_packs(int p, F&& f) {
+  if (p == 1) f(std::integral_constant<int, 1>{});
+  else if (p == 2) f(std::integral_constant<int, 2>{});
+  else f(std::integral_constant<int, 4>{});
+}
+
 template <typename W>
 __global__ void sum_partials_dw(const float* partial, int blocks, int64_t d, W* dw) {
   const int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -114,6 +231,16 @@ void rmsnorm_forward(const Tensor& x, const Tensor& w, double eps, Tensor& y, Te
   dispatch_tw(x.dtype(), w.dtype(), op, [&](auto ttag, auto wtag) {
     using T = decltype(ttag);
     using W = decltype(wtag);
+    const int packs = fast_packs<T, W>(d, {x.raw(), y.raw()});
+    if (packs && aligned_to(w.raw(), sizeof(W) * (16 / sizeof(T)))) {
+      dispatch_packs<0>(packs, [&](auto pc) {
+        constexpr int P = decltype(pc)::value, N = 16 / sizeof(T);
+        rms_fwd_vec<T, W, N, P><<<n, kThreads, 0, s>>>(x.data<T>(), w.data<W>(), static_cast<float>(eps),
+                                                       y.data<T>(), rstd.data<float>(), d);
+      });
+      IEVO_CUDA_LAUNCH_CHECK("rms_fwd_vec");
+      return;
+    }
     rms_fwd<T, W><<<n, kThreads, 0, s>>>(x.data<T>(), w.data<W>(), static_cast<float>(eps),
                                          y.data<T>(), rstd.data<float>(), d);
     IEVO_CUDA_LAUNCH_CHECK("rms_fwd");
@@ -134,23 +261,36 @@ void rmsnorm_backward(const Tensor& dy, const Tensor& x, const Tensor& w, const 
   check_dtype(dx, x.dtype(), "dx");
   const int64_t n = x.size(0), d = x.size(1);
   if (n == 0 || d == 0) return;
-  const int blocks = static_cast<int>(std::min<int64_t>(n, kMaxPartialBlocks));
-  DeviceBuffer partial(static_cast<size_t>(blocks) * d * sizeof(float));
   cudaStream_t s = current_stream();
-  const bool smem = d <= kSmemCols;
+  int blocks = 0;
+  DeviceBuffer partial;
   dispatch_tw(x.dtype(), w.dtype(), op, [&](auto ttag, auto wtag) {
     using T = decltype(ttag);
     using W = decltype(wtag);
-    if (smem) {
+    constexpr int N = 16 / sizeof(T);
+    const int packs = fast_packs<T, W>(d, {dy.raw(), x.raw(), dx.raw()});
+    const bool fast = packs && aligned_to(w.raw(), sizeof(W) * N);
+    blocks = static_cast<int>(std::min<int64_t>(n, fast ? kFastBlocks : kMaxPartialBlocks));
+    partial = DeviceBuffer(static_cast<size_t>(blocks) * d * sizeof(float));
+    if (fast) {
+      dispatch_packs<0>(packs, [&](auto pc) {
+        constexpr int P = decltype(pc)::value;
+        rms_bwd_vec<T, W, N, P><<<blocks, kThreads, 0, s>>>(dy.data<T>(), x.data<T>(), w.data<W>(),
+                                                            rstd.data<float>(), dx.data<T>(),
+                                                            partial.as<float>(), n, d);
+      });
+      IEVO_CUDA_LAUNCH_CHECK("rms_bwd_vec");
+    } else if (d <= kSmemCols) {
       rms_bwd<T, W, true><<<blocks, kThreads, d * sizeof(float), s>>>(
           dy.data<T>(), x.data<T>(), w.data<W>(), rstd.data<float>(), dx.data<T>(),
           partial.as<float>(), n, d);
+      IEVO_CUDA_LAUNCH_CHECK("rms_bwd");
     } else {
       rms_bwd<T, W, false><<<blocks, kThreads, 0, s>>>(dy.data<T>(), x.data<T>(), w.data<W>(),
                                                        rstd.data<float>(), dx.data<T>(),
                                                        partial.as<float>(), n, d);
+      IEVO_CUDA_LAUNCH_CHECK("rms_bwd");
     }
-    IEVO_CUDA_LAUNCH_CHECK("rms_bwd");
   });
   dispatch_fp(dw.dtype(), op, [&](auto wtag) {
     using W = decltype(wtag);
