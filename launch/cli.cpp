@@ -10,6 +10,7 @@
 
 #include "launch/config.h"
 #include "launch/convert.h"
+#include "launch/data_commands.h"
 #include "launch/trainer.h"
 
 namespace ievo {
@@ -41,6 +42,8 @@ int cli_main(int argc, char** argv) {
   from_hf->add_option("hf_dir", hf_dir, "HF directory")->required()->check(CLI::ExistingDirectory);
   from_hf->add_option("checkpoint", ckpt_dir, "output checkpoint directory")->required();
 
+  Subcommand preprocess = add_preprocess_command(app);  // launch/data_commands.h
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -56,6 +59,8 @@ int cli_main(int argc, char** argv) {
       if (!arch.empty()) a = arch_from_name(arch);
       convert_to_hf(ckpt_dir, out_dir, dtype_from_name(dtype), a);
       std::fprintf(stderr, "ievo: wrote %s\n", out_dir.c_str());
+    } else if (*preprocess.app) {
+      preprocess.run();
     } else if (*from_hf) {
       convert_from_hf(hf_dir, ckpt_dir);
       std::fprintf(stderr, "ievo: wrote %s\n", ckpt_dir.c_str());
