@@ -7,15 +7,20 @@
 #
 # pack: IEVO_BUILD_DIR (default build-cuda, configured with IEVO_CUDA=ON; a Release build keeps
 #   the bundle small), IEVO_PACK_IEVO=1 also bundles the ievo binary, IEVO_PACK_BENCH=1
-#   bench/bench_gpu_kernels (run it with IEVO_BENCH=1). The bundle mirrors the build
-#   tree: the gpu-labelled test executables (debug info stripped), every CTestTestfile.cmake, the
-#   non-system shared libraries they need that the device image may lack (build-dev/lib-all), and
-#   the configure-time paths (build-dev/paths.env). The working tree plus the bundle must stay
+#   bench/bench_gpu_kernels (run it with IEVO_BENCH=1), IEVO_PACK_NOBUILD=1 bundles what is
+#   already built. The bundle mirrors the build tree: the gpu-labelled test executables (debug
+#   info stripped), every CTestTestfile.cmake, the non-system shared libraries they need that the
+#   device image may lack (build-dev/lib-all; run links in only those ldd reports missing there),
+#   and the configure-time paths (build-dev/paths.env). The working tree plus the bundle must stay
 #   under the device tool's 64 MiB carry limit; pack prints the total.
 # run:  IEVO_MEMCHECK=1 adds compute-sanitizer memcheck over test_gpu_ops (filter with
 #   IEVO_MEMCHECK_FILTER, a gtest filter; time limit IEVO_MEMCHECK_TIMEOUT seconds, default 240);
-#   IEVO_GTEST_FILTER restricts the gpu tests; IEVO_DEVICE_EXTRA is a command run at the end
-#   (e.g. a training run) with the same library path. Logs: $OUT/device.log, ctest.log, memcheck.log.
+#   IEVO_GTEST_FILTER restricts the gpu tests; failed cases are rerun one per process with
+#   IEVO_CUDA_SYNC=1; IEVO_DEVICE_EXTRA is a command run at the end with the same library path,
+#   e.g. IEVO_DEVICE_EXTRA='build-dev/ievo train configs/tinyllama-1.1b.yaml --set train.steps=6'.
+#   Logs: $OUT/device.log, ctest.log, summary.txt ([gpu] error lines), memcheck.log, bench.log.
+# Seen on the device (H100, 2026-11-25): Ubuntu 24.04, CUDA 13 in /usr/local/cuda, cuDNN 9 in
+#   /lib/x86_64-linux-gnu, OpenBLAS and the gcc runtime present; libbenchmark and HDF5 are not.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DEV=build-dev
