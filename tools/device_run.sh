@@ -20,7 +20,8 @@
 #   e.g. IEVO_DEVICE_EXTRA='build-dev/ievo train configs/tinyllama-1.1b.yaml --set train.steps=6'.
 #   Logs: $OUT/device.log, ctest.log, summary.txt ([gpu] error lines), memcheck.log, bench.log.
 # Seen on the device (H100, 2026-11-25): Ubuntu 24.04, CUDA 13 in /usr/local/cuda, cuDNN 9 in
-#   /lib/x86_64-linux-gnu, OpenBLAS and the gcc runtime present; libbenchmark and HDF5 are not.
+#   /lib/x86_64-linux-gnu, OpenBLAS, HDF5 and the gcc runtime present: of ievo's and the tests'
+#   libraries only libbenchmark was missing.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DEV=build-dev
