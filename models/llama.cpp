@@ -67,6 +67,18 @@ Llama::Llama(const ModelConfig& c, Recompute recompute) : c_(c), recompute_(reco
   }
 }
 
+std::vector<HookLayerParams> Llama::hook_layers() const {
+  std::vector<HookLayerParams> out;
+  out.push_back({{embed_}, {}, {embed_}});  // the embedding backward only scatters dx into dW
+  for (const LayerIdx& L : layers_) {
+    std::vector<size_t> w = {L.ln1, L.wq, L.wk, L.wv, L.wo, L.ln2, L.wg, L.wu, L.wd};
+    out.push_back({w, w, w});
+  }
+  std::vector<size_t> head = {norm_, head_};
+  out.push_back({head, head, head});
+  return out;
+}
+
 const Tensor& Llama::head_weight(const ParamStore& p) const { return p[head_]; }
 Tensor& Llama::head_weight(ParamStore& p) const { return p[head_]; }
 
@@ -142,13 +154,19 @@ Tensor Llama::block_backward(const ParamStore& p, int layer, const Batch& b, con
 // activations (or only its input under Recompute::Full).
 Tensor Llama::forward_hidden(const ParamStore& p, const Batch& b, std::vector<Acts>* saved) {
   const int64_t N = b.num_tokens();
+  using P = LayerHooks::Pass;
   Tensor x = Tensor::empty({N, c_.hidden_size}, p.dtype(), p.device());
+  before(0, P::Forward);
   embedding_forward(p[embed_], b.inputs, x);
+  after(0, P::Forward);
   if (saved) saved->assign(layers_.size(), Acts{});
   for (size_t l = 0; l < layers_.size(); ++l) {
+    const int hl = static_cast<int>(l) + 1;
     Acts a;
+    before(hl, P::Forward);
     block_forward(p, static_cast<int>(l), b, x, a);
     Tensor out = linear(a.h, p[layers_[l].wd]);
+    after(hl, P::Forward);
     add(out, a.a, out);
     if (saved) {
       if (recompute_ == Recompute::Full) (*saved)[l].x = a.x;
@@ -161,10 +179,13 @@ Tensor Llama::forward_hidden(const ParamStore& p, const Batch& b, std::vector<Ac
 
 LossSum Llama::forward_backward(const ParamStore& p, const Batch& b, double grad_scale,
                                 ParamStore& g) {
+  using P = LayerHooks::Pass;
   std::vector<Acts> acts;
   Tensor x = forward_hidden(p, b, &acts);
   const int64_t N = x.size(0), d = c_.hidden_size;
+  const int head_layer = static_cast<int>(layers_.size()) + 1;
   // Final norm + fused LM head and loss (forward and backward in chunks).
+  before(head_layer, P::Backward);
   Tensor xf = Tensor::empty({N, d}, x.dtype(), x.device());
   Tensor rstd = Tensor::empty({N}, stat_dtype(x.dtype()), x.device());
   rmsnorm_forward(x, p[norm_], c_.norm_eps, xf, rstd);
@@ -174,16 +195,21 @@ LossSum Llama::forward_backward(const ParamStore& p, const Batch& b, double grad
                         &dxf, &head_weight(g));
   Tensor dx = Tensor::empty({N, d}, x.dtype(), x.device());
   rmsnorm_backward(dxf, x, p[norm_], rstd, dx, g[norm_]);
+  after(head_layer, P::Backward);
   // Blocks in reverse.
   for (int l = static_cast<int>(layers_.size()) - 1; l >= 0; --l) {
+    before(l + 1, P::Backward);
     if (recompute_ == Recompute::Full) {
       Tensor xin = acts[l].x;
       block_forward(p, l, b, xin, acts[l]);
     }
     dx = block_backward(p, l, b, acts[l], dx, g);
+    after(l + 1, P::Backward);
     acts[l] = Acts{};  // free this block's activations
   }
+  before(0, P::Backward);
   embedding_backward(dx, b.inputs, g[embed_]);
+  after(0, P::Backward);
   return ls;
 }
 
@@ -191,10 +217,13 @@ LossSum Llama::loss(const ParamStore& p, const Batch& b) {
   Tensor x = forward_hidden(p, b, nullptr);
   Tensor xf = Tensor::empty(x.shape(), x.dtype(), x.device());
   Tensor rstd = Tensor::empty({x.size(0)}, stat_dtype(x.dtype()), x.device());
+  const int head_layer = static_cast<int>(layers_.size()) + 1;
+  before(head_layer, LayerHooks::Pass::Forward);
   rmsnorm_forward(x, p[norm_], c_.norm_eps, xf, rstd);
   LossSum ls;
   ls.sum = lm_head_loss(xf, head_weight(p), b.targets, 1.0, head_chunk_tokens, &ls.count, nullptr,
                         nullptr);
+  after(head_layer, LayerHooks::Pass::Forward);
   return ls;
 }
 
@@ -202,8 +231,12 @@ Tensor Llama::logits(const ParamStore& p, const Batch& b) {
   Tensor x = forward_hidden(p, b, nullptr);
   Tensor xf = Tensor::empty(x.shape(), x.dtype(), x.device());
   Tensor rstd = Tensor::empty({x.size(0)}, stat_dtype(x.dtype()), x.device());
+  const int head_layer = static_cast<int>(layers_.size()) + 1;
+  before(head_layer, LayerHooks::Pass::Forward);
   rmsnorm_forward(x, p[norm_], c_.norm_eps, xf, rstd);
-  return linear(xf, head_weight(p));
+  Tensor logits = linear(xf, head_weight(p));
+  after(head_layer, LayerHooks::Pass::Forward);
+  return logits;
 }
 
 namespace {

@@ -25,6 +25,28 @@ struct LossSum {
 
 enum class Recompute { None, Full };  // activation checkpointing: keep all, or only block inputs
 
+// Optional callbacks around each layer's use of its parameters, for code that decides where
+// parameters and gradients live (parallel/zero.h: ZeRO-3 gathers a layer's weights before it runs
+// and frees them after; ZeRO-2/3 reduce a layer's gradients as soon as its backward is done). The
+// model only calls them; it knows nothing about ranks. Layers for the hooks: 0 = embedding,
+// 1..L = transformer blocks, L+1 = final norm + LM head (its forward and backward are fused, so it
+// runs as one Backward pass in training). Backward runs L+1, L, ..., 0; under Recompute::Full the
+// block's forward is recomputed inside its Backward pass.
+class LayerHooks {
+ public:
+  enum class Pass { Forward, Backward };
+  virtual ~LayerHooks() = default;
+  virtual void before_layer(int layer, Pass pass) = 0;
+  virtual void after_layer(int layer, Pass pass) = 0;  // Backward: this layer's gradients are done
+};
+
+// Which parameters (indices into the ParamStore) a hook layer reads in each pass and which
+// gradients its backward adds to. With tied embeddings the head layer reads and writes the
+// embedding matrix too.
+struct HookLayerParams {
+  std::vector<size_t> reads_forward, reads_backward, writes;
+};
+
 class Llama {
  public:
   explicit Llama(const ModelConfig& c, Recompute recompute = Recompute::None);
@@ -42,6 +64,10 @@ class Llama {
   // Tokens of the LM head processed at once (the fused head never holds [N, V] logits).
   int64_t head_chunk_tokens = 1024;
 
+  // Hooks (not owned; nullptr: none). Layers as in LayerHooks; num_layers() + 2 of them.
+  void set_hooks(LayerHooks* hooks) { hooks_ = hooks; }
+  std::vector<HookLayerParams> hook_layers() const;
+
  private:
   struct LayerIdx {
     size_t ln1, wq, wk, wv, wo, ln2, wg, wu, wd;
@@ -55,8 +81,16 @@ class Llama {
   const Tensor& head_weight(const ParamStore& p) const;
   Tensor& head_weight(ParamStore& p) const;
 
+  void before(int layer, LayerHooks::Pass pass) {
+    if (hooks_) hooks_->before_layer(layer, pass);
+  }
+  void after(int layer, LayerHooks::Pass pass) {
+    if (hooks_) hooks_->after_layer(layer, pass);
+  }
+
   ModelConfig c_;
   Recompute recompute_;
+  LayerHooks* hooks_ = nullptr;
   std::vector<ParamSpec> specs_;
   std::vector<LayerIdx> layers_;
   size_t embed_ = 0, norm_ = 0, head_ = 0;

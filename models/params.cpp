@@ -17,6 +17,34 @@ ParamStore::ParamStore(std::vector<ParamSpec> specs, DType dtype, Device device)
   }
 }
 
+ParamStore ParamStore::unbound(std::vector<ParamSpec> specs, DType dtype, Device device) {
+  ParamStore s;
+  s.specs_ = std::move(specs);
+  int64_t total = 0;
+  for (size_t i = 0; i < s.specs_.size(); ++i) {
+    s.offsets_.push_back(total);
+    total += (shape_numel(s.specs_[i].shape) + kAlign - 1) / kAlign * kAlign;
+    IEVO_CHECK(s.index_.emplace(s.specs_[i].name, i).second, "duplicate parameter name ",
+               s.specs_[i].name);
+  }
+  s.flat_ = Tensor::from_blob(nullptr, {0}, dtype, device);
+  s.tensors_.resize(s.specs_.size());
+  return s;
+}
+
+void ParamStore::bind(size_t i, const Tensor& t) {
+  IEVO_CHECK(i < specs_.size(), "ParamStore::bind: index ", i, " out of range");
+  IEVO_CHECK(t.shape() == specs_[i].shape && t.dtype() == dtype() && t.device() == device(),
+             "ParamStore::bind: ", specs_[i].name, " needs ", dtype_name(dtype()),
+             shape_str(specs_[i].shape), " on ", device_name(device()), ", got ", t.describe());
+  tensors_[i] = t;
+}
+
+void ParamStore::unbind(size_t i) {
+  IEVO_CHECK(i < specs_.size(), "ParamStore::unbind: index ", i, " out of range");
+  tensors_[i] = Tensor();
+}
+
 size_t ParamStore::index_of(const std::string& name) const {
   auto it = index_.find(name);
   IEVO_CHECK(it != index_.end(), "no parameter named '", name, "'");

@@ -35,6 +35,14 @@ class ParamStore {
   Device device() const { return flat_.device(); }
   void zero() { flat_.zero_(); }
 
+  // Sharded use (parallel/zero.h): a store whose tensors are bound one by one to views of buffers
+  // owned elsewhere (ZeRO-3 parameters gathered per layer, ZeRO-2 gradient buckets) and unbound
+  // when those are freed. Its flat() is empty (0 elements, the store's dtype and device) and
+  // offset() still describes the unsharded layout.
+  static ParamStore unbound(std::vector<ParamSpec> specs, DType dtype, Device device);
+  void bind(size_t i, const Tensor& t);  // t: spec i's shape, the store's dtype and device
+  void unbind(size_t i);                 // back to an undefined tensor
+
  private:
   std::vector<ParamSpec> specs_;
   std::vector<Tensor> tensors_;

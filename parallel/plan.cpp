@@ -1,0 +1,199 @@
+#include "parallel/plan.h"
+
+#include <algorithm>
+#include <cstdio>
+#include <set>
+#include <sstream>
+
+#include "models/llama.h"
+#include "runtime/error.h"
+
+namespace ievo {
+namespace {
+
+constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
+constexpr int64_t kOverhead = int64_t{1} << 30;  // CUDA context + cuBLAS/cuDNN workspaces
+
+std::string gib(double bytes) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%9.3f GiB", bytes / kGiB);
+  return buf;
+}
+
+std::string human(double bytes) {
+  char buf[32];
+  if (bytes >= kGiB) std::snprintf(buf, sizeof buf, "%.2f GiB", bytes / kGiB);
+  else if (bytes >= 1048576) std::snprintf(buf, sizeof buf, "%.2f MiB", bytes / 1048576);
+  else if (bytes >= 1024) std::snprintf(buf, sizeof buf, "%.1f KiB", bytes / 1024);
+  else std::snprintf(buf, sizeof buf, "%.0f B", bytes);
+  return buf;
+}
+
+// The activation estimate of plan.h, in bytes.
+int64_t activation_bytes(const PlanInput& in) {
+  const ModelConfig& m = in.model;
+  const int64_t n = in.micro_batch_size * in.seq_len, b = static_cast<int64_t>(dtype_size(in.compute));
+  const int64_t d = m.hidden_size, q = m.q_dim(), kv = m.kv_dim(), F = m.ffn_hidden_size;
+  const int64_t block = n * (4 * d + 2 * q + 2 * kv + 3 * F) * b + n * (2 + m.num_heads) * 4;
+  const int64_t kept = in.recompute ? m.num_layers * n * d * b + block : m.num_layers * block;
+  const int64_t backward_tmp = n * (3 * F + 4 * d + 2 * q + 2 * kv) * b;
+  const int64_t head = 3 * n * d * b + 2 * std::min<int64_t>(n, 1024) * m.vocab_size * 4;
+  return kept + backward_tmp + head + n * d * b;
+}
+
+// Stage 3: the most weight bytes gathered at once (one hook layer at a time, no prefetch).
+// Stages 2-3: the most gradient-bucket bytes alive at once, replaying the backward order.
+void transients(const ZeroLayout& L, const std::vector<HookLayerParams>& layers, int stage,
+                DType compute, int64_t* params, int64_t* grads) {
+  const int64_t cs = static_cast<int64_t>(dtype_size(compute));
+  auto buckets = [&](const std::vector<size_t>& ps) {
+    std::set<int> s;
+    for (size_t i : ps) s.insert(L.bucket_of[i]);
+    return s;
+  };
+  *params = *grads = 0;
+  if (stage == 3)
+    for (const auto& l : layers)
+      for (const auto* reads : {&l.reads_forward, &l.reads_backward}) {
+        int64_t sum = 0;
+        for (int b : buckets(*reads)) sum += L.buckets[b].padded * cs;
+        *params = std::max(*params, sum);
+      }
+  if (stage >= 2) {
+    std::vector<int> writers(L.buckets.size(), 0);
+    for (const auto& l : layers)
+      for (int b : buckets(l.writes)) ++writers[b];
+    std::vector<int> pending(L.buckets.size(), -1);
+    int64_t live = 0;
+    for (size_t k = layers.size(); k-- > 0;) {  // backward: last hook layer first
+      const auto bs = buckets(layers[k].writes);
+      for (int b : bs)
+        if (pending[b] < 0) pending[b] = writers[b], live += L.buckets[b].padded * cs;
+      *grads = std::max(*grads, live);
+      for (int b : bs)
+        if (--pending[b] == 0) live -= L.buckets[b].padded * cs;
+    }
+  }
+}
+
+const char* stage_formula(int stage, bool mixed) {
+  static const char* mixed_f[] = {"2Ψ + 2Ψ + 12Ψ", "2Ψ + 2Ψ + 12Ψ/N", "2Ψ + 14Ψ/N", "16Ψ/N"};
+  static const char* fp32_f[] = {"4Ψ + 4Ψ + 8Ψ", "4Ψ + 4Ψ + 8Ψ/N", "4Ψ + 12Ψ/N", "16Ψ/N"};
+  return (mixed ? mixed_f : fp32_f)[stage];
+}
+
+}  // namespace
+
+double bytes_per_element(const std::string& name, const char* what) {
+  if (name == "fp32" || name == "f32") return 4;
+  if (name == "bf16" || name == "fp16" || name == "f16") return 2;
+  if (name == "int8" || name == "fp8") return 1;
+  if (name == "int4") return 0.5;
+  IEVO_FAIL(what, ": unknown precision '", name, "' (expected fp32, bf16, fp16, fp8, int8 or int4)");
+}
+
+ZeroMemory zero_formula(int64_t psi, int dp, int stage, DType compute) {
+  IEVO_CHECK(stage >= 0 && stage <= 3, "parallel.zero: unknown ZeRO stage ", stage,
+             " (expected 0, 1, 2 or 3)");
+  const bool mixed = !(compute == DType::F32 || compute == DType::F64);
+  const int64_t w = static_cast<int64_t>(dtype_size(compute));  // weights and gradients
+  const int64_t k = mixed ? 12 : 2 * w;                          // optimiser state per parameter
+  const double n = dp;
+  ZeroMemory m;
+  m.params = static_cast<int64_t>(stage == 3 ? w * psi / n : w * psi);
+  m.grads = static_cast<int64_t>(stage >= 2 ? w * psi / n : w * psi);
+  m.optimizer = static_cast<int64_t>(stage >= 1 ? k * psi / n : k * psi);
+  return m;
+}
+
+Plan make_plan(const PlanInput& in) {
+  IEVO_CHECK(in.dp >= 1, "plan: data-parallel size must be >= 1, got ", in.dp);
+  Llama model(in.model);
+  const auto specs = param_specs(in.model);
+  const auto layers = model.hook_layers();
+  const ZeroLayout L = make_zero_layout(specs, layers, in.zero, in.dp, in.compute);
+  Plan p;
+  p.psi = L.numel;
+  p.exact = zero_memory(L, in.zero.stage, in.compute);
+  p.formula = zero_formula(p.psi, in.dp, in.zero.stage, in.compute);
+  p.padding_elements = L.full_numel - L.numel;
+  transients(L, layers, in.zero.stage, in.compute, &p.transient_params, &p.transient_grads);
+  p.activations = activation_bytes(in);
+  p.overhead = kOverhead;
+  p.total = p.exact.total() + p.transient_params + p.transient_grads + p.activations + p.overhead;
+  p.fits = static_cast<double>(p.total) <= in.gpu_mem_gib * kGiB;
+  const ModelConfig& m = in.model;
+  p.infer_weights = static_cast<double>(p.psi) * in.infer_weight_bytes;
+  p.kv_per_token = 2.0 * static_cast<double>(m.num_layers * m.num_kv_heads * m.hd()) * in.infer_kv_bytes;
+  const double room = in.gpu_mem_gib * kGiB - p.infer_weights - static_cast<double>(kOverhead);
+  p.kv_tokens_that_fit = room > 0 ? static_cast<int64_t>(room / p.kv_per_token) : 0;
+  return p;
+}
+
+std::string format_plan(const PlanInput& in, const Plan& p) {
+  const ModelConfig& m = in.model;
+  const bool mixed = !(in.compute == DType::F32 || in.compute == DType::F64);
+  const int s = in.zero.stage;
+  const char* wname = dtype_name(in.compute);
+  std::ostringstream o;
+  char head[256];
+  std::snprintf(head, sizeof head, "%s model: %.3fM parameters (Ψ = %lld), L %lld, d %lld, heads %lld/%lld kv, F %lld, V %lld\n",
+                arch_name(m.arch), static_cast<double>(p.psi) / 1e6, static_cast<long long>(p.psi),
+                static_cast<long long>(m.num_layers), static_cast<long long>(m.hidden_size),
+                static_cast<long long>(m.num_heads), static_cast<long long>(m.num_kv_heads),
+                static_cast<long long>(m.ffn_hidden_size), static_cast<long long>(m.vocab_size));
+  o << head;
+  o << "training: " << (mixed ? "mixed precision (" + std::string(wname) + " weights/gradients, fp32 master + Adam)"
+                              : std::string("fp32"))
+    << ", ZeRO-" << s << " over dp = N = " << in.dp << ", bucket " << in.zero.bucket_mb << " MiB\n";
+  o << "per rank                           exact (layout)    formula\n";
+  auto row = [&](const char* name, int64_t exact, int64_t formula, const std::string& what) {
+    char buf[256];
+    std::snprintf(buf, sizeof buf, "  %-30s %s  %s  %s\n", name, gib(exact).c_str(), gib(formula).c_str(),
+                  what.c_str());
+    o << buf;
+  };
+  const std::string full = "full", shard = "shard (1/N)";
+  row("parameters", p.exact.params, p.formula.params,
+      std::string(wname) + ", " + (s == 3 ? shard : full) + (mixed ? "" : ", also the master"));
+  row("gradients", p.exact.grads, p.formula.grads, std::string(wname) + ", " + (s >= 2 ? shard : full));
+  row("optimizer state", p.exact.optimizer, p.formula.optimizer,
+      std::string(mixed ? "fp32 master + m + v" : "fp32 m + v") + ", " + (s >= 1 ? shard : full));
+  row("model states", p.exact.total(), p.formula.total(), stage_formula(s, mixed));
+  char buf[512];
+  std::snprintf(buf, sizeof buf, "  (padding: %lld elements = %.3f%% of Ψ)\n",
+                static_cast<long long>(p.padding_elements),
+                100.0 * static_cast<double>(p.padding_elements) / static_cast<double>(std::max<int64_t>(1, p.psi)));
+  o << buf;
+  if (s == 3) o << "  gathered weights (one layer)   " << gib(static_cast<double>(p.transient_params)) << "\n";
+  if (s >= 2) o << "  gradient buckets in flight     " << gib(static_cast<double>(p.transient_grads)) << "\n";
+  std::snprintf(buf, sizeof buf, "  activations (estimate)         %s  micro-batch %lld x %lld tokens, checkpointing %s\n",
+                gib(static_cast<double>(p.activations)).c_str(), static_cast<long long>(in.micro_batch_size),
+                static_cast<long long>(in.seq_len), in.recompute ? "full" : "none");
+  o << buf;
+  o << "  CUDA context, workspaces       " << gib(static_cast<double>(p.overhead)) << "  allowance\n";
+  std::snprintf(buf, sizeof buf, "  total                          %s  of %.1f GiB: %s\n",
+                gib(static_cast<double>(p.total)).c_str(), in.gpu_mem_gib,
+                p.fits ? "fits" : "does NOT fit");
+  o << buf;
+  o << "inference (" << human(in.infer_weight_bytes) << "/weight, " << human(in.infer_kv_bytes)
+    << "/KV element):\n";
+  o << "  weights                        " << gib(p.infer_weights) << "\n";
+  std::snprintf(buf, sizeof buf,
+                "  KV cache per token             %s  (2 x L %lld x kv_heads %lld x head_dim %lld x %g B)\n",
+                human(p.kv_per_token).c_str(), static_cast<long long>(m.num_layers),
+                static_cast<long long>(m.num_kv_heads), static_cast<long long>(m.hd()), in.infer_kv_bytes);
+  o << buf;
+  const int64_t ctx = m.max_position_embeddings;
+  std::snprintf(buf, sizeof buf, "  KV cache per %lld-token sequence %s\n", static_cast<long long>(ctx),
+                human(p.kv_per_token * static_cast<double>(ctx)).c_str());
+  o << buf;
+  std::snprintf(buf, sizeof buf, "  KV tokens that fit beside the weights in %.1f GiB: %lld (%lld sequences of %lld)\n",
+                in.gpu_mem_gib, static_cast<long long>(p.kv_tokens_that_fit),
+                static_cast<long long>(p.kv_tokens_that_fit / std::max<int64_t>(1, ctx)),
+                static_cast<long long>(ctx));
+  o << buf;
+  return o.str();
+}
+
+}  // namespace ievo

@@ -1,0 +1,70 @@
+// `ievo plan`: memory per rank for a model, precision, data-parallel size and ZeRO stage, before
+// anything is allocated; and the inference side (weights + KV cache) of the same model.
+//
+// Model states per rank (ZeRO paper, Rajbhandari et al. 2020, §3: Ψ parameters, N = dp ranks):
+//   mixed precision (bf16 weights and gradients, fp32 master weights + Adam m, v: K = 12):
+//     stage 0: 2Ψ + 2Ψ + 12Ψ = 16Ψ      stage 1: 2Ψ + 2Ψ + 12Ψ/N
+//     stage 2: 2Ψ + (2 + 12)Ψ/N          stage 3: (2 + 2 + 12)Ψ/N = 16Ψ/N
+//   fp32 (the weights are the master weights, no second copy: params 4Ψ, grads 4Ψ, K = 8):
+//     stage 0: 4Ψ + 4Ψ + 8Ψ = 16Ψ        stage 1: 4Ψ + 4Ψ + 8Ψ/N
+//     stage 2: 4Ψ + (4 + 8)Ψ/N           stage 3: (4 + 4 + 8)Ψ/N = 16Ψ/N
+// The exact numbers come from the bucket layout ZeroOptimizer uses (parallel/zero.h), which adds
+// alignment padding (64 elements per tensor, buckets rounded to N*64).
+//
+// Activations (estimate, per micro-batch of n = micro_batch_size x seq_len tokens, b bytes per
+// element of the compute dtype, statistics in fp32):
+//   one block keeps  n·(4d + 2q + 2kv + 3F)·b + n·(2 + H)·4      (x, norms, q/k/v, attention,
+//                                                                 residual, gate/up/silu·up)
+//   checkpointing none: L blocks' worth; full: L·n·d·b (block inputs) + one block's worth
+//   plus the backward's temporaries of one block n·(3F + 4d + 2q + 2kv)·b, the head
+//   3·n·d·b + 2·min(n, 1024)·V·4 (one chunk of fp32 logits and their gradient), the embedding n·d·b.
+// Transient: stage 3 gathers one layer's weights at a time (the largest counts); stages 2-3 hold
+// the gradient buckets of the layers whose backward is running.
+//
+// Inference: weights Ψ·w bytes; KV cache per token 2·L·kv_heads·head_dim·c bytes (K and V of every
+// layer), the arithmetic LMDeploy and vLLM users do to size a server.
+#pragma once
+#include <cstdint>
+#include <string>
+
+#include "models/model_config.h"
+#include "parallel/zero.h"
+#include "runtime/dtype.h"
+
+namespace ievo {
+
+struct PlanInput {
+  ModelConfig model;
+  int dp = 1;
+  ZeroConfig zero;
+  DType compute = DType::F32;      // F32 (fp32 training) or BF16/F16 (mixed precision)
+  int64_t micro_batch_size = 1, seq_len = 0;
+  bool recompute = false;          // model.checkpointing != none
+  double gpu_mem_gib = 80;
+  double infer_weight_bytes = 2;   // bytes per weight for inference (bf16: 2, int8: 1, int4: 0.5)
+  double infer_kv_bytes = 2;       // bytes per KV-cache element
+};
+
+struct Plan {
+  int64_t psi = 0;                  // parameters Ψ
+  ZeroMemory exact;                 // per rank, from the layout
+  ZeroMemory formula;               // per rank, the ZeRO paper's formula (no padding)
+  int64_t padding_elements = 0;     // full_numel - Ψ
+  int64_t transient_params = 0, transient_grads = 0;
+  int64_t activations = 0;
+  int64_t overhead = 0;             // CUDA context, cuBLAS workspaces (an allowance)
+  int64_t total = 0;
+  bool fits = false;
+  // Inference.
+  double infer_weights = 0, kv_per_token = 0;
+  int64_t kv_tokens_that_fit = 0;
+};
+
+// The formula rows of the table above, in bytes.
+ZeroMemory zero_formula(int64_t psi, int dp, int stage, DType compute);
+Plan make_plan(const PlanInput& in);
+std::string format_plan(const PlanInput& in, const Plan& p);
+// "fp32" 4, "bf16"/"fp16" 2, "int8"/"fp8" 1, "int4" 0.5; anything else is an error naming `what`.
+double bytes_per_element(const std::string& name, const char* what);
+
+}  // namespace ievo

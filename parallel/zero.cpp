@@ -1,0 +1,405 @@
+#include "parallel/zero.h"
+
+#include <algorithm>
+
+#include "runtime/ops/adamw.h"
+#include "runtime/ops/elementwise.h"
+
+namespace ievo {
+namespace {
+
+constexpr int64_t kAlign = ParamStore::kAlign;
+
+int64_t aligned(int64_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
+
+// dst = src (converting the dtype and moving across devices as needed); same number of elements.
+void assign(Tensor dst, Tensor src) {
+  src = src.view({src.numel()});
+  dst = dst.view({dst.numel()});
+  if (src.device() != dst.device()) src = src.to(dst.device());
+  ops::cast(src, dst);
+}
+
+}  // namespace
+
+ZeroLayout make_zero_layout(const std::vector<ParamSpec>& specs, const std::vector<int>& layer_of,
+                            int shards, int64_t bucket_elems, bool split_at_layers) {
+  IEVO_CHECK(shards >= 1, "ZeRO layout: ", shards, " shards");
+  IEVO_CHECK(layer_of.size() == specs.size(), "ZeRO layout: layer_of has ", layer_of.size(),
+             " entries for ", specs.size(), " parameters");
+  ZeroLayout L;
+  L.shards = shards;
+  L.bucket_of.assign(specs.size(), -1);
+  ZeroBucket cur;
+  auto close = [&] {
+    if (cur.tensors.empty()) return;
+    const int64_t unit = static_cast<int64_t>(shards) * kAlign;
+    cur.padded = (cur.hi - cur.lo + unit - 1) / unit * unit;
+    cur.piece = cur.padded / shards;
+    cur.full_offset = L.full_numel;
+    cur.shard_offset = L.shard_numel;
+    L.full_numel += cur.padded;
+    L.shard_numel += cur.piece;
+    L.buckets.push_back(std::move(cur));
+    cur = ZeroBucket{};
+  };
+  int64_t offset = 0;  // ParamStore's layout: every tensor starts at a multiple of kAlign
+  for (size_t i = 0; i < specs.size(); ++i) {
+    const int64_t n = shape_numel(specs[i].shape), size = aligned(n);
+    L.numel += n;
+    if (!cur.tensors.empty() &&
+        (cur.hi - cur.lo + size > bucket_elems ||
+         (split_at_layers && layer_of[i] != layer_of[cur.tensors.back()])))
+      close();
+    if (cur.tensors.empty()) cur.lo = offset;
+    cur.tensors.push_back(i);
+    cur.hi = offset + size;
+    L.bucket_of[i] = static_cast<int>(L.buckets.size());
+    offset += size;
+  }
+  close();
+  return L;
+}
+
+ZeroLayout make_zero_layout(const std::vector<ParamSpec>& specs,
+                            const std::vector<HookLayerParams>& layers, const ZeroConfig& zc,
+                            int dp_size, DType compute) {
+  IEVO_CHECK(zc.stage >= 0 && zc.stage <= 3, "parallel.zero: unknown ZeRO stage ", zc.stage,
+             " (expected 0, 1, 2 or 3)");
+  IEVO_CHECK(zc.bucket_mb > 0, "parallel.bucket_mb must be positive, got ", zc.bucket_mb);
+  std::vector<int> layer_of(specs.size(), -1);
+  for (size_t l = 0; l < layers.size(); ++l)
+    for (size_t i : layers[l].writes)
+      if (layer_of.at(i) < 0) layer_of[i] = static_cast<int>(l);
+  for (size_t i = 0; i < specs.size(); ++i)
+    IEVO_CHECK(layer_of[i] >= 0, "ZeRO: no hook layer writes the gradient of ", specs[i].name);
+  const double elems = zc.bucket_mb * 1048576.0 / static_cast<double>(dtype_size(compute));
+  return make_zero_layout(specs, layer_of, zc.stage == 0 ? 1 : dp_size,
+                          std::max<int64_t>(1, static_cast<int64_t>(elems)), zc.stage == 3);
+}
+
+ZeroMemory zero_memory(const ZeroLayout& L, int stage, DType compute) {
+  const bool master_is_weights = compute == DType::F32 || compute == DType::F64;
+  const int64_t cs = static_cast<int64_t>(dtype_size(compute));
+  const int64_t ms = master_is_weights ? cs : 4;
+  ZeroMemory m;
+  m.params = (stage == 3 ? L.shard_numel : L.full_numel) * cs;
+  m.grads = (stage >= 2 ? L.shard_numel : L.full_numel) * cs;
+  m.optimizer = L.shard_numel * ms * (master_is_weights ? 2 : 3);
+  return m;
+}
+
+ZeroOptimizer::ZeroOptimizer(std::vector<ParamSpec> specs, std::vector<HookLayerParams> layers,
+                             DType compute, Device device, Communicator& dp, const ZeroConfig& zc,
+                             const AdamWConfig& oc)
+    : specs_(std::move(specs)), layers_(std::move(layers)), compute_(compute), device_(device),
+      dp_(dp), zc_(zc), oc_(oc) {
+  layout_ = make_zero_layout(specs_, layers_, zc_, dp_.size(), compute_);
+  master_is_weights_ = compute_ == DType::F32 || compute_ == DType::F64;
+  master_dtype_ = master_is_weights_ ? compute_ : DType::F32;
+  shard_rank_ = layout_.shards == 1 ? 0 : dp_.rank();
+  weights_ = ParamStore::unbound(specs_, compute_, device_);
+  grads_ = ParamStore::unbound(specs_, compute_, device_);
+
+  // AdamW segments: each tensor's part of this rank's piece of each bucket.
+  for (size_t b = 0; b < layout_.buckets.size(); ++b) {
+    const ZeroBucket& B = layout_.buckets[b];
+    const int64_t p0 = shard_rank_ * B.piece, p1 = p0 + B.piece;
+    for (size_t i : B.tensors) {
+      const int64_t t0 = weights_.offset(i) - B.lo, t1 = t0 + shape_numel(specs_[i].shape);
+      const int64_t s = std::max(t0, p0), e = std::min(t1, p1);
+      if (s < e) segments_.push_back({static_cast<int>(b), s - p0, e - s, specs_[i].decay});
+    }
+  }
+
+  const int stage = zc_.stage;
+  if (stage <= 2) {
+    full_w_ = Tensor::zeros({layout_.full_numel}, compute_, device_);
+    for (size_t b = 0; b < layout_.buckets.size(); ++b) {
+      const ZeroBucket& B = layout_.buckets[b];
+      bind_bucket(weights_, full_w_.slice(0, B.full_offset, B.full_offset + B.padded), static_cast<int>(b));
+    }
+  } else {
+    shard_w_ = Tensor::zeros({layout_.shard_numel}, compute_, device_);
+  }
+  if (stage <= 1) {
+    full_g_ = Tensor::zeros({layout_.full_numel}, compute_, device_);
+    for (size_t b = 0; b < layout_.buckets.size(); ++b) {
+      const ZeroBucket& B = layout_.buckets[b];
+      bind_bucket(grads_, full_g_.slice(0, B.full_offset, B.full_offset + B.padded), static_cast<int>(b));
+    }
+  } else {
+    shard_g_ = Tensor::zeros({layout_.shard_numel}, compute_, device_);
+  }
+  if (!master_is_weights_) master_ = Tensor::zeros({layout_.shard_numel}, master_dtype_, device_);
+  m_ = Tensor::zeros({layout_.shard_numel}, master_dtype_, device_);
+  v_ = Tensor::zeros({layout_.shard_numel}, master_dtype_, device_);
+
+  // Hook tables.
+  const size_t nb = layout_.buckets.size();
+  for (const HookLayerParams& l : layers_) {
+    fwd_buckets_.push_back(buckets_of(l.reads_forward));
+    bwd_buckets_.push_back(buckets_of(l.reads_backward));
+    write_buckets_.push_back(buckets_of(l.writes));
+  }
+  writers_.assign(nb, 0);
+  for (const auto& wb : write_buckets_)
+    for (int b : wb) ++writers_[b];
+  gathered_refs_.assign(nb, 0);
+  pending_writers_.assign(nb, 0);
+  gathered_.assign(nb, Tensor());
+  grad_buffers_.assign(nb, Tensor());
+  reduced_.assign(nb, false);
+}
+
+std::vector<int> ZeroOptimizer::buckets_of(const std::vector<size_t>& params) const {
+  std::vector<int> out;
+  for (size_t i : params) {
+    IEVO_CHECK(i < specs_.size(), "ZeRO: hook layer names parameter ", i, " of ", specs_.size());
+    const int b = layout_.bucket_of[i];
+    if (std::find(out.begin(), out.end(), b) == out.end()) out.push_back(b);
+  }
+  return out;
+}
+
+Tensor ZeroOptimizer::full_piece(Tensor& full, int b) {
+  const ZeroBucket& B = layout_.buckets[b];
+  const int64_t s = B.full_offset + shard_rank_ * B.piece;
+  return full.slice(0, s, s + B.piece);
+}
+
+Tensor ZeroOptimizer::shard_piece(Tensor& shard, int b) {
+  const ZeroBucket& B = layout_.buckets[b];
+  return shard.slice(0, B.shard_offset, B.shard_offset + B.piece);
+}
+
+Tensor ZeroOptimizer::weight_piece(int b) {
+  return zc_.stage <= 2 ? full_piece(full_w_, b) : shard_piece(shard_w_, b);
+}
+Tensor ZeroOptimizer::master_piece(int b) {
+  return master_is_weights_ ? weight_piece(b) : shard_piece(master_, b);
+}
+Tensor ZeroOptimizer::grad_piece(int b) {
+  return zc_.stage <= 1 ? full_piece(full_g_, b) : shard_piece(shard_g_, b);
+}
+
+void ZeroOptimizer::bind_bucket(ParamStore& store, const Tensor& buf, int b) {
+  const ZeroBucket& B = layout_.buckets[b];
+  for (size_t i : B.tensors) {
+    const int64_t rel = store.offset(i) - B.lo;
+    store.bind(i, buf.slice(0, rel, rel + shape_numel(specs_[i].shape)).view(specs_[i].shape));
+  }
+}
+
+void ZeroOptimizer::unbind_bucket(ParamStore& store, int b) {
+  for (size_t i : layout_.buckets[b].tensors) store.unbind(i);
+}
+
+void ZeroOptimizer::fill_bucket(Tensor& dst, const ParamStore& src, int b) const {
+  const ZeroBucket& B = layout_.buckets[b];
+  IEVO_CHECK(src.size() == specs_.size(), "ZeRO: a store of ", src.size(), " tensors for ",
+             specs_.size(), " parameters");
+  dst.zero_();
+  for (size_t i : B.tensors) {
+    IEVO_CHECK(src.spec(i).name == specs_[i].name && src[i].shape() == specs_[i].shape,
+               "ZeRO: store tensor ", i, " is ", src.spec(i).name, shape_str(src[i].shape()),
+               ", expected ", specs_[i].name, shape_str(specs_[i].shape));
+    const int64_t rel = weights_.offset(i) - B.lo;
+    assign(dst.slice(0, rel, rel + src[i].numel()), src[i]);
+  }
+}
+
+void ZeroOptimizer::set_weights(const ParamStore& full) { load_state(full, nullptr, nullptr, 0); }
+
+void ZeroOptimizer::load_state(const ParamStore& master, const ParamStore* exp_avg,
+                               const ParamStore* exp_avg_sq, int64_t steps_taken) {
+  for (size_t bi = 0; bi < layout_.buckets.size(); ++bi) {
+    const int b = static_cast<int>(bi);
+    const ZeroBucket& B = layout_.buckets[b];
+    Tensor tmp = Tensor::empty({B.padded}, master_dtype_, device_);
+    Tensor own = tmp.slice(0, shard_rank_ * B.piece, (shard_rank_ + 1) * B.piece);
+    fill_bucket(tmp, master, b);
+    if (zc_.stage <= 2)
+      assign(full_w_.slice(0, B.full_offset, B.full_offset + B.padded), tmp);  // every rank: all
+    else
+      assign(shard_piece(shard_w_, b), own);
+    if (!master_is_weights_) assign(shard_piece(master_, b), own);
+    for (auto [store, dst] : {std::pair{exp_avg, &m_}, std::pair{exp_avg_sq, &v_}}) {
+      Tensor piece = shard_piece(*dst, b);
+      if (store) {
+        fill_bucket(tmp, *store, b);
+        assign(piece, own);
+      } else {
+        piece.zero_();
+      }
+    }
+  }
+  t_ = steps_taken;
+}
+
+void ZeroOptimizer::gather_state(ParamStore* master, ParamStore* exp_avg, ParamStore* exp_avg_sq,
+                                 int root) {
+  const bool me = dp_.rank() == root;
+  for (size_t bi = 0; bi < layout_.buckets.size(); ++bi) {
+    const int b = static_cast<int>(bi);
+    const ZeroBucket& B = layout_.buckets[b];
+    for (auto [store, piece] : {std::pair{master, master_piece(b)}, std::pair{exp_avg, shard_piece(m_, b)},
+                                std::pair{exp_avg_sq, shard_piece(v_, b)}}) {
+      Tensor full = piece;  // one shard: the piece is the whole bucket
+      if (layout_.shards > 1) {
+        full = Tensor::empty({B.padded}, master_dtype_, device_);
+        dp_.all_gather(piece, full);
+      }
+      if (!me || !store) continue;
+      for (size_t i : B.tensors) {
+        const int64_t rel = weights_.offset(i) - B.lo, n = shape_numel(specs_[i].shape);
+        IEVO_CHECK((*store)[i].shape() == specs_[i].shape, "ZeRO: gather into ",
+                   (*store)[i].describe(), " for ", specs_[i].name);
+        assign((*store)[i], full.slice(0, rel, rel + n));
+      }
+    }
+  }
+}
+
+void ZeroOptimizer::begin_step() {
+  if (zc_.stage <= 1) {
+    full_g_.zero_();
+    return;
+  }
+  shard_g_.zero_();
+  for (size_t b = 0; b < grad_buffers_.size(); ++b) {  // left over from an interrupted step
+    if (grad_buffers_[b].defined()) unbind_bucket(grads_, static_cast<int>(b));
+    grad_buffers_[b] = Tensor();
+  }
+  live_grad_ = 0;
+  reduced_.assign(reduced_.size(), false);
+}
+
+void ZeroOptimizer::gather_weights(int b) {
+  const ZeroBucket& B = layout_.buckets[b];
+  Tensor buf = Tensor::empty({B.padded}, compute_, device_);
+  dp_.all_gather(shard_piece(shard_w_, b), buf);
+  bind_bucket(weights_, buf, b);
+  gathered_[b] = buf;
+  live_gathered_ += static_cast<int64_t>(buf.nbytes());
+  peak_gathered_ = std::max(peak_gathered_, live_gathered_);
+}
+
+void ZeroOptimizer::reduce_grad_bucket(int b) {
+  const ZeroBucket& B = layout_.buckets[b];
+  Tensor& buf = grad_buffers_[b];
+  Tensor own = buf.slice(0, shard_rank_ * B.piece, (shard_rank_ + 1) * B.piece);
+  if (dp_.size() > 1) dp_.reduce_scatter(buf, own);  // in place
+  Tensor dst = shard_piece(shard_g_, b);
+  ops::axpy(1.0, own, dst);  // accumulate over micro-batches
+  unbind_bucket(grads_, b);
+  live_grad_ -= static_cast<int64_t>(buf.nbytes());
+  buf = Tensor();
+  reduced_[b] = true;
+}
+
+void ZeroOptimizer::before_layer(int layer, Pass pass) {
+  IEVO_CHECK(layer >= 0 && static_cast<size_t>(layer) < layers_.size(), "ZeRO: hook layer ", layer,
+             " of ", layers_.size());
+  if (zc_.stage == 3)
+    for (int b : pass == Pass::Forward ? fwd_buckets_[layer] : bwd_buckets_[layer])
+      if (gathered_refs_[b]++ == 0) gather_weights(b);
+  if (zc_.stage >= 2 && pass == Pass::Backward) {
+    for (int b : write_buckets_[layer]) {
+      if (grad_buffers_[b].defined()) continue;
+      grad_buffers_[b] = Tensor::zeros({layout_.buckets[b].padded}, compute_, device_);
+      bind_bucket(grads_, grad_buffers_[b], b);
+      pending_writers_[b] = writers_[b];
+      live_grad_ += static_cast<int64_t>(grad_buffers_[b].nbytes());
+      peak_grad_ = std::max(peak_grad_, live_grad_);
+    }
+  }
+}
+
+void ZeroOptimizer::after_layer(int layer, Pass pass) {
+  if (zc_.stage == 3) {
+    for (int b : pass == Pass::Forward ? fwd_buckets_[layer] : bwd_buckets_[layer]) {
+      IEVO_CHECK(gathered_refs_[b] > 0, "ZeRO-3: after_layer(", layer, ") without before_layer");
+      if (--gathered_refs_[b] > 0) continue;
+      unbind_bucket(weights_, b);
+      live_gathered_ -= static_cast<int64_t>(gathered_[b].nbytes());
+      gathered_[b] = Tensor();
+    }
+  }
+  if (zc_.stage >= 2 && pass == Pass::Backward) {
+    for (int b : write_buckets_[layer]) {
+      IEVO_CHECK(grad_buffers_[b].defined(), "ZeRO: after_layer(", layer, ") without before_layer");
+      if (--pending_writers_[b] == 0) reduce_grad_bucket(b);
+    }
+  }
+}
+
+double ZeroOptimizer::finish_gradients() {
+  const int nb = static_cast<int>(layout_.buckets.size());
+  if (zc_.stage == 0) {
+    if (dp_.size() > 1)
+      for (const ZeroBucket& B : layout_.buckets) {
+        Tensor bucket = full_g_.slice(0, B.full_offset, B.full_offset + B.padded);
+        dp_.all_reduce(bucket);
+      }
+    return ops::sum_squares(full_g_);  // identical on every rank
+  }
+  double local = 0;
+  if (zc_.stage == 1) {
+    for (int b = 0; b < nb; ++b) {
+      const ZeroBucket& B = layout_.buckets[b];
+      Tensor own = grad_piece(b);
+      if (dp_.size() > 1) dp_.reduce_scatter(full_g_.slice(0, B.full_offset, B.full_offset + B.padded), own);
+      local += ops::sum_squares(own);
+    }
+  } else {
+    for (int b = 0; b < nb; ++b)
+      IEVO_CHECK(reduced_[b] && !grad_buffers_[b].defined(), "ZeRO-", zc_.stage, ": the gradient of bucket ",
+                 b, " (", specs_[layout_.buckets[b].tensors.front()].name,
+                 ", ...) was not reduced: the model's backward must call the layer hooks");
+    local = ops::sum_squares(shard_g_);
+  }
+  return dp_.all_reduce_sum(local);
+}
+
+void ZeroOptimizer::step(double lr, double grad_scale) {
+  ++t_;
+  for (const Segment& s : segments_) {
+    ops::AdamWHyper h;
+    h.lr = lr;
+    h.beta1 = oc_.beta1;
+    h.beta2 = oc_.beta2;
+    h.eps = oc_.eps;
+    h.weight_decay = s.decay ? oc_.weight_decay : 0.0;
+    h.step = t_;
+    h.grad_scale = grad_scale;
+    auto part = [&](Tensor piece) { return piece.slice(0, s.start, s.start + s.len); };
+    Tensor p = part(master_piece(s.bucket)), g = part(grad_piece(s.bucket));
+    Tensor m = part(shard_piece(m_, s.bucket)), v = part(shard_piece(v_, s.bucket));
+    if (master_is_weights_) {
+      ops::adamw_step(p, g, m, v, h);
+    } else {
+      Tensor w = part(weight_piece(s.bucket));
+      ops::adamw_step(p, g, m, v, h, &w);
+    }
+  }
+  if ((zc_.stage == 1 || zc_.stage == 2) && layout_.shards > 1)
+    for (size_t b = 0; b < layout_.buckets.size(); ++b) {
+      const ZeroBucket& B = layout_.buckets[b];
+      Tensor bucket = full_w_.slice(0, B.full_offset, B.full_offset + B.padded);
+      dp_.all_gather(full_piece(full_w_, static_cast<int>(b)), bucket);  // in place
+    }
+}
+
+ZeroMemory ZeroOptimizer::memory() const {
+  auto bytes = [](const Tensor& t) { return t.defined() ? static_cast<int64_t>(t.nbytes()) : int64_t{0}; };
+  ZeroMemory m;
+  m.params = bytes(full_w_) + bytes(shard_w_);
+  m.grads = bytes(full_g_) + bytes(shard_g_);
+  m.optimizer = bytes(master_) + bytes(m_) + bytes(v_);
+  m.peak_gathered_params = peak_gathered_;
+  m.peak_grad_buckets = peak_grad_;
+  return m;
+}
+
+}  // namespace ievo

@@ -1,0 +1,166 @@
+// Data-parallel training state with ZeRO stages 0-3 (Rajbhandari et al., 2020), over one
+// data-parallel Communicator. It owns the weights the model reads, the gradients it writes, and
+// the AdamW state, and decides which of them each rank keeps whole and which only in shards:
+//
+//   stage  weights (compute dtype)  gradients               master weights, Adam moments (f32)
+//   0      full                     full, all-reduced       full, on every rank
+//   1      full                     full, reduce-scattered  shard
+//   2      full                     bucket while its layer's backward runs, then reduce-scattered
+//                                   into a shard            shard
+//   3      shard; a layer's weights  as 2                   shard
+//          are gathered just before
+//          it runs and freed after
+//
+// Layout. The parameters keep ParamStore's order and 64-element alignment. Consecutive tensors
+// are grouped into buckets of about parallel.bucket_mb (stage 3: never across hook layers, so a
+// layer is gathered bucket by bucket); each bucket is padded to a multiple of N*64 elements
+// (N = data-parallel size; 1 for stage 0) and split evenly: rank r owns elements
+// [r*S, (r+1)*S) of every bucket (S = padded / N). A rank's shard is its pieces of all buckets,
+// back to back; the full buffers hold the padded buckets back to back. A piece may span tensors
+// (or end in padding), so AdamW runs per segment = one tensor's part of a piece, with that
+// tensor's weight decay.
+//
+// One optimiser step:  begin_step(); model forward/backward of every micro-batch on weights() and
+// grads() (the model calls the LayerHooks); finish_gradients() -> global squared norm; step().
+// With fp32 compute the master weights are the weights themselves (no second copy); with bf16
+// the master is an f32 shard and the weights are rewritten from it (then all-gathered).
+#pragma once
+#include <cstdint>
+#include <vector>
+
+#include "models/llama.h"
+#include "models/params.h"
+#include "optim/adamw.h"
+#include "parallel/communicator.h"
+
+namespace ievo {
+
+struct ZeroConfig {
+  int stage = 0;           // 0..3
+  double bucket_mb = 25;   // MiB of gradient (compute dtype) per bucket
+};
+
+struct ZeroBucket {
+  int64_t lo = 0, hi = 0;      // element range in the ParamStore layout (ParamStore::offset)
+  int64_t padded = 0;          // hi - lo rounded up to a multiple of shards * ParamStore::kAlign
+  int64_t full_offset = 0;     // where it starts in the full (padded) buffers
+  int64_t piece = 0;           // padded / shards: elements each rank owns
+  int64_t shard_offset = 0;    // where this rank's piece starts in the shard buffers
+  std::vector<size_t> tensors; // parameter indices, in order
+};
+
+struct ZeroLayout {
+  int shards = 1;               // ranks the buckets are split over (1 for stage 0)
+  std::vector<ZeroBucket> buckets;
+  std::vector<int> bucket_of;   // parameter index -> bucket
+  int64_t numel = 0;            // parameters without any padding (Ψ)
+  int64_t full_numel = 0;       // sum of padded bucket sizes
+  int64_t shard_numel = 0;      // sum of pieces = full_numel / shards
+};
+
+// The bucket layout for these parameters. layer_of[i]: the hook layer of parameter i (buckets
+// are split where it changes when split_at_layers); bucket_elems: target bucket size.
+ZeroLayout make_zero_layout(const std::vector<ParamSpec>& specs, const std::vector<int>& layer_of,
+                            int shards, int64_t bucket_elems, bool split_at_layers);
+// The layout ZeroOptimizer uses for a model (the hook layers give layer_of).
+ZeroLayout make_zero_layout(const std::vector<ParamSpec>& specs,
+                            const std::vector<HookLayerParams>& layers, const ZeroConfig& zc,
+                            int dp_size, DType compute);
+
+// Bytes this rank holds between steps; transient peaks are what the hooks gathered at once.
+struct ZeroMemory {
+  int64_t params = 0;     // weights in the compute dtype (with fp32 compute: also the master)
+  int64_t grads = 0;
+  int64_t optimizer = 0;  // separate master copy (bf16 compute) + Adam moments
+  int64_t peak_gathered_params = 0;  // stage 3: most gathered weight bytes alive at once
+  int64_t peak_grad_buckets = 0;     // stages 2-3: most gradient bucket bytes alive at once
+  int64_t total() const { return params + grads + optimizer; }
+};
+// The same numbers from the layout alone (what `ievo plan` prints; transient peaks not included).
+ZeroMemory zero_memory(const ZeroLayout& layout, int stage, DType compute);
+
+class ZeroOptimizer final : public LayerHooks {
+ public:
+  // layers: the model's hook layers (Llama::hook_layers()). dp must outlive this object.
+  ZeroOptimizer(std::vector<ParamSpec> specs, std::vector<HookLayerParams> layers, DType compute,
+                Device device, Communicator& dp, const ZeroConfig& zc, const AdamWConfig& oc);
+
+  // Starting weights, full and identical on every rank (any dtype/device): each rank keeps its part.
+  void set_weights(const ParamStore& full);
+  // Full optimiser state (resume): every rank passes the same full stores; nullptr moments: zero.
+  void load_state(const ParamStore& master, const ParamStore* exp_avg, const ParamStore* exp_avg_sq,
+                  int64_t steps_taken);
+  // Full master weights and moments (ParamStore layout, any dtype/device) on `root`; the other
+  // ranks take part in the gathers and may pass nullptr. Collective.
+  void gather_state(ParamStore* master, ParamStore* exp_avg, ParamStore* exp_avg_sq, int root);
+
+  // What the model reads and writes. With stage 3 (weights) and stages 2-3 (gradients) the
+  // tensors are bound only while their hook layer runs; the model must call the hooks.
+  const ParamStore& weights() const { return weights_; }
+  ParamStore& grads() { return grads_; }
+
+  void begin_step();
+  // After the last micro-batch: all-reduce (0) or reduce-scatter (1) the gradient (2-3: the hooks
+  // did). Returns the squared L2 norm of the whole reduced gradient (sum over shards, all-reduced).
+  double finish_gradients();
+  // AdamW on this rank's shard; gradients are multiplied by grad_scale (clipping) first. Then the
+  // updated weights are all-gathered (stages 1-2).
+  void step(double lr, double grad_scale);
+  int64_t steps_taken() const { return t_; }
+
+  const ZeroLayout& layout() const { return layout_; }
+  int stage() const { return zc_.stage; }
+  ZeroMemory memory() const;
+
+  void before_layer(int layer, Pass pass) override;
+  void after_layer(int layer, Pass pass) override;
+
+ private:
+  struct Segment {   // one tensor's part of this rank's piece of a bucket
+    int bucket;
+    int64_t start;   // offset inside the piece
+    int64_t len;
+    bool decay;
+  };
+  Tensor full_piece(Tensor& full, int b);   // this rank's piece of bucket b in a full buffer
+  Tensor shard_piece(Tensor& shard, int b); // ... in a shard buffer
+  Tensor master_piece(int b);
+  Tensor grad_piece(int b);
+  Tensor weight_piece(int b);               // in the compute dtype (may be the master)
+  void bind_bucket(ParamStore& store, const Tensor& bucket_buffer, int b);
+  void unbind_bucket(ParamStore& store, int b);
+  void gather_weights(int b);
+  void reduce_grad_bucket(int b);
+  std::vector<int> buckets_of(const std::vector<size_t>& params) const;
+  // Buffer of bucket b in ParamStore layout -> ParamStore tensors, and back.
+  void fill_bucket(Tensor& dst, const ParamStore& src, int b) const;
+
+  std::vector<ParamSpec> specs_;
+  std::vector<HookLayerParams> layers_;
+  DType compute_, master_dtype_;
+  Device device_;
+  Communicator& dp_;
+  ZeroConfig zc_;
+  AdamWConfig oc_;
+  ZeroLayout layout_;
+  int shard_rank_ = 0;           // this rank's index among layout_.shards
+  bool master_is_weights_ = false;
+  std::vector<Segment> segments_;
+
+  ParamStore weights_, grads_;   // what the model sees (bound to the buffers below)
+  Tensor full_w_, full_g_;       // stages 0-2 / 0-1: padded full buffers
+  Tensor shard_w_, shard_g_;     // stage 3 / 2-3: shard buffers
+  Tensor master_, m_, v_;        // shard buffers (master_ undefined when master_is_weights_)
+
+  // Hook state per bucket.
+  std::vector<std::vector<int>> fwd_buckets_, bwd_buckets_, write_buckets_;  // per hook layer
+  std::vector<int> writers_;     // hook layers whose backward writes into the bucket
+  std::vector<int> gathered_refs_, pending_writers_;
+  std::vector<Tensor> gathered_, grad_buffers_;
+  std::vector<bool> reduced_;    // this step's gradient of the bucket is in the shard
+  int64_t live_gathered_ = 0, live_grad_ = 0;
+  int64_t peak_gathered_ = 0, peak_grad_ = 0;
+  int64_t t_ = 0;
+};
+
+}  // namespace ievo
