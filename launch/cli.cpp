@@ -11,11 +11,16 @@
 #include "launch/config.h"
 #include "launch/convert.h"
 #include "launch/data_commands.h"
+#include "launch/plan_command.h"
+#include "launch/signals.h"
 #include "launch/trainer.h"
+#include "parallel/failure.h"
+#include "parallel/topology.h"
 
 namespace ievo {
 
 int cli_main(int argc, char** argv) {
+  MpiSession mpi(&argc, &argv);  // MPI only when launched by mpirun / srun (parallel/topology.h)
   CLI::App app{"ievo: LLM pretraining (Llama, InternLM2) on CPU and CUDA"};
   app.set_version_flag("--version", std::string("ievo ") + IEVO_VERSION);
   app.require_subcommand(1);
@@ -44,6 +49,8 @@ int cli_main(int argc, char** argv) {
 
   Subcommand preprocess = add_preprocess_command(app);  // launch/data_commands.h
 
+  auto [plan, run_plan] = add_plan_command(app);  // launch/plan_command.h
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -54,6 +61,7 @@ int cli_main(int argc, char** argv) {
     if (*train) {
       Config cfg = load_config(config_path, overrides);
       run_train(cfg);
+      return stop_exit_code();  // 130 after a SIGINT stop (launch/signals.h), else 0
     } else if (*to_hf) {
       std::optional<Arch> a;
       if (!arch.empty()) a = arch_from_name(arch);
@@ -61,12 +69,14 @@ int cli_main(int argc, char** argv) {
       std::fprintf(stderr, "ievo: wrote %s\n", out_dir.c_str());
     } else if (*preprocess.app) {
       preprocess.run();
+    } else if (*plan) {
+      run_plan();
     } else if (*from_hf) {
       convert_from_hf(hf_dir, ckpt_dir);
       std::fprintf(stderr, "ievo: wrote %s\n", ckpt_dir.c_str());
     }
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "ievo: error: %s\n", e.what());
+    abort_all_ranks(e.what());  // with several MPI ranks: names this rank and ends the job
     return 1;
   }
   return 0;

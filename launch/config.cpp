@@ -21,6 +21,7 @@
 #include <sstream>
 #include <variant>
 
+#include "launch/duration.h"
 #include "models/hf_config.h"
 #include "runtime/error.h"
 
@@ -86,8 +87,14 @@ const Key kKeys[] = {
     {"train.micro_batch_size", F(train.micro_batch_size), Need::Yes,
      "sequences per forward/backward (gradient accumulation = global / micro)"},
     {"train.precision", F(train.precision), Need::No,
-     "fp32, or bf16 mixed precision (fp32 master weights; cuda only)", "fp32|bf16"},
+     "fp32, or bf16 / fp16 mixed precision (fp32 master weights; cuda only; fp16 with dynamic "
+     "loss scaling, fp16.*)",
+     "fp32|bf16|fp16"},
     {"train.log_every", F(train.log_every), Need::No, "print and log metrics every N steps"},
+    {"train.max_skips_in_a_row", F(train.max_skips_in_a_row), Need::No,
+     "abort after this many steps in a row skipped for a non-finite loss or gradient"},
+    {"train.max_time", F(train.max_time), Need::No,
+     "wall-clock limit (4h, 30m, 1h30m, 90s or seconds): save and exit before it; empty: none"},
     {"optim.lr", F(optim.lr), Need::No, "peak learning rate (AdamW)"},
     {"optim.min_lr", F(optim.min_lr), Need::No, "final learning rate of the decay"},
     {"optim.weight_decay", F(optim.weight_decay), Need::No,
@@ -104,6 +111,43 @@ const Key kKeys[] = {
      "wsd: fraction of train.steps spent in the final linear decay"},
     {"checkpoint.every", F(checkpoint.every), Need::No,
      "save a checkpoint every N steps; 0: only at the end"},
+    {"checkpoint.resume", F(checkpoint.resume), Need::No,
+     "auto: continue from the newest valid checkpoint in run.dir; none: start fresh; or the "
+     "path of a checkpoint directory"},
+    {"checkpoint.keep_last", F(checkpoint.keep_last), Need::No,
+     "keep only the K newest checkpoints (older ones removed after a new one is complete); 0: all"},
+    {"checkpoint.async", F(checkpoint.async), Need::No,
+     "write checkpoints in a background thread from a host copy while training continues"},
+    {"checkpoint.overwrite", F(checkpoint.overwrite), Need::No,
+     "with resume: none, delete the run directory's existing checkpoints instead of refusing"},
+    {"parallel.tensor", F(parallel.tensor), Need::No, "tensor-parallel size (1: off; >1 not yet implemented)"},
+    {"parallel.pipeline", F(parallel.pipeline), Need::No,
+     "pipeline-parallel size (1: off; >1 not yet implemented)"},
+    {"parallel.zero", F(parallel.zero), Need::No,
+     "ZeRO stage over the data-parallel ranks: 0 none, 1 optimizer state, 2 + gradients, 3 + weights"},
+    {"parallel.bucket_mb", F(parallel.bucket_mb), Need::No,
+     "MiB per gradient reduce / weight gather bucket"},
+    {"parallel.timeout_s", F(parallel.timeout_s), Need::No,
+     "with several ranks: end the job when a rank makes no progress this long; 0: never"},
+    {"metrics.tensorboard", F(metrics.tensorboard), Need::No,
+     "also write TensorBoard scalars (events.out.tfevents.*) beside metrics.jsonl"},
+    {"fp16.initial_scale", F(fp16.initial_scale), Need::No, "fp16: initial loss scale"},
+    {"fp16.min_scale", F(fp16.min_scale), Need::No, "fp16: the loss scale never drops below this"},
+    {"fp16.max_scale", F(fp16.max_scale), Need::No, "fp16: the loss scale never grows above this"},
+    {"fp16.growth_factor", F(fp16.growth_factor), Need::No,
+     "fp16: scale *= growth_factor after growth_interval steps without overflow"},
+    {"fp16.backoff_factor", F(fp16.backoff_factor), Need::No,
+     "fp16: scale *= backoff_factor on overflow (once hysteresis overflows are reached)"},
+    {"fp16.growth_interval", F(fp16.growth_interval), Need::No,
+     "fp16: overflow-free steps before the scale grows"},
+    {"fp16.hysteresis", F(fp16.hysteresis), Need::No,
+     "fp16: overflows tolerated before the first backoff (reset when the scale grows)"},
+    {"debug.nan_at_step", F(debug.nan_at_step), Need::No,
+     "test hook: poison a gradient with NaN at this step; 0: off"},
+    {"debug.nan_steps", F(debug.nan_steps), Need::No,
+     "test hook: poison this many consecutive steps from debug.nan_at_step"},
+    {"debug.nan_param", F(debug.nan_param), Need::No,
+     "test hook: the parameter whose gradient is poisoned; empty: the first parameter"},
 };
 #undef F
 
@@ -471,9 +515,35 @@ class Loader {
     check(t.global_batch_size % t.micro_batch_size == 0, "train.global_batch_size",
           t.global_batch_size, " is not divisible by train.micro_batch_size (",
           t.micro_batch_size, ")");
-    check(t.precision != "bf16" || c.run.device == "cuda", "train.precision",
-          "bf16 needs run.device: cuda (the CPU backend trains in fp32); run.device is '",
+    check(t.precision == "fp32" || c.run.device == "cuda", "train.precision", t.precision,
+          " needs run.device: cuda (the CPU backend trains in fp32); run.device is '",
           c.run.device, "'");
+    check(t.max_skips_in_a_row >= 1, "train.max_skips_in_a_row", "must be >= 1, got ",
+          t.max_skips_in_a_row);
+    if (!t.max_time.empty()) {
+      auto secs = parse_duration(t.max_time);
+      check(secs && *secs > 0, "train.max_time", "'", t.max_time,
+            "' is not a positive duration (examples: 4h, 30m, 1h30m, 90s, 3600)");
+    }
+    const Fp16Config& h = c.fp16;
+    check(h.min_scale > 0, "fp16.min_scale", "must be positive, got ", h.min_scale);
+    check(h.initial_scale >= h.min_scale, "fp16.initial_scale", "must be >= fp16.min_scale (",
+          h.min_scale, "), got ", h.initial_scale);
+    check(h.max_scale >= h.initial_scale, "fp16.max_scale", "must be >= fp16.initial_scale (",
+          h.initial_scale, "), got ", h.max_scale);
+    check(h.growth_factor > 1, "fp16.growth_factor", "must be > 1, got ", h.growth_factor);
+    check(h.backoff_factor > 0 && h.backoff_factor < 1, "fp16.backoff_factor",
+          "must be in (0, 1), got ", h.backoff_factor);
+    check(h.growth_interval >= 1, "fp16.growth_interval", "must be >= 1, got ", h.growth_interval);
+    check(h.hysteresis >= 1, "fp16.hysteresis", "must be >= 1, got ", h.hysteresis);
+    const DebugConfig& dbg = c.debug;
+    check(dbg.nan_at_step >= 0, "debug.nan_at_step", "must be >= 0 (0: off), got ", dbg.nan_at_step);
+    check(dbg.nan_steps >= 1, "debug.nan_steps", "must be >= 1, got ", dbg.nan_steps);
+    if (!dbg.nan_param.empty()) {
+      bool found = false;
+      for (const auto& spec : param_specs(m)) found = found || spec.name == dbg.nan_param;
+      check(found, "debug.nan_param", "'", dbg.nan_param, "' is not a parameter of the model");
+    }
 
     const OptimConfig& o = c.optim;
     check(o.lr >= 0, "optim.lr", "must be >= 0, got ", o.lr);
@@ -492,6 +562,17 @@ class Loader {
           "must be in [0, 1], got ", s.decay_fraction);
     check(c.checkpoint.every >= 0, "checkpoint.every", "must be >= 0 (0: only at the end), got ",
           c.checkpoint.every);
+    check(!c.checkpoint.resume.empty(), "checkpoint.resume",
+          "must be auto, none or the path of a checkpoint directory");
+    check(c.checkpoint.keep_last >= 0, "checkpoint.keep_last", "must be >= 0 (0: keep all), got ",
+          c.checkpoint.keep_last);
+    const ParallelConfig& par = c.parallel;
+    check(par.tensor >= 1, "parallel.tensor", "must be >= 1, got ", par.tensor);
+    check(par.pipeline >= 1, "parallel.pipeline", "must be >= 1, got ", par.pipeline);
+    check(par.zero >= 0 && par.zero <= 3, "parallel.zero", "unknown ZeRO stage ", par.zero,
+          " (expected 0, 1, 2 or 3)");
+    check(par.bucket_mb > 0, "parallel.bucket_mb", "must be positive, got ", par.bucket_mb);
+    check(par.timeout_s >= 0, "parallel.timeout_s", "must be >= 0 (0: never), got ", par.timeout_s);
   }
 
   std::string file_;

@@ -36,8 +36,10 @@ struct TrainConfig {
   int64_t steps = 0;
   int64_t global_batch_size = 0;  // sequences per optimiser step
   int64_t micro_batch_size = 0;   // sequences per forward/backward
-  std::string precision = "fp32";  // fp32 | bf16
+  std::string precision = "fp32";  // fp32 | bf16 | fp16 (dynamic loss scaling, fp16.*)
   int64_t log_every = 1;
+  int64_t max_skips_in_a_row = 5;  // non-finite steps in a row before aborting
+  std::string max_time;            // "4h", "30m", "90s", seconds; "": no limit
 };
 
 struct OptimConfig {
@@ -53,6 +55,36 @@ struct ScheduleConfig {
 
 struct CheckpointConfig {
   int64_t every = 0;  // 0: only at the end
+  std::string resume = "auto";  // auto | none | PATH of a checkpoint directory (launch/resume.h)
+  int64_t keep_last = 0;        // keep the K newest checkpoints; 0: keep all
+  bool async = false;           // write in a background thread from a host copy
+  bool overwrite = false;       // resume: none may replace a run directory's checkpoints
+};
+
+struct MetricsConfig {
+  bool tensorboard = false;  // TensorBoard event file beside metrics.jsonl (rank 0)
+};
+
+// Dynamic loss scaling for train.precision: fp16 (optim/loss_scaler.h).
+struct Fp16Config {
+  double initial_scale = 65536, min_scale = 1, max_scale = 16777216;
+  double growth_factor = 2, backoff_factor = 0.5;
+  int64_t growth_interval = 1000, hysteresis = 2;
+};
+
+// Test hooks (launch/numerics.h).
+struct DebugConfig {
+  int64_t nan_at_step = 0;  // poison a gradient with NaN at this step; 0: off
+  int64_t nan_steps = 1;    // ... and at the steps after it, this many in all
+  std::string nan_param;    // the parameter whose gradient is poisoned; "": the first one
+};
+
+// Parallel layout (parallel/topology.h, parallel/zero.h). dp = world size / (tensor x pipeline).
+struct ParallelConfig {
+  int64_t tensor = 1, pipeline = 1;  // > 1: not yet implemented
+  int64_t zero = 0;                  // ZeRO stage 0..3
+  double bucket_mb = 25;             // gradient / gather bucket size
+  double timeout_s = 1800;           // multi-rank: abort when a rank makes no progress this long
 };
 
 struct Config {
@@ -64,6 +96,10 @@ struct Config {
   OptimConfig optim;
   ScheduleConfig schedule;
   CheckpointConfig checkpoint;
+  ParallelConfig parallel;
+  MetricsConfig metrics;
+  Fp16Config fp16;
+  DebugConfig debug;
 };
 
 // Reads `path`, applies overrides ("key.sub=value", value parsed as YAML), validates.

@@ -11,12 +11,26 @@
 
 #include "data/gpt_dataset.h"
 #include "launch/checkpoint.h"
+#include "launch/checkpointer.h"
 #include "launch/device.h"
+#include "launch/duration.h"
+#include "launch/fault_injection.h"
+#include "launch/log.h"
+#include "launch/metrics.h"
+#include "launch/numerics.h"
+#include "launch/resume.h"
+#include "launch/signals.h"
 #include "models/batch.h"
 #include "models/hf_adapter.h"
 #include "models/llama.h"
 #include "optim/adamw.h"
 #include "optim/schedule.h"
+#include "parallel/batch_split.h"
+#include "parallel/communicator.h"
+#include "parallel/failure.h"
+#include "parallel/topology.h"
+#include "parallel/zero.h"
+#include "runtime/nvtx.h"
 #include "runtime/ops/elementwise.h"
 
 namespace fs = std::filesystem;
@@ -24,60 +38,58 @@ namespace fs = std::filesystem;
 namespace ievo {
 namespace {
 
-std::string fmt_duration(double s) {
-  int64_t t = static_cast<int64_t>(std::llround(std::max(0.0, s)));
-  char buf[32];
-  std::snprintf(buf, sizeof buf, "%lld:%02lld:%02lld", static_cast<long long>(t / 3600),
-                static_cast<long long>(t / 60 % 60), static_cast<long long>(t % 60));
-  return buf;
-}
-
-std::string fmt_rate(double r) {
-  char buf[32];
-  if (r >= 1e6) std::snprintf(buf, sizeof buf, "%.2fM", r / 1e6);
-  else if (r >= 1e3) std::snprintf(buf, sizeof buf, "%.1fK", r / 1e3);
-  else std::snprintf(buf, sizeof buf, "%.0f", r);
-  return buf;
-}
-
 class Trainer {
  public:
-  explicit Trainer(const Config& cfg) : cfg_(cfg), mc_(cfg.model.model) {
+  Trainer(const Config& cfg, Topology topo)
+      : cfg_(cfg), mc_(cfg.model.model), guard_(cfg), time_limit_(cfg.train.max_time),
+        topo_(std::move(topo)), rank_(topo_.world_rank()),
+        watchdog_(topo_.world_size() > 1 ? cfg.parallel.timeout_s : 0, rank_) {
     device_ = cfg.run.device == "cuda" ? Device::CUDA : Device::CPU;
-    if (device_ == Device::CUDA) init_device(0);
+    if (device_ == Device::CUDA) init_device(topo_.local_rank(), cfg.run.deterministic);
     const auto& t = cfg.train;
-    IEVO_CHECK(t.global_batch_size % t.micro_batch_size == 0, "train.global_batch_size (",
-               t.global_batch_size, ") must be a multiple of train.micro_batch_size (",
-               t.micro_batch_size, ")");
-    accum_ = t.global_batch_size / t.micro_batch_size;
-    compute_dtype_ = t.precision == "bf16" ? DType::BF16 : DType::F32;
+    // Data parallelism: G = micro x accumulation x dp; rank r reads its slice of every step.
+    split_ = split_batch(t.global_batch_size, t.micro_batch_size, topo_.dp(), topo_.dp_rank());
+    accum_ = split_.accum;
+    IEVO_CHECK(cfg.debug.nan_at_step <= 0 || cfg.parallel.zero <= 1,
+               "debug.nan_at_step needs whole gradients: parallel.zero <= 1 (got ", cfg.parallel.zero, ")");
+    compute_dtype_ = t.precision == "bf16"   ? DType::BF16
+                     : t.precision == "fp16" ? DType::F16
+                                             : DType::F32;
   }
 
   std::vector<StepMetrics> run() {
     setup();
     std::vector<StepMetrics> all;
-    std::ofstream metrics(run_dir_ / "metrics.jsonl", std::ios::app);
-    const auto t0 = std::chrono::steady_clock::now();
-    for (int64_t step = 1; step <= cfg_.train.steps; ++step) {
+    MetricsLogger metrics({run_dir_.string(), rank_, cfg_.metrics.tensorboard, cfg_.train.steps,
+                           cfg_.train.log_every});
+    install_stop_handlers();  // SIGTERM / SIGINT / SIGUSR1: save at the end of the step, exit
+    for (int64_t step = start_step_ + 1; step <= cfg_.train.steps; ++step) {
+      watchdog_.kick("step " + std::to_string(step));
+      test_failure_hook(rank_, step);  // IEVO_TEST_FAIL_RANK (tests of the failure handling)
       StepMetrics m = train_step(step);
       all.push_back(m);
-      nlohmann::json j = {{"step", m.step},         {"loss", m.loss},
-                          {"grad_norm", m.grad_norm}, {"lr", m.lr},
-                          {"tokens_per_s", m.tokens_per_s}, {"mfu", m.mfu},
-                          {"tokens", m.tokens},     {"step_time_s", m.step_time_s},
-                          {"peak_mem_bytes", memory_stats(device_).peak_bytes}};
-      metrics << j.dump() << "\n";
-      metrics.flush();
-      if (step % std::max<int64_t>(1, cfg_.train.log_every) == 0 || step == cfg_.train.steps) {
-        double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-        double eta = elapsed / static_cast<double>(step) * static_cast<double>(cfg_.train.steps - step);
-        std::fprintf(stderr, "step %lld/%lld | loss %.4f | grad_norm %.3f | lr %.3e | %s tok/s | ETA %s\n",
-                     static_cast<long long>(step), static_cast<long long>(cfg_.train.steps), m.loss,
-                     m.grad_norm, m.lr, fmt_rate(m.tokens_per_s).c_str(), fmt_duration(eta).c_str());
-      }
+      metrics.log_step(m);
+      fault_point("step", step);  // IEVO_TEST_KILL_AT_STEP (tests/test_resume.cpp)
+      if (ckpt_) ckpt_->poll();   // a failed background checkpoint write fails the run here
       const int64_t every = cfg_.checkpoint.every;
-      if ((every > 0 && step % every == 0) || step == cfg_.train.steps) save(step);
+      const bool due = (every > 0 && step % every == 0) || step == cfg_.train.steps;
+      if (due) timed_save(step);
+      if (stop_requested()) {  // launch/signals.h: every rank stops after the same step
+        if (!due) timed_save(step);
+        log_info("ievo: %s received: saved step %lld, exiting (resume with the same command)",
+                 signal_name(stop_signal()), static_cast<long long>(step));
+        break;
+      }
+      time_limit_.record_step(m.step_time_s);
+      if (step < cfg_.train.steps && time_limit_.should_stop()) {  // train.max_time
+        if (!due) timed_save(step);
+        log_info("train.max_time (%s) is near after %s: saved step %lld, exiting",
+                 cfg_.train.max_time.c_str(), format_duration(time_limit_.elapsed_s()).c_str(),
+                 static_cast<long long>(step));
+        break;
+      }
     }
+    if (ckpt_) ckpt_->wait();  // the last (async) checkpoint is complete before we return
     return all;
   }
 
@@ -85,28 +97,33 @@ class Trainer {
   void setup() {
     run_dir_ = cfg_.run.dir;
     fs::create_directories(run_dir_);
-    {
+    open_rank_log(run_dir_.string(), rank_);
+    if (rank_ == 0) {
       std::ofstream f(run_dir_ / "config.yaml");
       f << config_to_yaml(cfg_);
     }
     specs_ = param_specs(mc_);
-    master_ = std::make_unique<ParamStore>(specs_, DType::F32, device_);
+    // The starting weights, whole, on the host of every rank; the ZeRO state keeps this rank's part.
+    ParamStore initial(specs_, DType::F32, Device::CPU);
     if (!cfg_.model.init_from_hf.empty()) {
-      load_hf_weights(cfg_.model.init_from_hf, mc_, *master_);
+      load_hf_weights(cfg_.model.init_from_hf, mc_, initial);
     } else {
-      init_params(mc_, *master_, cfg_.run.seed);
+      init_params(mc_, initial, cfg_.run.seed);
     }
-    if (compute_dtype_ != DType::F32) {
-      lowp_ = std::make_unique<ParamStore>(specs_, compute_dtype_, device_);
-      ops::cast(master_->flat(), lowp_->flat());
-    }
-    grads_ = std::make_unique<ParamStore>(specs_, compute_dtype_, device_);
     AdamWConfig oc;
     oc.beta1 = cfg_.optim.beta1;
     oc.beta2 = cfg_.optim.beta2;
     oc.eps = cfg_.optim.eps;
     oc.weight_decay = cfg_.optim.weight_decay;
-    opt_ = std::make_unique<AdamW>(*master_, oc);
+    model_ = std::make_unique<Llama>(
+        mc_, cfg_.model.checkpointing == "none" ? Recompute::None : Recompute::Full);
+    // Weights, gradients and AdamW state, replicated or sharded over the data-parallel ranks.
+    dp_comm_ = make_communicator(device_, topo_.dp_comm());
+    zero_ = std::make_unique<ZeroOptimizer>(
+        specs_, model_->hook_layers(), compute_dtype_, device_, *dp_comm_,
+        ZeroConfig{static_cast<int>(cfg_.parallel.zero), cfg_.parallel.bucket_mb}, oc);
+    zero_->set_weights(initial);
+    model_->set_hooks(zero_.get());
     sched_.kind = cfg_.schedule.kind;
     sched_.lr = cfg_.optim.lr;
     sched_.min_lr = cfg_.optim.min_lr;
@@ -116,17 +133,60 @@ class Trainer {
     const auto& d = cfg_.data;
     source_ = make_sample_source(d.paths, d.weights, d.seq_len, d.shuffle, d.synthetic, cfg_.run.seed,
                                  mc_.vocab_size);
-    model_ = std::make_unique<Llama>(
-        mc_, cfg_.model.checkpointing == "none" ? Recompute::None : Recompute::Full);
-    std::fprintf(stderr, "ievo: %s model, %.2fM parameters, %s, %s; data: %s\n", arch_name(mc_.arch),
+    if (topo_.world_size() > 1) {
+      const ZeroMemory zm = zero_->memory();
+      log_info("ievo: %s; ZeRO-%d over dp %d, %d micro-batches of %lld per rank; per rank: "
+               "params %.1f MiB, grads %.1f MiB, optimizer %.1f MiB",
+               topo_.describe().c_str(), zero_->stage(), topo_.dp(), static_cast<int>(accum_),
+               static_cast<long long>(cfg_.train.micro_batch_size), zm.params / 1048576.0,
+               zm.grads / 1048576.0, zm.optimizer / 1048576.0);
+    }
+    log_info("ievo: %s model, %.2fM parameters, %s, %s; data: %s", arch_name(mc_.arch),
                  static_cast<double>(mc_.num_params()) / 1e6, device_name(device_),
                  cfg_.train.precision.c_str(), source_->describe().c_str());
+    resume();
+    if (rank_ == 0)
+      ckpt_ = std::make_unique<Checkpointer>(run_dir_.string(), mc_, cfg_.checkpoint.keep_last,
+                                             cfg_.checkpoint.async);
+  }
+
+  // checkpoint.resume (launch/resume.h). Every rank reads the checkpoint's whole tensors and
+  // keeps its part, so any dp size / ZeRO stage resumes any checkpoint. Restores master weights,
+  // AdamW moments and step count, the fp16 loss scaler, and the data position (consumed samples;
+  // the LR schedule is a function of the step). There is no other RNG state: the data order is
+  // a function of (run.seed, sample index) and nothing in a step is random.
+  void resume() {
+    auto st = resume_training(cfg_, rank_, [&](const std::string& dir) {
+      ParamStore p(specs_, DType::F32, Device::CPU), m(specs_, DType::F32, Device::CPU),
+          v(specs_, DType::F32, Device::CPU);
+      CheckpointState s = load_checkpoint(
+          dir, {{"params", &p}, {"exp_avg", &m}, {"exp_avg_sq", &v}}, /*optimizer_optional=*/true);
+      zero_->load_state(p, &m, &v, s.extra.value("optimizer_steps", s.step));
+      return s;
+    });
+    if (!st) return;
+    start_step_ = st->step;
+    sample_base_ = st->consumed_samples;
+    if (LossScaler* ls = guard_.scaler(); ls && st->extra.contains("loss_scaler")) {
+      const auto& j = st->extra["loss_scaler"];
+      ls->set_state({j.at("scale").get<double>(), j.at("good_steps").get<int64_t>(),
+                     j.at("hysteresis_count").get<int64_t>()});
+    }
+    if (start_step_ >= cfg_.train.steps)
+      log_info("ievo: the checkpoint is at step %lld, train.steps is %lld: nothing to train",
+               static_cast<long long>(start_step_), static_cast<long long>(cfg_.train.steps));
+  }
+
+  // A stop signal on any rank stops every rank after this step.
+  bool stop_requested() {
+    return dp_comm_->all_reduce_sum(static_cast<int64_t>(stop_signal() != 0)) > 0;
   }
 
   // The micro-batch `micro` of step `step` (1-based): samples in order from the global stream.
   Batch micro_batch(int64_t step, int64_t micro) const {
     const int64_t B = cfg_.train.micro_batch_size, T = cfg_.data.seq_len;
-    const int64_t first = (step - 1) * cfg_.train.global_batch_size + micro * B;
+    // This rank's slice; after a resume the stream continues at the checkpoint's consumed samples.
+    const int64_t first = sample_base_ + split_.first_sample(step - start_step_, micro);
     std::vector<int32_t> rows(static_cast<size_t>(B * (T + 1)));
     for (int64_t r = 0; r < B; ++r) source_->get(first + r, rows.data() + r * (T + 1));
     Batch b = make_batch(rows, B, T);
@@ -141,21 +201,34 @@ class Trainer {
       micros.push_back(micro_batch(step, j));
       targets += micros.back().num_targets();
     }
+    targets = dp_comm_->all_reduce_sum(targets);  // over the whole global batch
     IEVO_CHECK(targets > 0, "step ", step, ": the global batch has no target tokens");
-    grads_->zero();
-    const ParamStore& weights = lowp_ ? *lowp_ : *master_;
+    zero_->begin_step();
+    const ParamStore& weights = zero_->weights();
     double loss_sum = 0;
+    const double loss_scale = guard_.loss_scale();  // fp16 dynamic loss scale, else 1
     for (auto& b : micros) {
-      LossSum ls = model_->forward_backward(weights, b, 1.0 / static_cast<double>(targets), *grads_);
+      IEVO_NVTX_RANGE("forward_backward");
+      LossSum ls = model_->forward_backward(weights, b, loss_scale / static_cast<double>(targets),
+                                            zero_->grads());
       loss_sum += ls.sum;
     }
+    loss_sum = dp_comm_->all_reduce_sum(loss_sum);
+    // ZeRO-2/3 gradients are already reduced into shards (no whole tensors to poison or scan).
+    const bool whole_grads = zero_->stage() <= 1;
+    if (whole_grads) guard_.inject(step, zero_->grads());  // debug.nan_* test hook
+    const double grad_sum_sq = zero_->finish_gradients();  // reduced over dp; global squared norm
     StepMetrics m;
     m.step = step;
     m.loss = loss_sum / static_cast<double>(targets);
-    m.grad_norm = std::sqrt(grad_sum_squares(*grads_));
     m.lr = sched_.at(step);
-    const double coef = clip_coefficient(m.grad_norm, cfg_.optim.grad_clip);
-    opt_->step(*master_, *grads_, m.lr, coef, lowp_.get());
+    // Non-finite loss/gradients (or fp16 overflow): no update (launch/numerics.h).
+    const ParamStore none;
+    if (guard_.accept(step, m.loss, std::sqrt(grad_sum_sq), whole_grads ? zero_->grads() : none, m)) {
+      IEVO_NVTX_RANGE("optimizer");
+      const double coef = clip_coefficient(m.grad_norm, cfg_.optim.grad_clip);
+      zero_->step(m.lr, coef / loss_scale);
+    }
     sync_device(device_);
     m.step_time_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     m.tokens = cfg_.train.global_batch_size * cfg_.data.seq_len;
@@ -163,20 +236,39 @@ class Trainer {
     m.mfu = device_ == Device::CUDA
                 ? mc_.flops_per_token(cfg_.data.seq_len) * m.tokens_per_s / kH100PeakBf16Flops
                 : 0.0;
+    m.peak_mem_bytes = memory_stats(device_).peak_bytes;
     return m;
+  }
+
+  void timed_save(int64_t step) {
+    const auto t0 = std::chrono::steady_clock::now();
+    watchdog_.kick("checkpoint of step " + std::to_string(step));
+    save(step);
+    watchdog_.kick("after the checkpoint of step " + std::to_string(step));
+    time_limit_.record_save(
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
   }
 
   void save(int64_t step) {
     CheckpointState st;
     st.step = step;
-    st.consumed_samples = step * cfg_.train.global_batch_size;
+    st.consumed_samples = sample_base_ + (step - start_step_) * cfg_.train.global_batch_size;
     st.seed = cfg_.run.seed;
     st.config_yaml = config_to_yaml(cfg_);
-    st.extra = {{"optimizer_steps", opt_->steps_taken()}};
-    const fs::path dir = run_dir_ / "checkpoints" / ("step_" + std::to_string(step));
-    save_checkpoint(dir.string(), mc_, st,
-                    {{"params", master_.get()}, {"exp_avg", &opt_->exp_avg()},
-                     {"exp_avg_sq", &opt_->exp_avg_sq()}});
+    st.extra = {{"optimizer_steps", zero_->steps_taken()}, {"lr", sched_.at(step)}};
+    if (const LossScaler* ls = guard_.scaler())
+      st.extra["loss_scaler"] = {{"scale", ls->state().scale},
+                                 {"good_steps", ls->state().good_steps},
+                                 {"hysteresis_count", ls->state().hysteresis_count}};
+    // Whole f32 master weights and moments, gathered onto rank 0's host, which writes them.
+    std::unique_ptr<ParamStore> p, m, v;
+    if (rank_ == 0)
+      for (auto* s : {&p, &m, &v}) *s = std::make_unique<ParamStore>(specs_, DType::F32, Device::CPU);
+    zero_->gather_state(p.get(), m.get(), v.get(), 0);
+    if (rank_ == 0)  // a private host copy: checkpoint.async writes it without copying again
+      ckpt_->save(st, {checkpoint_group("params", *p), checkpoint_group("exp_avg", *m),
+                       checkpoint_group("exp_avg_sq", *v)}, /*private_copy=*/true);
+    dp_comm_->barrier();  // the checkpoint is complete for every rank
   }
 
   static constexpr double kH100PeakBf16Flops = 989e12;
@@ -187,16 +279,35 @@ class Trainer {
   DType compute_dtype_ = DType::F32;
   int64_t accum_ = 1;
   fs::path run_dir_;
+  NumericsGuard guard_;    // skipped steps, fp16 loss scaling, debug.nan_* hook
+  TimeLimit time_limit_;   // train.max_time
+  Topology topo_;          // this rank in data x pipeline x tensor (parallel/topology.h)
+  int rank_ = 0;           // world rank
+  Watchdog watchdog_;      // parallel.timeout_s with several ranks
+  BatchSplit split_;       // this rank's samples of each step
   std::vector<ParamSpec> specs_;
-  std::unique_ptr<ParamStore> master_, lowp_, grads_;
-  std::unique_ptr<AdamW> opt_;
+  std::unique_ptr<Communicator> dp_comm_;
+  std::unique_ptr<ZeroOptimizer> zero_;  // weights, gradients, AdamW (parallel/zero.h)
   LrSchedule sched_;
   std::unique_ptr<SampleSource> source_;
   std::unique_ptr<Llama> model_;
+  std::unique_ptr<Checkpointer> ckpt_;  // rank 0: writes checkpoints (launch/checkpointer.h)
+  int64_t start_step_ = 0;              // the resumed checkpoint's step (0: fresh start)
+  int64_t sample_base_ = 0;             // ... and its consumed samples
 };
 
 }  // namespace
 
-std::vector<StepMetrics> run_train(const Config& cfg) { return Trainer(cfg).run(); }
+std::vector<StepMetrics> run_train(const Config& cfg) {
+  return Trainer(cfg, Topology::from_world(static_cast<int>(cfg.parallel.tensor),
+                                           static_cast<int>(cfg.parallel.pipeline)))
+      .run();
+}
+
+std::vector<StepMetrics> run_train(const Config& cfg, MPI_Comm world) {
+  Topology topo(world, static_cast<int>(cfg.parallel.tensor), static_cast<int>(cfg.parallel.pipeline));
+  IEVO_CHECK(topo.tp() == 1 && topo.pp() == 1, "parallel.tensor / parallel.pipeline > 1: not yet implemented");
+  return Trainer(cfg, std::move(topo)).run();
+}
 
 }  // namespace ievo
