@@ -1,5 +1,7 @@
 #include "models/batch.h"
 
+#include <algorithm>
+
 namespace ievo {
 
 int64_t Batch::num_targets() const {
@@ -37,6 +39,35 @@ Batch make_batch(const std::vector<int32_t>& rows, int64_t B, int64_t T) {
   }
   b.cu_seqlens.data<int32_t>()[B] = static_cast<int32_t>(B * T);
   b.max_seqlen = static_cast<int>(T);
+  return b;
+}
+
+Batch make_packed_batch(const std::vector<int32_t>& rows,
+                        const std::vector<std::vector<int32_t>>& doc_starts, int64_t B, int64_t T) {
+  IEVO_CHECK(static_cast<int64_t>(doc_starts.size()) == B, "make_packed_batch: document starts for ",
+             doc_starts.size(), " rows, expected ", B);
+  Batch b = make_batch(rows, B, T);
+  int32_t* tgt = b.targets.data<int32_t>();
+  int32_t* pos = b.positions.data<int32_t>();
+  std::vector<int32_t> cu{0};
+  int64_t longest = 0;
+  for (int64_t r = 0; r < B; ++r) {
+    int32_t prev = 0;
+    for (int32_t s : doc_starts[r]) {
+      IEVO_CHECK(s > prev && s <= T, "make_packed_batch: row ", r, ": document start ", s,
+                 " not in (", prev, ", ", T, "] (starts must ascend)");
+      prev = s;
+      tgt[r * T + s - 1] = -100;  // token s - 1 ends a document
+      if (s < T) cu.push_back(static_cast<int32_t>(r * T + s));  // s = T: target-only token
+    }
+    cu.push_back(static_cast<int32_t>((r + 1) * T));
+  }
+  for (size_t i = 0; i + 1 < cu.size(); ++i) {
+    longest = std::max<int64_t>(longest, cu[i + 1] - cu[i]);
+    for (int32_t t = cu[i]; t < cu[i + 1]; ++t) pos[t] = t - cu[i];
+  }
+  b.cu_seqlens = Tensor::from_vector(cu, {static_cast<int64_t>(cu.size())});
+  b.max_seqlen = static_cast<int>(longest);
   return b;
 }
 

@@ -23,4 +23,19 @@ struct Batch {
 // B rows of T+1 tokens each ([B*(T+1)], row-major) -> inputs = row[0..T), targets = row[1..T].
 Batch make_batch(const std::vector<int32_t>& rows, int64_t B, int64_t T);
 
+// Packed rows (data.packing): the same B rows of T+1 tokens plus, per row, the ascending offsets
+// t in [1, T] at which token t begins a new document (data/packed_dataset.h). Following
+// Megatron's reset_position_ids + reset_attention_mask + eod_mask_loss and InternEvo's packed
+// samples:
+//   - each row is cut at its document starts t < T: cu_seqlens gets a boundary there, so a
+//     document attends only to itself (max_seqlen = the longest piece);
+//   - positions restart at 0 in every piece (RoPE is relative, so a piece that continues a
+//     document from the previous row is unaffected by where it starts);
+//   - input t whose next token t+1 starts a document (the EOD that preprocess appends) gets
+//     target -100: the next document's first token is never predicted from the previous
+//     document. Every other target is the next token, as in make_batch, so the loss counts the
+//     real next-token predictions only and equals the sum of the documents' losses one by one.
+Batch make_packed_batch(const std::vector<int32_t>& rows,
+                        const std::vector<std::vector<int32_t>>& doc_starts, int64_t B, int64_t T);
+
 }  // namespace ievo
