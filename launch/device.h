@@ -5,7 +5,9 @@
 
 namespace ievo {
 
-void init_device(int local_rank);
+// Selects the GPU of this rank; `deterministic` picks kernels that give bit-identical results run
+// to run (run.deterministic).
+void init_device(int local_rank, bool deterministic = false);
 void sync_device(Device d);
 
 }  // namespace ievo
