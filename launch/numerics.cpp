@@ -1,0 +1,83 @@
+#include "launch/numerics.h"
+
+#include <cmath>
+#include <limits>
+
+#include "launch/log.h"
+#include "runtime/error.h"
+#include "runtime/ops/elementwise.h"
+
+namespace ievo {
+
+std::string first_nonfinite_tensor(const ParamStore& grads) {
+  for (size_t i = 0; i < grads.size(); ++i)
+    if (!ops::all_finite(grads[i])) return grads.spec(i).name;
+  return "";
+}
+
+NumericsGuard::NumericsGuard(const Config& cfg)
+    : max_in_a_row_(cfg.train.max_skips_in_a_row), debug_(cfg.debug) {
+  if (cfg.train.precision == "fp16") {
+    const Fp16Config& f = cfg.fp16;
+    LossScalerConfig c;
+    c.initial_scale = f.initial_scale;
+    c.min_scale = f.min_scale;
+    c.max_scale = f.max_scale;
+    c.growth_factor = f.growth_factor;
+    c.backoff_factor = f.backoff_factor;
+    c.growth_interval = f.growth_interval;
+    c.hysteresis = f.hysteresis;
+    scaler_ = std::make_unique<LossScaler>(c);
+  }
+}
+
+double NumericsGuard::loss_scale() const { return scaler_ ? scaler_->scale() : 1.0; }
+
+void NumericsGuard::inject(int64_t step, ParamStore& grads) const {
+  if (debug_.nan_at_step <= 0 || step < debug_.nan_at_step ||
+      step >= debug_.nan_at_step + debug_.nan_steps)
+    return;
+  Tensor& g = debug_.nan_param.empty() ? grads[0] : grads.get(debug_.nan_param);
+  ops::scale(g, std::numeric_limits<double>::quiet_NaN());
+  log_info("debug.nan_at_step: step %lld: set the gradient of %s to NaN",
+           static_cast<long long>(step),
+           debug_.nan_param.empty() ? grads.spec(0).name.c_str() : debug_.nan_param.c_str());
+}
+
+bool NumericsGuard::accept(int64_t step, double loss, double scaled_grad_norm,
+                           const ParamStore& grads, StepMetrics& m) {
+  const double scale = loss_scale();
+  m.loss_scale = scaler_ ? scale : 0.0;
+  m.grad_norm = scaled_grad_norm / scale;
+  const bool finite = std::isfinite(loss) && std::isfinite(scaled_grad_norm);
+  // fp16: overflows are expected now and then; they count towards the abort only when the scale
+  // cannot back off any further.
+  const bool counts = !scaler_ || scaler_->at_min_scale();
+  if (scaler_) scaler_->update(!finite);
+  m.skipped = !finite;
+  if (finite) {
+    in_a_row_ = 0;
+    m.skipped_total = skipped_total_;
+    return true;
+  }
+  ++skipped_total_;
+  m.skipped_total = skipped_total_;
+  if (counts) ++in_a_row_;
+  const std::string bad = first_nonfinite_tensor(grads);
+  const std::string culprit =
+      bad.empty() ? detail::cat("the loss (", loss, "); every gradient is finite")
+                  : detail::cat("first non-finite gradient: ", bad);
+  if (in_a_row_ >= max_in_a_row_)
+    IEVO_FAIL("step ", step, ": ", in_a_row_,
+              " steps in a row skipped for a non-finite loss or gradient (train.max_skips_in_a_row: ",
+              max_in_a_row_, "); ", culprit, "; loss ", loss, ", gradient norm ", m.grad_norm);
+  if (scaler_)
+    log_info("step %lld: fp16 overflow (%s); skipped, loss scale %g -> %g",
+             static_cast<long long>(step), culprit.c_str(), scale, scaler_->scale());
+  else
+    log_info("step %lld: non-finite loss or gradient (%s); update skipped (%lld in a row)",
+             static_cast<long long>(step), culprit.c_str(), static_cast<long long>(in_a_row_));
+  return false;
+}
+
+}  // namespace ievo
