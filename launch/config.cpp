@@ -72,7 +72,7 @@ const Key kKeys[] = {
     {"model.max_position_embeddings", F(model.model.max_position_embeddings), Need::No,
      "longest sequence the model supports (data.seq_len must not exceed it)"},
     {"model.checkpointing", F(model.checkpointing), Need::No,
-     "activation recomputation: none, full (whole block) or selective (attention only)",
+     "activation recomputation: none, full (whole block) or selective (norms + SwiGLU product)",
      "none|full|selective"},
     {"data.paths", F(data.paths), Need::UnlessSynthetic,
      "dataset prefixes (PREFIX.bin / PREFIX.idx, Megatron indexed format)"},
@@ -81,6 +81,10 @@ const Key kKeys[] = {
     {"data.seq_len", F(data.seq_len), Need::Yes, "tokens per training sequence T"},
     {"data.shuffle", F(data.shuffle), Need::No, "shuffle sample order (seeded by run.seed)"},
     {"data.synthetic", F(data.synthetic), Need::No, "random tokens instead of files (benchmarks)"},
+    {"data.packing", F(data.packing), Need::No,
+     "pack documents: attention and positions restart at document boundaries"},
+    {"data.valid_paths", F(data.valid_paths), Need::No,
+     "validation dataset prefixes (never shuffled, never part of training); empty: no validation"},
     {"train.steps", F(train.steps), Need::Yes, "optimiser steps"},
     {"train.global_batch_size", F(train.global_batch_size), Need::Yes,
      "sequences per optimiser step"},
@@ -91,6 +95,10 @@ const Key kKeys[] = {
      "loss scaling, fp16.*)",
      "fp32|bf16|fp16"},
     {"train.log_every", F(train.log_every), Need::No, "print and log metrics every N steps"},
+    {"train.eval_every", F(train.eval_every), Need::No,
+     "validate every N steps (needs data.valid_paths); 0: after the last step only"},
+    {"train.eval_batches", F(train.eval_batches), Need::No,
+     "validation micro-batches (of train.micro_batch_size) per evaluation"},
     {"train.max_skips_in_a_row", F(train.max_skips_in_a_row), Need::No,
      "abort after this many steps in a row skipped for a non-finite loss or gradient"},
     {"train.max_time", F(train.max_time), Need::No,
@@ -510,6 +518,15 @@ class Loader {
       }
       check(sum > 0, "data.weights", "must not all be zero");
     }
+
+    check(!(c.data.packing && c.data.synthetic), "data.packing",
+          "needs documents; data.synthetic random tokens have none");
+    check(c.train.eval_every >= 0, "train.eval_every", "must be >= 0 (0: after the last step), got ",
+          c.train.eval_every);
+    check(c.train.eval_every == 0 || !c.data.valid_paths.empty(), "train.eval_every",
+          "is set but data.valid_paths is empty (give a validation dataset prefix)");
+    check(c.train.eval_batches > 0, "train.eval_batches", "must be positive, got ",
+          c.train.eval_batches);
 
     const TrainConfig& t = c.train;
     check(t.global_batch_size % t.micro_batch_size == 0, "train.global_batch_size",

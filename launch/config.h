@@ -30,6 +30,8 @@ struct DataConfig {
   int64_t seq_len = 0;
   bool shuffle = true;
   bool synthetic = false;          // random tokens instead of files (benchmarks)
+  bool packing = false;            // documents packed with cu_seqlens (data/packed_dataset.h)
+  std::vector<std::string> valid_paths;  // validation set prefixes (launch/validation.h)
 };
 
 struct TrainConfig {
@@ -40,6 +42,8 @@ struct TrainConfig {
   int64_t log_every = 1;
   int64_t max_skips_in_a_row = 5;  // non-finite steps in a row before aborting
   std::string max_time;            // "4h", "30m", "90s", seconds; "": no limit
+  int64_t eval_every = 0;          // validate every N steps; 0: after the last step only
+  int64_t eval_batches = 8;        // validation micro-batches per evaluation
 };
 
 struct OptimConfig {

@@ -10,6 +10,7 @@
 #include <nlohmann/json.hpp>
 
 #include "data/gpt_dataset.h"
+#include "data/packed_dataset.h"
 #include "launch/checkpoint.h"
 #include "launch/checkpointer.h"
 #include "launch/device.h"
@@ -18,8 +19,10 @@
 #include "launch/log.h"
 #include "launch/metrics.h"
 #include "launch/numerics.h"
+#include "launch/phase_timer.h"
 #include "launch/resume.h"
 #include "launch/signals.h"
+#include "launch/validation.h"
 #include "models/batch.h"
 #include "models/hf_adapter.h"
 #include "models/llama.h"
@@ -40,8 +43,8 @@ namespace {
 
 class Trainer {
  public:
-  Trainer(const Config& cfg, Topology topo)
-      : cfg_(cfg), mc_(cfg.model.model), guard_(cfg), time_limit_(cfg.train.max_time),
+  Trainer(const Config& cfg, Topology topo, TrainOptions opt = {})
+      : cfg_(cfg), opt_(opt), mc_(cfg.model.model), guard_(cfg), time_limit_(cfg.train.max_time),
         topo_(std::move(topo)), rank_(topo_.world_rank()),
         watchdog_(topo_.world_size() > 1 ? cfg.parallel.timeout_s : 0, rank_) {
     device_ = cfg.run.device == "cuda" ? Device::CUDA : Device::CPU;
@@ -69,6 +72,7 @@ class Trainer {
       StepMetrics m = train_step(step);
       all.push_back(m);
       metrics.log_step(m);
+      if (validator_->due(step)) evaluate(step, metrics);  // launch/validation.h
       fault_point("step", step);  // IEVO_TEST_KILL_AT_STEP (tests/test_resume.cpp)
       if (ckpt_) ckpt_->poll();   // a failed background checkpoint write fails the run here
       const int64_t every = cfg_.checkpoint.every;
@@ -116,7 +120,9 @@ class Trainer {
     oc.eps = cfg_.optim.eps;
     oc.weight_decay = cfg_.optim.weight_decay;
     model_ = std::make_unique<Llama>(
-        mc_, cfg_.model.checkpointing == "none" ? Recompute::None : Recompute::Full);
+        mc_, cfg_.model.checkpointing == "full"        ? Recompute::Full
+                 : cfg_.model.checkpointing == "selective" ? Recompute::Selective
+                                                           : Recompute::None);
     // Weights, gradients and AdamW state, replicated or sharded over the data-parallel ranks.
     dp_comm_ = make_communicator(device_, topo_.dp_comm());
     zero_ = std::make_unique<ZeroOptimizer>(
@@ -124,6 +130,8 @@ class Trainer {
         ZeroConfig{static_cast<int>(cfg_.parallel.zero), cfg_.parallel.bucket_mb}, oc);
     zero_->set_weights(initial);
     model_->set_hooks(zero_.get());
+    if (opt_.phases)  // ievo bench: the head layer's backward ends the forward (launch/phase_timer.h)
+      model_->set_hooks(opt_.phases->wrap(zero_.get(), static_cast<int>(mc_.num_layers) + 1));
     sched_.kind = cfg_.schedule.kind;
     sched_.lr = cfg_.optim.lr;
     sched_.min_lr = cfg_.optim.min_lr;
@@ -131,8 +139,10 @@ class Trainer {
     sched_.total_steps = cfg_.train.steps;
     sched_.decay_fraction = cfg_.schedule.decay_fraction;
     const auto& d = cfg_.data;
-    source_ = make_sample_source(d.paths, d.weights, d.seq_len, d.shuffle, d.synthetic, cfg_.run.seed,
-                                 mc_.vocab_size);
+    source_ = make_sample_source(d.paths, d.weights, d.seq_len, d.shuffle, d.synthetic, d.packing,
+                                 cfg_.run.seed, mc_.vocab_size);
+    validator_ = std::make_unique<Validator>(cfg_, mc_.vocab_size, device_, topo_.dp(), topo_.dp_rank());
+    if (validator_->enabled()) log_info("ievo: %s", validator_->describe().c_str());
     if (topo_.world_size() > 1) {
       const ZeroMemory zm = zero_->memory();
       log_info("ievo: %s; ZeRO-%d over dp %d, %d micro-batches of %lld per rank; per rank: "
@@ -145,7 +155,7 @@ class Trainer {
                  static_cast<double>(mc_.num_params()) / 1e6, device_name(device_),
                  cfg_.train.precision.c_str(), source_->describe().c_str());
     resume();
-    if (rank_ == 0)
+    if (rank_ == 0 && opt_.checkpoints)
       ckpt_ = std::make_unique<Checkpointer>(run_dir_.string(), mc_, cfg_.checkpoint.keep_last,
                                              cfg_.checkpoint.async);
   }
@@ -184,17 +194,23 @@ class Trainer {
 
   // The micro-batch `micro` of step `step` (1-based): samples in order from the global stream.
   Batch micro_batch(int64_t step, int64_t micro) const {
-    const int64_t B = cfg_.train.micro_batch_size, T = cfg_.data.seq_len;
+    const int64_t B = cfg_.train.micro_batch_size;
     // This rank's slice; after a resume the stream continues at the checkpoint's consumed samples.
     const int64_t first = sample_base_ + split_.first_sample(step - start_step_, micro);
-    std::vector<int32_t> rows(static_cast<size_t>(B * (T + 1)));
-    for (int64_t r = 0; r < B; ++r) source_->get(first + r, rows.data() + r * (T + 1));
-    Batch b = make_batch(rows, B, T);
-    return device_ == Device::CPU ? b : b.to(device_);
+    return load_batch(*source_, first, B, device_);  // packed when data.packing
+  }
+
+  void evaluate(int64_t step, MetricsLogger& metrics) {
+    const EvalResult ev = validator_->run(*model_, zero_->weights(), dp_comm_.get());
+    metrics.log_scalars(step, {{"val_loss", ev.loss}, {"val_ppl", ev.ppl}});
+    log_info("step %lld/%lld | val_loss %.4f | val_ppl %.2f | %lld tokens", static_cast<long long>(step),
+             static_cast<long long>(cfg_.train.steps), ev.loss, ev.ppl,
+             static_cast<long long>(ev.targets));
   }
 
   StepMetrics train_step(int64_t step) {
     const auto t0 = std::chrono::steady_clock::now();
+    if (opt_.phases) opt_.phases->begin_step();
     std::vector<Batch> micros;
     int64_t targets = 0;
     for (int64_t j = 0; j < accum_; ++j) {
@@ -202,6 +218,7 @@ class Trainer {
       targets += micros.back().num_targets();
     }
     targets = dp_comm_->all_reduce_sum(targets);  // over the whole global batch
+    phase(Phase::Data);
     IEVO_CHECK(targets > 0, "step ", step, ": the global batch has no target tokens");
     zero_->begin_step();
     const ParamStore& weights = zero_->weights();
@@ -212,12 +229,14 @@ class Trainer {
       LossSum ls = model_->forward_backward(weights, b, loss_scale / static_cast<double>(targets),
                                             zero_->grads());
       loss_sum += ls.sum;
+      phase(Phase::Backward);
     }
     loss_sum = dp_comm_->all_reduce_sum(loss_sum);
     // ZeRO-2/3 gradients are already reduced into shards (no whole tensors to poison or scan).
     const bool whole_grads = zero_->stage() <= 1;
     if (whole_grads) guard_.inject(step, zero_->grads());  // debug.nan_* test hook
     const double grad_sum_sq = zero_->finish_gradients();  // reduced over dp; global squared norm
+    phase(Phase::Reduce);
     StepMetrics m;
     m.step = step;
     m.loss = loss_sum / static_cast<double>(targets);
@@ -229,7 +248,9 @@ class Trainer {
       const double coef = clip_coefficient(m.grad_norm, cfg_.optim.grad_clip);
       zero_->step(m.lr, coef / loss_scale);
     }
+    phase(Phase::Optimizer);
     sync_device(device_);
+    if (opt_.phases) opt_.phases->end_step();
     m.step_time_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     m.tokens = cfg_.train.global_batch_size * cfg_.data.seq_len;
     m.tokens_per_s = static_cast<double>(m.tokens) / m.step_time_s;
@@ -240,7 +261,12 @@ class Trainer {
     return m;
   }
 
+  void phase(Phase ended) {  // ievo bench: phase timing (launch/phase_timer.h)
+    if (opt_.phases) opt_.phases->mark(ended);
+  }
+
   void timed_save(int64_t step) {
+    if (!opt_.checkpoints) return;  // ievo bench
     const auto t0 = std::chrono::steady_clock::now();
     watchdog_.kick("checkpoint of step " + std::to_string(step));
     save(step);
@@ -274,6 +300,7 @@ class Trainer {
   static constexpr double kH100PeakBf16Flops = 989e12;
 
   const Config& cfg_;
+  TrainOptions opt_;       // ievo bench: phase timing, no checkpoints
   ModelConfig mc_;
   Device device_ = Device::CPU;
   DType compute_dtype_ = DType::F32;
@@ -290,6 +317,7 @@ class Trainer {
   std::unique_ptr<ZeroOptimizer> zero_;  // weights, gradients, AdamW (parallel/zero.h)
   LrSchedule sched_;
   std::unique_ptr<SampleSource> source_;
+  std::unique_ptr<Validator> validator_;  // data.valid_paths
   std::unique_ptr<Llama> model_;
   std::unique_ptr<Checkpointer> ckpt_;  // rank 0: writes checkpoints (launch/checkpointer.h)
   int64_t start_step_ = 0;              // the resumed checkpoint's step (0: fresh start)
@@ -301,6 +329,14 @@ class Trainer {
 std::vector<StepMetrics> run_train(const Config& cfg) {
   return Trainer(cfg, Topology::from_world(static_cast<int>(cfg.parallel.tensor),
                                            static_cast<int>(cfg.parallel.pipeline)))
+      .run();
+}
+
+std::vector<StepMetrics> run_train(const Config& cfg, const TrainOptions& opt) {
+  return Trainer(cfg,
+                 Topology::from_world(static_cast<int>(cfg.parallel.tensor),
+                                      static_cast<int>(cfg.parallel.pipeline)),
+                 opt)
       .run();
 }
 
