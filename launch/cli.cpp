@@ -8,6 +8,7 @@
 
 #include <CLI/CLI.hpp>
 
+#include "launch/bench.h"
 #include "launch/config.h"
 #include "launch/convert.h"
 #include "launch/data_commands.h"
@@ -50,6 +51,7 @@ int cli_main(int argc, char** argv) {
   Subcommand preprocess = add_preprocess_command(app);  // launch/data_commands.h
 
   auto [plan, run_plan] = add_plan_command(app);  // launch/plan_command.h
+  auto [bench, run_bench_command] = add_bench_command(app);  // launch/bench.h
 
   try {
     app.parse(argc, argv);
@@ -71,6 +73,8 @@ int cli_main(int argc, char** argv) {
       preprocess.run();
     } else if (*plan) {
       run_plan();
+    } else if (*bench) {
+      run_bench_command();
     } else if (*from_hf) {
       convert_from_hf(hf_dir, ckpt_dir);
       std::fprintf(stderr, "ievo: wrote %s\n", ckpt_dir.c_str());

@@ -1,6 +1,7 @@
 #include "models/llama.h"
 
 #include <cmath>
+#include <exception>
 
 #include "runtime/ops/attention.h"
 #include "runtime/ops/cross_entropy.h"
@@ -15,7 +16,7 @@ namespace ievo {
 
 using namespace ievo::ops;
 
-// What one block keeps for its backward (or recomputes under Recompute::Full).
+// What one block keeps for its backward (or recomputes under Recompute::Full / Selective).
 struct Llama::Acts {
   Tensor x;            // block input (residual stream)       [N, d]
   Tensor rstd1, n1;    // attention norm statistics and output [N], [N, d]
@@ -150,6 +151,24 @@ Tensor Llama::block_backward(const ParamStore& p, int layer, const Batch& b, con
   return dx;
 }
 
+// Recompute::Selective: the norm outputs and the SwiGLU product are recomputed from x, a (with the
+// same kernels, so the backward sees bit-identical values) and gate, up.
+void Llama::drop_recomputable(Acts& a) const {
+  a.n1 = Tensor();
+  a.n2 = Tensor();
+  a.h = Tensor();
+}
+
+void Llama::recompute_dropped(const ParamStore& p, int layer, Acts& a) const {
+  const LayerIdx& L = layers_[layer];
+  a.n1 = Tensor::empty(a.x.shape(), a.x.dtype(), a.x.device());
+  rmsnorm_forward(a.x, p[L.ln1], c_.norm_eps, a.n1, a.rstd1);
+  a.n2 = Tensor::empty(a.a.shape(), a.a.dtype(), a.a.device());
+  rmsnorm_forward(a.a, p[L.ln2], c_.norm_eps, a.n2, a.rstd2);
+  a.h = Tensor::empty(a.gate.shape(), a.gate.dtype(), a.gate.device());
+  swiglu_forward(a.gate, a.up, a.h);
+}
+
 // Embedding and all blocks; returns the last block's output. With `saved`, keeps each block's
 // activations (or only its input under Recompute::Full).
 Tensor Llama::forward_hidden(const ParamStore& p, const Batch& b, std::vector<Acts>* saved) {
@@ -169,8 +188,12 @@ Tensor Llama::forward_hidden(const ParamStore& p, const Batch& b, std::vector<Ac
     after(hl, P::Forward);
     add(out, a.a, out);
     if (saved) {
-      if (recompute_ == Recompute::Full) (*saved)[l].x = a.x;
-      else (*saved)[l] = std::move(a);
+      if (recompute_ == Recompute::Full) {
+        (*saved)[l].x = a.x;
+      } else {
+        if (recompute_ == Recompute::Selective) drop_recomputable(a);
+        (*saved)[l] = std::move(a);
+      }
     }
     x = out;
   }
@@ -202,6 +225,8 @@ LossSum Llama::forward_backward(const ParamStore& p, const Batch& b, double grad
     if (recompute_ == Recompute::Full) {
       Tensor xin = acts[l].x;
       block_forward(p, l, b, xin, acts[l]);
+    } else if (recompute_ == Recompute::Selective) {
+      recompute_dropped(p, l, acts[l]);
     }
     dx = block_backward(p, l, b, acts[l], dx, g);
     after(l + 1, P::Backward);
@@ -255,25 +280,36 @@ struct SplitMix {
 
 void init_params(const ModelConfig& c, ParamStore& params, uint64_t seed) {
   IEVO_CHECK(params.size() == param_specs(c).size(), "init_params: parameter set does not match the model");
+  // Tensors in parallel on the host (each has its own stream, so the result does not depend on
+  // the thread count); a device ParamStore is filled tensor by tensor from this thread.
+  const bool host = params.device() == Device::CPU;
+  std::exception_ptr error;
+#pragma omp parallel for schedule(dynamic) if (host)
   for (size_t i = 0; i < params.size(); ++i) {
-    const ParamSpec& s = params.spec(i);
-    Tensor host = Tensor::empty(s.shape, DType::F64);
-    double* h = host.data<double>();
-    if (s.shape.size() == 1) {
-      for (int64_t j = 0; j < host.numel(); ++j) h[j] = 1.0;
-    } else {
-      // A stream per tensor (seed, index) so adding a tensor does not shift the others.
-      SplitMix rng{seed * 0x100000001b3ull + i};
-      for (int64_t j = 0; j < host.numel(); j += 2) {
-        double u1 = rng.uniform(), u2 = rng.uniform();
-        double r = std::sqrt(-2.0 * std::log(u1));
-        h[j] = c.init_std * r * std::cos(2 * M_PI * u2);
-        if (j + 1 < host.numel()) h[j + 1] = c.init_std * r * std::sin(2 * M_PI * u2);
+    try {
+      const ParamSpec& s = params.spec(i);
+      Tensor f64 = Tensor::empty(s.shape, DType::F64);
+      double* h = f64.data<double>();
+      if (s.shape.size() == 1) {
+        for (int64_t j = 0; j < f64.numel(); ++j) h[j] = 1.0;
+      } else {
+        // A stream per tensor (seed, index) so adding a tensor does not shift the others.
+        SplitMix rng{seed * 0x100000001b3ull + i};
+        for (int64_t j = 0; j < f64.numel(); j += 2) {
+          double u1 = rng.uniform(), u2 = rng.uniform();
+          double r = std::sqrt(-2.0 * std::log(u1));
+          h[j] = c.init_std * r * std::cos(2 * M_PI * u2);
+          if (j + 1 < f64.numel()) h[j + 1] = c.init_std * r * std::sin(2 * M_PI * u2);
+        }
       }
+      Tensor conv = f64.to(params.dtype());
+      params[i].copy_from(host ? conv : conv.to(params.device()));
+    } catch (...) {
+#pragma omp critical(ievo_init_params)
+      if (!error) error = std::current_exception();
     }
-    Tensor conv = host.to(params.dtype());
-    params[i].copy_from(params.device() == Device::CPU ? conv : conv.to(params.device()));
   }
+  if (error) std::rethrow_exception(error);
 }
 
 }  // namespace ievo

@@ -23,7 +23,12 @@ struct LossSum {
   int64_t count = 0;  // tokens counted
 };
 
-enum class Recompute { None, Full };  // activation checkpointing: keep all, or only block inputs
+// Activation checkpointing (model.checkpointing): None keeps every activation a block's backward
+// needs; Full keeps only each block's input and recomputes the whole block forward in its backward;
+// Selective keeps every matmul and attention output but drops the two RMSNorm outputs and the
+// SwiGLU product (2d + F values per token and layer), recomputed from the kept tensors by three
+// memory-bound kernels in the backward: no GEMM or attention is recomputed.
+enum class Recompute { None, Full, Selective };
 
 // Optional callbacks around each layer's use of its parameters, for code that decides where
 // parameters and gradients live (parallel/zero.h: ZeRO-3 gathers a layer's weights before it runs
@@ -78,6 +83,8 @@ class Llama {
   void block_forward(const ParamStore& p, int layer, const Batch& b, const Tensor& x, Acts& a);
   Tensor block_backward(const ParamStore& p, int layer, const Batch& b, const Acts& a,
                         const Tensor& dy, ParamStore& g);
+  void drop_recomputable(Acts& a) const;                     // Recompute::Selective
+  void recompute_dropped(const ParamStore& p, int layer, Acts& a) const;
   const Tensor& head_weight(const ParamStore& p) const;
   Tensor& head_weight(ParamStore& p) const;
 

@@ -1,0 +1,209 @@
+#include "launch/bench.h"
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <string>
+
+#include <CLI/CLI.hpp>
+
+#include "launch/config.h"
+#include "launch/trainer.h"
+#include "runtime/allocator.h"
+#include "runtime/error.h"
+#ifdef IEVO_CUDA
+#include "runtime/cuda/cuda.h"
+#endif
+
+namespace fs = std::filesystem;
+
+namespace ievo {
+namespace {
+
+constexpr double kH100PeakBf16Flops = 989e12;  // H100 SXM dense bf16, as in the trainer's MFU
+
+bool has_key(const std::string& key) {
+  for (const auto& k : config_schema())
+    if (k.key == key) return true;
+  return false;
+}
+
+std::string describe_model(const ModelConfig& m) {
+  char buf[160];
+  std::snprintf(buf, sizeof buf, "%s d%lld L%lld h%lld/%lld ffn%lld V%lld", arch_name(m.arch),
+                static_cast<long long>(m.hidden_size), static_cast<long long>(m.num_layers),
+                static_cast<long long>(m.num_heads), static_cast<long long>(m.num_kv_heads),
+                static_cast<long long>(m.ffn_hidden_size), static_cast<long long>(m.vocab_size));
+  return buf;
+}
+
+std::string device_string(const Config& cfg) {
+#ifdef IEVO_CUDA
+  if (cfg.run.device == "cuda") return cuda::device_description();
+#endif
+  return cfg.run.device;
+}
+
+// Removes the temporary run directory however the bench ends.
+struct TempDir {
+  fs::path path;
+  ~TempDir() {
+    std::error_code ec;
+    if (!path.empty()) fs::remove_all(path, ec);
+  }
+};
+
+}  // namespace
+
+BenchResult run_bench(const BenchOptions& o) {
+  IEVO_CHECK(o.steps >= 1, "ievo bench: --steps must be >= 1, got ", o.steps);
+  IEVO_CHECK(o.warmup >= 0, "ievo bench: --warmup must be >= 0, got ", o.warmup);
+  TempDir dir{fs::temp_directory_path() / ("ievo-bench-" + std::to_string(getpid()))};
+  // The user's overrides first, then the bench's: synthetic tokens, W + N steps, a fresh temporary
+  // run directory, no validation (keys of other features only where this build has them).
+  std::vector<std::string> ov = o.overrides;
+  ov.push_back("data.synthetic=true");
+  ov.push_back("run.dir=" + dir.path.string());
+  ov.push_back("checkpoint.resume=none");
+  for (const char* extra : {"data.packing=false", "data.valid_paths=[]", "train.eval_every=0"}) {
+    const std::string kv = extra;
+    if (has_key(kv.substr(0, kv.find('=')))) ov.push_back(kv);
+  }
+  // W + N steps; the LR warm-up may not be longer than the run (it only sets the LR values).
+  const int64_t total = o.warmup + o.steps;
+  if (load_config(o.config, ov).schedule.warmup_steps > total)
+    ov.push_back("schedule.warmup_steps=" + std::to_string(total));
+  ov.push_back("train.steps=" + std::to_string(total));
+  const Config cfg = load_config(o.config, ov);
+  const Device dev = cfg.run.device == "cuda" ? Device::CUDA : Device::CPU;
+
+  PhaseTimer timer(dev);
+  TrainOptions topt;
+  topt.phases = &timer;
+  topt.checkpoints = false;
+  const std::vector<StepMetrics> all = run_train(cfg, topt);
+  IEVO_CHECK(static_cast<int64_t>(all.size()) == o.warmup + o.steps, "ievo bench: the run stopped after ",
+             all.size(), " of ", o.warmup + o.steps, " steps");
+  IEVO_CHECK(timer.steps().size() == all.size(), "ievo bench: phase times of ", timer.steps().size(),
+             " steps for ", all.size(), " steps");
+
+  BenchResult r;
+  const ModelConfig& m = cfg.model.model;
+  r.config = o.config;
+  r.device = device_string(cfg);
+  r.precision = cfg.train.precision;
+  r.checkpointing = cfg.model.checkpointing;
+  r.model = describe_model(m);
+  r.params = m.num_params();
+  r.seq_len = cfg.data.seq_len;
+  r.global_batch = cfg.train.global_batch_size;
+  r.micro_batch = cfg.train.micro_batch_size;
+  r.steps = o.steps;
+  r.warmup = o.warmup;
+  std::vector<double> times;
+  int64_t tokens = 0;
+  for (size_t i = static_cast<size_t>(o.warmup); i < all.size(); ++i) {
+    times.push_back(all[i].step_time_s);
+    tokens += all[i].tokens;
+    for (int p = 0; p < kNumPhases; ++p) r.phases[p] += timer.steps()[i][p] / static_cast<double>(o.steps);
+  }
+  double seconds = 0;
+  for (double t : times) seconds += t;
+  r.step_time_s = seconds / static_cast<double>(times.size());
+  std::sort(times.begin(), times.end());
+  const size_t n = times.size();
+  r.step_time_median_s = n % 2 ? times[n / 2] : 0.5 * (times[n / 2 - 1] + times[n / 2]);
+  r.tokens_per_s = static_cast<double>(tokens) / seconds;
+  r.mfu = dev == Device::CUDA ? m.flops_per_token(cfg.data.seq_len) * r.tokens_per_s / kH100PeakBf16Flops
+                              : 0.0;
+  const MemoryStats ms = memory_stats(dev);
+  r.peak_bytes = ms.peak_bytes;
+  r.reserved_bytes = ms.reserved_bytes;
+  r.first_loss = all.front().loss;
+  r.last_loss = all.back().loss;
+  return r;
+}
+
+nlohmann::json bench_to_json(const BenchResult& r) {
+  nlohmann::json phases;
+  for (int p = 0; p < kNumPhases; ++p) phases[phase_name(static_cast<Phase>(p))] = r.phases[p];
+  return {{"config", r.config},
+          {"device", r.device},
+          {"model", r.model},
+          {"params", r.params},
+          {"precision", r.precision},
+          {"checkpointing", r.checkpointing},
+          {"seq_len", r.seq_len},
+          {"global_batch", r.global_batch},
+          {"micro_batch", r.micro_batch},
+          {"steps", r.steps},
+          {"warmup", r.warmup},
+          {"tokens_per_s", r.tokens_per_s},
+          {"mfu", r.mfu},
+          {"step_time_s", r.step_time_s},
+          {"step_time_median_s", r.step_time_median_s},
+          {"peak_mem_bytes", r.peak_bytes},
+          {"reserved_mem_bytes", r.reserved_bytes},
+          {"phases_s", phases},
+          {"first_loss", r.first_loss},
+          {"last_loss", r.last_loss}};
+}
+
+std::string format_bench(const BenchResult& r) {
+  std::string s;
+  char line[256];
+  auto add = [&](const char* fmt, auto... args) {
+    std::snprintf(line, sizeof line, fmt, args...);
+    s += line;
+  };
+  const double gib = 1024.0 * 1024.0 * 1024.0;
+  add("ievo bench %s: %s, %.1fM params, %s, checkpointing %s\n", r.config.c_str(), r.model.c_str(),
+      static_cast<double>(r.params) / 1e6, r.precision.c_str(), r.checkpointing.c_str());
+  add("  device      %s\n", r.device.c_str());
+  add("  batch       %lld x %lld tokens (micro-batch %lld), %lld warm-up + %lld timed steps\n",
+      static_cast<long long>(r.global_batch), static_cast<long long>(r.seq_len),
+      static_cast<long long>(r.micro_batch), static_cast<long long>(r.warmup),
+      static_cast<long long>(r.steps));
+  add("  tokens/s    %.0f\n", r.tokens_per_s);
+  add("  MFU         %.1f%%\n", 100.0 * r.mfu);
+  add("  step        %.2f ms mean, %.2f ms median\n", 1e3 * r.step_time_s, 1e3 * r.step_time_median_s);
+  add("  memory      %.2f GiB peak allocated, %.2f GiB reserved\n", r.peak_bytes / gib,
+      r.reserved_bytes / gib);
+  double sum = 0;
+  for (double t : r.phases) sum += t;
+  for (int p = 0; p < kNumPhases; ++p)
+    add("  %-11s %8.2f ms  %5.1f%%\n", phase_name(static_cast<Phase>(p)), 1e3 * r.phases[p],
+        sum > 0 ? 100.0 * r.phases[p] / sum : 0.0);
+  add("  loss        %.4f (first step) -> %.4f (last)\n", r.first_loss, r.last_loss);
+  return s;
+}
+
+std::pair<CLI::App*, std::function<void()>> add_bench_command(CLI::App& app) {
+  auto o = std::make_shared<BenchOptions>();
+  auto* cmd = app.add_subcommand("bench", "Training-step speed of a config on synthetic tokens: "
+                                          "tokens/s, MFU, peak memory, time per phase");
+  cmd->add_option("config", o->config, "YAML config file")->required()->check(CLI::ExistingFile);
+  cmd->add_option("--set", o->overrides, "Override a config key: --set train.micro_batch_size=4")
+      ->allow_extra_args(false);
+  cmd->add_option("--steps", o->steps, "timed steps (default 10)")->check(CLI::PositiveNumber);
+  cmd->add_option("--warmup", o->warmup, "untimed warm-up steps first (default 3)")
+      ->check(CLI::NonNegativeNumber);
+  cmd->add_option("--json", o->json, "also write the results as one JSON object to this file");
+  auto run = [o] {
+    const BenchResult r = run_bench(*o);
+    std::printf("%s", format_bench(r).c_str());
+    std::fflush(stdout);
+    if (!o->json.empty()) {
+      std::ofstream f(o->json);
+      IEVO_CHECK(f.good(), "ievo bench: cannot write --json ", o->json);
+      f << bench_to_json(r).dump(2) << "\n";
+      IEVO_CHECK(f.good(), "ievo bench: writing --json ", o->json, " failed");
+    }
+  };
+  return {cmd, run};
+}
+
+}  // namespace ievo
