@@ -1,5 +1,6 @@
 // GPU kernel timings (CUDA event timing, manual time per iteration) at TinyLlama-1.1B shapes:
-// T = 2048, micro-batch 8 (N = 16384 tokens), d 2048, Hq 32, Hkv 4, hd 64, ffn 5632, V 32000.
+// T = 2048, micro-batch 8 (N = 16384 tokens), d 2048, Hq 32, Hkv 4, hd 64, ffn 5632, V 32000;
+// attention also at the comparison shape (hd128_*: B 4, T 4096, 16 heads, hd 128).
 //   build/bench/bench_gpu_kernels --benchmark_counters_tabular=true
 // Counters: TFLOP/s for matrix work (attention counts the causal half: 2 * 2 * N * T/2 * d per
 // direction of QK^T and PV, backward 2.5x the forward), GB/s for memory-bound kernels (bytes
@@ -68,9 +69,19 @@ void BM_matmul(benchmark::State& state, int64_t m, int64_t n, int64_t k, bool tb
                                                  benchmark::Counter::kIsIterationInvariantRate);
 }
 
-void BM_attention(benchmark::State& state, ops::AttentionBackend be, bool backward) {
+// Attention of B sequences of T tokens, Hq query / Hkv kv heads of dim hd.
+struct AttnShape {
+  int64_t B, T, Hq, Hkv, hd;
+};
+constexpr AttnShape kTinyLlama{kB, kT, kHq, kHkv, kHd};
+// The kernel comparison (PyTorch SDPA, bench/peer/llama_peer.py --attention): causal,
+// hd 128, T 4096, B 4, 16 heads (MHA).
+constexpr AttnShape kHd128{4, 4096, 16, 16, 128};
+
+void BM_attention(benchmark::State& state, ops::AttentionBackend be, bool backward, AttnShape sh) {
   if (skip(state)) return;
   ops::set_attention_backend(be);
+  const int64_t kB = sh.B, kT = sh.T, kN = sh.B * sh.T, kHq = sh.Hq, kHkv = sh.Hkv, kHd = sh.hd;
   Tensor q = rnd({kN, kHq, kHd}, DType::BF16), k = rnd({kN, kHkv, kHd}, DType::BF16),
          v = rnd({kN, kHkv, kHd}, DType::BF16), dout = rnd({kN, kHq, kHd}, DType::BF16);
   Tensor out = Tensor::empty(q.shape(), DType::BF16, Device::CUDA);
@@ -135,10 +146,14 @@ BENCHMARK_CAPTURE(BM_matmul, qkv_proj, kN, kD + 2 * kHkv * kHd, kD, true)->UseMa
 BENCHMARK_CAPTURE(BM_matmul, mlp_up, kN, 2 * kF, kD, true)->UseManualTime()->Unit(benchmark::kMillisecond);
 BENCHMARK_CAPTURE(BM_matmul, lm_head_chunk, 4096, kV, kD, true)->UseManualTime()->Unit(benchmark::kMillisecond);
 BENCHMARK_CAPTURE(BM_matmul, square8192, 8192, 8192, 8192, true)->UseManualTime()->Unit(benchmark::kMillisecond);
-BENCHMARK_CAPTURE(BM_attention, flash_fwd, B::Flash, false)->UseManualTime()->Unit(benchmark::kMillisecond);
-BENCHMARK_CAPTURE(BM_attention, flash_bwd, B::Flash, true)->UseManualTime()->Unit(benchmark::kMillisecond);
-BENCHMARK_CAPTURE(BM_attention, cudnn_fwd, B::Cudnn, false)->UseManualTime()->Unit(benchmark::kMillisecond);
-BENCHMARK_CAPTURE(BM_attention, cudnn_bwd, B::Cudnn, true)->UseManualTime()->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(BM_attention, flash_fwd, B::Flash, false, kTinyLlama)->UseManualTime()->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(BM_attention, flash_bwd, B::Flash, true, kTinyLlama)->UseManualTime()->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(BM_attention, cudnn_fwd, B::Cudnn, false, kTinyLlama)->UseManualTime()->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(BM_attention, cudnn_bwd, B::Cudnn, true, kTinyLlama)->UseManualTime()->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(BM_attention, hd128_flash_fwd, B::Flash, false, kHd128)->UseManualTime()->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(BM_attention, hd128_flash_bwd, B::Flash, true, kHd128)->UseManualTime()->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(BM_attention, hd128_cudnn_fwd, B::Cudnn, false, kHd128)->UseManualTime()->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(BM_attention, hd128_cudnn_bwd, B::Cudnn, true, kHd128)->UseManualTime()->Unit(benchmark::kMillisecond);
 BENCHMARK_CAPTURE(BM_rmsnorm, fwd, false)->UseManualTime()->Unit(benchmark::kMillisecond);
 BENCHMARK_CAPTURE(BM_rmsnorm, bwd, true)->UseManualTime()->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_swiglu)->UseManualTime()->Unit(benchmark::kMillisecond);

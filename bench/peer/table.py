@@ -1,0 +1,114 @@
+#!/usr/bin/env python3
+"""Markdown tables from the JSON files of bench/peer/compare.sh (ievo bench, the PyTorch peer,
+bench_gpu_kernels and the peer's SDPA timings).  python3 bench/peer/table.py DIR"""
+import glob
+import json
+import os
+import sys
+
+GOALS = {"llama-134m": 1.3, "tinyllama-1.1b": 1.25, "internlm2-1.8b": 1.2}  # issue 8
+GIB = 1024.0 ** 3
+
+
+def load(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def fmt(x, spec):
+    return format(x, spec) if isinstance(x, (int, float)) else "—"
+
+
+def main(d):
+    meta = load(os.path.join(d, "meta.json")) or {}
+    lines = []
+    lines.append(f"Card: {meta.get('card', '?')}; date: {meta.get('date', '?')}; "
+                 f"PyTorch {meta.get('torch', '?')}; ievo commit {meta.get('commit', '?')}; "
+                 f"{meta.get('steps', '?')} timed steps after {meta.get('warmup', '?')} warm-up steps.")
+    lines.append("")
+    lines.append("| model | ievo tok/s | peer tok/s | ratio (goal) | ievo MFU | peer MFU | "
+                 "ievo peak GiB | peer peak GiB |")
+    lines.append("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    models = meta.get("models") or sorted({os.path.basename(p)[5:-5] for p in glob.glob(os.path.join(d, "ievo_*.json"))
+                                           if "_ckpt_" not in p and "_var_" not in p})
+    for m in models:
+        i, p = load(os.path.join(d, f"ievo_{m}.json")), load(os.path.join(d, f"peer_{m}.json"))
+        it = i["tokens_per_s"] if i else None
+        pt = p["tokens_per_s"] if p else None
+        ratio = f"{it / pt:.2f}x" if it and pt else "—"
+        goal = GOALS.get(m)
+        ratio += f" ({goal:.2f}x)" if goal else ""
+        lines.append(" | ".join([
+            f"| {m}", fmt(it, ",.0f"), fmt(pt, ",.0f"), ratio,
+            fmt(100 * i["mfu"], ".1f") + "%" if i else "—", fmt(100 * p["mfu"], ".1f") + "%" if p else "—",
+            fmt(i["peak_mem_bytes"] / GIB, ".1f") if i else "—",
+            fmt(p["peak_mem_bytes"] / GIB, ".1f") if p else "—"]) + " |")
+    lines.append("")
+    lines.append("Time per step by phase, ms (ievo: device time between phase marks, forward = "
+                 "embedding + blocks, backward includes the LM head's fused forward; peer: forward "
+                 "includes the LM head and loss):")
+    lines.append("")
+    lines.append("| run | step | data | forward | backward | reduce | optimizer |")
+    lines.append("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for path in sorted(glob.glob(os.path.join(d, "ievo_*.json")) + glob.glob(os.path.join(d, "peer_*.json"))):
+        r = load(path)
+        if not r:
+            continue
+        ph = r.get("phases_s", {})
+        lines.append(" | ".join([f"| {os.path.basename(path)[:-5]}", fmt(1e3 * r["step_time_s"], ".1f")] +
+                                [fmt(1e3 * ph[k], ".1f") if k in ph else "—"
+                                 for k in ("data", "forward", "backward", "reduce", "optimizer")]) + " |")
+    ck = sorted(glob.glob(os.path.join(d, "ievo_*_ckpt_*.json")))
+    if ck:
+        lines.append("")
+        lines.append("Activation checkpointing (ievo):")
+        lines.append("")
+        lines.append("| run | checkpointing | tok/s | MFU | peak GiB |")
+        lines.append("| --- | --- | ---: | ---: | ---: |")
+        for path in ck:
+            r = load(path)
+            if r:
+                lines.append(f"| {os.path.basename(path)[5:-5]} | {r['checkpointing']} | {r['tokens_per_s']:,.0f} | "
+                             f"{100 * r['mfu']:.1f}% | {r['peak_mem_bytes'] / GIB:.1f} |")
+    kern = load(os.path.join(d, "kernels.json"))
+    sdpa = load(os.path.join(d, "sdpa.json"))
+    if kern or sdpa:
+        lines.append("")
+        lines.append("Attention, causal, B 4, T 4096, 16 heads, hd 128 (TFLOP/s, causal FLOPs; backward = 2.5x "
+                     "forward FLOPs; fwd+bwd = 3.5x over the sum of both times):")
+        lines.append("")
+        lines.append("| kernel | fwd | bwd | fwd+bwd |")
+        lines.append("| --- | ---: | ---: | ---: |")
+        ms = {}
+        for b in (kern or {}).get("benchmarks", []):
+            name = b["name"].split("/")[1] if "/" in b["name"] else b["name"]
+            unit = {"ms": 1.0, "us": 1e-3, "ns": 1e-6, "s": 1e3}[b.get("time_unit", "ms")]
+            if "error_occurred" not in b or not b["error_occurred"]:
+                ms[name] = (b["real_time"] * unit, b.get("TFLOP/s"))
+        for impl in ("flash", "cudnn"):
+            f, bw = ms.get(f"hd128_{impl}_fwd"), ms.get(f"hd128_{impl}_bwd")
+            if f and bw:
+                fwd_tf = f[1] / 1e12 if f[1] and f[1] > 1e6 else f[1]
+                bwd_tf = bw[1] / 1e12 if bw[1] and bw[1] > 1e6 else bw[1]
+                both = 3.5 * fwd_tf * f[0] / (f[0] + bw[0]) if fwd_tf else None
+                lines.append(f"| ievo {impl} | {fmt(fwd_tf, '.0f')} | {fmt(bwd_tf, '.0f')} | {fmt(both, '.0f')} |")
+        for impl, r in (sdpa or {}).get("sdpa", {}).items():
+            if "error" in r:
+                lines.append(f"| PyTorch SDPA {impl} | error: {r['error'][:60]} | | |")
+            else:
+                lines.append(f"| PyTorch SDPA {impl} | {r['fwd_tflops']:.0f} | {r['bwd_tflops']:.0f} | "
+                             f"{r['fwd_bwd_tflops']:.0f} |")
+        sq = ms.get("square8192")
+        if sq or (sdpa and "matmul8192" in sdpa):
+            lines.append("")
+            sq_tf = (sq[1] / 1e12 if sq[1] > 1e6 else sq[1]) if sq and sq[1] else None
+            pt = sdpa["matmul8192"]["tflops"] if sdpa and "matmul8192" in sdpa else None
+            lines.append(f"bf16 8192³ GEMM: ievo (cuBLASLt) {fmt(sq_tf, '.0f')} TFLOP/s, PyTorch {fmt(pt, '.0f')} TFLOP/s.")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else ".")
