@@ -49,6 +49,7 @@ int cli_main(int argc, char** argv) {
   from_hf->add_option("checkpoint", ckpt_dir, "output checkpoint directory")->required();
 
   Subcommand preprocess = add_preprocess_command(app);  // launch/data_commands.h
+  Subcommand generate = add_generate_command(app);
 
   auto [plan, run_plan] = add_plan_command(app);  // launch/plan_command.h
   auto [bench, run_bench_command] = add_bench_command(app);  // launch/bench.h
@@ -71,6 +72,8 @@ int cli_main(int argc, char** argv) {
       std::fprintf(stderr, "ievo: wrote %s\n", out_dir.c_str());
     } else if (*preprocess.app) {
       preprocess.run();
+    } else if (*generate.app) {
+      generate.run();
     } else if (*plan) {
       run_plan();
     } else if (*bench) {

@@ -52,6 +52,14 @@ struct HookLayerParams {
   std::vector<size_t> reads_forward, reads_backward, writes;
 };
 
+// Keys (after RoPE) and values of the tokens seen so far, per layer, for incremental decoding
+// (Llama::forward_step, models/generate.h). Rows [0, length) of each tensor are filled.
+struct KvCache {
+  std::vector<Tensor> k, v;  // per layer: [capacity, Hkv, hd], the parameters' dtype and device
+  int64_t length = 0;        // tokens cached (the next token's position)
+  int64_t capacity() const { return k.empty() ? 0 : k[0].size(0); }
+};
+
 class Llama {
  public:
   explicit Llama(const ModelConfig& c, Recompute recompute = Recompute::None);
@@ -65,6 +73,13 @@ class Llama {
   LossSum loss(const ParamStore& params, const Batch& b);
   // Forward only: logits [N, V] of every token.
   Tensor logits(const ParamStore& params, const Batch& b);
+
+  // Incremental forward (models/llama_decode.cpp): an empty cache for `capacity` tokens, and the
+  // logits [n, V] of n new tokens at positions cache.length .. + n - 1 given the cached ones,
+  // appending their keys and values. Same ops as logits(), so the rows equal those of logits()
+  // on the whole sequence (up to rounding).
+  KvCache make_kv_cache(int64_t capacity, DType dtype, Device device) const;
+  Tensor forward_step(const ParamStore& params, const std::vector<int32_t>& tokens, KvCache& cache);
 
   // Tokens of the LM head processed at once (the fused head never holds [N, V] logits).
   int64_t head_chunk_tokens = 1024;
