@@ -59,7 +59,7 @@ pack() {
   for b in $bins; do ldd "$build/$b"; done | awk '/=> \//{print $1" "$3}' | sort -u | while read -r name path; do
     case "$name" in
       libc.so*|libm.so*|libstdc++*|libgcc_s*|ld-linux*|libpthread*|libdl.so*|librt.so*) ;;
-      libcuda.so*|libcudart*|libcublas*|libcudnn*|libnvrtc*|libnvJitLink*) ;;
+      libcuda.so*|libcudart*|libcublas*|libcudnn*|libnvrtc*|libnvJitLink*|libnccl*) ;;  # NCCL: PyTorch's wheel there
       # Seen present on the device image (2026-11-25): not carried (openblas alone is 36 MB).
       libopenblas.so*|libgfortran.so*|libquadmath.so*|libgomp.so*|libz.so*) ;;
       *) cp -L "$path" "$DEV/lib-all/$name" ;;
@@ -113,7 +113,7 @@ run() {
             awk '/not found/{print $1}' | sort -u)
   for lib in $missing; do
     case "$lib" in
-      libcud*|libcublas*|libnvrtc*|libnvJitLink*)
+      libcud*|libcublas*|libnvrtc*|libnvJitLink*|libnccl*)
         d=$(find_lib_dir "$lib"); [ -n "$d" ] && extra="$extra:$d" ;;
       *)
         mkdir -p "$DEV/lib"; [ -e "$DEV/lib-all/$lib" ] && ln -sf "$PWD/$DEV/lib-all/$lib" "$DEV/lib/$lib" ;;

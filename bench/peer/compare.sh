@@ -10,9 +10,9 @@
 # bench/peer/compare.sh
 #
 # For each model: `ievo bench` and bench/peer/llama_peer.py on the same config (W warm-up + N timed
-# steps, random tokens), one after the other (never at once); then ievo's activation checkpointing
-# variants on TinyLlama, the attention/GEMM kernels of bench_gpu_kernels and PyTorch's SDPA on the
-# same shape. Writes $OUT/table.md (bench/peer/table.py) and $OUT/compare.tgz (every JSON and log).
+# steps, random tokens), one after the other (never at once); then the attention/GEMM kernels of
+# bench_gpu_kernels and PyTorch's SDPA on the same shape, and ievo's activation checkpointing
+# variants on TinyLlama. The table is rewritten after every run. Writes $OUT/table.md (bench/peer/table.py) and $OUT/compare.tgz (every JSON and log).
 # Environment: MODELS (config names under configs/), STEPS (10), WARMUP (5), PEER_COMPILE
 # (blocks|full|none), PEER_SDPA (flash|cudnn|default), CKPT_VARIANTS ("full selective"),
 # IEVO_TIMEOUT / PEER_TIMEOUT (seconds per run), OUT.
@@ -54,6 +54,9 @@ run() {
   local rc=$?
   echo "== $name: exit $rc in $((SECONDS - t0)) s"
   [ "$rc" = 0 ] || tail -n 25 "$work/$name.log"
+  # The table and the archive so far: a call cut short still returns what was measured.
+  python3 bench/peer/table.py "$work" > "$OUT/table.md" 2>&1
+  tar czf "$OUT/compare.tgz" -C "$work" .
 }
 
 for m in $MODELS; do
@@ -65,20 +68,19 @@ for m in $MODELS; do
   grep -E '"(tokens_per_s|mfu|peak_mem_bytes|first_step_s)"' "$work/peer_$m.log"
 done
 
+if [ -x "$KBENCH" ]; then
+  run kernels 180 "$KBENCH" --benchmark_filter='hd128|square8192|qkv_proj|mlp_up|lm_head' --benchmark_min_time=0.2 \
+    --benchmark_counters_tabular=true --benchmark_out="$work/kernels.json" --benchmark_out_format=json
+  grep -E "BM_" "$work/kernels.log"
+fi
+run sdpa 180 python3 bench/peer/llama_peer.py --attention --json "$work/sdpa.json"
+
 for v in $CKPT_VARIANTS; do
   run "ievo_tinyllama-1.1b_ckpt_$v" "${IEVO_TIMEOUT:-200}" "$IEVO" bench configs/tinyllama-1.1b.yaml \
     --set "model.checkpointing=$v" --steps "$STEPS" --warmup "$WARMUP" --json "$work/ievo_tinyllama-1.1b_ckpt_$v.json"
   grep -E "tokens/s|memory" "$work/ievo_tinyllama-1.1b_ckpt_$v.log"
 done
 
-if [ -x "$KBENCH" ]; then
-  run kernels 180 "$KBENCH" --benchmark_filter='attention|square8192|matmul' --benchmark_min_time=0.2 \
-    --benchmark_counters_tabular=true --benchmark_out="$work/kernels.json" --benchmark_out_format=json
-  grep -E "BM_" "$work/kernels.log"
-fi
-run sdpa 180 python3 bench/peer/llama_peer.py --attention --json "$work/sdpa.json"
 
-python3 bench/peer/table.py "$work" > "$OUT/table.md"
-tar czf "$OUT/compare.tgz" -C "$work" .
 echo "== table ($OUT/table.md)"
 cat "$OUT/table.md"
