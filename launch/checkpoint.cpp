@@ -40,6 +40,13 @@ class H5Id {
   H5Id& operator=(H5Id&&) = delete;
   operator hid_t() const { return id_; }
   bool ok() const { return id_ >= 0; }
+  // Closes now, returning the close's status (closing a dataset flushes its buffered data, which
+  // is where a full disk shows up).
+  herr_t close() {
+    herr_t r = id_ >= 0 ? close_(id_) : 0;
+    id_ = H5I_INVALID_HID;
+    return r;
+  }
 
  private:
   hid_t id_;
@@ -62,6 +69,9 @@ std::string h5_error() {
 
 void h5_init() {
   static bool done = [] {
+    // No library shutdown at exit: after a failed write (disk full) HDF5 1.10 can crash closing
+    // the broken file in its atexit handler. Every file is closed explicitly anyway.
+    H5dont_atexit();
     H5open();
     H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr);
     return true;
@@ -168,6 +178,7 @@ void write_groups(hid_t file, const std::string& path, const std::vector<Checkpo
                           H5S_ALL, H5P_DEFAULT, t.raw()) >= 0,
                  where, ": write failed");
       write_u64_attr(ds, "checksum", checkpoint_checksum(t.raw(), t.nbytes()), where);
+      H5_CHECK(ds.close() >= 0, where, ": write failed");
       if (++done == total / 2) {
         H5Fflush(file, H5F_SCOPE_GLOBAL);  // so that a kill here leaves a half-written file
         fault_point("write", step, path);
