@@ -10,6 +10,7 @@
 
 #include "launch/bench.h"
 #include "launch/config.h"
+#include "launch/dry_run.h"
 #include "launch/convert.h"
 #include "launch/data_commands.h"
 #include "launch/plan_command.h"
@@ -33,6 +34,9 @@ int cli_main(int argc, char** argv) {
   train->add_option("config", config_path, "YAML config file")->required()->check(CLI::ExistingFile);
   train->add_option("--set", overrides, "Override a config key: --set train.steps=100")
       ->allow_extra_args(false);
+  bool dry = false;
+  train->add_flag("--dry-run", dry,
+                  "Validate the config and the data, print the layout and the memory plan; no training");
 
   // ievo convert to-hf / from-hf
   auto* convert = app.add_subcommand("convert", "Convert between ievo checkpoints and HF directories");
@@ -63,6 +67,10 @@ int cli_main(int argc, char** argv) {
   try {
     if (*train) {
       Config cfg = load_config(config_path, overrides);
+      if (dry) {  // launch/dry_run.h
+        dry_run(cfg);
+        return 0;
+      }
       run_train(cfg);
       return stop_exit_code();  // 130 after a SIGINT stop (launch/signals.h), else 0
     } else if (*to_hf) {

@@ -1,0 +1,106 @@
+#include "launch/perf_plan.h"
+
+#include <fstream>
+
+#include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
+
+#include "runtime/error.h"
+
+namespace ievo {
+
+std::shared_ptr<PerfOptions> add_perf_options(CLI::App& cmd) {
+  auto o = std::make_shared<PerfOptions>();
+  const char* g = "Step time";
+  cmd.add_option("--peak-tflops", o->peak_tflops, "dense matmul peak per GPU (default: H100 SXM)")
+      ->group(g)->check(CLI::PositiveNumber);
+  cmd.add_option("--gemm-eff", o->gemm_eff, "achieved/peak for GEMMs (0.6)")->group(g)->check(CLI::Range(0.01, 1.0));
+  cmd.add_option("--attn-eff", o->attn_eff, "achieved/peak for attention (0.4)")->group(g)->check(CLI::Range(0.01, 1.0));
+  cmd.add_option("--mem-bw-gbs", o->mem_bw_gbs, "device memory GB/s (3350)")->group(g)->check(CLI::PositiveNumber);
+  cmd.add_option("--mem-eff", o->mem_eff, "achieved/peak memory bandwidth (0.7)")->group(g)->check(CLI::Range(0.01, 1.0));
+  cmd.add_option("--intra-bw-gbs", o->intra_bw_gbs, "collective GB/s per GPU in a node (360)")->group(g)->check(CLI::PositiveNumber);
+  cmd.add_option("--inter-bw-gbs", o->inter_bw_gbs, "collective GB/s per GPU across nodes (45)")->group(g)->check(CLI::PositiveNumber);
+  cmd.add_option("--gpus-per-node", o->gpus_per_node, "GPUs per node (8)")->group(g)->check(CLI::PositiveNumber);
+  cmd.add_option("--comm-overlap", o->comm_overlap, "fraction of the backward hiding dp collectives (0)")->group(g)->check(CLI::Range(0.0, 1.0));
+  cmd.add_option("--tp", o->tp, "tensor-parallel size (default: parallel.tensor)")->group(g)->check(CLI::PositiveNumber);
+  cmd.add_option("--pp", o->pp, "pipeline-parallel size (default: parallel.pipeline)")->group(g)->check(CLI::PositiveNumber);
+  cmd.add_option("--vpp", o->vpp, "virtual pipeline stages per rank (1)")->group(g)->check(CLI::PositiveNumber);
+  cmd.add_option("--bench-json", o->bench_json, "calibrate from `ievo bench --json` of this model on one GPU")
+      ->group(g)->check(CLI::ExistingFile);
+  return o;
+}
+
+PerfInput perf_input(const Config& cfg, int dp, const PerfOptions& o) {
+  PerfInput in;
+  in.model = cfg.model.model;
+  in.seq_len = cfg.data.seq_len;
+  in.micro_batch = cfg.train.micro_batch_size;
+  in.global_batch = cfg.train.global_batch_size;
+  in.dp = dp;
+  in.tp = o.tp > 0 ? o.tp : static_cast<int>(cfg.parallel.tensor);
+  in.pp = o.pp > 0 ? o.pp : static_cast<int>(cfg.parallel.pipeline);
+  in.virtual_stages = o.vpp;
+  in.zero_stage = static_cast<int>(cfg.parallel.zero);
+  const std::string& p = cfg.train.precision;
+  in.compute = p == "bf16" ? DType::BF16 : p == "fp16" ? DType::F16 : DType::F32;
+  in.recompute = cfg.model.checkpointing;
+  return in;
+}
+
+PerfHardware perf_hardware(const PerfInput& in, const PerfOptions& o) {
+  PerfHardware hw = default_hardware(in.compute);
+  if (o.peak_tflops > 0) {
+    hw.peak_flops = o.peak_tflops * 1e12;
+    hw.name = "given peak";
+  }
+  hw.gemm_efficiency = o.gemm_eff;
+  hw.attn_efficiency = o.attn_eff;
+  hw.mem_bw = o.mem_bw_gbs * 1e9;
+  hw.mem_efficiency = o.mem_eff;
+  hw.intra_bw = o.intra_bw_gbs * 1e9;
+  hw.inter_bw = o.inter_bw_gbs * 1e9;
+  hw.gpus_per_node = o.gpus_per_node;
+  hw.comm_overlap = o.comm_overlap;
+  if (!o.bench_json.empty()) {
+    // ievo bench --json (launch/bench.h) of this model on one GPU: its measured forward + backward
+    // time is the achieved rate for the FLOPs that run executed.
+    nlohmann::json j;
+    try {
+      std::ifstream f(o.bench_json);
+      j = nlohmann::json::parse(f);
+      PerfInput b = in;
+      b.dp = b.tp = b.pp = 1;
+      b.zero_stage = 0;
+      b.seq_len = j.at("seq_len").get<int64_t>();
+      b.micro_batch = j.at("micro_batch").get<int64_t>();
+      b.global_batch = j.at("global_batch").get<int64_t>();
+      b.recompute = j.value("checkpointing", in.recompute);
+      const auto& ph = j.at("phases_s");
+      const double fb = ph.at("forward").get<double>() + ph.at("backward").get<double>();
+      IEVO_CHECK(fb > 0, "forward + backward time is not positive");
+      PerfHardware plain = hw;
+      const PerfEstimate eb = estimate_step(b, plain);
+      hw.measured_flops_per_s = eb.executed_flops_gpu / fb;
+      hw.measured_optimizer_s = ph.at("optimizer").get<double>();
+      hw.measured_params_per_rank = in.model.num_params();
+      hw.name += ", calibrated by " + o.bench_json;
+    } catch (const std::exception& e) {
+      IEVO_FAIL("--bench-json ", o.bench_json, ": ", e.what());
+    }
+  }
+  return hw;
+}
+
+std::string perf_report(const Config& cfg, int dp, const PerfOptions& o) {
+  const PerfInput in = perf_input(cfg, dp, o);
+  const PerfHardware hw = perf_hardware(in, o);
+  PerfEstimate e;
+  try {
+    e = estimate_step(in, hw);
+  } catch (const Error& err) {  // e.g. a batch that does not split over dp
+    return std::string("step time (estimate): n/a: ") + err.what() + "\n";
+  }
+  return format_estimate(in, hw, e);
+}
+
+}  // namespace ievo

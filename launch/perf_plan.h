@@ -1,0 +1,42 @@
+// The step-time part of `ievo plan` (parallel/perf_model.h) and of `ievo train --dry-run`: the
+// hardware options on the command line, the model input from a config, and the calibration from
+// `ievo bench --json`.
+//   --peak-tflops X      dense matmul peak per GPU (default: H100 SXM, 989 bf16/fp16, 67 fp32)
+//   --gemm-eff E         achieved/peak for GEMMs (0.6)       --attn-eff E   for attention (0.4)
+//   --mem-bw-gbs X       device memory bandwidth (3350)      --mem-eff E    achieved/peak (0.7)
+//   --intra-bw-gbs X     collective bandwidth inside a node per GPU (360)
+//   --inter-bw-gbs X     across nodes per GPU (45)           --gpus-per-node N (8)
+//   --comm-overlap F     fraction of the backward that hides dp collectives (0)
+//   --tp N --pp N --vpp V  layout to estimate besides --dp (defaults: parallel.tensor/pipeline, 1)
+//   --bench-json FILE    calibrate the FLOP rate and the optimizer from `ievo bench --json` of the
+//                        same model on one GPU
+#pragma once
+#include <memory>
+#include <string>
+
+#include "launch/config.h"
+#include "parallel/perf_model.h"
+
+namespace CLI {
+class App;
+}
+
+namespace ievo {
+
+struct PerfOptions {
+  double peak_tflops = 0;  // 0: by precision
+  double gemm_eff = 0.6, attn_eff = 0.4, mem_bw_gbs = 3350, mem_eff = 0.7;
+  double intra_bw_gbs = 360, inter_bw_gbs = 45, comm_overlap = 0;
+  int gpus_per_node = 8, tp = 0, pp = 0, vpp = 1;  // tp/pp 0: from the config
+  std::string bench_json;
+};
+
+// Adds the options above to `cmd`; the returned options are filled when it is parsed.
+std::shared_ptr<PerfOptions> add_perf_options(CLI::App& cmd);
+// The model and batch of a config with data-parallel size `dp`.
+PerfInput perf_input(const Config& cfg, int dp, const PerfOptions& o = {});
+PerfHardware perf_hardware(const PerfInput& in, const PerfOptions& o = {});
+// The estimate, formatted (several lines).
+std::string perf_report(const Config& cfg, int dp, const PerfOptions& o = {});
+
+}  // namespace ievo
