@@ -99,7 +99,8 @@ void remove_leftovers(const std::string& run_dir) {
 std::vector<std::string> changed_config_keys(const std::string& old_yaml, const std::string& new_yaml) {
   static const std::set<std::string> kFree = {"train.steps", "train.log_every", "train.max_time",
                                               "run.dir"};
-  static const std::vector<std::string> kFreeSections = {"checkpoint.", "metrics.", "debug."};
+  static const std::vector<std::string> kFreeSections = {"checkpoint.", "metrics.", "debug.",
+                                                            "parallel."};
   YAML::Node a, b;
   try {
     a = YAML::Load(old_yaml);

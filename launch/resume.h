@@ -50,7 +50,8 @@ std::vector<int64_t> prune_checkpoints(const std::string& run_dir, int64_t newes
 
 // The top-level config keys ("data.seq_len", ...) whose values differ between two resolved
 // configs (config_to_yaml text), ignoring keys that may change on a resume (checkpoint.*,
-// train.steps, train.log_every, train.max_time, run.dir, metrics.*, debug.*).
+// train.steps, train.log_every, train.max_time, run.dir, metrics.*, debug.*, parallel.*: the
+// layout may change).
 std::vector<std::string> changed_config_keys(const std::string& old_yaml, const std::string& new_yaml);
 
 }  // namespace ievo
