@@ -14,11 +14,18 @@ namespace {
 constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
 constexpr int64_t kOverhead = int64_t{1} << 30;  // CUDA context + cuBLAS/cuDNN workspaces
 
+// The table's unit: GiB, or MiB / KiB for small models (set by format_plan).
+double g_unit = kGiB;
+const char* g_unit_name = "GiB";
+
 std::string gib(double bytes) {
   char buf[32];
-  std::snprintf(buf, sizeof buf, "%9.3f GiB", bytes / kGiB);
+  std::snprintf(buf, sizeof buf, "%9.3f %s", bytes / g_unit, g_unit_name);
   return buf;
 }
+
+// Right-aligned to the width of gib() so the columns line up.
+std::string pad(const std::string& s) { return s.size() >= 13 ? s : std::string(13 - s.size(), ' ') + s; }
 
 std::string human(double bytes) {
   char buf[32];
@@ -135,6 +142,9 @@ std::string format_plan(const PlanInput& in, const Plan& p) {
   const bool mixed = !(in.compute == DType::F32 || in.compute == DType::F64);
   const int s = in.zero.stage;
   const char* wname = dtype_name(in.compute);
+  const double states = static_cast<double>(p.exact.total());
+  g_unit = states >= kGiB ? kGiB : states >= 1048576 ? 1048576 : 1024;
+  g_unit_name = states >= kGiB ? "GiB" : states >= 1048576 ? "MiB" : "KiB";
   std::ostringstream o;
   char head[256];
   std::snprintf(head, sizeof head, "%s model: %.3fM parameters (Ψ = %lld), L %lld, d %lld, heads %lld/%lld kv, F %lld, V %lld\n",
@@ -176,22 +186,21 @@ std::string format_plan(const PlanInput& in, const Plan& p) {
                 gib(static_cast<double>(p.total)).c_str(), in.gpu_mem_gib,
                 p.fits ? "fits" : "does NOT fit");
   o << buf;
-  o << "inference (" << human(in.infer_weight_bytes) << "/weight, " << human(in.infer_kv_bytes)
-    << "/KV element):\n";
+  o << "inference (" << in.infer_weight_bytes << " B per weight, " << in.infer_kv_bytes
+    << " B per KV-cache element):\n";
   o << "  weights                        " << gib(p.infer_weights) << "\n";
-  std::snprintf(buf, sizeof buf,
-                "  KV cache per token             %s  (2 x L %lld x kv_heads %lld x head_dim %lld x %g B)\n",
-                human(p.kv_per_token).c_str(), static_cast<long long>(m.num_layers),
+  const int64_t ctx = m.max_position_embeddings;
+  std::snprintf(buf, sizeof buf, "  KV cache per token             %s  2 x L %lld x kv_heads %lld x head_dim %lld x %g B\n",
+                pad(human(p.kv_per_token)).c_str(), static_cast<long long>(m.num_layers),
                 static_cast<long long>(m.num_kv_heads), static_cast<long long>(m.hd()), in.infer_kv_bytes);
   o << buf;
-  const int64_t ctx = m.max_position_embeddings;
-  std::snprintf(buf, sizeof buf, "  KV cache per %lld-token sequence %s\n", static_cast<long long>(ctx),
-                human(p.kv_per_token * static_cast<double>(ctx)).c_str());
+  std::snprintf(buf, sizeof buf, "  KV cache per sequence          %s  %lld tokens (model.max_position_embeddings)\n",
+                pad(human(p.kv_per_token * static_cast<double>(ctx))).c_str(), static_cast<long long>(ctx));
   o << buf;
-  std::snprintf(buf, sizeof buf, "  KV tokens that fit beside the weights in %.1f GiB: %lld (%lld sequences of %lld)\n",
-                in.gpu_mem_gib, static_cast<long long>(p.kv_tokens_that_fit),
+  std::snprintf(buf, sizeof buf, "  KV tokens beside the weights   %13lld  = %lld sequences of %lld in %.1f GiB\n",
+                static_cast<long long>(p.kv_tokens_that_fit),
                 static_cast<long long>(p.kv_tokens_that_fit / std::max<int64_t>(1, ctx)),
-                static_cast<long long>(ctx));
+                static_cast<long long>(ctx), in.gpu_mem_gib);
   o << buf;
   return o.str();
 }
