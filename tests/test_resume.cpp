@@ -31,6 +31,8 @@
 #include <nlohmann/json.hpp>
 
 #include "launch/checkpoint.h"
+#include "launch/config.h"
+#include "launch/resume.h"
 #include "util.h"
 
 namespace fs = std::filesystem;
@@ -465,4 +467,61 @@ TEST_F(Resume, AFailedSaveIsReportedAndThePreviousCheckpointSurvives) {
     EXPECT_TRUE(has(again.out, "resuming from " + run + "/checkpoints/step_4")) << again.out;
     expect_same_curve(run, ref_, 1, "latest blocked");
   }
+}
+
+// ---- the pieces, directly ---------------------------------------------------------------------
+
+TEST(ResumeUnits, TruncateMetricsKeepsStepsUpToTheResumedOneAndDropsATornLine) {
+  const std::string run = test::temp_dir("trunc");
+  std::ofstream(run + "/metrics.jsonl") << "{\"step\":1,\"loss\":2.5}\n{\"step\":2,\"loss\":2.4}\n"
+                                           "{\"step\":2,\"val_loss\":2.6}\n{\"step\":3,\"loss\":2.3}\n"
+                                           "{\"step\":4,\"lo";  // killed mid-write
+  truncate_metrics(run, 2);
+  EXPECT_EQ(test::read_file(run + "/metrics.jsonl"),
+            "{\"step\":1,\"loss\":2.5}\n{\"step\":2,\"loss\":2.4}\n{\"step\":2,\"val_loss\":2.6}\n");
+  truncate_metrics(run, 0);
+  EXPECT_EQ(test::read_file(run + "/metrics.jsonl"), "");
+  truncate_metrics(run + "/nothing_here", 3);  // no file: nothing to do
+}
+
+TEST(ResumeUnits, PruneKeepsTheNewestAndLeavesNewerOnesAlone) {
+  const std::string run = test::temp_dir("prune");
+  for (int s : {1, 2, 3, 5, 8, 9}) fs::create_directories(run + "/checkpoints/step_" + std::to_string(s));
+  fs::create_directories(run + "/checkpoints/step_7.tmp");
+  EXPECT_EQ(prune_checkpoints(run, 5, 0), std::vector<int64_t>{});  // 0: keep all
+  EXPECT_EQ(prune_checkpoints(run, 5, 2), (std::vector<int64_t>{2, 1}));
+  EXPECT_EQ(checkpoint_dirs(run), (std::vector<std::string>{"step_3", "step_5", "step_7.tmp", "step_8", "step_9"}));
+  EXPECT_EQ(list_checkpoints(run).front().first, 9);
+}
+
+TEST(ResumeUnits, ChangedConfigKeysIgnoresKeysThatMayChange) {
+  const std::string a = "run:\n  dir: x\n  seed: 1\ntrain:\n  steps: 10  # c\n  global_batch_size: 4\n"
+                        "data:\n  paths: [a, b]\ncheckpoint:\n  every: 2\n";
+  const std::string b = "run:\n  dir: y\n  seed: 2\ntrain:\n  steps: 20\n  global_batch_size: 4\n"
+                        "data:\n  paths: [a, c]\ncheckpoint:\n  every: 5\nparallel:\n  zero: 3\n";
+  EXPECT_EQ(changed_config_keys(a, b), (std::vector<std::string>{"data.paths", "run.seed"}));
+  EXPECT_TRUE(changed_config_keys(a, a).empty());
+}
+
+TEST(ResumeUnits, ConfigKeys) {
+  const std::string base = "model: {vocab_size: 256, hidden_size: 32, num_layers: 1, num_heads: 4, "
+                           "ffn_hidden_size: 64}\ndata: {synthetic: true, seq_len: 16}\n"
+                           "train: {steps: 2, global_batch_size: 2, micro_batch_size: 1}\n";
+  Config c = load_config_string(base, "x.yaml");
+  EXPECT_EQ(c.checkpoint.resume, "auto");
+  EXPECT_EQ(c.checkpoint.keep_last, 0);
+  EXPECT_FALSE(c.checkpoint.async);
+  EXPECT_FALSE(c.checkpoint.overwrite);
+  c = load_config_string(base, "x.yaml", {"checkpoint.resume=/a/step_3", "checkpoint.keep_last=2",
+                                          "checkpoint.async=true", "checkpoint.overwrite=true"});
+  EXPECT_EQ(c.checkpoint.resume, "/a/step_3");
+  EXPECT_EQ(c.checkpoint.keep_last, 2);
+  EXPECT_TRUE(c.checkpoint.async && c.checkpoint.overwrite);
+  try {
+    load_config_string(base, "x.yaml", {"checkpoint.keep_last=-1"});
+    ADD_FAILURE() << "keep_last=-1 accepted";
+  } catch (const Error& e) {
+    EXPECT_TRUE(has(e.what(), "checkpoint.keep_last: must be >= 0")) << e.what();
+  }
+  EXPECT_TRUE(has(config_to_yaml(c), "resume: /a/step_3"));
 }
