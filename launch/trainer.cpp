@@ -20,6 +20,7 @@
 #include "launch/metrics.h"
 #include "launch/numerics.h"
 #include "launch/phase_timer.h"
+#include "launch/profiling.h"
 #include "launch/resume.h"
 #include "launch/signals.h"
 #include "launch/validation.h"
@@ -85,7 +86,9 @@ class Trainer {
         break;
       }
       time_limit_.record_step(m.step_time_s);
-      if (step < cfg_.train.steps && time_limit_.should_stop()) {  // train.max_time
+      // train.max_time: every rank stops after the same step (one rank's clock decides for all).
+      if (step < cfg_.train.steps && time_limit_.enabled() &&
+          dp_comm_->all_reduce_sum(static_cast<int64_t>(time_limit_.should_stop())) > 0) {
         if (!due) timed_save(step);
         log_info("train.max_time (%s) is near after %s: saved step %lld, exiting",
                  cfg_.train.max_time.c_str(), format_duration(time_limit_.elapsed_s()).c_str(),
@@ -124,14 +127,14 @@ class Trainer {
                  : cfg_.model.checkpointing == "selective" ? Recompute::Selective
                                                            : Recompute::None);
     // Weights, gradients and AdamW state, replicated or sharded over the data-parallel ranks.
-    dp_comm_ = make_communicator(device_, topo_.dp_comm());
+    dp_comm_ = with_nvtx(make_communicator(device_, topo_.dp_comm()));  // launch/profiling.h
     zero_ = std::make_unique<ZeroOptimizer>(
         specs_, model_->hook_layers(), compute_dtype_, device_, *dp_comm_,
         ZeroConfig{static_cast<int>(cfg_.parallel.zero), cfg_.parallel.bucket_mb}, oc);
     zero_->set_weights(initial);
-    model_->set_hooks(zero_.get());
+    model_->set_hooks(nvtx_hooks_.wrap(zero_.get()));
     if (opt_.phases)  // ievo bench: the head layer's backward ends the forward (launch/phase_timer.h)
-      model_->set_hooks(opt_.phases->wrap(zero_.get(), static_cast<int>(mc_.num_layers) + 1));
+      model_->set_hooks(nvtx_hooks_.wrap(opt_.phases->wrap(zero_.get(), static_cast<int>(mc_.num_layers) + 1)));
     sched_.kind = cfg_.schedule.kind;
     sched_.lr = cfg_.optim.lr;
     sched_.min_lr = cfg_.optim.min_lr;
@@ -308,6 +311,7 @@ class Trainer {
   fs::path run_dir_;
   NumericsGuard guard_;    // skipped steps, fp16 loss scaling, debug.nan_* hook
   TimeLimit time_limit_;   // train.max_time
+  NvtxLayerHooks nvtx_hooks_;  // CUDA builds: NVTX ranges per layer (launch/profiling.h)
   Topology topo_;          // this rank in data x pipeline x tensor (parallel/topology.h)
   int rank_ = 0;           // world rank
   Watchdog watchdog_;      // parallel.timeout_s with several ranks
