@@ -55,6 +55,7 @@ Llama::Llama(const ModelConfig& c, Recompute recompute) : c_(c), recompute_(reco
       if (specs_[i].name == name) return i;
     IEVO_FAIL("model has no parameter ", name);
   };
+  while (head_chunk_tokens * 2 * c_.vocab_size <= (int64_t{1} << 27)) head_chunk_tokens *= 2;
   embed_ = idx("model.embed_tokens.weight");
   norm_ = idx("model.norm.weight");
   head_ = c_.tie_embeddings ? embed_ : idx("lm_head.weight");

@@ -14,8 +14,9 @@
 # bench_gpu_kernels and PyTorch's SDPA on the same shape, and ievo's activation checkpointing
 # variants on TinyLlama. The table is rewritten after every run. Writes $OUT/table.md (bench/peer/table.py) and $OUT/compare.tgz (every JSON and log).
 # Environment: MODELS (config names under configs/), STEPS (10), WARMUP (5), PEER_COMPILE
-# (blocks|full|none), PEER_SDPA (flash|cudnn|default), CKPT_VARIANTS ("full selective"),
-# IEVO_TIMEOUT / PEER_TIMEOUT (seconds per run), OUT.
+# (blocks|full|none), PEER_SDPA (flash|cudnn|default), CKPT_VARIANTS ("full selective") on
+# CKPT_MODELS (tinyllama-1.1b), AUTOTUNE_OFF_MODELS (ievo with IEVO_GEMM_AUTOTUNE=0), WHEEL_BLAS_MODELS
+# (ievo with the cuBLAS of PyTorch's wheel), IEVO_TIMEOUT / PEER_TIMEOUT (seconds per run), OUT.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/ievo_compare}
@@ -25,6 +26,9 @@ WARMUP=${WARMUP:-5}
 PEER_COMPILE=${PEER_COMPILE:-blocks}
 PEER_SDPA=${PEER_SDPA:-flash}
 CKPT_VARIANTS=${CKPT_VARIANTS-full selective}
+CKPT_MODELS=${CKPT_MODELS-tinyllama-1.1b}
+AUTOTUNE_OFF_MODELS=${AUTOTUNE_OFF_MODELS-}
+WHEEL_BLAS_MODELS=${WHEEL_BLAS_MODELS-}
 IEVO=${IEVO:-build-dev/ievo}
 KBENCH=${KBENCH:-build-dev/bench/bench_gpu_kernels}
 [ -x "$IEVO" ] || IEVO=build/ievo
@@ -75,11 +79,47 @@ if [ -x "$KBENCH" ]; then
 fi
 run sdpa 180 python3 bench/peer/llama_peer.py --attention --json "$work/sdpa.json"
 
+# variant NAME MODEL [VAR=value ...] -- [ievo bench options]: ievo bench of MODEL under an
+# environment, into ievo_MODEL_NAME.json (the table's variants section).
+variant() {
+  local name=$1 m=$2
+  shift 2
+  local envs=()
+  while [ $# -gt 0 ] && [ "$1" != -- ]; do envs+=("$1"); shift; done
+  shift
+  run "ievo_${m}_$name" "${IEVO_TIMEOUT:-200}" env "${envs[@]}" "$IEVO" bench "configs/$m.yaml" \
+    --steps "$STEPS" --warmup "$WARMUP" --json "$work/ievo_${m}_$name.json" "$@"
+  grep -E "tokens/s|memory" "$work/ievo_${m}_$name.log"
+}
+
 for v in $CKPT_VARIANTS; do
-  run "ievo_tinyllama-1.1b_ckpt_$v" "${IEVO_TIMEOUT:-200}" "$IEVO" bench configs/tinyllama-1.1b.yaml \
-    --set "model.checkpointing=$v" --steps "$STEPS" --warmup "$WARMUP" --json "$work/ievo_tinyllama-1.1b_ckpt_$v.json"
-  grep -E "tokens/s|memory" "$work/ievo_tinyllama-1.1b_ckpt_$v.log"
+  for m in $CKPT_MODELS; do
+    variant "ckpt_$v" "$m" -- --set "model.checkpointing=$v"
+  done
 done
+# cuBLASLt's first heuristic choice instead of the timed one (runtime/ops/matmul.cu).
+if [ -n "$AUTOTUNE_OFF_MODELS" ]; then
+  for m in $AUTOTUNE_OFF_MODELS; do variant autotune_off "$m" IEVO_GEMM_AUTOTUNE=0 --; done
+  [ -x "$KBENCH" ] && run kernels_autotune_off 120 env IEVO_GEMM_AUTOTUNE=0 "$KBENCH" \
+    --benchmark_filter='matmul' --benchmark_min_time=0.2 --benchmark_counters_tabular=true \
+    --benchmark_out="$work/kernels_autotune_off.json" --benchmark_out_format=json
+  grep -E "BM_" "$work/kernels_autotune_off.log"
+fi
+# The cuBLAS and cuDNN of PyTorch's wheels (often newer than the system's) instead of the system ones.
+wheel_root=$(python3 -c 'import nvidia, os; print(list(nvidia.__path__)[0])' 2>/dev/null)
+wb_dir=""
+for lib in 'libcublasLt.so*' 'libcudnn.so*'; do
+  f=$(find "$wheel_root" -name "$lib" 2>/dev/null | head -1)
+  [ -n "$f" ] && wb_dir="${wb_dir:+$wb_dir:}$(dirname "$f")"
+done
+if [ -n "$WHEEL_BLAS_MODELS" ] && [ -n "$wb_dir" ]; then
+  echo "== cuBLAS/cuDNN of the PyTorch wheel: $wb_dir"
+  for m in $WHEEL_BLAS_MODELS; do variant wheel_cublas "$m" "LD_LIBRARY_PATH=$wb_dir:${LD_LIBRARY_PATH:-}" --; done
+  [ -x "$KBENCH" ] && run kernels_wheel_cublas 120 env "LD_LIBRARY_PATH=$wb_dir:${LD_LIBRARY_PATH:-}" "$KBENCH" \
+    --benchmark_filter='matmul|hd128_cudnn' --benchmark_min_time=0.2 --benchmark_counters_tabular=true \
+    --benchmark_out="$work/kernels_wheel_cublas.json" --benchmark_out_format=json
+  grep -E "BM_" "$work/kernels_wheel_cublas.log"
+fi
 
 
 echo "== table ($OUT/table.md)"

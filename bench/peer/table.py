@@ -61,18 +61,24 @@ def main(d):
         lines.append(" | ".join([f"| {os.path.basename(path)[:-5]}", fmt(1e3 * r["step_time_s"], ".1f")] +
                                 [fmt(1e3 * ph[k], ".1f") if k in ph else "—"
                                  for k in ("data", "forward", "backward", "reduce", "optimizer")]) + " |")
-    ck = sorted(glob.glob(os.path.join(d, "ievo_*_ckpt_*.json")))
-    if ck:
+    variants = []
+    for m in models:
+        for path in sorted(glob.glob(os.path.join(d, f"ievo_{m}_*.json"))):
+            variants.append((m, os.path.basename(path)[len(f"ievo_{m}_"):-5], load(path)))
+    if variants:
         lines.append("")
-        lines.append("Activation checkpointing (ievo):")
+        lines.append("Variants of ievo (same call; ratio and memory against the same peer run):")
         lines.append("")
-        lines.append("| run | checkpointing | tok/s | MFU | peak GiB |")
-        lines.append("| --- | --- | ---: | ---: | ---: |")
-        for path in ck:
-            r = load(path)
-            if r:
-                lines.append(f"| {os.path.basename(path)[5:-5]} | {r['checkpointing']} | {r['tokens_per_s']:,.0f} | "
-                             f"{100 * r['mfu']:.1f}% | {r['peak_mem_bytes'] / GIB:.1f} |")
+        lines.append("| model | variant | ievo tok/s | ratio | MFU | ievo peak GiB | peer peak GiB |")
+        lines.append("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+        for m, v, r in variants:
+            if not r:
+                lines.append(f"| {m} | {v} | failed | | | | |")
+                continue
+            p = load(os.path.join(d, f"peer_{m}.json"))
+            ratio = f"{r['tokens_per_s'] / p['tokens_per_s']:.2f}x" if p else "—"
+            lines.append(f"| {m} | {v} | {r['tokens_per_s']:,.0f} | {ratio} | {100 * r['mfu']:.1f}% | "
+                         f"{r['peak_mem_bytes'] / GIB:.1f} | {fmt(p['peak_mem_bytes'] / GIB, '.1f') if p else '—'} |")
     kern = load(os.path.join(d, "kernels.json"))
     sdpa = load(os.path.join(d, "sdpa.json"))
     if kern or sdpa:
@@ -88,7 +94,11 @@ def main(d):
             unit = {"ms": 1.0, "us": 1e-3, "ns": 1e-6, "s": 1e3}[b.get("time_unit", "ms")]
             if "error_occurred" not in b or not b["error_occurred"]:
                 ms[name] = (b["real_time"] * unit, b.get("TFLOP/s"))
-        for impl in ("flash", "cudnn"):
+        for b in (load(os.path.join(d, "kernels_wheel_cublas.json")) or {}).get("benchmarks", []):
+            if "hd128_cudnn" in b["name"] and not b.get("error_occurred"):
+                name = b["name"].split("/")[1].replace("cudnn", "cudnn (PyTorch's cuDNN library)")
+                ms[name] = (b["real_time"] * {"ms": 1.0, "us": 1e-3}[b.get("time_unit", "ms")], b.get("TFLOP/s"))
+        for impl in ("flash", "cudnn", "cudnn (PyTorch's cuDNN library)"):
             f, bw = ms.get(f"hd128_{impl}_fwd"), ms.get(f"hd128_{impl}_bwd")
             if f and bw:
                 fwd_tf = f[1] / 1e12 if f[1] and f[1] > 1e6 else f[1]
@@ -99,14 +109,27 @@ def main(d):
             if "error" in r:
                 lines.append(f"| PyTorch SDPA {impl} | error: {r['error'][:60]} | | |")
             else:
+                both = 3.5 * r["fwd_tflops"] * r["fwd_ms"] / (r["fwd_ms"] + r["bwd_ms"])
                 lines.append(f"| PyTorch SDPA {impl} | {r['fwd_tflops']:.0f} | {r['bwd_tflops']:.0f} | "
-                             f"{r['fwd_bwd_tflops']:.0f} |")
-        sq = ms.get("square8192")
-        if sq or (sdpa and "matmul8192" in sdpa):
-            lines.append("")
-            sq_tf = (sq[1] / 1e12 if sq[1] > 1e6 else sq[1]) if sq and sq[1] else None
-            pt = sdpa["matmul8192"]["tflops"] if sdpa and "matmul8192" in sdpa else None
-            lines.append(f"bf16 8192³ GEMM: ievo (cuBLASLt) {fmt(sq_tf, '.0f')} TFLOP/s, PyTorch {fmt(pt, '.0f')} TFLOP/s.")
+                             f"{both:.0f} ({r['fwd_bwd_tflops']:.0f} timed as one autograd call) |")
+    gemm = {}
+    for tag, name in (("", "default"), ("_autotune_off", "autotune off"), ("_wheel_cublas", "PyTorch's cuBLAS library")):
+        for b in (load(os.path.join(d, f"kernels{tag}.json")) or {}).get("benchmarks", []):
+            if b["name"].startswith("BM_matmul/") and not b.get("error_occurred"):
+                tf = b.get("TFLOP/s")
+                gemm.setdefault(b["name"].split("/")[1], {})[name] = tf / 1e12 if tf and tf > 1e6 else tf
+    if gemm:
+        cols = ["default", "autotune off", "PyTorch's cuBLAS library"]
+        lines.append("")
+        lines.append("ievo GEMMs (bench_gpu_kernels, TFLOP/s; TinyLlama shapes, N = 16384 tokens):")
+        lines.append("")
+        lines.append("| GEMM | " + " | ".join(cols) + " |")
+        lines.append("| --- |" + " ---: |" * len(cols))
+        for g, row in gemm.items():
+            lines.append(f"| {g} | " + " | ".join(fmt(row.get(c), ".0f") for c in cols) + " |")
+    if sdpa and "matmul8192" in sdpa:
+        lines.append("")
+        lines.append(f"PyTorch bf16 8192³ GEMM (torch.matmul): {sdpa['matmul8192']['tflops']:.0f} TFLOP/s.")
     print("\n".join(lines))
 
 

@@ -5,8 +5,18 @@
 // column-major product C^T = op(B)^T op(A)^T, i.e. cuBLAS "A" = our B and "B" = our A with the
 // same transpose flags, m = N, n = M. Column slices (row stride > columns) pass ld = stride(0).
 // f32 runs with CUBLAS_COMPUTE_32F (no TF32), bf16/f16 with fp32 accumulation; alpha/beta are
-// fp32. Plans (descriptors + heuristic algorithm) are cached per shape, layout and alignment.
+// fp32. Plans (descriptors + algorithm) are cached per shape, layout and alignment.
+//
+// Algorithm choice: cuBLASLt's heuristic ranks up to kCandidates algorithms; with autotuning (the
+// default; IEVO_GEMM_AUTOTUNE=0 turns it off, and run.deterministic does, so that a run's
+// algorithms never depend on timing noise) each candidate is timed once on the plan's first call
+// with its real operands (1 warm-up + 3 runs, CUDA events) and the fastest is kept; the output is
+// written to C itself when beta = 0 and C overlaps neither input (the real call overwrites it),
+// else to a scratch buffer. Without autotuning the heuristic's first choice is used.
 #include <climits>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
 #include <map>
 #include <mutex>
 #include <tuple>
@@ -21,6 +31,15 @@ using namespace ievo::cuda;
 namespace {
 
 constexpr size_t kWorkspace = size_t{32} << 20;
+constexpr int kCandidates = 8;
+
+bool autotune() {
+  static const bool env_on = [] {
+    const char* e = std::getenv("IEVO_GEMM_AUTOTUNE");
+    return !(e && std::strcmp(e, "0") == 0);
+  }();
+  return env_on && !ievo::cuda::deterministic();
+}
 
 struct PlanKey {
   int dtype, ta, tb;
@@ -87,7 +106,58 @@ int64_t leading_dim(const Tensor& t, const char* name) {
   return ld;
 }
 
-Plan make_plan(Blas& b, const PlanKey& key, cudaDataType_t dt) {
+// The operands of the call that creates a plan, for timing the candidate algorithms.
+struct Operands {
+  const void* a;  // ours (cuBLAS "B")
+  const void* b;  // ours (cuBLAS "A")
+  void* c;
+  bool c_writable;  // beta == 0 and C overlaps neither input
+  size_t c_bytes;   // extent of C
+  cudaStream_t stream;
+};
+
+void* workspace(Blas& b, cudaStream_t s) {
+  auto ws = b.workspace.find(s);
+  if (ws == b.workspace.end()) ws = b.workspace.emplace(s, DeviceBuffer(kWorkspace)).first;
+  return ws->second.data();
+}
+
+// Index of the fastest of the candidates on the real operands (0 if none could be timed).
+int fastest(Blas& b, const Plan& p, const cublasLtMatmulHeuristicResult_t* res, int count,
+            const Operands& op) {
+  DeviceBuffer scratch;
+  void* d = op.c;
+  if (!op.c_writable) {
+    scratch = DeviceBuffer(op.c_bytes);
+    d = scratch.data();
+  }
+  void* ws = workspace(b, op.stream);
+  const float one = 1.0f, zero = 0.0f;
+  Event t0(true), t1(true);
+  float best_ms = std::numeric_limits<float>::infinity();
+  int best = 0;
+  for (int i = 0; i < count; ++i) {
+    if (res[i].state != CUBLAS_STATUS_SUCCESS || res[i].workspaceSize > kWorkspace) continue;
+    auto launch = [&] {
+      return cublasLtMatmul(b.lt, p.desc, &one, op.b, p.la, op.a, p.lb, &zero, d, p.lc, d, p.lc,
+                            &res[i].algo, ws, kWorkspace, op.stream);
+    };
+    if (launch() != CUBLAS_STATUS_SUCCESS) continue;  // warm-up; a refusal skips the candidate
+    t0.record(op.stream);
+    bool ok = true;
+    for (int r = 0; r < 3 && ok; ++r) ok = launch() == CUBLAS_STATUS_SUCCESS;
+    t1.record(op.stream);
+    t1.synchronize();
+    const float ms = t1.elapsed_ms(t0);
+    if (ok && ms < best_ms) {
+      best_ms = ms;
+      best = i;
+    }
+  }
+  return best;
+}
+
+Plan make_plan(Blas& b, const PlanKey& key, cudaDataType_t dt, const Operands& op) {
   Plan p;
   const cublasOperation_t opa = key.tb ? CUBLAS_OP_T : CUBLAS_OP_N;  // cuBLAS A = our B
   const cublasOperation_t opb = key.ta ? CUBLAS_OP_T : CUBLAS_OP_N;  // cuBLAS B = our A
@@ -108,14 +178,18 @@ Plan make_plan(Blas& b, const PlanKey& key, cudaDataType_t dt) {
   IEVO_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &al_b, sizeof(al_b)));
   IEVO_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &al_c, sizeof(al_c)));
   IEVO_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &al_c, sizeof(al_c)));
-  cublasLtMatmulHeuristicResult_t res{};
+  cublasLtMatmulHeuristicResult_t res[kCandidates] = {};
   int count = 0;
-  cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(b.lt, p.desc, p.la, p.lb, p.lc, p.lc, pref, 1,
-                                                     &res, &count);
+  const bool tune = autotune();
+  cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(b.lt, p.desc, p.la, p.lb, p.lc, p.lc, pref,
+                                                     tune ? kCandidates : 1, res, &count);
   cublasLtMatmulPreferenceDestroy(pref);
-  if (st == CUBLAS_STATUS_SUCCESS && count > 0 && res.state == CUBLAS_STATUS_SUCCESS) {
-    p.algo = res.algo;
-    p.has_algo = true;
+  if (st == CUBLAS_STATUS_SUCCESS && count > 0) {
+    const int pick = tune && count > 1 ? fastest(b, p, res, count, op) : 0;
+    if (res[pick].state == CUBLAS_STATUS_SUCCESS) {
+      p.algo = res[pick].algo;
+      p.has_algo = true;
+    }
   }
   return p;
 }
@@ -151,15 +225,26 @@ void matmul(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, Tensor
   const PlanKey key{static_cast<int>(c.dtype()), trans_a, trans_b, m, n, k, lda, ldb, ldc,
                     alignment(a.raw()), alignment(b.raw()), alignment(c.raw())};
   auto it = bl.plans.find(key);
-  if (it == bl.plans.end()) it = bl.plans.emplace(key, make_plan(bl, key, dt)).first;
+  if (it == bl.plans.end()) {
+    const size_t esize = dtype_size(c.dtype());
+    const size_t c_bytes = static_cast<size_t>(ldc * (m - 1) + n) * esize;
+    auto overlaps = [&](const Tensor& t, int64_t ld, int64_t rows, int64_t cols) {
+      const char* lo = static_cast<const char*>(t.raw());
+      const char* hi = lo + static_cast<size_t>(ld * (rows - 1) + cols) * esize;
+      const char* clo = static_cast<const char*>(c.raw());
+      return lo < clo + c_bytes && clo < hi;
+    };
+    const bool writable = beta == 0.0f && !overlaps(a, lda, a.size(0), a.size(1)) &&
+                          !overlaps(b, ldb, b.size(0), b.size(1));
+    const Operands op{a.raw(), b.raw(), c.raw(), writable, c_bytes, stream};
+    it = bl.plans.emplace(key, make_plan(bl, key, dt, op)).first;
+  }
   const Plan& p = it->second;
   const cublasOperation_t opa = trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
   const cublasOperation_t opb = trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
   if (p.has_algo) {
-    auto ws = bl.workspace.find(stream);
-    if (ws == bl.workspace.end()) ws = bl.workspace.emplace(stream, DeviceBuffer(kWorkspace)).first;
     IEVO_CUBLAS_CHECK(cublasLtMatmul(bl.lt, p.desc, &alpha, b.raw(), p.la, a.raw(), p.lb, &beta,
-                                     c.raw(), p.lc, c.raw(), p.lc, &p.algo, ws->second.data(),
+                                     c.raw(), p.lc, c.raw(), p.lc, &p.algo, workspace(bl, stream),
                                      kWorkspace, stream));
   } else {
     IEVO_CUBLAS_CHECK(cublasSetStream(bl.blas, stream));
