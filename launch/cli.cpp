@@ -11,6 +11,7 @@
 #include "launch/bench.h"
 #include "launch/config.h"
 #include "launch/dry_run.h"
+#include "launch/log.h"
 #include "launch/convert.h"
 #include "launch/data_commands.h"
 #include "launch/plan_command.h"
@@ -91,6 +92,7 @@ int cli_main(int argc, char** argv) {
       std::fprintf(stderr, "ievo: wrote %s\n", ckpt_dir.c_str());
     }
   } catch (const std::exception& e) {
+    log_file_only("ievo: error: %s", e.what());  // RUN_DIR/logs/rank_<r>.log (launch/log.h)
     abort_all_ranks(e.what());  // with several MPI ranks: names this rank and ends the job
     return 1;
   }

@@ -51,21 +51,24 @@ void close_rank_log() {
   s.console = true;
 }
 
-void log_info(const char* fmt, ...) {
-  std::va_list ap, ap2;
-  va_start(ap, fmt);
+namespace {
+
+std::string format_line(const char* fmt, std::va_list ap) {
+  std::va_list ap2;
   va_copy(ap2, ap);
   const int n = std::vsnprintf(nullptr, 0, fmt, ap);
-  va_end(ap);
   std::vector<char> buf(static_cast<size_t>(std::max(n, 0)) + 1);
   std::vsnprintf(buf.data(), buf.size(), fmt, ap2);
   va_end(ap2);
   std::string line(buf.data(), static_cast<size_t>(std::max(n, 0)));
   if (line.empty() || line.back() != '\n') line += '\n';
+  return line;
+}
 
+void write_line(const std::string& line, bool console_allowed) {
   RankLog& s = state();
   std::lock_guard<std::mutex> lock(s.mu);
-  if (s.console) std::fputs(line.c_str(), stderr);
+  if (console_allowed && s.console) std::fputs(line.c_str(), stderr);
   if (s.file) {
     char stamp[32];
     std::time_t now = std::time(nullptr);
@@ -76,6 +79,24 @@ void log_info(const char* fmt, ...) {
     std::fputs(line.c_str(), s.file);
     std::fflush(s.file);
   }
+}
+
+}  // namespace
+
+void log_info(const char* fmt, ...) {
+  std::va_list ap;
+  va_start(ap, fmt);
+  const std::string line = format_line(fmt, ap);
+  va_end(ap);
+  write_line(line, true);
+}
+
+void log_file_only(const char* fmt, ...) {
+  std::va_list ap;
+  va_start(ap, fmt);
+  const std::string line = format_line(fmt, ap);
+  va_end(ap);
+  write_line(line, false);
 }
 
 }  // namespace ievo

@@ -15,5 +15,8 @@ void close_rank_log();
 
 // printf-style line; a trailing newline is added when missing.
 void log_info(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
+// The same into the rank's log file only (e.g. the fatal error the CLI prints itself); nothing
+// when no log is open.
+void log_file_only(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
 
 }  // namespace ievo

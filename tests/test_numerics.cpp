@@ -120,6 +120,9 @@ TEST(Numerics, TooManySkipsInARowAbortWithTheTensorNamed) {
   EXPECT_TRUE(lines[2]["skipped"].get<bool>());
   EXPECT_EQ(lines[2]["skipped_total"].get<int64_t>(), 2);
   EXPECT_FALSE(fs::exists(dir + "/run/checkpoints/step_4"));
+  // The fatal error is in the rank's log too.
+  const std::string log = test::read_file(dir + "/run/logs/rank_0.log");
+  EXPECT_NE(log.find("Z ievo: error: step 4: 3 steps in a row"), std::string::npos) << log;
 }
 
 TEST(Numerics, DefaultPoisonedTensorIsTheFirstParameter) {
