@@ -16,7 +16,7 @@
 # Environment: MODELS (config names under configs/), STEPS (10), WARMUP (5), PEER_COMPILE
 # (blocks|full|none), PEER_SDPA (flash|cudnn|default), CKPT_VARIANTS ("full selective") on
 # CKPT_MODELS (tinyllama-1.1b), AUTOTUNE_OFF_MODELS (ievo with IEVO_GEMM_AUTOTUNE=0), WHEEL_BLAS_MODELS
-# (ievo with the cuBLAS of PyTorch's wheel), IEVO_TIMEOUT / PEER_TIMEOUT (seconds per run), OUT.
+# (ievo with the cuBLAS of PyTorch's wheel), PEER_CUDNN_MODELS (the peer with cuDNN SDPA), IEVO_TIMEOUT / PEER_TIMEOUT (seconds per run), OUT.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/ievo_compare}
@@ -96,6 +96,12 @@ for v in $CKPT_VARIANTS; do
   for m in $CKPT_MODELS; do
     variant "ckpt_$v" "$m" -- --set "model.checkpointing=$v"
   done
+done
+# The peer with PyTorch's cuDNN SDPA backend instead of flash (a stronger yardstick).
+for m in ${PEER_CUDNN_MODELS-}; do
+  run "peer_${m}_sdpa_cudnn" "${PEER_TIMEOUT:-300}" python3 bench/peer/llama_peer.py --config "configs/$m.yaml" \
+    --steps "$STEPS" --warmup "$WARMUP" --compile "$PEER_COMPILE" --sdpa cudnn --json "$work/peer_${m}_sdpa_cudnn.json"
+  grep -E '"(tokens_per_s|mfu|peak_mem_bytes)"' "$work/peer_${m}_sdpa_cudnn.log"
 done
 # cuBLASLt's first heuristic choice instead of the timed one (runtime/ops/matmul.cu).
 if [ -n "$AUTOTUNE_OFF_MODELS" ]; then

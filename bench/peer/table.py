@@ -65,11 +65,14 @@ def main(d):
     for m in models:
         for path in sorted(glob.glob(os.path.join(d, f"ievo_{m}_*.json"))):
             variants.append((m, os.path.basename(path)[len(f"ievo_{m}_"):-5], load(path)))
+    for m in models:
+        for path in sorted(glob.glob(os.path.join(d, f"peer_{m}_*.json"))):
+            variants.append((m, "peer " + os.path.basename(path)[len(f"peer_{m}_"):-5], load(path)))
     if variants:
         lines.append("")
-        lines.append("Variants of ievo (same call; ratio and memory against the same peer run):")
+        lines.append("Variants (same call; ratio and memory against the default peer run of the model):")
         lines.append("")
-        lines.append("| model | variant | ievo tok/s | ratio | MFU | ievo peak GiB | peer peak GiB |")
+        lines.append("| model | variant | tok/s | ratio | MFU | peak GiB | peer peak GiB |")
         lines.append("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
         for m, v, r in variants:
             if not r:
