@@ -31,8 +31,35 @@ Checkpointer::Checkpointer(std::string run_dir, ModelConfig mc, int64_t keep_las
 
 Checkpointer::~Checkpointer() {
   if (worker_.joinable()) worker_.join();
+#ifdef IEVO_CUDA
+  if (pinned_)
+    for (auto& s : stores_) cudaHostUnregister(s->flat().raw());
+#endif
   std::lock_guard<std::mutex> lock(mu_);
   if (!failure_.empty()) log_info("ievo: error: %s", failure_.c_str());
+}
+
+std::array<ParamStore*, 3> Checkpointer::host_stores(const std::vector<ParamSpec>& specs, bool pin) {
+  if (worker_.joinable()) worker_.join();  // the writer may still read them; its error: poll()
+  if (!stores_[0]) {
+    for (auto& s : stores_) s = std::make_unique<ParamStore>(specs, DType::F32, Device::CPU);
+#ifdef IEVO_CUDA
+    if (pin) {
+      pinned_ = true;
+      for (auto& s : stores_)
+        pinned_ = pinned_ && cudaHostRegister(s->flat().raw(), s->flat().nbytes(),
+                                               cudaHostRegisterDefault) == cudaSuccess;
+      if (!pinned_) {  // pageable memory works too, only slower
+        cudaGetLastError();
+        for (auto& s : stores_) cudaHostUnregister(s->flat().raw());
+        cudaGetLastError();
+      }
+    }
+#else
+    (void)pin;
+#endif
+  }
+  return {stores_[0].get(), stores_[1].get(), stores_[2].get()};
 }
 
 void Checkpointer::write(const CheckpointState& state, const std::vector<CheckpointGroup>& groups) {

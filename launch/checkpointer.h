@@ -9,6 +9,7 @@
 // step, the next save(), wait() at the end of the run) as an Error naming the checkpoint; the
 // write removed its step_<N>.tmp, so the previous checkpoint is untouched.
 #pragma once
+#include <array>
 #include <atomic>
 #include <cstdint>
 #include <exception>
@@ -34,6 +35,11 @@ class Checkpointer {
   // so the async writer takes them as they are instead of copying them first.
   void save(const CheckpointState& state, const std::vector<CheckpointGroup>& groups,
             bool private_copy = false);
+  // Three f32 host stores (params, exp_avg, exp_avg_sq) for the trainer to gather the state into
+  // and pass to save(..., private_copy = true): allocated once and reused, page-locked when
+  // `pin` (CUDA runs), so the device-to-host copies run at full bandwidth. Waits for the write
+  // in flight first (it may still be reading them).
+  std::array<ParamStore*, 3> host_stores(const std::vector<ParamSpec>& specs, bool pin);
   // Throws if a background write has failed since the last sync point; never blocks.
   void poll();
   // Waits for the write in flight; throws if it failed.
@@ -55,6 +61,8 @@ class Checkpointer {
   std::string failure_;  // the failed write's message (guarded by mu_)
   std::shared_ptr<void> host_;  // snapshot buffer, reused across saves
   size_t host_bytes_ = 0;
+  std::array<std::unique_ptr<ParamStore>, 3> stores_;  // host_stores()
+  bool pinned_ = false;
 };
 
 }  // namespace ievo

@@ -290,10 +290,13 @@ class Trainer {
                                  {"good_steps", ls->state().good_steps},
                                  {"hysteresis_count", ls->state().hysteresis_count}};
     // Whole f32 master weights and moments, gathered onto rank 0's host, which writes them.
-    std::unique_ptr<ParamStore> p, m, v;
-    if (rank_ == 0)
-      for (auto* s : {&p, &m, &v}) *s = std::make_unique<ParamStore>(specs_, DType::F32, Device::CPU);
-    zero_->gather_state(p.get(), m.get(), v.get(), 0);
+    // (launch/checkpointer.h: reused host stores, page-locked on CUDA.)
+    ParamStore *p = nullptr, *m = nullptr, *v = nullptr;
+    if (rank_ == 0) {
+      const auto hs = ckpt_->host_stores(specs_, device_ == Device::CUDA);
+      p = hs[0], m = hs[1], v = hs[2];
+    }
+    zero_->gather_state(p, m, v, 0);
     if (rank_ == 0)  // a private host copy: checkpoint.async writes it without copying again
       ckpt_->save(st, {checkpoint_group("params", *p), checkpoint_group("exp_avg", *m),
                        checkpoint_group("exp_avg_sq", *v)}, /*private_copy=*/true);

@@ -31,8 +31,10 @@
 #include <nlohmann/json.hpp>
 
 #include "launch/checkpoint.h"
+#include "launch/checkpointer.h"
 #include "launch/config.h"
 #include "launch/resume.h"
+#include "models/params.h"
 #include "util.h"
 
 namespace fs = std::filesystem;
@@ -437,8 +439,9 @@ TEST_F(Resume, AFailedSaveIsReportedAndThePreviousCheckpointSurvives) {
     EXPECT_EQ(r.status, 1) << r.out;
     EXPECT_TRUE(has(r.out, "write to " + run + "/checkpoints/step_4.tmp/model.h5 failed: No space left on device"))
         << r.out;
-    if (std::string(async) == "true")
+    if (std::string(async) == "true") {
       EXPECT_TRUE(has(r.out, "the background checkpoint write failed")) << r.out;
+    }
     expect_survivor(run, std::string("simulated ENOSPC, async=") + async);
   }
   // A real write error: the file size limit (RLIMIT_FSIZE, SIGXFSZ ignored) makes write() fail
@@ -524,4 +527,52 @@ TEST(ResumeUnits, ConfigKeys) {
     EXPECT_TRUE(has(e.what(), "checkpoint.keep_last: must be >= 0")) << e.what();
   }
   EXPECT_TRUE(has(config_to_yaml(c), "resume: /a/step_3"));
+}
+
+TEST(ResumeUnits, AsyncWriterSavesTheStateAtTheCallAndReportsAFailureLater) {
+  ModelConfig c;
+  c.vocab_size = 32, c.hidden_size = 16, c.num_layers = 2, c.num_heads = 4, c.num_kv_heads = 2;
+  c.ffn_hidden_size = 24, c.max_position_embeddings = 64;
+  ParamStore p(param_specs(c), DType::F32, Device::CPU);
+  for (size_t i = 0; i < p.size(); ++i) p[i].copy_from(test::random_tensor(p.spec(i).shape, DType::F32, 40 + i));
+  const ParamStore before = [&] {
+    ParamStore b(param_specs(c), DType::F32, Device::CPU);
+    b.flat().copy_from(p.flat());
+    return b;
+  }();
+  const std::string run = test::temp_dir("async_unit");
+  {
+    Checkpointer ck(run, c, /*keep_last=*/1, /*async=*/true);
+    CheckpointState st;
+    st.step = 1;
+    ck.save(st, {checkpoint_group("params", p)});  // a host copy is taken here...
+    p.flat().zero_();                              // ... so this does not reach the file
+    ck.wait();
+    CheckpointReader r(checkpoint_dir(run, 1));
+    for (size_t i = 0; i < p.size(); ++i) {
+      Tensor t = r.read("params", p.spec(i).name);
+      EXPECT_EQ(std::memcmp(t.raw(), before[i].raw(), t.nbytes()), 0) << p.spec(i).name;
+    }
+    // A failing background write: reported at the next sync point, step_1 survives.
+    ::setenv("IEVO_TEST_FAIL_SAVE", "2", 1);
+    st.step = 2;
+    ck.save(st, {checkpoint_group("params", p)});
+    try {
+      ck.wait();
+      ADD_FAILURE() << "the failed write was not reported";
+    } catch (const Error& e) {
+      EXPECT_TRUE(has(e.what(), "the background checkpoint write failed: write to " + run +
+                                    "/checkpoints/step_2.tmp/model.h5 failed"))
+          << e.what();
+    }
+    ::unsetenv("IEVO_TEST_FAIL_SAVE");
+    ck.poll();  // reported once
+    EXPECT_EQ(checkpoint_dirs(run), std::vector<std::string>{"step_1"});
+    EXPECT_EQ(latest_of(run), "step_1");
+    // keep_last = 1: step_1 goes only once step_3 is complete.
+    st.step = 3;
+    ck.save(st, {checkpoint_group("params", p)});
+    ck.wait();
+    EXPECT_EQ(checkpoint_dirs(run), std::vector<std::string>{"step_3"});
+  }
 }
