@@ -4,7 +4,8 @@
 // Async: save() first waits for the previous write (so at most one is in flight and the host
 // copy can be reused), copies every tensor into one host buffer (pinned memory on CUDA, so the
 // device-to-host copies run at full speed; a plain copy on the CPU), and returns; a thread writes
-// the copy with save_checkpoint_groups(). Training goes on meanwhile; the state saved is the one
+// the copy with save_checkpoint_groups(). The trainer instead gathers the state into
+// host_stores() (reused, page-locked on CUDA) and passes private_copy: no second copy. Training goes on meanwhile; the state saved is the one
 // at the call. A failed background write is reported at the next sync point (poll() after every
 // step, the next save(), wait() at the end of the run) as an Error naming the checkpoint; the
 // write removed its step_<N>.tmp, so the previous checkpoint is untouched.
