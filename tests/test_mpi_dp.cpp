@@ -131,6 +131,7 @@ TEST_P(DataParallel, EqualsOneProcessAndHf) {
                      "train.global_batch_size=" + std::to_string(gbs),
                      "train.micro_batch_size=" + std::to_string(micro)},
                     comm);
+    MPI_Barrier(comm);  // rank 0 of the group has finished writing the checkpoint (also when async)
     MPI_Comm_free(&comm);
     const TrainRun& ref = reference(variant, gbs, micro);
 
