@@ -20,6 +20,10 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
 
+# The GCIDE dictionary for the real-text example and tests/test_slow_gcide (14.8 MB .deb,
+# unpacked into .cache/gcide; skipped when already there).
+tools/gcide_example.sh fetch || echo "setup: dict-gcide not fetched (test_slow_gcide will skip)"
+
 BUILD_DIR=${IEVO_BUILD_DIR:-build}
 CUDA_OPT=${IEVO_CUDA:-AUTO}
 if [ "$CUDA_OPT" != "OFF" ] && command -v nvcc >/dev/null 2>&1 || [ -x /usr/local/cuda/bin/nvcc ]; then
