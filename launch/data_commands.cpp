@@ -154,6 +154,7 @@ void run_generate(const GenerateArgs& a) {
   const std::vector<int32_t> gen = generate(model, params, prompt, so, [&](int32_t t) { out.add(t); });
   const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   std::printf("\n");
+  std::fflush(stdout);
   std::fprintf(stderr, "ievo: %zu prompt + %zu new tokens from %s in %.2f s (%.1f tok/s)\n",
                prompt.size(), gen.size(), dir.c_str(), s, static_cast<double>(gen.size()) / s);
 }
