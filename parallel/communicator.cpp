@@ -8,18 +8,33 @@
 namespace ievo {
 namespace {
 
-// bf16 has no MPI type: it travels as MPI_UINT16_T with this user-defined sum (in f32, rounded
-// to nearest even, as a bf16 add on the GPU would).
+// bf16 and f16 have no MPI type: they travel as MPI_UINT16_T with these user-defined sums (in
+// f32, rounded to nearest even, as a 16-bit add on the GPU would).
 void bf16_sum(void* in, void* inout, int* len, MPI_Datatype*) {
   const uint16_t* a = static_cast<const uint16_t*>(in);
   uint16_t* b = static_cast<uint16_t*>(inout);
   for (int i = 0; i < *len; ++i) b[i] = f32_to_bf16(bf16_to_f32(a[i]) + bf16_to_f32(b[i]));
 }
 
+void f16_sum(void* in, void* inout, int* len, MPI_Datatype*) {
+  const uint16_t* a = static_cast<const uint16_t*>(in);
+  uint16_t* b = static_cast<uint16_t*>(inout);
+  for (int i = 0; i < *len; ++i) b[i] = f32_to_f16(f16_to_f32(a[i]) + f16_to_f32(b[i]));
+}
+
 MPI_Op bf16_sum_op() {
   static MPI_Op op = [] {
     MPI_Op o;
     MPI_Op_create(&bf16_sum, /*commute=*/1, &o);
+    return o;
+  }();
+  return op;
+}
+
+MPI_Op f16_sum_op() {
+  static MPI_Op op = [] {
+    MPI_Op o;
+    MPI_Op_create(&f16_sum, /*commute=*/1, &o);
     return o;
   }();
   return op;
@@ -40,6 +55,7 @@ MpiType mpi_type(const Tensor& t, const char* op) {
     case DType::F64: return {MPI_DOUBLE, MPI_SUM};
     case DType::I32: return {MPI_INT32_T, MPI_SUM};
     case DType::BF16: return {MPI_UINT16_T, bf16_sum_op()};
+    case DType::F16: return {MPI_UINT16_T, f16_sum_op()};
     default: IEVO_FAIL("MpiCommunicator::", op, ": unsupported dtype ", dtype_name(t.dtype()));
   }
 }

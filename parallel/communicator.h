@@ -6,7 +6,7 @@
 //   MpiCommunicator   host tensors, over an MPI_Comm (the CPU path and CI);
 //   NcclCommunicator  device tensors (parallel/nccl_communicator.cpp, CUDA builds only);
 //   LocalCommunicator a group of one process without MPI (`ievo train` without mpirun).
-// Supported element types: f32, f64, bf16, i32 (sums of bf16 are computed in f32 and rounded).
+// Supported element types: f32, f64, bf16, f16, i32 (16-bit sums are computed in f32 and rounded).
 // Every rank of the group must call the same operations in the same order with the same sizes.
 #pragma once
 #include <cstdint>

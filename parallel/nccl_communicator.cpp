@@ -34,6 +34,7 @@ ncclDataType_t nccl_type(const Tensor& t, const char* op) {
     case DType::F32: return ncclFloat32;
     case DType::F64: return ncclFloat64;
     case DType::BF16: return ncclBfloat16;
+    case DType::F16: return ncclFloat16;
     case DType::I32: return ncclInt32;
     default: IEVO_FAIL("NcclCommunicator::", op, ": unsupported dtype ", dtype_name(t.dtype()));
   }

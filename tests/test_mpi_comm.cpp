@@ -67,7 +67,7 @@ TEST_P(Comm, AllReduceReduceScatterAllGatherBroadcast) {
   for (int64_t i = 0; i < 3; ++i) EXPECT_EQ(b.to(DType::F64).item(i), value(world_size() - 1, i));
 }
 
-INSTANTIATE_TEST_SUITE_P(DTypes, Comm, ::testing::Values(DType::F32, DType::F64, DType::BF16, DType::I32),
+INSTANTIATE_TEST_SUITE_P(DTypes, Comm, ::testing::Values(DType::F32, DType::F64, DType::BF16, DType::F16, DType::I32),
                          [](const auto& info) { return std::string(dtype_name(info.param)); });
 
 TEST(CommMpi, SendRecvRingAndScalars) {
