@@ -63,10 +63,14 @@ bool NumericsGuard::accept(int64_t step, double loss, double scaled_grad_norm,
   ++skipped_total_;
   m.skipped_total = skipped_total_;
   if (counts) ++in_a_row_;
+  // An empty store: the gradients live in ZeRO-2/3 shards and are not scanned by name.
   const std::string bad = first_nonfinite_tensor(grads);
   const std::string culprit =
-      bad.empty() ? detail::cat("the loss (", loss, "); every gradient is finite")
-                  : detail::cat("first non-finite gradient: ", bad);
+      grads.size() == 0 && std::isfinite(loss)
+          ? std::string("gradient norm not finite (ZeRO-2/3 sharded gradients: no tensor named)")
+      : grads.size() == 0 ? detail::cat("the loss (", loss, ")")
+      : bad.empty()       ? detail::cat("the loss (", loss, "); every gradient is finite")
+                          : detail::cat("first non-finite gradient: ", bad);
   if (in_a_row_ >= max_in_a_row_)
     IEVO_FAIL("step ", step, ": ", in_a_row_,
               " steps in a row skipped for a non-finite loss or gradient (train.max_skips_in_a_row: ",
