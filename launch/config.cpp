@@ -119,6 +119,8 @@ const Key kKeys[] = {
      "wsd: fraction of train.steps spent in the final linear decay"},
     {"checkpoint.every", F(checkpoint.every), Need::No,
      "save a checkpoint every N steps; 0: only at the end"},
+    {"checkpoint.at_end", F(checkpoint.at_end), Need::No,
+     "save a checkpoint after the last step (false: benchmarks that keep nothing)"},
     {"checkpoint.resume", F(checkpoint.resume), Need::No,
      "auto: continue from the newest valid checkpoint in run.dir; none: start fresh; or the "
      "path of a checkpoint directory"},

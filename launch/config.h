@@ -63,6 +63,7 @@ struct CheckpointConfig {
   int64_t keep_last = 0;        // keep the K newest checkpoints; 0: keep all
   bool async = false;           // write in a background thread from a host copy
   bool overwrite = false;       // resume: none may replace a run directory's checkpoints
+  bool at_end = true;           // save after the last step (off for benchmarks)
 };
 
 struct MetricsConfig {

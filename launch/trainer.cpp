@@ -77,7 +77,8 @@ class Trainer {
       fault_point("step", step);  // IEVO_TEST_KILL_AT_STEP (tests/test_resume.cpp)
       if (ckpt_) ckpt_->poll();   // a failed background checkpoint write fails the run here
       const int64_t every = cfg_.checkpoint.every;
-      const bool due = (every > 0 && step % every == 0) || step == cfg_.train.steps;
+      const bool due = (every > 0 && step % every == 0) ||
+                       (step == cfg_.train.steps && cfg_.checkpoint.at_end);
       if (due) timed_save(step);
       if (stop_requested()) {  // launch/signals.h: every rank stops after the same step
         if (!due) timed_save(step);

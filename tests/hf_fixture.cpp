@@ -36,9 +36,10 @@ std::string train_fixture_and_compare(const std::string& v, const std::string& e
   EXPECT_EQ(loss.size(), exp.size()) << "metrics.jsonl of " << run;
   for (size_t i = 0; i < std::min(loss.size(), exp.size()); ++i) {
     EXPECT_NEAR(loss[i], exp[i]["loss"].get<double>(), tol.loss_abs) << v << " step " << i + 1;
-    if (tol.grad_norm_rel >= 0)
+    if (tol.grad_norm_rel >= 0) {
       EXPECT_NEAR(norm[i], exp[i]["grad_norm"].get<double>(), tol.grad_norm_rel * exp[i]["grad_norm"].get<double>())
           << v << " step " << i + 1;
+    }
     EXPECT_NEAR(lr[i], exp[i]["lr"].get<double>(), 1e-12) << v << " step " << i + 1;
   }
   if (tol.weight_rel_l2 < 0) return run;

@@ -41,7 +41,9 @@ TEST(DryRun, PassesOnEveryShippedConfig) {
     EXPECT_FALSE(fs::exists(run_dir)) << name << ": a dry run must not create run.dir";
 #ifndef IEVO_CUDA
     // Configs for the GPU are validated without one, with a note.
-    if (has(out, "precision bf16")) EXPECT_TRUE(has(out, "NOTE this ievo was built without CUDA")) << out;
+    if (has(out, "precision bf16")) {
+      EXPECT_TRUE(has(out, "NOTE this ievo was built without CUDA")) << out;
+    }
 #endif
   }
   EXPECT_GE(n, 4);
