@@ -239,30 +239,31 @@ LossSum Llama::forward_backward(const ParamStore& p, const Batch& b, double grad
   return ls;
 }
 
-LossSum Llama::loss(const ParamStore& p, const Batch& b) {
+// The final RMSNorm of the last block's output, inside the head layer's hooks, then `head`.
+template <typename Head>
+auto Llama::forward_head(const ParamStore& p, const Batch& b, Head head) {
   Tensor x = forward_hidden(p, b, nullptr);
   Tensor xf = Tensor::empty(x.shape(), x.dtype(), x.device());
   Tensor rstd = Tensor::empty({x.size(0)}, stat_dtype(x.dtype()), x.device());
   const int head_layer = static_cast<int>(layers_.size()) + 1;
   before(head_layer, LayerHooks::Pass::Forward);
   rmsnorm_forward(x, p[norm_], c_.norm_eps, xf, rstd);
-  LossSum ls;
-  ls.sum = lm_head_loss(xf, head_weight(p), b.targets, 1.0, head_chunk_tokens, &ls.count, nullptr,
-                        nullptr);
+  auto out = head(xf);
   after(head_layer, LayerHooks::Pass::Forward);
-  return ls;
+  return out;
+}
+
+LossSum Llama::loss(const ParamStore& p, const Batch& b) {
+  return forward_head(p, b, [&](const Tensor& xf) {
+    LossSum ls;
+    ls.sum = lm_head_loss(xf, head_weight(p), b.targets, 1.0, head_chunk_tokens, &ls.count, nullptr,
+                          nullptr);
+    return ls;
+  });
 }
 
 Tensor Llama::logits(const ParamStore& p, const Batch& b) {
-  Tensor x = forward_hidden(p, b, nullptr);
-  Tensor xf = Tensor::empty(x.shape(), x.dtype(), x.device());
-  Tensor rstd = Tensor::empty({x.size(0)}, stat_dtype(x.dtype()), x.device());
-  const int head_layer = static_cast<int>(layers_.size()) + 1;
-  before(head_layer, LayerHooks::Pass::Forward);
-  rmsnorm_forward(x, p[norm_], c_.norm_eps, xf, rstd);
-  Tensor logits = linear(xf, head_weight(p));
-  after(head_layer, LayerHooks::Pass::Forward);
-  return logits;
+  return forward_head(p, b, [&](const Tensor& xf) { return linear(xf, head_weight(p)); });
 }
 
 namespace {

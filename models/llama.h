@@ -98,6 +98,8 @@ class Llama {
   struct Acts;  // one block's saved activations
 
   Tensor forward_hidden(const ParamStore& p, const Batch& b, std::vector<Acts>* saved);
+  template <typename Head>
+  auto forward_head(const ParamStore& p, const Batch& b, Head head);
   void block_forward(const ParamStore& p, int layer, const Batch& b, const Tensor& x, Acts& a);
   Tensor block_backward(const ParamStore& p, int layer, const Batch& b, const Acts& a,
                         const Tensor& dy, ParamStore& g);

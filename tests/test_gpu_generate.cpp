@@ -17,18 +17,7 @@ using namespace ievo;
 
 namespace {
 
-bool gpu_available() {
-#ifdef IEVO_CUDA
-  return cuda::available();
-#else
-  return false;
-#endif
-}
-
-#define REQUIRE_GPU()                                                                     \
-  do {                                                                                    \
-    if (!gpu_available()) GTEST_SKIP() << "no CUDA device (or a CPU-only build): skipped"; \
-  } while (0)
+#define REQUIRE_GPU() IEVO_REQUIRE_GPU()
 
 }  // namespace
 

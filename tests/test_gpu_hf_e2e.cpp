@@ -4,27 +4,18 @@
 #include <gtest/gtest.h>
 
 #include "hf_fixture.h"
-#ifdef IEVO_CUDA
-#include "runtime/cuda/cuda.h"
-#endif
+#include "util.h"
 
 using namespace ievo;
 
 namespace {
-bool have_gpu() {
-#ifdef IEVO_CUDA
-  return cuda::available();
-#else
-  return false;
-#endif
-}
 const char* kVariants[] = {"llama_gqa", "llama_tied"};
 }  // namespace
 
 class GpuHfFixture : public ::testing::TestWithParam<const char*> {
  protected:
   void SetUp() override {
-    if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
+    IEVO_REQUIRE_GPU();
   }
 };
 

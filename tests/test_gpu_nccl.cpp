@@ -28,13 +28,7 @@ using namespace ievo;
 
 namespace {
 
-bool have_gpu() {
-#ifdef IEVO_CUDA
-  return cuda::available();
-#else
-  return false;
-#endif
-}
+bool have_gpu() { return test::gpu_available(); }
 
 std::unique_ptr<Communicator> nccl() {
 #ifdef IEVO_CUDA

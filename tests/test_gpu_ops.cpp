@@ -38,18 +38,7 @@ using test::rel_l2;
 constexpr double kTolF32 = 1e-5;
 constexpr double kTolBf16 = 1e-2;
 
-bool gpu_available() {
-#ifdef IEVO_CUDA
-  return cuda::available();
-#else
-  return false;
-#endif
-}
-
-#define REQUIRE_GPU()                                                                     \
-  do {                                                                                    \
-    if (!gpu_available()) GTEST_SKIP() << "no CUDA device (or a CPU-only build): skipped"; \
-  } while (0)
+#define REQUIRE_GPU() IEVO_REQUIRE_GPU()
 
 double tol(DType dt) { return dt == DType::F32 ? kTolF32 : kTolBf16; }
 

@@ -1,4 +1,7 @@
 #include "util.h"
+#ifdef IEVO_CUDA
+#include "runtime/cuda/cuda.h"
+#endif
 
 #include <array>
 #include <cmath>
@@ -98,6 +101,14 @@ std::string read_file(const std::string& path) {
   std::stringstream ss;
   ss << f.rdbuf();
   return ss.str();
+}
+
+bool gpu_available() {
+#ifdef IEVO_CUDA
+  return cuda::available();
+#else
+  return false;
+#endif
 }
 
 }  // namespace ievo::test

@@ -1,6 +1,8 @@
 // Helpers shared by the tests: paths, temporary directories, running the ievo binary, comparing
 // tensors with relative L2 error.
 #pragma once
+#include <gtest/gtest.h>
+
 #include <string>
 #include <vector>
 
@@ -21,5 +23,12 @@ double max_abs_diff(const Tensor& a, const Tensor& b);
 // Random tensor (uniform in [lo, hi)), deterministic from seed, f32 or f64, on the CPU.
 Tensor random_tensor(const Shape& shape, DType dtype, uint64_t seed, double lo = -1, double hi = 1);
 std::string read_file(const std::string& path);
+// True when this build has CUDA and a device is visible (GPU tests skip otherwise).
+bool gpu_available();
+
+#define IEVO_REQUIRE_GPU()                                                                      \
+  do {                                                                                          \
+    if (!::ievo::test::gpu_available()) GTEST_SKIP() << "no CUDA device (or a CPU-only build)"; \
+  } while (0)
 
 }  // namespace ievo::test
