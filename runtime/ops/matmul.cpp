@@ -14,11 +14,11 @@
 namespace ievo::ops {
 namespace {
 
-// Leading dimension of a row-major 2-D CPU tensor (checked).
-int64_t leading_dim(const Tensor& t, const char* name) {
+// Leading dimension of a row-major 2-D tensor on `device` (checked).
+int64_t leading_dim(const Tensor& t, const char* name, Device device) {
   IEVO_CHECK(t.defined(), "matmul: tensor '", name, "' is undefined");
-  IEVO_CHECK(t.is_cpu(), "matmul: tensor '", name, "' is on ", device_name(t.device()),
-             " while the other arguments are on the cpu");
+  IEVO_CHECK(t.device() == device, "matmul: tensor '", name, "' is on ", device_name(t.device()),
+             " while the other arguments are on ", device_name(device));
   IEVO_CHECK(t.dim() == 2, "matmul: tensor '", name, "' must be 2-D, has shape ",
              shape_str(t.shape()));
   const int64_t rows = t.size(0), cols = t.size(1);
@@ -40,12 +40,10 @@ void scale_rows(Tensor& c, int64_t ldc, T beta) {
 
 }  // namespace
 
-void matmul(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, Tensor& c, float alpha,
-            float beta) {
-#ifdef IEVO_CUDA
-  if (!c.is_cpu()) return cuda::matmul(a, trans_a, b, trans_b, c, alpha, beta);
-#endif
-  const int64_t lda = leading_dim(a, "a"), ldb = leading_dim(b, "b"), ldc = leading_dim(c, "c");
+MatmulDims matmul_dims(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, const Tensor& c) {
+  IEVO_CHECK(c.defined(), "matmul: tensor 'c' is undefined");
+  const Device dev = c.device();
+  const int64_t lda = leading_dim(a, "a", dev), ldb = leading_dim(b, "b", dev), ldc = leading_dim(c, "c", dev);
   IEVO_CHECK(a.dtype() == c.dtype() && b.dtype() == c.dtype(), "matmul: dtypes differ (a ",
              dtype_name(a.dtype()), ", b ", dtype_name(b.dtype()), ", c ", dtype_name(c.dtype()), ")");
   const int64_t m = trans_a ? a.size(1) : a.size(0);
@@ -56,6 +54,15 @@ void matmul(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, Tensor
              shape_str(a.shape()), trans_a ? "^T" : "", "), op(b) is [", kb, ", ", n, "] (b ",
              shape_str(b.shape()), trans_b ? "^T" : "", ")");
   check_shape(c, {m, n}, "c");
+  return {m, n, k, lda, ldb, ldc};
+}
+
+void matmul(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, Tensor& c, float alpha,
+            float beta) {
+#ifdef IEVO_CUDA
+  if (!c.is_cpu()) return cuda::matmul(a, trans_a, b, trans_b, c, alpha, beta);
+#endif
+  const auto [m, n, k, lda, ldb, ldc] = matmul_dims(a, trans_a, b, trans_b, c);
   if (m == 0 || n == 0) return;
   const auto ta = trans_a ? CblasTrans : CblasNoTrans;
   const auto tb = trans_b ? CblasTrans : CblasNoTrans;

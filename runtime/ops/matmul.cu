@@ -24,6 +24,7 @@
 #include "runtime/cuda/kernels.cuh"
 #include "runtime/ops/cuda_ops.h"
 #include "runtime/ops/elementwise.h"
+#include "runtime/ops/matmul.h"
 
 namespace ievo::ops::cuda {
 using namespace ievo::cuda;
@@ -90,21 +91,6 @@ int alignment(const void* p) {
   return 1;
 }
 
-// Leading dimension of a row-major 2-D device tensor (checked), as in the CPU op.
-int64_t leading_dim(const Tensor& t, const char* name) {
-  IEVO_CHECK(t.defined(), "matmul: tensor '", name, "' is undefined");
-  IEVO_CHECK(t.device() == Device::CUDA, "matmul: tensor '", name, "' is on ",
-             device_name(t.device()), " while the other arguments are on cuda");
-  IEVO_CHECK(t.dim() == 2, "matmul: tensor '", name, "' must be 2-D, has shape ",
-             shape_str(t.shape()));
-  const int64_t rows = t.size(0), cols = t.size(1);
-  IEVO_CHECK(cols <= 1 || t.strides()[1] == 1, "matmul: tensor '", name,
-             "' must have unit column stride, has strides ", shape_str(t.strides()));
-  const int64_t ld = rows <= 1 ? std::max<int64_t>(cols, 1) : t.strides()[0];
-  IEVO_CHECK(ld >= std::max<int64_t>(cols, 1) && ld <= INT_MAX, "matmul: tensor '", name,
-             "' has row stride ", ld, " for ", cols, " columns");
-  return ld;
-}
 
 // The operands of the call that creates a plan, for timing the candidate algorithms.
 struct Operands {
@@ -198,18 +184,9 @@ Plan make_plan(Blas& b, const PlanKey& key, cudaDataType_t dt, const Operands& o
 
 void matmul(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, Tensor& c, float alpha,
             float beta) {
-  const int64_t lda = leading_dim(a, "a"), ldb = leading_dim(b, "b"), ldc = leading_dim(c, "c");
-  IEVO_CHECK(a.dtype() == c.dtype() && b.dtype() == c.dtype(), "matmul: dtypes differ (a ",
-             dtype_name(a.dtype()), ", b ", dtype_name(b.dtype()), ", c ", dtype_name(c.dtype()), ")");
+  const MatmulDims d = ops::matmul_dims(a, trans_a, b, trans_b, c);
+  const int64_t m = d.m, n = d.n, k = d.k, lda = d.lda, ldb = d.ldb, ldc = d.ldc;
   const cudaDataType_t dt = cuda_type(c.dtype());
-  const int64_t m = trans_a ? a.size(1) : a.size(0);
-  const int64_t k = trans_a ? a.size(0) : a.size(1);
-  const int64_t kb = trans_b ? b.size(1) : b.size(0);
-  const int64_t n = trans_b ? b.size(0) : b.size(1);
-  IEVO_CHECK(k == kb, "matmul: inner dimensions differ: op(a) is [", m, ", ", k, "] (a ",
-             shape_str(a.shape()), trans_a ? "^T" : "", "), op(b) is [", kb, ", ", n, "] (b ",
-             shape_str(b.shape()), trans_b ? "^T" : "", ")");
-  check_shape(c, {m, n}, "c");
   if (m == 0 || n == 0) return;
   if (k == 0) {  // op(A) op(B) = 0: C = beta C
     IEVO_CHECK(c.is_contiguous(), "matmul: K = 0 with a non-contiguous 'c' is not supported on cuda");

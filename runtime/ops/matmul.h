@@ -12,4 +12,11 @@ namespace ievo::ops {
 void matmul(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, Tensor& c,
             float alpha = 1.0f, float beta = 0.0f);
 
+// The sizes of a matmul call, validated for every backend: 2-D tensors on c's device with unit
+// column stride, one dtype, inner dimensions that agree, c of shape [m, n]; ld* = row strides.
+struct MatmulDims {
+  int64_t m, n, k, lda, ldb, ldc;
+};
+MatmulDims matmul_dims(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, const Tensor& c);
+
 }  // namespace ievo::ops
