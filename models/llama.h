@@ -14,7 +14,9 @@
 
 #include "models/batch.h"
 #include "models/model_config.h"
+#include "models/model_parallel.h"
 #include "models/params.h"
+#include "models/shard.h"
 
 namespace ievo {
 
@@ -60,10 +62,36 @@ struct KvCache {
   int64_t capacity() const { return k.empty() ? 0 : k[0].size(0); }
 };
 
+// What one block keeps for its backward (or recomputes under Recompute::Full / Selective).
+// Rows: n = this rank's residual-stream tokens, N = the micro-batch's tokens inside the
+// tensor-parallel regions, Na/Ha = tokens/heads of this rank's attention (models/model_parallel.h).
+struct BlockActs {
+  Tensor x;            // block input (residual stream)                    [n, d]
+  Tensor rstd1, n1;    // attention norm statistics; norm output, gathered [n], [N, d]
+  Tensor q, k, v;      // after RoPE, attention layout                     [Na, Ha, hd]
+  Tensor attn, lse;    // attention output and log-sum-exp                 [Na, Ha, hd], [Ha, Na]
+  Tensor o;            // attention output gathered back to [N, Hq_local, hd] (= attn without Ulysses)
+  Tensor a;            // x + attention branch                             [n, d]
+  Tensor rstd2, n2;    // MLP norm statistics; output gathered             [n], [N, d]
+  Tensor gate, up, h;  // MLP pre-activations and silu(gate)*up            [N, F_local]
+};
+
+// One micro-batch's saved state in this rank's part of the model (stage_forward/stage_backward).
+struct StageActs {
+  std::vector<BlockActs> blocks;  // one per block of the shard
+  Tensor head_dx;                 // last stage: d loss / d(last block output), from the fused head
+};
+
 class Llama {
  public:
-  explicit Llama(const ModelConfig& c, Recompute recompute = Recompute::None);
+  // The whole model on one rank, or this rank's part of it (models/shard.h): its parameters are
+  // param_specs(c, shard), its matrices the rank's slices. `parallel` (not owned, nullptr: one
+  // rank) does the communication at the tensor/sequence-parallel points (models/model_parallel.h).
+  explicit Llama(const ModelConfig& c, Recompute recompute = Recompute::None, ModelShard shard = {},
+                 ModelParallel* parallel = nullptr);
   const ModelConfig& config() const { return c_; }
+  const ModelShard& shard() const { return shard_; }
+  const std::vector<ParamSpec>& specs() const { return specs_; }
 
   // Forward and backward of one micro-batch: returns the summed loss and adds
   // grad_scale * d(summed loss)/d(param) into grads (same layout as params).
@@ -71,6 +99,22 @@ class Llama {
                            ParamStore& grads);
   // Forward only: the summed loss.
   LossSum loss(const ParamStore& params, const Batch& b);
+
+  // Pipeline stages (parallel/pipeline.h): one micro-batch through this shard only.
+  // stage_forward: `input` is the previous stage's output [n, d] (ignored on the first stage,
+  // which embeds b.inputs). Returns this stage's output for the next stage. On the last stage it
+  // returns an undefined tensor and instead runs the final norm, the LM head and the loss, adding
+  // the summed loss into *loss; with `acts` it also runs the head's backward right away (it is
+  // fused), so grads g receive the head's gradients (grad_scale as in forward_backward) and
+  // acts->head_dx keeps the gradient for stage_backward. acts == nullptr: forward only (no
+  // activations kept, g unused and may be nullptr).
+  Tensor stage_forward(const ParamStore& params, const Batch& b, const Tensor& input, StageActs* acts,
+                       double grad_scale, ParamStore* g, LossSum* loss);
+  // stage_backward: dy = d loss / d(this stage's output) (ignored on the last stage, which uses
+  // acts.head_dx). Adds this shard's block (and embedding) gradients into g, frees acts, and
+  // returns d loss / d(input) for the previous stage (undefined on the first stage).
+  Tensor stage_backward(const ParamStore& params, const Batch& b, StageActs& acts, const Tensor& dy,
+                        ParamStore& g);
   // Forward only: logits [N, V] of every token.
   Tensor logits(const ParamStore& params, const Batch& b);
 
@@ -87,7 +131,9 @@ class Llama {
   // fewer, better-shaped GEMMs and fewer loss synchronisations (ievo bench: docs/performance.md).
   int64_t head_chunk_tokens = 1024;
 
-  // Hooks (not owned; nullptr: none). Layers as in LayerHooks; num_layers() + 2 of them.
+  // Hooks (not owned; nullptr: none). Layers as in LayerHooks, numbered over the whole model
+  // (num_layers + 2 of them); a pipeline stage's hook_layers() has empty entries for the layers
+  // it does not hold, and parameter indices into its own ParamStore (specs()).
   void set_hooks(LayerHooks* hooks) { hooks_ = hooks; }
   std::vector<HookLayerParams> hook_layers() const;
 

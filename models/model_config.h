@@ -43,10 +43,20 @@ struct ModelConfig {
 };
 
 // One parameter: its HF Llama name, shape, and whether weight decay applies (not for 1-D).
+// Under tensor or pipeline parallelism (models/shard.h) a rank's spec may be a slice of the
+// global tensor: global_shape is the whole tensor, and the slice is [split_offset, split_offset +
+// shape[split_dim]) along split_dim (-1: the whole tensor). `replicas` ranks of the tensor group
+// hold this same slice (norms: all T; key/value heads when T > Hkv: T / Hkv), so their gradients
+// are summed over those ranks and the squared gradient norm counts the slice once.
 struct ParamSpec {
   std::string name;
   Shape shape;
   bool decay = true;
+  Shape global_shape = {};  // empty: the same as shape
+  int split_dim = -1;
+  int64_t split_offset = 0;
+  int replicas = 1;
+  const Shape& global() const { return global_shape.empty() ? shape : global_shape; }
 };
 
 // Parameters in HF Llama naming, in this order per layer: input_layernorm, q/k/v/o_proj,

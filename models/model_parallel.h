@@ -1,0 +1,55 @@
+// Where the model's data flow crosses ranks, as the model sees it: no ranks, no communicators,
+// only the points at which a tensor-parallel, sequence-parallel or Ulysses layout must act. The
+// model calls these at fixed places in every block; this base class is one rank (every region is
+// the identity, embedding and loss are the plain ops). parallel/tensor_parallel.h overrides them
+// (Megatron-LM's conjugate f/g operators, Korthikanti et al. 2022 for sequence parallelism,
+// DeepSpeed-Ulysses for the all-to-all around attention).
+//
+// Rows: the residual stream between the regions holds n_local tokens (all N tokens under plain
+// tensor parallelism; N / T under Megatron sequence parallelism; N / S under Ulysses). Inside a
+// column-parallel region (q/k/v, gate/up, LM head) it holds the whole micro-batch, N tokens.
+//
+//   x --rmsnorm--> gather_input --> [column-parallel matmuls] ... [row-parallel matmul] --> reduce_output --> + x
+//   backward:  reduce_input_grad <-- ...                                           <-- gather_output_grad
+#pragma once
+#include <cstdint>
+
+#include "runtime/tensor.h"
+
+namespace ievo {
+
+class ModelParallel {
+ public:
+  virtual ~ModelParallel() = default;
+
+  // Megatron's f: [n_local, d] -> [N, d] (TP: identity; SP: all-gather along the sequence).
+  virtual Tensor gather_input(const Tensor& x) { return x; }
+  // f backward: partial sums [N, d] -> [n_local, d] (TP: all-reduce; SP: reduce-scatter).
+  virtual Tensor reduce_input_grad(const Tensor& dx) { return dx; }
+  // Megatron's g: partial sums [N, d] -> [n_local, d] (TP: all-reduce; SP: reduce-scatter).
+  virtual Tensor reduce_output(const Tensor& y) { return y; }
+  // g backward: [n_local, d] -> [N, d] (TP: identity; SP: all-gather).
+  virtual Tensor gather_output_grad(const Tensor& dy) { return dy; }
+
+  // Ulysses, around attention: q, k, v [n_local, H, hd] of this rank's tokens and all its heads
+  // -> [N, H / S, hd] of every token and 1/S of the heads (all-to-all); and back for the output
+  // (and the reverse pair for the gradients). Identity without Ulysses.
+  virtual Tensor scatter_heads(const Tensor& x) { return x; }
+  virtual Tensor gather_heads(const Tensor& x) { return x; }
+  virtual int attention_head_split() const { return 1; }  // S
+
+  // Embedding of ids [n] with this rank's rows of the table: out [n, d] (a partial sum under
+  // vocabulary parallelism: rows of other ranks' tokens are zero; the model then calls
+  // reduce_output). Backward: adds dout's rows into dtable for the ids this rank holds.
+  virtual void embedding_forward(const Tensor& table, const Tensor& ids, Tensor& out);
+  virtual void embedding_backward(const Tensor& dout, const Tensor& ids, Tensor& dtable);
+
+  // The fused LM head and cross-entropy (ops::lm_head_loss) with this rank's rows of the head
+  // (vocabulary-parallel: never gathers the logits). h [N, d]; returns the summed loss over the
+  // targets and adds their count to *count (the same on every rank of the group); dh (if
+  // defined) gets the rank's partial d loss/dh (the model calls reduce_input_grad), dw += its rows.
+  virtual double head_loss(const Tensor& h, const Tensor& w, const Tensor& targets, double grad_scale,
+                           int64_t chunk_tokens, int64_t* count, Tensor* dh, Tensor* dw);
+};
+
+}  // namespace ievo
