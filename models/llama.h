@@ -100,21 +100,21 @@ class Llama {
   // Forward only: the summed loss.
   LossSum loss(const ParamStore& params, const Batch& b);
 
-  // Pipeline stages (parallel/pipeline.h): one micro-batch through this shard only.
-  // stage_forward: `input` is the previous stage's output [n, d] (ignored on the first stage,
+  // Pipeline stages (parallel/pipeline.h): one micro-batch through one of this shard's chunks
+  // (ModelShard::chunks; 0 when the rank holds one). stage_forward: `input` is the previous stage's output [n, d] (ignored on the first stage,
   // which embeds b.inputs). Returns this stage's output for the next stage. On the last stage it
   // returns an undefined tensor and instead runs the final norm, the LM head and the loss, adding
   // the summed loss into *loss; with `acts` it also runs the head's backward right away (it is
   // fused), so grads g receive the head's gradients (grad_scale as in forward_backward) and
   // acts->head_dx keeps the gradient for stage_backward. acts == nullptr: forward only (no
   // activations kept, g unused and may be nullptr).
-  Tensor stage_forward(const ParamStore& params, const Batch& b, const Tensor& input, StageActs* acts,
-                       double grad_scale, ParamStore* g, LossSum* loss);
-  // stage_backward: dy = d loss / d(this stage's output) (ignored on the last stage, which uses
+  Tensor stage_forward(const ParamStore& params, int chunk, const Batch& b, const Tensor& input,
+                       StageActs* acts, double grad_scale, ParamStore* g, LossSum* loss);
+  // stage_backward: dy = d loss / d(this chunk's output) (ignored on the last stage, which uses
   // acts.head_dx). Adds this shard's block (and embedding) gradients into g, frees acts, and
   // returns d loss / d(input) for the previous stage (undefined on the first stage).
-  Tensor stage_backward(const ParamStore& params, const Batch& b, StageActs& acts, const Tensor& dy,
-                        ParamStore& g);
+  Tensor stage_backward(const ParamStore& params, int chunk, const Batch& b, StageActs& acts,
+                        const Tensor& dy, ParamStore& g);
   // Forward only: logits [N, V] of every token.
   Tensor logits(const ParamStore& params, const Batch& b);
 

@@ -13,7 +13,10 @@
 // Every spec keeps the global tensor's name and says where its slice sits (ParamSpec::global_shape,
 // split_dim, split_offset, replicas), so checkpoints store global tensors whatever the layout.
 //
-// Pipeline parallelism: the stage holding blocks [first_layer, end_layer). With tied embeddings
+// Pipeline parallelism: the stage holds one or more chunks of consecutive blocks (interleaved
+// schedules give a rank V chunks: model chunks p, p + P, ..., as Megatron's virtual stages). The
+// embedding sits in the first chunk of the first stage, the final norm and LM head in the last
+// chunk of the last stage. With tied embeddings
 // the last stage holds a copy of model.embed_tokens.weight as its LM head (as Megatron does); the
 // pipeline keeps the two copies equal by summing their gradients.
 #pragma once
@@ -24,16 +27,23 @@
 
 namespace ievo {
 
-struct ModelShard {
-  int64_t first_layer = 0;  // blocks [first_layer, end_layer)
-  int64_t end_layer = -1;   // -1: num_layers
-  bool first = true;        // holds the embedding
-  bool last = true;         // holds the final norm and the LM head
-  int tp = 1, tp_rank = 0;  // tensor-parallel size and this rank's index in the group
+struct LayerRange {
+  int64_t begin = 0, end = 0;  // blocks [begin, end)
+};
 
-  int64_t end(const ModelConfig& c) const { return end_layer < 0 ? c.num_layers : end_layer; }
+struct ModelShard {
+  std::vector<LayerRange> chunks;  // this rank's model chunks in order; empty: one with every block
+  bool first = true;               // chunk 0 holds the embedding (first pipeline stage)
+  bool last = true;                // the last chunk holds the final norm and LM head (last stage)
+  int tp = 1, tp_rank = 0;         // tensor-parallel size and this rank's index in the group
+
+  std::vector<LayerRange> ranges(const ModelConfig& c) const {
+    return chunks.empty() ? std::vector<LayerRange>{{0, c.num_layers}} : chunks;
+  }
+  int num_chunks() const { return chunks.empty() ? 1 : static_cast<int>(chunks.size()); }
   bool whole(const ModelConfig& c) const {
-    return first_layer == 0 && end(c) == c.num_layers && first && last && tp == 1;
+    return num_chunks() == 1 && ranges(c)[0].begin == 0 && ranges(c)[0].end == c.num_layers &&
+           first && last && tp == 1;
   }
   // Throws naming the key (parallel.tensor, parallel.pipeline) when the model cannot be split so:
   // heads, key/value heads (unless replicated), FFN size or vocabulary not divisible by tp.
