@@ -16,17 +16,6 @@ namespace ievo {
 
 using namespace ievo::ops;
 
-// What one block keeps for its backward (or recomputes under Recompute::Full / Selective).
-struct Llama::Acts {
-  Tensor x;            // block input (residual stream)       [N, d]
-  Tensor rstd1, n1;    // attention norm statistics and output [N], [N, d]
-  Tensor q, k, v;      // after RoPE (q, k)                    [N, H, hd]
-  Tensor attn, lse;    // attention output and log-sum-exp     [N, Hq, hd], [Hq, N]
-  Tensor a;            // x + attention branch                 [N, d]
-  Tensor rstd2, n2;    // MLP norm                             [N], [N, d]
-  Tensor gate, up, h;  // MLP pre-activations and silu(gate)*up [N, F]
-};
-
 namespace {
 
 DType stat_dtype(DType t) { return t == DType::F64 ? DType::F64 : DType::F32; }
@@ -45,69 +34,97 @@ void linear_backward(const Tensor& dy, const Tensor& x, const Tensor& w, Tensor&
   matmul(dy, true, x, false, dw, 1.0f, 1.0f);
 }
 
+Tensor rmsnorm(const Tensor& x, const Tensor& w, double eps, Tensor& rstd) {
+  Tensor y = Tensor::empty(x.shape(), x.dtype(), x.device());
+  rstd = Tensor::empty({x.size(0)}, stat_dtype(x.dtype()), x.device());
+  rmsnorm_forward(x, w, eps, y, rstd);
+  return y;
+}
+
+constexpr size_t kAbsent = static_cast<size_t>(-1);
+
 }  // namespace
 
-Llama::Llama(const ModelConfig& c, Recompute recompute) : c_(c), recompute_(recompute) {
+ModelParallel Llama::one_rank_;
+
+Llama::Llama(const ModelConfig& c, Recompute recompute, ModelShard shard, ModelParallel* parallel)
+    : c_(c), recompute_(recompute), shard_(std::move(shard)), mp_(parallel ? parallel : &one_rank_) {
   c_.validate();
-  specs_ = param_specs(c_);
+  specs_ = param_specs(c_, shard_);
+  ranges_ = shard_.ranges(c_);
   auto idx = [&](const std::string& name) {
     for (size_t i = 0; i < specs_.size(); ++i)
       if (specs_[i].name == name) return i;
     IEVO_FAIL("model has no parameter ", name);
   };
-  while (head_chunk_tokens * 2 * c_.vocab_size <= (int64_t{1} << 27)) head_chunk_tokens *= 2;
-  embed_ = idx("model.embed_tokens.weight");
-  norm_ = idx("model.norm.weight");
-  head_ = c_.tie_embeddings ? embed_ : idx("lm_head.weight");
-  for (int64_t l = 0; l < c_.num_layers; ++l) {
-    const std::string p = "model.layers." + std::to_string(l) + ".";
-    layers_.push_back({idx(p + "input_layernorm.weight"), idx(p + "self_attn.q_proj.weight"),
-                       idx(p + "self_attn.k_proj.weight"), idx(p + "self_attn.v_proj.weight"),
-                       idx(p + "self_attn.o_proj.weight"), idx(p + "post_attention_layernorm.weight"),
-                       idx(p + "mlp.gate_proj.weight"), idx(p + "mlp.up_proj.weight"),
-                       idx(p + "mlp.down_proj.weight")});
+  // The fused head's logits chunk [tokens, V / tp] stays within 2^27 elements.
+  const int64_t v_local = shard_.vocab(c_);
+  while (head_chunk_tokens * 2 * v_local <= (int64_t{1} << 27)) head_chunk_tokens *= 2;
+  embed_ = norm_ = head_ = kAbsent;
+  if (shard_.first) embed_ = idx("model.embed_tokens.weight");
+  if (shard_.last) {
+    norm_ = idx("model.norm.weight");
+    head_ = c_.tie_embeddings ? idx("model.embed_tokens.weight") : idx("lm_head.weight");
   }
+  layers_.resize(c_.num_layers);
+  for (const LayerRange& r : ranges_)
+    for (int64_t l = r.begin; l < r.end; ++l) {
+      const std::string p = "model.layers." + std::to_string(l) + ".";
+      layers_[l] = {idx(p + "input_layernorm.weight"), idx(p + "self_attn.q_proj.weight"),
+                    idx(p + "self_attn.k_proj.weight"), idx(p + "self_attn.v_proj.weight"),
+                    idx(p + "self_attn.o_proj.weight"), idx(p + "post_attention_layernorm.weight"),
+                    idx(p + "mlp.gate_proj.weight"), idx(p + "mlp.up_proj.weight"),
+                    idx(p + "mlp.down_proj.weight")};
+    }
 }
 
 std::vector<HookLayerParams> Llama::hook_layers() const {
-  std::vector<HookLayerParams> out;
-  out.push_back({{embed_}, {}, {embed_}});  // the embedding backward only scatters dx into dW
-  for (const LayerIdx& L : layers_) {
-    std::vector<size_t> w = {L.ln1, L.wq, L.wk, L.wv, L.wo, L.ln2, L.wg, L.wu, L.wd};
-    out.push_back({w, w, w});
+  std::vector<HookLayerParams> out(c_.num_layers + 2);
+  if (shard_.first) out[0] = {{embed_}, {}, {embed_}};  // the backward only scatters dx into dW
+  for (const LayerRange& r : ranges_)
+    for (int64_t l = r.begin; l < r.end; ++l) {
+      const LayerIdx& L = layers_[l];
+      std::vector<size_t> w = {L.ln1, L.wq, L.wk, L.wv, L.wo, L.ln2, L.wg, L.wu, L.wd};
+      out[l + 1] = {w, w, w};
+    }
+  if (shard_.last) {
+    std::vector<size_t> head = {norm_, head_};
+    out[c_.num_layers + 1] = {head, head, head};
   }
-  std::vector<size_t> head = {norm_, head_};
-  out.push_back({head, head, head});
   return out;
 }
 
 const Tensor& Llama::head_weight(const ParamStore& p) const { return p[head_]; }
-Tensor& Llama::head_weight(ParamStore& p) const { return p[head_]; }
 
-void Llama::block_forward(const ParamStore& p, int layer, const Batch& b, const Tensor& x, Acts& a) {
+// Rows: x, a have this rank's n residual-stream tokens; n1, n2, the projections and the MLP the
+// micro-batch's N tokens (ModelParallel::gather_input); attention runs on the layout that
+// scatter_heads gives (Ulysses: all tokens, 1/S of the heads).
+void Llama::block_forward(const ParamStore& p, int layer, const Batch& b, const Tensor& x,
+                          BlockActs& a) {
   const LayerIdx& L = layers_[layer];
-  const int64_t N = x.size(0), d = c_.hidden_size, hd = c_.hd();
+  const int64_t hd = c_.hd();
   const DType dt = x.dtype();
   const Device dev = x.device();
   a.x = x;
   // Attention branch.
-  a.n1 = Tensor::empty({N, d}, dt, dev);
-  a.rstd1 = Tensor::empty({N}, stat_dtype(dt), dev);
-  rmsnorm_forward(x, p[L.ln1], c_.norm_eps, a.n1, a.rstd1);
-  a.q = linear(a.n1, p[L.wq]).view({N, c_.num_heads, hd});
-  a.k = linear(a.n1, p[L.wk]).view({N, c_.num_kv_heads, hd});
-  a.v = linear(a.n1, p[L.wv]).view({N, c_.num_kv_heads, hd});
-  rope_forward(a.q, b.positions, c_.rope_theta, a.q);
-  rope_forward(a.k, b.positions, c_.rope_theta, a.k);
-  a.attn = Tensor::empty({N, c_.num_heads, hd}, dt, dev);
-  a.lse = Tensor::empty({c_.num_heads, N}, stat_dtype(dt), dev);
+  a.n1 = mp_->gather_input(rmsnorm(x, p[L.ln1], c_.norm_eps, a.rstd1));
+  const int64_t N = a.n1.size(0);
+  Tensor q = linear(a.n1, p[L.wq]).view({N, -1, hd});
+  Tensor k = linear(a.n1, p[L.wk]).view({N, -1, hd});
+  Tensor v = linear(a.n1, p[L.wv]).view({N, -1, hd});
+  rope_forward(q, b.positions, c_.rope_theta, q);
+  rope_forward(k, b.positions, c_.rope_theta, k);
+  a.q = mp_->scatter_heads(q);
+  a.k = mp_->scatter_heads(k);
+  a.v = mp_->scatter_heads(v);
+  a.attn = Tensor::empty(a.q.shape(), dt, dev);
+  a.lse = Tensor::empty({a.q.size(1), a.q.size(0)}, stat_dtype(dt), dev);
   attention_forward(a.q, a.k, a.v, b.cu_seqlens, b.max_seqlen, a.attn, a.lse);
-  a.a = linear(a.attn.view({N, c_.q_dim()}), p[L.wo]);
+  a.o = mp_->gather_heads(a.attn);
+  a.a = mp_->reduce_output(linear(a.o.view({N, -1}), p[L.wo]));
   add(a.a, x, a.a);
-  // MLP branch.
-  a.n2 = Tensor::empty({N, d}, dt, dev);
-  a.rstd2 = Tensor::empty({N}, stat_dtype(dt), dev);
-  rmsnorm_forward(a.a, p[L.ln2], c_.norm_eps, a.n2, a.rstd2);
+  // MLP branch (its down projection runs in the caller, inside the layer's hooks).
+  a.n2 = mp_->gather_input(rmsnorm(a.a, p[L.ln2], c_.norm_eps, a.rstd2));
   a.gate = linear(a.n2, p[L.wg]);
   a.up = linear(a.n2, p[L.wu]);
   a.h = Tensor::empty(a.gate.shape(), dt, dev);
@@ -115,85 +132,96 @@ void Llama::block_forward(const ParamStore& p, int layer, const Batch& b, const 
 }
 
 // Given dy = d loss / d(block output), accumulates parameter gradients and returns d loss / d x.
-Tensor Llama::block_backward(const ParamStore& p, int layer, const Batch& b, const Acts& a,
+Tensor Llama::block_backward(const ParamStore& p, int layer, const Batch& b, const BlockActs& a,
                              const Tensor& dy, ParamStore& g) {
   const LayerIdx& L = layers_[layer];
-  const int64_t N = dy.size(0), d = c_.hidden_size, F = c_.ffn_hidden_size, hd = c_.hd();
   const DType dt = dy.dtype();
   const Device dev = dy.device();
+  const int64_t n = dy.size(0), d = c_.hidden_size, N = a.n2.size(0), F = a.h.size(1);
   // out = a + Wd h: da = dy + (norm-backward of the MLP branch)
+  Tensor dyg = mp_->gather_output_grad(dy);
   Tensor dh = Tensor::empty({N, F}, dt, dev);
-  linear_backward(dy, a.h, p[L.wd], dh, false, g[L.wd]);
+  linear_backward(dyg, a.h, p[L.wd], dh, false, g[L.wd]);
   Tensor dgate = Tensor::empty({N, F}, dt, dev), dup = Tensor::empty({N, F}, dt, dev);
   swiglu_backward(dh, a.gate, a.up, dgate, dup);
   Tensor dn2 = Tensor::empty({N, d}, dt, dev);
   linear_backward(dgate, a.n2, p[L.wg], dn2, false, g[L.wg]);
   linear_backward(dup, a.n2, p[L.wu], dn2, true, g[L.wu]);
-  Tensor da = Tensor::empty({N, d}, dt, dev);
-  rmsnorm_backward(dn2, a.a, p[L.ln2], a.rstd2, da, g[L.ln2]);
+  Tensor da = Tensor::empty({n, d}, dt, dev);
+  rmsnorm_backward(mp_->reduce_input_grad(dn2), a.a, p[L.ln2], a.rstd2, da, g[L.ln2]);
   add(da, dy, da);
   // a = x + Wo attn
-  Tensor dattn = Tensor::empty({N, c_.q_dim()}, dt, dev);
-  linear_backward(da, a.attn.view({N, c_.q_dim()}), p[L.wo], dattn, false, g[L.wo]);
-  Tensor dq = Tensor::empty({N, c_.num_heads, hd}, dt, dev);
-  Tensor dk = Tensor::empty({N, c_.num_kv_heads, hd}, dt, dev);
-  Tensor dv = Tensor::empty({N, c_.num_kv_heads, hd}, dt, dev);
-  attention_backward(dattn.view({N, c_.num_heads, hd}), a.q, a.k, a.v, a.attn, a.lse, b.cu_seqlens,
-                     b.max_seqlen, dq, dk, dv);
+  Tensor dag = mp_->gather_output_grad(da);
+  Tensor dout = Tensor::empty(a.o.shape(), dt, dev);
+  Tensor dout2 = dout.view({N, -1});
+  linear_backward(dag, a.o.view({N, -1}), p[L.wo], dout2, false, g[L.wo]);
+  Tensor dattn = mp_->scatter_heads(dout);
+  Tensor dq = Tensor::empty(a.q.shape(), dt, dev);
+  Tensor dk = Tensor::empty(a.k.shape(), dt, dev);
+  Tensor dv = Tensor::empty(a.v.shape(), dt, dev);
+  attention_backward(dattn, a.q, a.k, a.v, a.attn, a.lse, b.cu_seqlens, b.max_seqlen, dq, dk, dv);
+  dq = mp_->gather_heads(dq);
+  dk = mp_->gather_heads(dk);
+  dv = mp_->gather_heads(dv);
   rope_backward(dq, b.positions, c_.rope_theta, dq);
   rope_backward(dk, b.positions, c_.rope_theta, dk);
   Tensor dn1 = Tensor::empty({N, d}, dt, dev);
-  linear_backward(dq.view({N, c_.q_dim()}), a.n1, p[L.wq], dn1, false, g[L.wq]);
-  linear_backward(dk.view({N, c_.kv_dim()}), a.n1, p[L.wk], dn1, true, g[L.wk]);
-  linear_backward(dv.view({N, c_.kv_dim()}), a.n1, p[L.wv], dn1, true, g[L.wv]);
-  Tensor dx = Tensor::empty({N, d}, dt, dev);
-  rmsnorm_backward(dn1, a.x, p[L.ln1], a.rstd1, dx, g[L.ln1]);
+  linear_backward(dq.view({N, -1}), a.n1, p[L.wq], dn1, false, g[L.wq]);
+  linear_backward(dk.view({N, -1}), a.n1, p[L.wk], dn1, true, g[L.wk]);
+  linear_backward(dv.view({N, -1}), a.n1, p[L.wv], dn1, true, g[L.wv]);
+  Tensor dx = Tensor::empty({n, d}, dt, dev);
+  rmsnorm_backward(mp_->reduce_input_grad(dn1), a.x, p[L.ln1], a.rstd1, dx, g[L.ln1]);
   add(dx, da, dx);
   return dx;
 }
 
 // Recompute::Selective: the norm outputs and the SwiGLU product are recomputed from x, a (with the
 // same kernels, so the backward sees bit-identical values) and gate, up.
-void Llama::drop_recomputable(Acts& a) const {
+void Llama::drop_recomputable(BlockActs& a) const {
   a.n1 = Tensor();
   a.n2 = Tensor();
   a.h = Tensor();
 }
 
-void Llama::recompute_dropped(const ParamStore& p, int layer, Acts& a) const {
+void Llama::recompute_dropped(const ParamStore& p, int layer, BlockActs& a) const {
   const LayerIdx& L = layers_[layer];
-  a.n1 = Tensor::empty(a.x.shape(), a.x.dtype(), a.x.device());
-  rmsnorm_forward(a.x, p[L.ln1], c_.norm_eps, a.n1, a.rstd1);
-  a.n2 = Tensor::empty(a.a.shape(), a.a.dtype(), a.a.device());
-  rmsnorm_forward(a.a, p[L.ln2], c_.norm_eps, a.n2, a.rstd2);
+  a.n1 = mp_->gather_input(rmsnorm(a.x, p[L.ln1], c_.norm_eps, a.rstd1));
+  a.n2 = mp_->gather_input(rmsnorm(a.a, p[L.ln2], c_.norm_eps, a.rstd2));
   a.h = Tensor::empty(a.gate.shape(), a.gate.dtype(), a.gate.device());
   swiglu_forward(a.gate, a.up, a.h);
 }
 
-// Embedding and all blocks; returns the last block's output. With `saved`, keeps each block's
-// activations (or only its input under Recompute::Full).
-Tensor Llama::forward_hidden(const ParamStore& p, const Batch& b, std::vector<Acts>* saved) {
-  const int64_t N = b.num_tokens();
+// The embedding of b.inputs: [n, d] rows of this rank's residual stream.
+Tensor Llama::embed(const ParamStore& p, const Batch& b) {
+  Tensor e = Tensor::empty({b.num_tokens(), c_.hidden_size}, p.dtype(), p.device());
+  before(0, LayerHooks::Pass::Forward);
+  mp_->embedding_forward(p[embed_], b.inputs, e);
+  after(0, LayerHooks::Pass::Forward);
+  return mp_->reduce_output(e);
+}
+
+// The blocks of a layer range; with `saved`, keeps each block's activations (or only its input
+// under Recompute::Full).
+Tensor Llama::run_blocks(const ParamStore& p, const LayerRange& r, const Batch& b, Tensor x,
+                         std::vector<BlockActs>* saved) {
   using P = LayerHooks::Pass;
-  Tensor x = Tensor::empty({N, c_.hidden_size}, p.dtype(), p.device());
-  before(0, P::Forward);
-  embedding_forward(p[embed_], b.inputs, x);
-  after(0, P::Forward);
-  if (saved) saved->assign(layers_.size(), Acts{});
-  for (size_t l = 0; l < layers_.size(); ++l) {
+  if (saved) saved->assign(r.end - r.begin, BlockActs{});
+  for (int64_t l = r.begin; l < r.end; ++l) {
     const int hl = static_cast<int>(l) + 1;
-    Acts a;
+    BlockActs a;
     before(hl, P::Forward);
     block_forward(p, static_cast<int>(l), b, x, a);
     Tensor out = linear(a.h, p[layers_[l].wd]);
     after(hl, P::Forward);
+    out = mp_->reduce_output(out);
     add(out, a.a, out);
     if (saved) {
+      BlockActs& s = (*saved)[l - r.begin];
       if (recompute_ == Recompute::Full) {
-        (*saved)[l].x = a.x;
+        s.x = a.x;
       } else {
         if (recompute_ == Recompute::Selective) drop_recomputable(a);
-        (*saved)[l] = std::move(a);
+        s = std::move(a);
       }
     }
     x = out;
@@ -201,69 +229,101 @@ Tensor Llama::forward_hidden(const ParamStore& p, const Batch& b, std::vector<Ac
   return x;
 }
 
+Tensor Llama::stage_forward(const ParamStore& p, int chunk, const Batch& b, const Tensor& input,
+                            StageActs* acts, double grad_scale, ParamStore* g, LossSum* loss) {
+  IEVO_CHECK(chunk >= 0 && chunk < static_cast<int>(ranges_.size()), "stage_forward: chunk ", chunk,
+             " of ", ranges_.size());
+  const bool first = chunk == 0 && shard_.first;
+  const bool last = chunk + 1 == static_cast<int>(ranges_.size()) && shard_.last;
+  IEVO_CHECK(first || input.defined(), "stage_forward: chunk ", chunk, " needs the previous stage's output");
+  Tensor x = run_blocks(p, ranges_[chunk], b, first ? embed(p, b) : input, acts ? &acts->blocks : nullptr);
+  if (!last) return x;
+  // Final norm + fused LM head and loss; in training also its backward (chunked, never [N, V]).
+  IEVO_CHECK(loss != nullptr, "stage_forward: the last stage needs somewhere to put the loss");
+  IEVO_CHECK(!acts || g, "stage_forward: training needs gradients");
+  using P = LayerHooks::Pass;
+  const int hl = static_cast<int>(c_.num_layers) + 1;
+  before(hl, acts ? P::Backward : P::Forward);
+  Tensor rstd;
+  Tensor xg = mp_->gather_input(rmsnorm(x, p[norm_], c_.norm_eps, rstd));
+  if (acts) {
+    Tensor dxg = Tensor::empty(xg.shape(), xg.dtype(), xg.device());
+    loss->sum += mp_->head_loss(xg, head_weight(p), b.targets, grad_scale, head_chunk_tokens,
+                                &loss->count, &dxg, &(*g)[head_]);
+    acts->head_dx = Tensor::empty(x.shape(), x.dtype(), x.device());
+    rmsnorm_backward(mp_->reduce_input_grad(dxg), x, p[norm_], rstd, acts->head_dx, (*g)[norm_]);
+  } else {
+    loss->sum += mp_->head_loss(xg, head_weight(p), b.targets, 1.0, head_chunk_tokens, &loss->count,
+                                nullptr, nullptr);
+  }
+  after(hl, acts ? P::Backward : P::Forward);
+  return Tensor();
+}
+
+Tensor Llama::stage_backward(const ParamStore& p, int chunk, const Batch& b, StageActs& acts,
+                             const Tensor& dy, ParamStore& g) {
+  using P = LayerHooks::Pass;
+  IEVO_CHECK(chunk >= 0 && chunk < static_cast<int>(ranges_.size()), "stage_backward: chunk ", chunk,
+             " of ", ranges_.size());
+  const bool first = chunk == 0 && shard_.first;
+  const bool last = chunk + 1 == static_cast<int>(ranges_.size()) && shard_.last;
+  Tensor dx = last ? acts.head_dx : dy;
+  IEVO_CHECK(dx.defined(), "stage_backward: chunk ", chunk, " has no output gradient");
+  acts.head_dx = Tensor();
+  const LayerRange& r = ranges_[chunk];
+  for (int64_t l = r.end - 1; l >= r.begin; --l) {
+    BlockActs& a = acts.blocks[l - r.begin];
+    before(static_cast<int>(l) + 1, P::Backward);
+    if (recompute_ == Recompute::Full) {
+      Tensor xin = a.x;
+      block_forward(p, static_cast<int>(l), b, xin, a);
+    } else if (recompute_ == Recompute::Selective) {
+      recompute_dropped(p, static_cast<int>(l), a);
+    }
+    dx = block_backward(p, static_cast<int>(l), b, a, dx, g);
+    after(static_cast<int>(l) + 1, P::Backward);
+    a = BlockActs{};  // free this block's activations
+  }
+  acts.blocks.clear();
+  if (!first) return dx;
+  before(0, P::Backward);
+  mp_->embedding_backward(mp_->gather_output_grad(dx), b.inputs, g[embed_]);
+  after(0, P::Backward);
+  return Tensor();
+}
+
+void Llama::check_single_stage(const char* what) const {
+  IEVO_CHECK(ranges_.size() == 1 && shard_.first && shard_.last, "Llama::", what,
+             " runs the whole model; a pipeline stage uses stage_forward/stage_backward");
+}
+
 LossSum Llama::forward_backward(const ParamStore& p, const Batch& b, double grad_scale,
                                 ParamStore& g) {
-  using P = LayerHooks::Pass;
-  std::vector<Acts> acts;
-  Tensor x = forward_hidden(p, b, &acts);
-  const int64_t N = x.size(0), d = c_.hidden_size;
-  const int head_layer = static_cast<int>(layers_.size()) + 1;
-  // Final norm + fused LM head and loss (forward and backward in chunks).
-  before(head_layer, P::Backward);
-  Tensor xf = Tensor::empty({N, d}, x.dtype(), x.device());
-  Tensor rstd = Tensor::empty({N}, stat_dtype(x.dtype()), x.device());
-  rmsnorm_forward(x, p[norm_], c_.norm_eps, xf, rstd);
+  check_single_stage("forward_backward");
+  StageActs acts;
   LossSum ls;
-  Tensor dxf = Tensor::empty({N, d}, x.dtype(), x.device());
-  ls.sum = lm_head_loss(xf, head_weight(p), b.targets, grad_scale, head_chunk_tokens, &ls.count,
-                        &dxf, &head_weight(g));
-  Tensor dx = Tensor::empty({N, d}, x.dtype(), x.device());
-  rmsnorm_backward(dxf, x, p[norm_], rstd, dx, g[norm_]);
-  after(head_layer, P::Backward);
-  // Blocks in reverse.
-  for (int l = static_cast<int>(layers_.size()) - 1; l >= 0; --l) {
-    before(l + 1, P::Backward);
-    if (recompute_ == Recompute::Full) {
-      Tensor xin = acts[l].x;
-      block_forward(p, l, b, xin, acts[l]);
-    } else if (recompute_ == Recompute::Selective) {
-      recompute_dropped(p, l, acts[l]);
-    }
-    dx = block_backward(p, l, b, acts[l], dx, g);
-    after(l + 1, P::Backward);
-    acts[l] = Acts{};  // free this block's activations
-  }
-  before(0, P::Backward);
-  embedding_backward(dx, b.inputs, g[embed_]);
-  after(0, P::Backward);
+  stage_forward(p, 0, b, Tensor(), &acts, grad_scale, &g, &ls);
+  stage_backward(p, 0, b, acts, Tensor(), g);
   return ls;
 }
 
-// The final RMSNorm of the last block's output, inside the head layer's hooks, then `head`.
-template <typename Head>
-auto Llama::forward_head(const ParamStore& p, const Batch& b, Head head) {
-  Tensor x = forward_hidden(p, b, nullptr);
-  Tensor xf = Tensor::empty(x.shape(), x.dtype(), x.device());
-  Tensor rstd = Tensor::empty({x.size(0)}, stat_dtype(x.dtype()), x.device());
-  const int head_layer = static_cast<int>(layers_.size()) + 1;
-  before(head_layer, LayerHooks::Pass::Forward);
-  rmsnorm_forward(x, p[norm_], c_.norm_eps, xf, rstd);
-  auto out = head(xf);
-  after(head_layer, LayerHooks::Pass::Forward);
-  return out;
-}
-
 LossSum Llama::loss(const ParamStore& p, const Batch& b) {
-  return forward_head(p, b, [&](const Tensor& xf) {
-    LossSum ls;
-    ls.sum = lm_head_loss(xf, head_weight(p), b.targets, 1.0, head_chunk_tokens, &ls.count, nullptr,
-                          nullptr);
-    return ls;
-  });
+  check_single_stage("loss");
+  LossSum ls;
+  stage_forward(p, 0, b, Tensor(), nullptr, 1.0, nullptr, &ls);
+  return ls;
 }
 
 Tensor Llama::logits(const ParamStore& p, const Batch& b) {
-  return forward_head(p, b, [&](const Tensor& xf) { return linear(xf, head_weight(p)); });
+  check_single_stage("logits");
+  IEVO_CHECK(shard_.tp == 1, "Llama::logits: the whole vocabulary needs parallel.tensor = 1");
+  Tensor x = run_blocks(p, ranges_[0], b, embed(p, b), nullptr);
+  const int hl = static_cast<int>(c_.num_layers) + 1;
+  before(hl, LayerHooks::Pass::Forward);
+  Tensor rstd;
+  Tensor out = linear(rmsnorm(x, p[norm_], c_.norm_eps, rstd), head_weight(p));
+  after(hl, LayerHooks::Pass::Forward);
+  return out;
 }
 
 namespace {

@@ -141,18 +141,17 @@ class Llama {
   struct LayerIdx {
     size_t ln1, wq, wk, wv, wo, ln2, wg, wu, wd;
   };
-  struct Acts;  // one block's saved activations
 
-  Tensor forward_hidden(const ParamStore& p, const Batch& b, std::vector<Acts>* saved);
-  template <typename Head>
-  auto forward_head(const ParamStore& p, const Batch& b, Head head);
-  void block_forward(const ParamStore& p, int layer, const Batch& b, const Tensor& x, Acts& a);
-  Tensor block_backward(const ParamStore& p, int layer, const Batch& b, const Acts& a,
+  Tensor embed(const ParamStore& p, const Batch& b);
+  Tensor run_blocks(const ParamStore& p, const LayerRange& r, const Batch& b, Tensor x,
+                    std::vector<BlockActs>* saved);
+  void block_forward(const ParamStore& p, int layer, const Batch& b, const Tensor& x, BlockActs& a);
+  Tensor block_backward(const ParamStore& p, int layer, const Batch& b, const BlockActs& a,
                         const Tensor& dy, ParamStore& g);
-  void drop_recomputable(Acts& a) const;                     // Recompute::Selective
-  void recompute_dropped(const ParamStore& p, int layer, Acts& a) const;
+  void drop_recomputable(BlockActs& a) const;                     // Recompute::Selective
+  void recompute_dropped(const ParamStore& p, int layer, BlockActs& a) const;
   const Tensor& head_weight(const ParamStore& p) const;
-  Tensor& head_weight(ParamStore& p) const;
+  void check_single_stage(const char* what) const;
 
   void before(int layer, LayerHooks::Pass pass) {
     if (hooks_) hooks_->before_layer(layer, pass);
@@ -161,12 +160,16 @@ class Llama {
     if (hooks_) hooks_->after_layer(layer, pass);
   }
 
+  static ModelParallel one_rank_;  // the default: every region is the identity
   ModelConfig c_;
   Recompute recompute_;
+  ModelShard shard_;
+  ModelParallel* mp_;
   LayerHooks* hooks_ = nullptr;
   std::vector<ParamSpec> specs_;
-  std::vector<LayerIdx> layers_;
-  size_t embed_ = 0, norm_ = 0, head_ = 0;
+  std::vector<LayerRange> ranges_;  // the shard's chunks
+  std::vector<LayerIdx> layers_;    // by global layer index (entries of held layers only)
+  size_t embed_ = 0, norm_ = 0, head_ = 0;  // -1 when the shard does not hold them
 };
 
 // Fills params from scratch: linear and embedding weights ~ N(0, init_std), norm weights 1.

@@ -46,6 +46,7 @@ KvCache Llama::make_kv_cache(int64_t capacity, DType dtype, Device device) const
 Tensor Llama::forward_step(const ParamStore& p, const std::vector<int32_t>& tokens, KvCache& cache) {
   const int64_t n = static_cast<int64_t>(tokens.size()), past = cache.length;
   IEVO_CHECK(n > 0, "forward_step: no tokens");
+  IEVO_CHECK(shard_.whole(c_), "forward_step: decoding runs the whole model on one rank");
   IEVO_CHECK(cache.k.size() == layers_.size(), "forward_step: the KV cache has ", cache.k.size(),
              " layers, the model ", layers_.size());
   IEVO_CHECK(past + n <= cache.capacity(), "forward_step: ", past, " cached + ", n,
