@@ -31,6 +31,14 @@ NumericsGuard::NumericsGuard(const Config& cfg)
   }
 }
 
+void NumericsGuard::restore_counts(int64_t skipped_total, int64_t skipped_in_a_row) {
+  IEVO_CHECK(skipped_total >= 0 && skipped_in_a_row >= 0 && skipped_in_a_row <= skipped_total,
+             "checkpoint state: numerics counts skipped_total ", skipped_total, ", skipped_in_a_row ",
+             skipped_in_a_row, " are inconsistent");
+  skipped_total_ = skipped_total;
+  in_a_row_ = skipped_in_a_row;
+}
+
 double NumericsGuard::loss_scale() const { return scaler_ ? scaler_->scale() : 1.0; }
 
 void NumericsGuard::inject(int64_t step, ParamStore& grads) const {

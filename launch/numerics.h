@@ -9,6 +9,8 @@
 //   * train.precision: fp16: the backward's gradient scale is multiplied by the dynamic loss scale
 //     (optim/loss_scaler.h), an overflow (non-finite scaled gradients) is a skipped step that backs
 //     the scale off; such skips count towards the abort only once the scale is at fp16.min_scale;
+//   * the counts (skipped_total, the current run of skips in a row) are part of the checkpoint
+//     (state.json "extra": {"numerics": {...}}) so that a resumed run continues them;
 //   * test hook debug.nan_at_step / nan_steps / nan_param: after the backward of those steps the
 //     named gradient is multiplied by NaN (all its elements become NaN, on any device).
 #pragma once
@@ -42,6 +44,9 @@ class NumericsGuard {
               StepMetrics& m);
 
   int64_t skipped_total() const { return skipped_total_; }
+  int64_t skipped_in_a_row() const { return in_a_row_; }
+  // A resume: continue the counts of the checkpointed run.
+  void restore_counts(int64_t skipped_total, int64_t skipped_in_a_row);
   const LossScaler* scaler() const { return scaler_.get(); }
   LossScaler* scaler() { return scaler_.get(); }
 

@@ -166,9 +166,10 @@ class Trainer {
 
   // checkpoint.resume (launch/resume.h). Every rank reads the checkpoint's whole tensors and
   // keeps its part, so any dp size / ZeRO stage resumes any checkpoint. Restores master weights,
-  // AdamW moments and step count, the fp16 loss scaler, and the data position (consumed samples;
-  // the LR schedule is a function of the step). There is no other RNG state: the data order is
-  // a function of (run.seed, sample index) and nothing in a step is random.
+  // AdamW moments and step count, the fp16 loss scaler, the skipped-step counts, and the data
+  // position (consumed samples; the LR schedule is a function of the step). There is no other
+  // RNG state: the data order is a function of (run.seed, sample index) and nothing in a step is
+  // random.
   void resume() {
     auto st = resume_training(cfg_, rank_, [&](const std::string& dir) {
       ParamStore p(specs_, DType::F32, Device::CPU), m(specs_, DType::F32, Device::CPU),
@@ -186,6 +187,9 @@ class Trainer {
       ls->set_state({j.at("scale").get<double>(), j.at("good_steps").get<int64_t>(),
                      j.at("hysteresis_count").get<int64_t>()});
     }
+    if (st->extra.contains("numerics"))  // skipped-step counts continue (launch/numerics.h)
+      guard_.restore_counts(st->extra["numerics"].at("skipped_total").get<int64_t>(),
+                            st->extra["numerics"].at("skipped_in_a_row").get<int64_t>());
     if (start_step_ >= cfg_.train.steps)
       log_info("ievo: the checkpoint is at step %lld, train.steps is %lld: nothing to train",
                static_cast<long long>(start_step_), static_cast<long long>(cfg_.train.steps));
@@ -285,7 +289,9 @@ class Trainer {
     st.consumed_samples = sample_base_ + (step - start_step_) * cfg_.train.global_batch_size;
     st.seed = cfg_.run.seed;
     st.config_yaml = config_to_yaml(cfg_);
-    st.extra = {{"optimizer_steps", zero_->steps_taken()}, {"lr", sched_.at(step)}};
+    st.extra = {{"optimizer_steps", zero_->steps_taken()}, {"lr", sched_.at(step)},
+                {"numerics", {{"skipped_total", guard_.skipped_total()},
+                              {"skipped_in_a_row", guard_.skipped_in_a_row()}}}};
     if (const LossScaler* ls = guard_.scaler())
       st.extra["loss_scaler"] = {{"scale", ls->state().scale},
                                  {"good_steps", ls->state().good_steps},

@@ -4,6 +4,8 @@
 //     the weights stay finite and training goes on;
 //   * train.max_skips_in_a_row skipped steps in a row abort `ievo train` with the step and the
 //     poisoned tensor named;
+//   * the skip counts survive a checkpoint and resume (skipped_total continues, and so does a
+//     run of skips in a row);
 //   * train.max_time saves a checkpoint and exits 0 before the limit;
 //   * durations and the config rules of these keys.
 #include <gtest/gtest.h>
@@ -123,6 +125,51 @@ TEST(Numerics, TooManySkipsInARowAbortWithTheTensorNamed) {
   // The fatal error is in the rank's log too.
   const std::string log = test::read_file(dir + "/run/logs/rank_0.log");
   EXPECT_NE(log.find("Z ievo: error: step 4: 3 steps in a row"), std::string::npos) << log;
+}
+
+// The skip counts are checkpoint state: a run resumed after the skips continues skipped_total (it
+// does not restart at 0), and a run of skips in a row continues across the resume.
+TEST(Numerics, SkipCountsContinueAfterAResume) {
+  const std::string dir = test::temp_dir("numerics_resume");
+  const std::vector<std::string> poison = {"debug.nan_at_step=3", "debug.nan_steps=2",
+                                           std::string("debug.nan_param=") + kPoisoned,
+                                           "train.max_skips_in_a_row=3"};
+  auto cfg_for = [&](const std::string& run, int64_t steps, std::vector<std::string> sets) {
+    return load_config_string(tiny_yaml(dir + "/" + run, steps), "tiny", sets);
+  };
+  const std::vector<StepMetrics> ref = run_train(cfg_for("ref", 8, poison));
+  ASSERT_EQ(ref.size(), 8u);
+  // Steps 1-4 (3 and 4 skipped), saved at the end; then steps 5-8 resumed from step_4.
+  ASSERT_EQ(run_train(cfg_for("split", 4, poison)).size(), 4u);
+  const auto state = nlohmann::json::parse(test::read_file(dir + "/split/checkpoints/step_4/state.json"));
+  EXPECT_EQ(state["extra"]["numerics"]["skipped_total"].get<int64_t>(), 2);
+  EXPECT_EQ(state["extra"]["numerics"]["skipped_in_a_row"].get<int64_t>(), 2);
+  const std::vector<StepMetrics> resumed = run_train(cfg_for("split", 8, poison));
+  ASSERT_EQ(resumed.size(), 4u);
+  for (size_t i = 0; i < resumed.size(); ++i) {
+    const StepMetrics& r = ref[4 + i];
+    EXPECT_EQ(resumed[i].step, r.step);
+    EXPECT_EQ(resumed[i].skipped_total, 2) << "step " << r.step;
+    EXPECT_EQ(resumed[i].skipped_total, r.skipped_total) << "step " << r.step;
+    EXPECT_EQ(resumed[i].loss, r.loss) << "step " << r.step;  // CPU: bit-identical
+  }
+  const auto lines = read_jsonl(dir + "/split/metrics.jsonl");
+  ASSERT_EQ(lines.size(), 8u);
+  for (size_t i = 0; i < lines.size(); ++i)
+    EXPECT_EQ(lines[i]["skipped_total"].get<int64_t>(), ref[i].skipped_total) << "line " << i;
+
+  // Two skips in a row before the checkpoint, a third right after the resume: the abort of
+  // train.max_skips_in_a_row: 3 comes at step 5, as without the interruption.
+  ASSERT_EQ(run_train(cfg_for("row", 4, poison)).size(), 4u);
+  std::vector<std::string> third = poison;
+  third[0] = "debug.nan_at_step=5", third[1] = "debug.nan_steps=1";
+  try {
+    run_train(cfg_for("row", 8, third));
+    ADD_FAILURE() << "no abort after 3 skips in a row across the resume";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("step 5: 3 steps in a row skipped"), std::string::npos)
+        << e.what();
+  }
 }
 
 TEST(Numerics, DefaultPoisonedTensorIsTheFirstParameter) {
