@@ -35,7 +35,10 @@ MetricsLogger::MetricsLogger(const MetricsOptions& o) : o_(o), t0_(std::chrono::
   const std::filesystem::path file = std::filesystem::path(o_.run_dir) / "metrics.jsonl";
   jsonl_.open(file, std::ios::app);
   IEVO_CHECK(jsonl_.good(), "cannot open ", file.string(), " for writing");
-  if (o_.tensorboard) tb_ = std::make_unique<TensorBoardWriter>(o_.run_dir);
+  if (o_.tensorboard) {
+    tb_ = std::make_unique<TensorBoardWriter>(o_.run_dir);
+    tb_->session_start(o_.first_step);
+  }
 }
 
 MetricsLogger::~MetricsLogger() = default;

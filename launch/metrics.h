@@ -8,6 +8,10 @@
 //                           train/mfu, train/step_time_s, train/peak_mem_gib, train/skipped_total
 //                           (+ train/loss_scale), and "val/<name>" for an extra scalar "val_<name>"
 //                           ("train/<key>" for other extras); only finite values are written.
+//                           Each process (a fresh start or a resume) first writes a SessionLog
+//                           START at its first step, so that TensorBoard drops the steps of an
+//                           interrupted run after the checkpoint resumed from; metrics.jsonl loses
+//                           those lines on the resume (launch/resume.h: truncate_metrics).
 //   the progress line       every train.log_every steps and at the last one, through log_info
 //                           (RUN_DIR/logs/rank_<r>.log; rank 0 also on stderr):
 //     step 10/100 | loss 4.1234 | grad_norm 0.532 | lr 1.20e-03 | 12.3K tok/s | MFU 41.2% |
@@ -33,6 +37,9 @@ struct MetricsOptions {
   bool tensorboard = false;  // metrics.tensorboard
   int64_t total_steps = 0;   // train.steps, for the ETA
   int64_t log_every = 1;     // train.log_every
+  int64_t first_step = 1;    // the first step this process trains (a resumed checkpoint's + 1):
+                             // TensorBoard's SessionLog START, which hides the steps from there on
+                             // that an earlier, interrupted run wrote (launch/tensorboard.h)
 };
 
 class MetricsLogger {

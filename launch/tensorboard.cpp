@@ -92,6 +92,15 @@ std::string encode_event(double wall_time, int64_t step, const std::string& file
   return ev;
 }
 
+std::string encode_session_start(double wall_time, int64_t step) {
+  std::string ev = encode_event(wall_time, step, "", {});
+  std::string session_log;
+  put_key(session_log, 1, 0);  // status
+  put_varint(session_log, 1);  // START
+  put_bytes(ev, 7, session_log);
+  return ev;
+}
+
 std::string tfrecord(const std::string& data) {
   std::string r;
   const uint64_t len = data.size();
@@ -118,6 +127,10 @@ TensorBoardWriter::TensorBoardWriter(const std::string& dir) {
 
 TensorBoardWriter::~TensorBoardWriter() {
   if (f_) std::fclose(f_);
+}
+
+void TensorBoardWriter::session_start(int64_t step) {
+  write(tfrecord(encode_session_start(now_seconds(), step)));
 }
 
 void TensorBoardWriter::add_scalars(int64_t step,

@@ -65,7 +65,7 @@ class Trainer {
     setup();
     std::vector<StepMetrics> all;
     MetricsLogger metrics({run_dir_.string(), rank_, cfg_.metrics.tensorboard, cfg_.train.steps,
-                           cfg_.train.log_every});
+                           cfg_.train.log_every, start_step_ + 1});
     install_stop_handlers();  // SIGTERM / SIGINT / SIGUSR1: save at the end of the step, exit
     for (int64_t step = start_step_ + 1; step <= cfg_.train.steps; ++step) {
       watchdog_.kick("step " + std::to_string(step));

@@ -1,11 +1,12 @@
 // TensorBoard event files (launch/tensorboard.h): CRC-32C test vectors, and a run of `ievo train`
 // with metrics.tensorboard: true read back by an independent little reader (TFRecord framing with
 // its CRCs, then the Event / Summary / Value protobuf fields by number), its scalars checked
-// against metrics.jsonl.
+// against metrics.jsonl; a run killed and resumed shows each step once (SessionLog START).
 #include <gtest/gtest.h>
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <filesystem>
@@ -47,6 +48,7 @@ struct Event {
   int64_t step = 0;
   std::string file_version;
   std::map<std::string, float> scalars;
+  int session_status = -1;  // SessionLog.status (1 = START); -1: no session_log
 };
 
 struct Reader {
@@ -106,6 +108,14 @@ Event parse_event(const std::string& b) {
         if (sr.varint() != (1 << 3 | 2)) throw std::runtime_error("unexpected Summary field");
         e.scalars.insert(parse_value(sr.bytes()));
       }
+    } else if (key == (7 << 3 | 2)) {  // session_log: SessionLog { status = 1 (varint) }
+      const std::string log = r.bytes();
+      Reader lr{log};
+      e.session_status = 0;
+      while (!lr.done()) {
+        if (lr.varint() != (1 << 3 | 0)) throw std::runtime_error("unexpected SessionLog field");
+        e.session_status = static_cast<int>(lr.varint());
+      }
     } else {
       throw std::runtime_error("unexpected Event field " + std::to_string(key));
     }
@@ -154,6 +164,9 @@ TEST(TensorBoard, EncodedEventRoundTrips) {
                                          "a\x15\0\0\x80\x3f",
                                          23);
   EXPECT_EQ(small, expect);
+  // SessionLog START at step 5: field 7 (key 0x3a), length 2, status (key 0x08) = 1.
+  EXPECT_EQ(encode_session_start(0.0, 5), std::string("\x09\0\0\0\0\0\0\0\0\x10\x05\x3a\x02\x08\x01", 15));
+  EXPECT_EQ(parse_event(encode_session_start(2.0, 7)).session_status, 1);
 }
 
 TEST(TensorBoard, TrainingRunMatchesMetricsJsonl) {
@@ -186,13 +199,17 @@ TEST(TensorBoard, TrainingRunMatchesMetricsJsonl) {
       << files[0];
 
   const std::vector<Event> events = read_events(files[0]);
-  ASSERT_GE(events.size(), 1u);
+  ASSERT_GE(events.size(), 2u);
   EXPECT_EQ(events[0].file_version, "brain.Event:2");
   EXPECT_TRUE(events[0].scalars.empty());
+  // SessionLog START at the first step trained (here 1: a fresh start).
+  EXPECT_EQ(events[1].session_status, 1);
+  EXPECT_EQ(events[1].step, 1);
+  EXPECT_TRUE(events[1].scalars.empty());
 
   // Every metrics.jsonl line has an event at its step with the same values (as float).
   std::ifstream in(dir + "/run/metrics.jsonl");
-  size_t ev = 1, step_lines = 0, val_lines = 0;
+  size_t ev = 2, step_lines = 0, val_lines = 0;
   for (std::string line; std::getline(in, line);) {
     const auto j = nlohmann::json::parse(line);
     ASSERT_LT(ev, events.size()) << "no event for " << line;
@@ -230,6 +247,78 @@ TEST(TensorBoard, TrainingRunMatchesMetricsJsonl) {
                                                 "[0-9.e+-]+ \\| [0-9.K]+ tok/s \\| mem [0-9.]+ "
                                                 "GiB \\| ETA 0:00:0[0-9] \\| skipped 1")))
       << log;
+}
+
+// What TensorBoard shows of a run directory: the event files in name order, each event's scalars
+// by (tag, step), where a SessionLog START at step s first purges every point at a step >= s
+// (tensorboard/backend/event_processing: _CheckForRestartAndMaybePurge with by_tags=False).
+// Returns tag -> step -> values (more than one value: a duplicate the user would see).
+std::map<std::string, std::map<int64_t, std::vector<float>>> tensorboard_view(const std::string& run,
+                                                                              bool purge) {
+  std::vector<std::string> files;
+  for (const auto& e : fs::directory_iterator(run))
+    if (e.path().filename().string().rfind("events.out.tfevents.", 0) == 0)
+      files.push_back(e.path().string());
+  std::sort(files.begin(), files.end());
+  std::map<std::string, std::map<int64_t, std::vector<float>>> view;
+  for (const auto& f : files)
+    for (const Event& e : read_events(f)) {
+      if (purge && e.session_status == 1)
+        for (auto& [tag, points] : view) points.erase(points.lower_bound(e.step), points.end());
+      for (const auto& [tag, v] : e.scalars) view[tag][e.step].push_back(v);
+    }
+  return view;
+}
+
+// kill -9 after step 5's metrics (the last checkpoint is step 4), then auto-resume: metrics.jsonl
+// has each step once, and the event files, read as TensorBoard reads them, too, with the values of
+// metrics.jsonl; without the purge step 5 would be there twice.
+TEST(TensorBoard, ResumedRunShowsEachStepOnce) {
+  const std::string dir = test::temp_dir("tensorboard_resume");
+  const std::string cfg = dir + "/tiny.yaml";
+  std::ofstream(cfg) << "run: {dir: " << dir << "/run, seed: 3}\n"
+                     << "model: {arch: llama, vocab_size: 256, hidden_size: 32, num_layers: 2,\n"
+                     << "        num_heads: 4, num_kv_heads: 2, ffn_hidden_size: 64,\n"
+                     << "        max_position_embeddings: 64}\n"
+                     << "data: {paths: [" << test::source_dir() << "/configs/data/tiny], seq_len: 32}\n"
+                     << "train: {steps: 8, global_batch_size: 4, micro_batch_size: 2}\n"
+                     << "checkpoint: {every: 2}\n"
+                     << "metrics: {tensorboard: true}\n";
+  std::string out;
+  EXPECT_NE(test::run_command("IEVO_TEST_KILL_AT_STEP=5 " + test::ievo_binary() + " train " + cfg, &out), 0)
+      << out;
+  ASSERT_EQ(test::read_file(dir + "/run/checkpoints/latest").substr(0, 6), "step_4");
+  ASSERT_EQ(test::run_command(test::ievo_binary() + " train " + cfg, &out), 0) << out;
+  ASSERT_NE(out.find("resuming from"), std::string::npos) << out;
+
+  std::map<int64_t, nlohmann::json> lines;
+  std::ifstream in(dir + "/run/metrics.jsonl");
+  for (std::string line; std::getline(in, line);) {
+    const auto j = nlohmann::json::parse(line);
+    EXPECT_TRUE(lines.emplace(j["step"].get<int64_t>(), j).second) << "step twice: " << line;
+  }
+  ASSERT_EQ(lines.size(), 8u);
+
+  const auto raw = tensorboard_view(dir + "/run", /*purge=*/false);
+  EXPECT_EQ(raw.at("train/loss").at(5).size(), 2u) << "the interrupted run's step 5 is in its file";
+  const auto view = tensorboard_view(dir + "/run", /*purge=*/true);
+  const auto& loss = view.at("train/loss");
+  ASSERT_EQ(loss.size(), 8u);
+  for (const auto& [step, values] : loss) {
+    ASSERT_EQ(values.size(), 1u) << "step " << step << " shown " << values.size() << " times";
+    EXPECT_EQ(values[0], static_cast<float>(lines.at(step)["loss"].get<double>())) << "step " << step;
+  }
+  // The resumed run's START is at step 5 (checkpoint 4 + 1).
+  std::vector<std::pair<std::string, int64_t>> starts;
+  for (const auto& e : fs::directory_iterator(dir + "/run"))
+    if (e.path().filename().string().rfind("events.out.tfevents.", 0) == 0)
+      for (const Event& ev : read_events(e.path().string()))
+        if (ev.session_status == 1) starts.emplace_back(e.path().filename().string(), ev.step);
+  std::sort(starts.begin(), starts.end());
+  ASSERT_EQ(starts.size(), 2u);
+  std::vector<int64_t> start_steps = {starts[0].second, starts[1].second};
+  std::sort(start_steps.begin(), start_steps.end());
+  EXPECT_EQ(start_steps, (std::vector<int64_t>{1, 5}));
 }
 
 TEST(TensorBoard, ProgressLine) {
