@@ -141,7 +141,7 @@ std::string dry_run_report(const Config& cfg) {
   in.compute = t.precision == "bf16" ? DType::BF16 : t.precision == "fp16" ? DType::F16 : DType::F32;
   in.micro_batch_size = t.micro_batch_size;
   in.seq_len = cfg.data.seq_len;
-  in.recompute = cfg.model.checkpointing != "none";
+  in.recompute = recompute_mode(cfg.model.checkpointing);
   os << format_plan(in, make_plan(in));
   os << perf_report(cfg, topo.dp());  // parallel/perf_model.h, default hardware
   os << "dry run: OK (nothing trained, nothing written)\n";

@@ -45,7 +45,7 @@ std::pair<CLI::App*, std::function<void()>> add_plan_command(CLI::App& app) {
                                                  : DType::F32;
     in.micro_batch_size = cfg.train.micro_batch_size;
     in.seq_len = cfg.data.seq_len;
-    in.recompute = cfg.model.checkpointing != "none";
+    in.recompute = recompute_mode(cfg.model.checkpointing);
     in.gpu_mem_gib = o->gpu_mem_gib;
     in.infer_weight_bytes = bytes_per_element(o->weights_dtype, "--weights-dtype");
     in.infer_kv_bytes = bytes_per_element(o->kv_dtype, "--kv-dtype");

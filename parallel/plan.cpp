@@ -42,7 +42,10 @@ int64_t activation_bytes(const PlanInput& in) {
   const int64_t n = in.micro_batch_size * in.seq_len, b = static_cast<int64_t>(dtype_size(in.compute));
   const int64_t d = m.hidden_size, q = m.q_dim(), kv = m.kv_dim(), F = m.ffn_hidden_size;
   const int64_t block = n * (4 * d + 2 * q + 2 * kv + 3 * F) * b + n * (2 + m.num_heads) * 4;
-  const int64_t kept = in.recompute ? m.num_layers * n * d * b + block : m.num_layers * block;
+  const int64_t dropped = n * (2 * d + F) * b;  // selective: n1, n2, silu(gate)*up
+  const int64_t kept = in.recompute == Recompute::Full        ? m.num_layers * n * d * b + block
+                       : in.recompute == Recompute::Selective ? m.num_layers * (block - dropped) + dropped
+                                                              : m.num_layers * block;
   const int64_t backward_tmp = n * (3 * F + 4 * d + 2 * q + 2 * kv) * b;
   const int64_t head = 3 * n * d * b + 2 * std::min<int64_t>(n, 1024) * m.vocab_size * 4;
   return kept + backward_tmp + head + n * d * b;
@@ -90,6 +93,17 @@ const char* stage_formula(int stage, bool mixed) {
 }
 
 }  // namespace
+
+Recompute recompute_mode(const std::string& checkpointing) {
+  if (checkpointing == "none") return Recompute::None;
+  if (checkpointing == "selective") return Recompute::Selective;
+  if (checkpointing == "full") return Recompute::Full;
+  IEVO_FAIL("model.checkpointing: unknown value '", checkpointing, "' (expected none, selective or full)");
+}
+
+const char* recompute_name(Recompute r) {
+  return r == Recompute::Full ? "full" : r == Recompute::Selective ? "selective" : "none";
+}
 
 double bytes_per_element(const std::string& name, const char* what) {
   if (name == "fp32" || name == "f32") return 4;
@@ -179,7 +193,7 @@ std::string format_plan(const PlanInput& in, const Plan& p) {
   if (s >= 2) o << "  gradient buckets in flight     " << gib(static_cast<double>(p.transient_grads)) << "\n";
   std::snprintf(buf, sizeof buf, "  activations (estimate)         %s  micro-batch %lld x %lld tokens, checkpointing %s\n",
                 gib(static_cast<double>(p.activations)).c_str(), static_cast<long long>(in.micro_batch_size),
-                static_cast<long long>(in.seq_len), in.recompute ? "full" : "none");
+                static_cast<long long>(in.seq_len), recompute_name(in.recompute));
   o << buf;
   o << "  CUDA context, workspaces       " << gib(static_cast<double>(p.overhead)) << "  allowance\n";
   std::snprintf(buf, sizeof buf, "  total                          %s  of %.1f GiB: %s\n",

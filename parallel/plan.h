@@ -15,7 +15,9 @@
 // element of the compute dtype, statistics in fp32):
 //   one block keeps  n·(4d + 2q + 2kv + 3F)·b + n·(2 + H)·4      (x, norms, q/k/v, attention,
 //                                                                 residual, gate/up/silu·up)
-//   checkpointing none: L blocks' worth; full: L·n·d·b (block inputs) + one block's worth
+//   checkpointing none: L blocks' worth; full: L·n·d·b (block inputs) + one block's worth;
+//   selective (models/llama.h: the two RMSNorm outputs and the SwiGLU product are dropped):
+//   L·(block − n·(2d + F)·b) + n·(2d + F)·b (the block whose backward runs has them back);
 //   plus the backward's temporaries of one block n·(3F + 4d + 2q + 2kv)·b, the head
 //   3·n·d·b + 2·min(n, 1024)·V·4 (one chunk of fp32 logits and their gradient), the embedding n·d·b.
 // Transient: stage 3 gathers one layer's weights at a time (the largest counts); stages 2-3 hold
@@ -27,6 +29,7 @@
 #include <cstdint>
 #include <string>
 
+#include "models/llama.h"
 #include "models/model_config.h"
 #include "parallel/zero.h"
 #include "runtime/dtype.h"
@@ -39,7 +42,7 @@ struct PlanInput {
   ZeroConfig zero;
   DType compute = DType::F32;      // F32 (fp32 training) or BF16/F16 (mixed precision)
   int64_t micro_batch_size = 1, seq_len = 0;
-  bool recompute = false;          // model.checkpointing != none
+  Recompute recompute = Recompute::None;  // model.checkpointing (recompute_mode())
   double gpu_mem_gib = 80;
   double infer_weight_bytes = 2;   // bytes per weight for inference (bf16: 2, int8: 1, int4: 0.5)
   double infer_kv_bytes = 2;       // bytes per KV-cache element
@@ -59,6 +62,10 @@ struct Plan {
   double infer_weights = 0, kv_per_token = 0;
   int64_t kv_tokens_that_fit = 0;
 };
+
+// model.checkpointing: "none" | "selective" | "full" (anything else is an error naming the key).
+Recompute recompute_mode(const std::string& checkpointing);
+const char* recompute_name(Recompute r);
 
 // The formula rows of the table above, in bytes.
 ZeroMemory zero_formula(int64_t psi, int dp, int stage, DType compute);
