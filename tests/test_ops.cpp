@@ -20,6 +20,7 @@
 #include "runtime/ops/rmsnorm.h"
 #include "runtime/ops/rope.h"
 #include "runtime/ops/swiglu.h"
+#include "runtime/ops/vocab_parallel.h"
 #include "util.h"
 
 using namespace ievo;
@@ -646,4 +647,135 @@ TEST(Determinism, SameBitsWithOneOrTwoThreads) {
   omp_set_num_threads(saved);
   EXPECT_EQ(std::memcmp(dw1.raw(), dw2.raw(), dw1.nbytes()), 0);
   EXPECT_EQ(s1, s2);
+}
+
+// ------------------------------------------------------------ vocabulary-parallel pieces
+// (runtime/ops/vocab_parallel.h): the vocabulary split into 2-4 row ranges in one process, the
+// pieces combined as parallel/tensor_parallel.cpp does, against the whole-vocabulary ops.
+
+namespace {
+
+// Columns [c0, c1) of a 2-D CPU tensor, as a contiguous tensor of the same dtype.
+Tensor columns(const Tensor& x, int64_t c0, int64_t c1) {
+  const int64_t n = x.size(0), v = x.size(1);
+  std::vector<double> out;
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = c0; j < c1; ++j) out.push_back(x.item(i * v + j));
+  return Tensor::from_vector(out, {n, c1 - c0}).to(x.dtype());
+}
+
+// Split points of [0, V): equal parts, and one uneven split.
+std::vector<std::vector<int64_t>> vocab_splits(int64_t V) {
+  return {{0, V / 2, V}, {0, V / 3, 2 * V / 3, V}, {0, V / 4, V / 2, 3 * V / 4, V}, {0, 1, V - 2, V}};
+}
+
+}  // namespace
+
+TEST(VocabParallel, EmbeddingRangesSumToWhole) {
+  const int64_t V = 12, D = 5;
+  Tensor ids = ids_tensor({3, 0, 11, 3, 6, 1, 5, 3, 8, 11});
+  const int64_t n = ids.numel();
+  for (DType dt : kFloatTypes) {
+    Tensor table = random_tensor({V, D}, dt, 200), whole = Tensor::empty({n, D}, dt);
+    ops::embedding_forward(table, ids, whole);
+    Tensor dout = random_tensor({n, D}, dt, 201), dwhole = random_tensor({V, D}, dt, 202);
+    Tensor dwhole0 = dwhole.clone();
+    ops::embedding_backward(dout, ids, dwhole);
+    for (const auto& cut : vocab_splits(V)) {
+      SCOPED_TRACE(std::to_string(cut.size() - 1) + " parts, " + dtype_name(dt));
+      Tensor sum = Tensor::zeros({n, D}, dt);
+      for (size_t p = 0; p + 1 < cut.size(); ++p) {
+        const int64_t b = cut[p], e = cut[p + 1];
+        Tensor part = table.slice(0, b, e), out = Tensor::empty({n, D}, dt);
+        ops::embedding_forward_range(part, ids, b, V, out);
+        for (int64_t i = 0; i < n; ++i)  // this part's ids: its row; the others: exact zeros
+          for (int64_t d = 0; d < D; ++d)
+            EXPECT_EQ(out.item(i * D + d), ids.item(i) >= b && ids.item(i) < e ? whole.item(i * D + d) : 0.0);
+        ops::add(sum, out, sum);
+        // Backward into this part's rows (starting from the same values as the whole table).
+        Tensor dpart = dwhole0.slice(0, b, e).clone();
+        ops::embedding_backward_range(dout, ids, b, V, dpart);
+        EXPECT_EQ(max_abs_diff(dpart, dwhole.slice(0, b, e).clone()), 0.0);
+      }
+      EXPECT_EQ(max_abs_diff(sum, whole), 0.0);
+    }
+  }
+  // Ids are checked against the whole vocabulary, not the part.
+  Tensor part = Tensor::zeros({4, 3}, DType::F32), out = Tensor::empty({3, 3}, DType::F32);
+  std::string msg = error_message([&] { ops::embedding_forward_range(part, ids_tensor({1, 12, 2}), 4, 12, out); });
+  EXPECT_NE(msg.find("token id 12 at position 1"), std::string::npos) << msg;
+  msg = error_message([&] { ops::embedding_backward_range(out, ids_tensor({1, -1, 2}), 4, 12, part); });
+  EXPECT_NE(msg.find("token id -1"), std::string::npos) << msg;
+  msg = error_message([&] { ops::embedding_forward_range(part, ids_tensor({1, 2, 3}), 10, 12, out); });
+  EXPECT_NE(msg.find("rows [10, 14)"), std::string::npos) << msg;
+}
+
+TEST(VocabParallel, CrossEntropyPiecesCombineToWhole) {
+  const int64_t N = 9, V = 16;
+  const double scale = 0.37;
+  const std::vector<int32_t> tv = {2, -100, 0, 15, 7, -100, 3, 8, 12};
+  Tensor t = ids_tensor(tv);
+  for (DType dt : kFloatTypes) {
+    const double tol = dt == DType::F32 ? 2e-6 : 1e-12;
+    Tensor logits = random_tensor({N, V}, dt, 210, -4, 4), losses = Tensor::empty({N}, dt);
+    int64_t want_count = -1;
+    const double want = ops::cross_entropy_forward(logits, t, losses, &want_count);
+    Tensor dwhole = Tensor::empty({N, V}, dt);
+    ops::cross_entropy_backward(logits, t, scale, dwhole);
+    for (const auto& cut : vocab_splits(V)) {
+      const int64_t parts = static_cast<int64_t>(cut.size()) - 1;
+      SCOPED_TRACE(std::to_string(parts) + " parts, " + dtype_name(dt));
+      // Each part's stats, laid out as the all-gather of [2, N] per rank would.
+      const DType sd = ops::vocab_ce_stat_dtype(dt);
+      EXPECT_EQ(sd, dt);
+      Tensor gathered = Tensor::empty({parts, 2, N}, sd);
+      std::vector<Tensor> part_logits;
+      for (int64_t p = 0; p < parts; ++p) {
+        part_logits.push_back(columns(logits, cut[p], cut[p + 1]));
+        Tensor stats = gathered.select0(p);
+        ops::vocab_ce_local(part_logits.back(), t, cut[p], V, stats);
+      }
+      Tensor lse = Tensor::empty({N}, sd);
+      int64_t count = -1;
+      const double got = ops::vocab_ce_combine(gathered, t, V, lse, &count);
+      EXPECT_EQ(count, want_count);
+      EXPECT_NEAR(got, want, tol * std::fabs(want));
+      for (int64_t i = 0; i < N; ++i) {  // lse = loss + target logit on counted rows
+        if (tv[i] == -100) continue;
+        EXPECT_NEAR(lse.item(i), losses.item(i) + logits.item(i * V + tv[i]), tol * 10) << i;
+      }
+      // Backward of each part = its columns of the whole backward (also in place).
+      for (int64_t p = 0; p < parts; ++p) {
+        Tensor d = Tensor::empty(part_logits[p].shape(), dt);
+        ops::vocab_ce_backward(part_logits[p], t, cut[p], lse, scale, d);
+        EXPECT_LT(max_abs_diff(d, columns(dwhole, cut[p], cut[p + 1])), tol) << "part " << p;
+        Tensor inplace = part_logits[p].clone();
+        ops::vocab_ce_backward(inplace, t, cut[p], lse, scale, inplace);
+        EXPECT_EQ(max_abs_diff(inplace, d), 0.0);
+      }
+    }
+  }
+  // Targets are checked against the whole vocabulary.
+  Tensor l = Tensor::zeros({3, 4}, DType::F32), stats = Tensor::empty({2, 3}, DType::F32);
+  std::string msg = error_message([&] { ops::vocab_ce_local(l, ids_tensor({0, -100, 16}), 4, 16, stats); });
+  EXPECT_NE(msg.find("target 16 at row 2"), std::string::npos) << msg;
+  Tensor g = Tensor::zeros({2, 2, 3}, DType::F32), lse = Tensor::empty({3}, DType::F32);
+  msg = error_message([&] { ops::vocab_ce_combine(g, ids_tensor({-3, 0, 0}), 16, lse, nullptr); });
+  EXPECT_NE(msg.find("target -3"), std::string::npos) << msg;
+  msg = error_message([&] { ops::vocab_ce_local(l, ids_tensor({0, 0, 0}), 14, 16, stats); });
+  EXPECT_NE(msg.find("columns [14, 18)"), std::string::npos) << msg;
+}
+
+TEST(VocabParallel, SwapLeadingDims) {
+  Tensor x = random_tensor({3, 4, 2, 5}, DType::F32, 220), y = Tensor::empty({4, 3, 2, 5}, DType::F32);
+  ops::swap_leading_dims(x, y);
+  for (int64_t a = 0; a < 3; ++a)
+    for (int64_t b = 0; b < 4; ++b)
+      for (int64_t c = 0; c < 10; ++c) EXPECT_EQ(y.item((b * 3 + a) * 10 + c), x.item((a * 4 + b) * 10 + c));
+  Tensor back = Tensor::empty(x.shape(), DType::F32);
+  ops::swap_leading_dims(y, back);
+  EXPECT_EQ(max_abs_diff(back, x), 0.0);
+  Tensor wrong = Tensor::empty({3, 4, 2, 5}, DType::F32);
+  const std::string msg = error_message([&] { ops::swap_leading_dims(x, wrong); });
+  EXPECT_NE(msg.find("out"), std::string::npos) << msg;
 }

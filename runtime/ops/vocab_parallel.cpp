@@ -1,0 +1,270 @@
+// Vocabulary-parallel embedding and cross-entropy pieces, and the Ulysses block transpose, on the
+// CPU (see vocab_parallel.h). Per-row math in double, as ops::cross_entropy_*:
+//   local:    m = max_v x_v,  lse_t = m + log sum_v exp(x_v - m)
+//   combine:  M = max_t lse_t, lse = M + log sum_t exp(lse_t - M), loss = lse - x_target
+//   backward: dlogits_v = grad_scale * (exp(x_v - lse) - [v + begin == target])
+#include "runtime/ops/vocab_parallel.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "runtime/ops/cpu_common.h"
+#include "runtime/ops/cross_entropy.h"
+
+namespace ievo::ops {
+namespace {
+
+void check_ids(const Tensor& ids, int64_t vocab, const char* op) {
+  cpu::expect_cpu(ids, "ids", op);
+  check_dtype(ids, DType::I32, "ids");
+  IEVO_CHECK(ids.dim() == 1, op, ": tensor 'ids' must be 1-D, has shape ", shape_str(ids.shape()));
+  const int32_t* p = ids.data<int32_t>();
+  for (int64_t n = 0; n < ids.numel(); ++n)
+    if (p[n] < 0 || p[n] >= vocab)
+      IEVO_FAIL(op, ": token id ", p[n], " at position ", n, " is outside the vocabulary [0, ",
+                vocab, ")");
+}
+
+// The table shard [V_local, D] must lie inside the vocabulary.
+void check_range(const Tensor& table, int64_t begin, int64_t vocab, const char* name,
+                 const char* op) {
+  IEVO_CHECK(table.dim() == 2, op, ": tensor '", name, "' must be [V_local, D], has shape ",
+             shape_str(table.shape()));
+  IEVO_CHECK(begin >= 0 && begin + table.size(0) <= vocab, op, ": rows [", begin, ", ",
+             begin + table.size(0), ") of '", name, "' are not inside the vocabulary [0, ", vocab,
+             ")");
+}
+
+void check_targets(const Tensor& targets, int64_t n, int64_t vocab, const char* op) {
+  cpu::expect_cpu(targets, "targets", op);
+  check_dtype(targets, DType::I32, "targets");
+  check_shape(targets, {n}, "targets");
+  const int32_t* t = targets.data<int32_t>();
+  for (int64_t i = 0; i < n; ++i)
+    if (t[i] != kIgnoreIndex && (t[i] < 0 || t[i] >= vocab))
+      IEVO_FAIL(op, ": target ", t[i], " at row ", i, " is outside the vocabulary [0, ", vocab,
+                ") and is not the ignore index ", kIgnoreIndex);
+}
+
+void check_logits(const Tensor& logits, int64_t begin, int64_t vocab, const char* op) {
+  cpu::expect_float(logits, "logits", op);
+  IEVO_CHECK(logits.dim() == 2, op, ": tensor 'logits' must be [N, V_local], has shape ",
+             shape_str(logits.shape()));
+  IEVO_CHECK(begin >= 0 && begin + logits.size(1) <= vocab, op, ": logit columns [", begin, ", ",
+             begin + logits.size(1), ") are not inside the vocabulary [0, ", vocab, ")");
+}
+
+}  // namespace
+
+DType vocab_ce_stat_dtype(DType logits) { return logits == DType::F64 ? DType::F64 : DType::F32; }
+
+void embedding_forward_range(const Tensor& table, const Tensor& ids, int64_t begin, int64_t vocab,
+                             Tensor& out) {
+#ifdef IEVO_CUDA
+  if (!out.is_cpu()) return cuda::embedding_forward_range(table, ids, begin, vocab, out);
+#endif
+  const char* op = "embedding_forward_range";
+  cpu::expect_float(table, "table", op);
+  cpu::expect_float(out, "out", op);
+  check_range(table, begin, vocab, "table", op);
+  check_dtype(out, table.dtype(), "out");
+  check_ids(ids, vocab, op);
+  const int64_t n_tok = ids.numel(), d = table.size(1), rows = table.size(0);
+  check_shape(out, {n_tok, d}, "out");
+  const size_t row_bytes = static_cast<size_t>(d) * dtype_size(table.dtype());
+  const char* src = static_cast<const char*>(table.raw());
+  char* dst = static_cast<char*>(out.raw());
+  const int32_t* id = ids.data<int32_t>();
+#pragma omp parallel for schedule(static) if (n_tok * d > cpu::kParallelMin)
+  for (int64_t n = 0; n < n_tok; ++n) {
+    const int64_t r = id[n] - begin;
+    if (r >= 0 && r < rows) std::memcpy(dst + n * row_bytes, src + r * row_bytes, row_bytes);
+    else std::memset(dst + n * row_bytes, 0, row_bytes);  // all-zero bits are +0.0
+  }
+}
+
+void embedding_backward_range(const Tensor& dout, const Tensor& ids, int64_t begin, int64_t vocab,
+                              Tensor& dtable) {
+#ifdef IEVO_CUDA
+  if (!dtable.is_cpu()) return cuda::embedding_backward_range(dout, ids, begin, vocab, dtable);
+#endif
+  const char* op = "embedding_backward_range";
+  cpu::expect_float(dtable, "dtable", op);
+  cpu::expect_float(dout, "dout", op);
+  check_range(dtable, begin, vocab, "dtable", op);
+  check_dtype(dout, dtable.dtype(), "dout");
+  check_ids(ids, vocab, op);
+  const int64_t n_tok = ids.numel(), d = dtable.size(1), rows = dtable.size(0);
+  check_shape(dout, {n_tok, d}, "dout");
+  cpu::dispatch_float(dtable.dtype(), op, [&](auto tag) {
+    using T = decltype(tag);
+    const T* g = dout.data<T>();
+    T* t = dtable.data<T>();
+    const int32_t* id = ids.data<int32_t>();
+    // Column blocks per thread, tokens in order: repeated ids accumulate deterministically.
+    constexpr int64_t kCols = 64;
+    const int64_t blocks = (d + kCols - 1) / kCols;
+#pragma omp parallel for schedule(static) if (n_tok * d > cpu::kParallelMin)
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t c0 = b * kCols, c1 = std::min(d, c0 + kCols);
+      for (int64_t n = 0; n < n_tok; ++n) {
+        const int64_t r = id[n] - begin;
+        if (r < 0 || r >= rows) continue;
+        T* row = t + r * d;
+        const T* grow = g + n * d;
+        for (int64_t c = c0; c < c1; ++c) row[c] += grow[c];
+      }
+    }
+  });
+}
+
+void vocab_ce_local(const Tensor& logits, const Tensor& targets, int64_t begin, int64_t vocab,
+                    Tensor& stats) {
+#ifdef IEVO_CUDA
+  if (!logits.is_cpu()) return cuda::vocab_ce_local(logits, targets, begin, vocab, stats);
+#endif
+  const char* op = "vocab_ce_local";
+  check_logits(logits, begin, vocab, op);
+  const int64_t n = logits.size(0), vl = logits.size(1);
+  check_targets(targets, n, vocab, op);
+  cpu::expect_float(stats, "stats", op);
+  check_shape(stats, {2, n}, "stats");
+  check_dtype(stats, vocab_ce_stat_dtype(logits.dtype()), "stats");
+  const int32_t* t = targets.data<int32_t>();
+  cpu::dispatch_float(logits.dtype(), op, [&](auto tag) {
+    using T = decltype(tag);
+    const T* x = logits.data<T>();
+    T* lse = stats.data<T>();  // stats dtype == logits dtype on the CPU (f32 / f64)
+    T* tl = lse + n;
+#pragma omp parallel for schedule(static) if (n * vl > cpu::kParallelMin)
+    for (int64_t i = 0; i < n; ++i) {
+      const T* xr = x + i * vl;
+      double m = -INFINITY;
+      for (int64_t j = 0; j < vl; ++j) m = std::max(m, static_cast<double>(xr[j]));
+      double s = 0;
+      for (int64_t j = 0; j < vl; ++j) s += std::exp(static_cast<double>(xr[j]) - m);
+      lse[i] = static_cast<T>(vl > 0 ? m + std::log(s) : -INFINITY);
+      const int64_t local = static_cast<int64_t>(t[i]) - begin;
+      tl[i] = t[i] != kIgnoreIndex && local >= 0 && local < vl ? xr[local] : T(0);
+    }
+  });
+}
+
+double vocab_ce_combine(const Tensor& gathered, const Tensor& targets, int64_t vocab, Tensor& lse,
+                        int64_t* count) {
+#ifdef IEVO_CUDA
+  if (!gathered.is_cpu()) return cuda::vocab_ce_combine(gathered, targets, vocab, lse, count);
+#endif
+  const char* op = "vocab_ce_combine";
+  cpu::expect_float(gathered, "gathered", op);
+  IEVO_CHECK(gathered.dim() == 3 && gathered.size(1) == 2, op,
+             ": tensor 'gathered' must be [T, 2, N], has shape ", shape_str(gathered.shape()));
+  const int64_t parts = gathered.size(0), n = gathered.size(2);
+  check_targets(targets, n, vocab, op);
+  cpu::expect_float(lse, "lse", op);
+  check_shape(lse, {n}, "lse");
+  check_dtype(lse, gathered.dtype(), "lse");
+  const int32_t* t = targets.data<int32_t>();
+  std::vector<double> row(static_cast<size_t>(n), 0.0);
+  cpu::dispatch_float(gathered.dtype(), op, [&](auto tag) {
+    using T = decltype(tag);
+    const T* g = gathered.data<T>();
+    T* out = lse.data<T>();
+    for (int64_t i = 0; i < n; ++i) {
+      double m = -INFINITY, tl = 0;
+      for (int64_t p = 0; p < parts; ++p) m = std::max(m, static_cast<double>(g[p * 2 * n + i]));
+      double s = 0;
+      for (int64_t p = 0; p < parts; ++p) {
+        s += std::exp(static_cast<double>(g[p * 2 * n + i]) - m);
+        tl += static_cast<double>(g[p * 2 * n + n + i]);  // one rank holds the target, others 0
+      }
+      const double l = m + std::log(s);
+      out[i] = static_cast<T>(l);
+      if (t[i] != kIgnoreIndex) row[i] = l - tl;
+    }
+  });
+  double total = 0;  // in row order: deterministic
+  int64_t valid = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    total += row[i];
+    valid += t[i] != kIgnoreIndex;
+  }
+  if (count) *count = valid;
+  return total;
+}
+
+void vocab_ce_backward(const Tensor& logits, const Tensor& targets, int64_t begin,
+                       const Tensor& lse, double grad_scale, Tensor& dlogits) {
+#ifdef IEVO_CUDA
+  if (!logits.is_cpu())
+    return cuda::vocab_ce_backward(logits, targets, begin, lse, grad_scale, dlogits);
+#endif
+  const char* op = "vocab_ce_backward";
+  const int64_t n = logits.dim() == 2 ? logits.size(0) : 0, vl = logits.dim() == 2 ? logits.size(1) : 0;
+  cpu::expect_float(logits, "logits", op);
+  IEVO_CHECK(logits.dim() == 2, op, ": tensor 'logits' must be [N, V_local], has shape ",
+             shape_str(logits.shape()));
+  IEVO_CHECK(begin >= 0, op, ": negative vocabulary offset ", begin);
+  cpu::expect_cpu(targets, "targets", op);
+  check_dtype(targets, DType::I32, "targets");
+  check_shape(targets, {n}, "targets");
+  cpu::expect_float(lse, "lse", op);
+  check_shape(lse, {n}, "lse");
+  check_dtype(lse, vocab_ce_stat_dtype(logits.dtype()), "lse");
+  cpu::expect_float(dlogits, "dlogits", op);
+  check_shape(dlogits, logits.shape(), "dlogits");
+  check_dtype(dlogits, logits.dtype(), "dlogits");
+  const int32_t* t = targets.data<int32_t>();
+  cpu::dispatch_float(logits.dtype(), op, [&](auto tag) {
+    using T = decltype(tag);
+    const T* x = logits.data<T>();
+    const T* l = lse.data<T>();
+    T* g = dlogits.data<T>();
+#pragma omp parallel for schedule(static) if (n * vl > cpu::kParallelMin)
+    for (int64_t i = 0; i < n; ++i) {
+      const T* xr = x + i * vl;
+      T* gr = g + i * vl;  // may alias xr: each element is read before it is written
+      if (t[i] == kIgnoreIndex) {
+        std::fill_n(gr, vl, T(0));
+        continue;
+      }
+      const double li = static_cast<double>(l[i]);
+      const int64_t local = static_cast<int64_t>(t[i]) - begin;
+      for (int64_t j = 0; j < vl; ++j) {
+        const double p = std::exp(static_cast<double>(xr[j]) - li);
+        gr[j] = static_cast<T>(grad_scale * (p - (j == local ? 1.0 : 0.0)));
+      }
+    }
+  });
+}
+
+void swap_leading_dims(const Tensor& x, Tensor& out) {
+  const char* op = "swap_leading_dims";
+  IEVO_CHECK(x.defined() && out.defined(), op, ": undefined tensor");
+  IEVO_CHECK(x.dim() >= 2, op, ": tensor 'x' needs at least 2 dimensions, has shape ",
+             shape_str(x.shape()));
+  Shape want = x.shape();
+  std::swap(want[0], want[1]);
+  check_shape(out, want, "out");
+  check_dtype(out, x.dtype(), "out");
+  IEVO_CHECK(x.is_contiguous() && out.is_contiguous(), op, ": tensors must be contiguous (",
+             x.describe(), ", ", out.describe(), ")");
+  IEVO_CHECK(x.device() == out.device(), op, ": tensors on different devices (", x.describe(),
+             ", ", out.describe(), ")");
+  IEVO_CHECK(x.raw() != out.raw() || x.numel() == 0, op, ": out must not alias x");
+#ifdef IEVO_CUDA
+  if (!x.is_cpu()) return cuda::swap_leading_dims(x, out);
+#endif
+  const int64_t a = x.size(0), b = x.size(1);
+  const size_t block = x.nbytes() / static_cast<size_t>(std::max<int64_t>(1, a * b));
+  const char* src = static_cast<const char*>(x.raw());
+  char* dst = static_cast<char*>(out.raw());
+#pragma omp parallel for schedule(static) if (x.numel() > cpu::kParallelMin)
+  for (int64_t i = 0; i < a; ++i)
+    for (int64_t j = 0; j < b; ++j)
+      std::memcpy(dst + (j * a + i) * block, src + (i * b + j) * block, block);
+}
+
+}  // namespace ievo::ops

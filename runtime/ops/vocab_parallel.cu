@@ -1,0 +1,402 @@
+// Vocabulary-parallel embedding and cross-entropy pieces, and the Ulysses block transpose, on the
+// GPU (see vocab_parallel.h). fp32 math for f32/bf16/f16; stats and lse are f32.
+//   embedding forward: one block per token copies its row (or writes zeros when another rank
+//     holds the id).
+//   embedding backward, deterministic without atomics (as ops::embedding_backward): local row
+//     keys (ids of other ranks get the key V_local, skipped) are radix-sorted with their positions
+//     (stable), and the block at the start of each run of equal keys sums dout over the run in
+//     position order and adds the sum to the row once.
+//   ce_local / ce_backward: one block per row, a single pass with a running (max, sum of exp) per
+//     thread merged in a fixed order (as cross_entropy.cu).
+//   ce_combine: one thread per row over the T parts; the total is summed in double by one block
+//     in a fixed order and read back with the count and the first row with a bad target.
+//   swap_leading_dims: B strided 2-D copies (cudaMemcpy2DAsync), no kernel.
+#include <cub/device/device_radix_sort.cuh>
+
+#include <climits>
+
+#include "runtime/cuda/kernels.cuh"
+#include "runtime/ops/cross_entropy.h"
+#include "runtime/ops/vocab_parallel.h"
+
+namespace ievo::ops::cuda {
+using namespace ievo::cuda;
+
+namespace {
+
+constexpr int kThreads = 256;
+
+// ---------------------------------------------------------------- argument checks
+
+// First position whose value is outside [0, vocab) (ignore index allowed when `ignore`).
+__global__ void first_bad(const int32_t* v, int64_t n, int64_t vocab, bool ignore, int* bad) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
+    const int32_t x = v[i];
+    if ((ignore && x == kIgnoreIndex) || (x >= 0 && x < vocab)) continue;
+    atomicMin(bad, static_cast<int>(i));
+  }
+}
+
+// Throws naming the first id / target outside the vocabulary (one device round trip).
+void check_values(const Tensor& v, int64_t vocab, bool targets, const char* op) {
+  const int64_t n = v.numel();
+  if (n == 0) return;
+  IEVO_CHECK(n < INT_MAX && vocab < INT_MAX, op, ": too many tokens or vocabulary too large");
+  cudaStream_t s = current_stream();
+  DeviceBuffer buf(sizeof(int));
+  const int init = INT_MAX;
+  IEVO_CUDA_CHECK(cudaMemcpyAsync(buf.data(), &init, sizeof(int), cudaMemcpyHostToDevice, s));
+  first_bad<<<grid_for(n, 256, 1024), 256, 0, s>>>(v.data<int32_t>(), n, vocab, targets, buf.as<int>());
+  IEVO_CUDA_LAUNCH_CHECK("first_bad");
+  int pos = 0;
+  IEVO_CUDA_CHECK(cudaMemcpyAsync(&pos, buf.data(), sizeof(int), cudaMemcpyDeviceToHost, s));
+  IEVO_CUDA_CHECK(cudaStreamSynchronize(s));
+  if (pos == INT_MAX) return;
+  int32_t x = 0;
+  IEVO_CUDA_CHECK(cudaMemcpyAsync(&x, v.data<int32_t>() + pos, sizeof(x), cudaMemcpyDeviceToHost, s));
+  IEVO_CUDA_CHECK(cudaStreamSynchronize(s));
+  if (targets)
+    IEVO_FAIL(op, ": target ", x, " at row ", pos, " is outside the vocabulary [0, ", vocab,
+              ") and is not the ignore index ", kIgnoreIndex);
+  IEVO_FAIL(op, ": token id ", x, " at position ", pos, " is outside the vocabulary [0, ", vocab, ")");
+}
+
+void check_i32_1d(const Tensor& v, int64_t n, const char* name, const char* op) {
+  expect_cuda(v, name, op);
+  check_dtype(v, DType::I32, name);
+  check_shape(v, {n}, name);
+}
+
+void check_rows(const Tensor& t, int64_t begin, int64_t vocab, const char* name, const char* op) {
+  IEVO_CHECK(t.dim() == 2, op, ": tensor '", name, "' must be [V_local, D], has shape ",
+             shape_str(t.shape()));
+  IEVO_CHECK(begin >= 0 && begin + t.size(0) <= vocab, op, ": rows [", begin, ", ",
+             begin + t.size(0), ") of '", name, "' are not inside the vocabulary [0, ", vocab, ")");
+}
+
+// ---------------------------------------------------------------- embedding
+
+template <typename T>
+__global__ void gather_rows_range(const T* table, const int32_t* ids, T* out, int64_t d,
+                                  int64_t begin, int64_t rows) {
+  const int64_t n = blockIdx.x;
+  const int64_t r = ids[n] - begin;
+  T* dst = out + n * d;
+  if (r < 0 || r >= rows) {
+    for (int64_t c = threadIdx.x; c < d; c += blockDim.x) dst[c] = from_f<T>(0.f);
+    return;
+  }
+  const T* src = table + r * d;
+  for (int64_t c = threadIdx.x; c < d; c += blockDim.x) dst[c] = src[c];
+}
+
+// key = local row, or `rows` for ids of other ranks; value = position.
+__global__ void local_keys(const int32_t* ids, int64_t n, int64_t begin, int64_t rows,
+                           int32_t* keys, int32_t* pos) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
+    const int64_t r = ids[i] - begin;
+    keys[i] = static_cast<int32_t>(r >= 0 && r < rows ? r : rows);
+    pos[i] = static_cast<int32_t>(i);
+  }
+}
+
+template <typename G, typename T>
+__global__ void scatter_runs_range(const int32_t* sorted, const int32_t* perm, int64_t n,
+                                   int32_t skip, const G* dout, T* dtable, int64_t d) {
+  const int64_t i = blockIdx.x;
+  const int32_t key = sorted[i];
+  if (key == skip || (i > 0 && sorted[i - 1] == key)) return;
+  int64_t end = i + 1;
+  while (end < n && sorted[end] == key) ++end;
+  T* row = dtable + static_cast<int64_t>(key) * d;
+  for (int64_t c = threadIdx.x; c < d; c += blockDim.x) {
+    float acc = 0.f;
+    for (int64_t r = i; r < end; ++r) acc += to_f(dout[static_cast<int64_t>(perm[r]) * d + c]);
+    row[c] = from_f<T>(to_f(row[c]) + acc);
+  }
+}
+
+int bits_for(int64_t keys) {
+  int b = 1;
+  while ((int64_t{1} << b) < keys) ++b;
+  return b;
+}
+
+// ---------------------------------------------------------------- cross-entropy
+
+struct MaxSum {
+  float m, s;
+};
+
+__device__ __forceinline__ MaxSum merge(MaxSum a, MaxSum b) {
+  if (a.m == -INFINITY) return b;
+  if (b.m == -INFINITY) return a;
+  const float m = fmaxf(a.m, b.m);
+  return {m, a.s * expf(a.m - m) + b.s * expf(b.m - m)};
+}
+
+__device__ __forceinline__ void add_elem(MaxSum& a, float x) {
+  if (x > a.m) {
+    a.s = a.s * expf(a.m - x) + 1.f;
+    a.m = x;
+  } else {
+    a.s += expf(x - a.m);
+  }
+}
+
+// log sum exp of one row over the block (every thread gets it).
+template <typename T>
+__device__ float row_lse(const T* x, int64_t v) {
+  __shared__ float sm[32], ss[32];
+  MaxSum a{-INFINITY, 0.f};
+  for (int64_t j = threadIdx.x; j < v; j += blockDim.x) add_elem(a, to_f(x[j]));
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1)
+    a = merge(a, MaxSum{__shfl_xor_sync(0xffffffffu, a.m, o), __shfl_xor_sync(0xffffffffu, a.s, o)});
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  __syncthreads();
+  if (lane == 0) {
+    sm[warp] = a.m;
+    ss[warp] = a.s;
+  }
+  __syncthreads();
+  MaxSum r = lane < nwarps ? MaxSum{sm[lane], ss[lane]} : MaxSum{-INFINITY, 0.f};
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1)
+    r = merge(r, MaxSum{__shfl_xor_sync(0xffffffffu, r.m, o), __shfl_xor_sync(0xffffffffu, r.s, o)});
+  return r.m == -INFINITY ? -INFINITY : r.m + logf(r.s);
+}
+
+template <typename T>
+__global__ void ce_local(const T* logits, const int32_t* targets, int64_t n, int64_t vl,
+                         int64_t begin, float* stats) {
+  const int64_t row = blockIdx.x;
+  const T* x = logits + row * vl;
+  const float lse = row_lse<T>(x, vl);
+  if (threadIdx.x == 0) {
+    const int32_t t = targets[row];
+    const int64_t local = static_cast<int64_t>(t) - begin;
+    stats[row] = lse;
+    stats[n + row] = t != kIgnoreIndex && local >= 0 && local < vl ? to_f(x[local]) : 0.f;
+  }
+}
+
+__global__ void ce_combine(const float* g, const int32_t* targets, int64_t parts, int64_t n,
+                           float* lse, double* row_loss) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
+    float m = -INFINITY;
+    for (int64_t p = 0; p < parts; ++p) m = fmaxf(m, g[p * 2 * n + i]);
+    float s = 0.f, tl = 0.f;
+    for (int64_t p = 0; p < parts; ++p) {
+      s += expf(g[p * 2 * n + i] - m);
+      tl += g[p * 2 * n + n + i];
+    }
+    const float l = m + logf(s);
+    lse[i] = l;
+    row_loss[i] = targets[i] == kIgnoreIndex ? 0.0 : static_cast<double>(l) - static_cast<double>(tl);
+  }
+}
+
+struct Totals {
+  double sum;
+  long long count;
+};
+
+__global__ void ce_total(const double* row_loss, const int32_t* targets, int64_t n, Totals* out) {
+  __shared__ double s1[32];
+  __shared__ long long s2[32];
+  double s = 0;
+  long long c = 0;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+    s += row_loss[i];
+    c += targets[i] != kIgnoreIndex;
+  }
+  s = block_sum(s, s1);
+  c = block_sum(c, s2);
+  if (threadIdx.x == 0) *out = Totals{s, c};
+}
+
+template <typename T>
+__global__ void ce_backward(const T* logits, const int32_t* targets, int64_t vl, int64_t begin,
+                            const float* lse, float gs, T* dlogits) {
+  const int64_t row = blockIdx.x;
+  const int32_t t = targets[row];
+  const T* x = logits + row * vl;
+  T* g = dlogits + row * vl;  // may alias x: element j is read and written by one thread
+  if (t == kIgnoreIndex) {
+    for (int64_t j = threadIdx.x; j < vl; j += blockDim.x) g[j] = from_f<T>(0.f);
+    return;
+  }
+  const float l = lse[row];
+  const int64_t local = static_cast<int64_t>(t) - begin;
+  for (int64_t j = threadIdx.x; j < vl; j += blockDim.x)
+    g[j] = from_f<T>(gs * (expf(to_f(x[j]) - l) - (j == local ? 1.f : 0.f)));
+}
+
+}  // namespace
+
+void embedding_forward_range(const Tensor& table, const Tensor& ids, int64_t begin, int64_t vocab,
+                             Tensor& out) {
+  const char* op = "embedding_forward_range";
+  expect_cuda(table, "table", op);
+  expect_cuda(out, "out", op);
+  check_rows(table, begin, vocab, "table", op);
+  check_dtype(out, table.dtype(), "out");
+  IEVO_CHECK(ids.dim() == 1, op, ": tensor 'ids' must be 1-D, has shape ", shape_str(ids.shape()));
+  const int64_t n = ids.numel(), d = table.size(1);
+  check_i32_1d(ids, n, "ids", op);
+  check_shape(out, {n, d}, "out");
+  check_values(ids, vocab, false, op);
+  if (n == 0 || d == 0) return;
+  cudaStream_t s = current_stream();
+  dispatch_fp(table.dtype(), op, [&](auto tag) {
+    using T = decltype(tag);
+    gather_rows_range<T><<<n, 128, 0, s>>>(table.data<T>(), ids.data<int32_t>(), out.data<T>(), d,
+                                           begin, table.size(0));
+    IEVO_CUDA_LAUNCH_CHECK("gather_rows_range");
+  });
+}
+
+void embedding_backward_range(const Tensor& dout, const Tensor& ids, int64_t begin, int64_t vocab,
+                              Tensor& dtable) {
+  const char* op = "embedding_backward_range";
+  expect_cuda(dout, "dout", op);
+  expect_cuda(dtable, "dtable", op);
+  check_rows(dtable, begin, vocab, "dtable", op);
+  IEVO_CHECK(ids.dim() == 1, op, ": tensor 'ids' must be 1-D, has shape ", shape_str(ids.shape()));
+  const int64_t n = ids.numel(), d = dtable.size(1), rows = dtable.size(0);
+  check_i32_1d(ids, n, "ids", op);
+  check_shape(dout, {n, d}, "dout");
+  check_values(ids, vocab, false, op);
+  if (n == 0 || d == 0) return;
+  IEVO_CHECK(rows < INT_MAX, op, ": too many rows");
+  cudaStream_t s = current_stream();
+  DeviceBuffer keys_in(n * sizeof(int32_t)), keys_out(n * sizeof(int32_t)),
+      vals_in(n * sizeof(int32_t)), vals_out(n * sizeof(int32_t));
+  local_keys<<<grid_for(n, 256, 1024), 256, 0, s>>>(ids.data<int32_t>(), n, begin, rows,
+                                                    keys_in.as<int32_t>(), vals_in.as<int32_t>());
+  IEVO_CUDA_LAUNCH_CHECK("local_keys");
+  const int nn = static_cast<int>(n), end_bit = bits_for(rows + 1);
+  size_t temp_bytes = 0;
+  IEVO_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(nullptr, temp_bytes, keys_in.as<int32_t>(),
+                                                  keys_out.as<int32_t>(), vals_in.as<int32_t>(),
+                                                  vals_out.as<int32_t>(), nn, 0, end_bit, s));
+  DeviceBuffer temp(temp_bytes);
+  IEVO_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(temp.data(), temp_bytes, keys_in.as<int32_t>(),
+                                                  keys_out.as<int32_t>(), vals_in.as<int32_t>(),
+                                                  vals_out.as<int32_t>(), nn, 0, end_bit, s));
+  dispatch_fp(dout.dtype(), op, [&](auto gtag) {
+    using G = decltype(gtag);
+    dispatch_fp(dtable.dtype(), op, [&](auto ttag) {
+      using T = decltype(ttag);
+      scatter_runs_range<G, T><<<n, 128, 0, s>>>(keys_out.as<int32_t>(), vals_out.as<int32_t>(), n,
+                                                 static_cast<int32_t>(rows), dout.data<G>(),
+                                                 dtable.data<T>(), d);
+      IEVO_CUDA_LAUNCH_CHECK("scatter_runs_range");
+    });
+  });
+}
+
+void vocab_ce_local(const Tensor& logits, const Tensor& targets, int64_t begin, int64_t vocab,
+                    Tensor& stats) {
+  const char* op = "vocab_ce_local";
+  expect_cuda(logits, "logits", op);
+  IEVO_CHECK(logits.dim() == 2, op, ": tensor 'logits' must be [N, V_local], has shape ",
+             shape_str(logits.shape()));
+  const int64_t n = logits.size(0), vl = logits.size(1);
+  IEVO_CHECK(begin >= 0 && begin + vl <= vocab, op, ": logit columns [", begin, ", ", begin + vl,
+             ") are not inside the vocabulary [0, ", vocab, ")");
+  check_i32_1d(targets, n, "targets", op);
+  expect_cuda(stats, "stats", op);
+  check_shape(stats, {2, n}, "stats");
+  check_dtype(stats, DType::F32, "stats");
+  check_values(targets, vocab, true, op);
+  if (n == 0) return;
+  IEVO_CHECK(n < INT_MAX, op, ": too many rows");
+  cudaStream_t s = current_stream();
+  dispatch_fp(logits.dtype(), op, [&](auto tag) {
+    using T = decltype(tag);
+    ce_local<T><<<n, kThreads, 0, s>>>(logits.data<T>(), targets.data<int32_t>(), n, vl, begin,
+                                       stats.data<float>());
+    IEVO_CUDA_LAUNCH_CHECK("ce_local");
+  });
+}
+
+double vocab_ce_combine(const Tensor& gathered, const Tensor& targets, int64_t vocab, Tensor& lse,
+                        int64_t* count) {
+  const char* op = "vocab_ce_combine";
+  expect_cuda(gathered, "gathered", op);
+  check_dtype(gathered, DType::F32, "gathered");
+  IEVO_CHECK(gathered.dim() == 3 && gathered.size(1) == 2, op,
+             ": tensor 'gathered' must be [T, 2, N], has shape ", shape_str(gathered.shape()));
+  const int64_t parts = gathered.size(0), n = gathered.size(2);
+  check_i32_1d(targets, n, "targets", op);
+  expect_cuda(lse, "lse", op);
+  check_shape(lse, {n}, "lse");
+  check_dtype(lse, DType::F32, "lse");
+  check_values(targets, vocab, true, op);
+  if (n == 0) {
+    if (count) *count = 0;
+    return 0.0;
+  }
+  cudaStream_t s = current_stream();
+  DeviceBuffer buf(n * sizeof(double) + sizeof(Totals));
+  double* row_loss = buf.as<double>();
+  auto* totals = reinterpret_cast<Totals*>(row_loss + n);
+  ce_combine<<<grid_for(n, 256), 256, 0, s>>>(gathered.data<float>(), targets.data<int32_t>(), parts,
+                                              n, lse.data<float>(), row_loss);
+  IEVO_CUDA_LAUNCH_CHECK("ce_combine");
+  ce_total<<<1, 1024, 0, s>>>(row_loss, targets.data<int32_t>(), n, totals);
+  IEVO_CUDA_LAUNCH_CHECK("ce_total");
+  Totals host{};
+  IEVO_CUDA_CHECK(cudaMemcpyAsync(&host, totals, sizeof(Totals), cudaMemcpyDeviceToHost, s));
+  IEVO_CUDA_CHECK(cudaStreamSynchronize(s));
+  if (count) *count = host.count;
+  return host.sum;
+}
+
+void vocab_ce_backward(const Tensor& logits, const Tensor& targets, int64_t begin,
+                       const Tensor& lse, double grad_scale, Tensor& dlogits) {
+  const char* op = "vocab_ce_backward";
+  expect_cuda(logits, "logits", op);
+  IEVO_CHECK(logits.dim() == 2, op, ": tensor 'logits' must be [N, V_local], has shape ",
+             shape_str(logits.shape()));
+  const int64_t n = logits.size(0), vl = logits.size(1);
+  IEVO_CHECK(begin >= 0, op, ": negative vocabulary offset ", begin);
+  check_i32_1d(targets, n, "targets", op);
+  expect_cuda(lse, "lse", op);
+  check_shape(lse, {n}, "lse");
+  check_dtype(lse, DType::F32, "lse");
+  expect_cuda(dlogits, "dlogits", op);
+  check_shape(dlogits, logits.shape(), "dlogits");
+  check_dtype(dlogits, logits.dtype(), "dlogits");
+  if (n == 0 || vl == 0) return;
+  IEVO_CHECK(n < INT_MAX, op, ": too many rows");
+  cudaStream_t s = current_stream();
+  dispatch_fp(logits.dtype(), op, [&](auto tag) {
+    using T = decltype(tag);
+    ce_backward<T><<<n, kThreads, 0, s>>>(logits.data<T>(), targets.data<int32_t>(), vl, begin,
+                                          lse.data<float>(), static_cast<float>(grad_scale),
+                                          dlogits.data<T>());
+    IEVO_CUDA_LAUNCH_CHECK("ce_backward");
+  });
+}
+
+void swap_leading_dims(const Tensor& x, Tensor& out) {
+  // Checked by the dispatcher (shapes, dtype, contiguity, device, no aliasing).
+  const int64_t a = x.size(0), b = x.size(1);
+  if (x.numel() == 0) return;
+  const size_t block = x.nbytes() / static_cast<size_t>(a * b);
+  cudaStream_t s = current_stream();
+  const char* src = static_cast<const char*>(x.raw());
+  char* dst = static_cast<char*>(out.raw());
+  // out[j] (a blocks, contiguous) <- x[:, j] (a blocks, pitch b blocks).
+  for (int64_t j = 0; j < b; ++j)
+    IEVO_CUDA_CHECK(cudaMemcpy2DAsync(dst + j * a * block, block, src + j * block, b * block, block,
+                                      a, cudaMemcpyDeviceToDevice, s));
+}
+
+}  // namespace ievo::ops::cuda
