@@ -64,6 +64,10 @@ class NvtxCommunicator : public Communicator {
     IEVO_NVTX_RANGE("comm:recv");
     c_->recv(t, peer);
   }
+  void exchange(const std::vector<P2POp>& ops) override {
+    IEVO_NVTX_RANGE("comm:exchange");
+    c_->exchange(ops);
+  }
   void barrier() override {
     IEVO_NVTX_RANGE("comm:barrier");
     c_->barrier();

@@ -129,6 +129,21 @@ class MpiCommunicator final : public Communicator {
     for_chunks(t, [&](void* p, int n) { MPI_Recv(p, n, mt.type, peer, 0, comm_, MPI_STATUS_IGNORE); });
   }
 
+  void exchange(const std::vector<P2POp>& ops) override {
+    std::vector<MPI_Request> reqs;
+    for (const P2POp& op : ops) {
+      MpiType mt = mpi_type(op.t, "exchange");
+      for_chunks(op.t, [&](void* p, int n) {
+        reqs.emplace_back();
+        if (op.send)
+          MPI_Isend(p, n, mt.type, op.peer, 0, comm_, &reqs.back());
+        else
+          MPI_Irecv(p, n, mt.type, op.peer, 0, comm_, &reqs.back());
+      });
+    }
+    MPI_Waitall(static_cast<int>(reqs.size()), reqs.data(), MPI_STATUSES_IGNORE);
+  }
+
   void barrier() override { MPI_Barrier(comm_); }
 
   double all_reduce_sum(double x) override {
@@ -178,12 +193,20 @@ class LocalCommunicator final : public Communicator {
   }
   void send(const Tensor&, int peer) override { IEVO_FAIL("send to rank ", peer, " in a group of one"); }
   void recv(Tensor&, int peer) override { IEVO_FAIL("recv from rank ", peer, " in a group of one"); }
+  void exchange(const std::vector<P2POp>& ops) override {
+    IEVO_CHECK(ops.empty(), "exchange with rank ", ops.empty() ? 0 : ops[0].peer, " in a group of one");
+  }
   void barrier() override {}
   double all_reduce_sum(double x) override { return x; }
   int64_t all_reduce_sum(int64_t x) override { return x; }
 };
 
 }  // namespace
+
+void Communicator::exchange(const std::vector<P2POp>& ops) {
+  IEVO_CHECK(ops.empty(), "Communicator::exchange: not supported by the '", backend(),
+             "' backend (a wrapper that does not forward it?)");
+}
 
 std::unique_ptr<Communicator> make_mpi_communicator(MPI_Comm comm) {
   return std::make_unique<MpiCommunicator>(comm);

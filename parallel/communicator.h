@@ -11,6 +11,7 @@
 #pragma once
 #include <cstdint>
 #include <memory>
+#include <vector>
 
 #include <mpi.h>
 
@@ -39,6 +40,16 @@ class Communicator {
   // Point to point (pipeline stages): matched by order between the two ranks.
   virtual void send(const Tensor& t, int peer) = 0;
   virtual void recv(Tensor& t, int peer) = 0;
+  // Several point-to-point transfers at once (pipeline exchanges, parallel/pipeline.h): posts every
+  // send and receive of `ops` together and returns when all are complete (MPI Isend/Irecv +
+  // Waitall; NCCL ncclSend/ncclRecv in one group). Messages between two ranks match in order, as
+  // send/recv do. The base class's version is an error naming the backend.
+  struct P2POp {
+    bool send = false;  // else receive into t
+    Tensor t;           // contiguous; a receive's t has the message's size
+    int peer = 0;
+  };
+  virtual void exchange(const std::vector<P2POp>& ops);
   virtual void barrier() = 0;
 
   // Host scalars: the sum over ranks (loss sums, token counts, squared norms).

@@ -103,6 +103,24 @@ class NcclCommunicator final : public Communicator {
     IEVO_NCCL_CHECK(ncclRecv(t.raw(), t.numel(), ty, peer, comm_, stream_.get()));
   }
 
+  // One group: every send and receive progresses together (no deadlock between two ranks that
+  // send to each other), stream-ordered like the collectives.
+  void exchange(const std::vector<P2POp>& ops) override {
+    if (ops.empty()) return;
+    std::vector<ncclDataType_t> types;
+    for (const P2POp& op : ops) types.push_back(nccl_type(op.t, "exchange"));
+    Ordered o(*this);
+    IEVO_NCCL_CHECK(ncclGroupStart());
+    for (size_t i = 0; i < ops.size(); ++i) {
+      const P2POp& op = ops[i];
+      if (op.send)
+        IEVO_NCCL_CHECK(ncclSend(op.t.raw(), op.t.numel(), types[i], op.peer, comm_, stream_.get()));
+      else
+        IEVO_NCCL_CHECK(ncclRecv(op.t.raw(), op.t.numel(), types[i], op.peer, comm_, stream_.get()));
+    }
+    IEVO_NCCL_CHECK(ncclGroupEnd());
+  }
+
   void barrier() override {
     IEVO_CUDA_CHECK(cudaStreamSynchronize(cuda::current_stream()));
     MPI_Barrier(mpi_);
