@@ -23,10 +23,14 @@ void assign(Tensor dst, Tensor src) {
 }  // namespace
 
 ZeroLayout make_zero_layout(const std::vector<ParamSpec>& specs, const std::vector<int>& layer_of,
-                            int shards, int64_t bucket_elems, bool split_at_layers) {
+                            int shards, int64_t bucket_elems, bool split_at_layers,
+                            const std::vector<bool>& deferred) {
   IEVO_CHECK(shards >= 1, "ZeRO layout: ", shards, " shards");
   IEVO_CHECK(layer_of.size() == specs.size(), "ZeRO layout: layer_of has ", layer_of.size(),
              " entries for ", specs.size(), " parameters");
+  IEVO_CHECK(deferred.empty() || deferred.size() == specs.size(), "ZeRO layout: deferred has ",
+             deferred.size(), " entries for ", specs.size(), " parameters");
+  auto is_deferred = [&](size_t i) { return !deferred.empty() && deferred[i]; };
   ZeroLayout L;
   L.shards = shards;
   L.bucket_of.assign(specs.size(), -1);
@@ -38,6 +42,11 @@ ZeroLayout make_zero_layout(const std::vector<ParamSpec>& specs, const std::vect
     cur.piece = cur.padded / shards;
     cur.full_offset = L.full_numel;
     cur.shard_offset = L.shard_numel;
+    cur.deferred = is_deferred(cur.tensors.front());
+    if (cur.deferred) {
+      cur.deferred_offset = L.deferred_numel;
+      L.deferred_numel += cur.padded;
+    }
     L.full_numel += cur.padded;
     L.shard_numel += cur.piece;
     L.buckets.push_back(std::move(cur));
@@ -49,7 +58,8 @@ ZeroLayout make_zero_layout(const std::vector<ParamSpec>& specs, const std::vect
     L.numel += n;
     if (!cur.tensors.empty() &&
         (cur.hi - cur.lo + size > bucket_elems ||
-         (split_at_layers && layer_of[i] != layer_of[cur.tensors.back()])))
+         (split_at_layers && layer_of[i] != layer_of[cur.tensors.back()]) ||
+         is_deferred(i) != is_deferred(cur.tensors.back())))
       close();
     if (cur.tensors.empty()) cur.lo = offset;
     cur.tensors.push_back(i);
@@ -74,8 +84,12 @@ ZeroLayout make_zero_layout(const std::vector<ParamSpec>& specs,
   for (size_t i = 0; i < specs.size(); ++i)
     IEVO_CHECK(layer_of[i] >= 0, "ZeRO: no hook layer writes the gradient of ", specs[i].name);
   const double elems = zc.bucket_mb * 1048576.0 / static_cast<double>(dtype_size(compute));
+  IEVO_CHECK(zc.norm_weight.empty() || zc.norm_weight.size() == specs.size(),
+             "ZeRO: norm_weight has ", zc.norm_weight.size(), " entries for ", specs.size(), " parameters");
+  // Stages 0-1 keep every gradient whole: deferral changes nothing in their layout.
   return make_zero_layout(specs, layer_of, zc.stage == 0 ? 1 : dp_size,
-                          std::max<int64_t>(1, static_cast<int64_t>(elems)), zc.stage == 3);
+                          std::max<int64_t>(1, static_cast<int64_t>(elems)), zc.stage == 3,
+                          zc.stage >= 2 ? zc.deferred : std::vector<bool>{});
 }
 
 ZeroMemory zero_memory(const ZeroLayout& L, int stage, DType compute) {
@@ -84,7 +98,7 @@ ZeroMemory zero_memory(const ZeroLayout& L, int stage, DType compute) {
   const int64_t ms = master_is_weights ? cs : 4;
   ZeroMemory m;
   m.params = (stage == 3 ? L.shard_numel : L.full_numel) * cs;
-  m.grads = (stage >= 2 ? L.shard_numel : L.full_numel) * cs;
+  m.grads = (stage >= 2 ? L.shard_numel + L.deferred_numel : L.full_numel) * cs;
   m.optimizer = L.shard_numel * ms * (master_is_weights ? 2 : 3);
   return m;
 }
@@ -108,9 +122,19 @@ ZeroOptimizer::ZeroOptimizer(std::vector<ParamSpec> specs, std::vector<HookLayer
     for (size_t i : B.tensors) {
       const int64_t t0 = weights_.offset(i) - B.lo, t1 = t0 + shape_numel(specs_[i].shape);
       const int64_t s = std::max(t0, p0), e = std::min(t1, p1);
-      if (s < e) segments_.push_back({static_cast<int>(b), s - p0, e - s, specs_[i].decay});
+      if (s < e) segments_.push_back({static_cast<int>(b), s - p0, e - s, specs_[i].decay, i});
     }
   }
+  // Weighted norm: runs of segments with one weight, padding between them included (it is zero).
+  if (std::any_of(zc_.norm_weight.begin(), zc_.norm_weight.end(), [](double w) { return w != 1.0; }))
+    for (const Segment& s : segments_) {
+      const double w = zc_.norm_weight[s.param];
+      NormRun* last = norm_runs_.empty() ? nullptr : &norm_runs_.back();
+      if (last && last->bucket == s.bucket && last->weight == w)
+        last->len = s.start + s.len - last->start;
+      else
+        norm_runs_.push_back({s.bucket, s.start, s.len, w});
+    }
 
   const int stage = zc_.stage;
   if (stage <= 2) {
@@ -130,6 +154,15 @@ ZeroOptimizer::ZeroOptimizer(std::vector<ParamSpec> specs, std::vector<HookLayer
     }
   } else {
     shard_g_ = Tensor::zeros({layout_.shard_numel}, compute_, device_);
+    if (layout_.deferred_numel > 0) {  // bound for good: the hooks never touch these buckets
+      deferred_g_ = Tensor::zeros({layout_.deferred_numel}, compute_, device_);
+      for (size_t b = 0; b < layout_.buckets.size(); ++b) {
+        const ZeroBucket& B = layout_.buckets[b];
+        if (B.deferred)
+          bind_bucket(grads_, deferred_g_.slice(0, B.deferred_offset, B.deferred_offset + B.padded),
+                      static_cast<int>(b));
+      }
+    }
   }
   if (!master_is_weights_) master_ = Tensor::zeros({layout_.shard_numel}, master_dtype_, device_);
   m_ = Tensor::zeros({layout_.shard_numel}, master_dtype_, device_);
@@ -267,6 +300,7 @@ void ZeroOptimizer::begin_step() {
     return;
   }
   shard_g_.zero_();
+  if (deferred_g_.defined()) deferred_g_.zero_();
   for (size_t b = 0; b < grad_buffers_.size(); ++b) {  // left over from an interrupted step
     if (grad_buffers_[b].defined()) unbind_bucket(grads_, static_cast<int>(b));
     grad_buffers_[b] = Tensor();
@@ -298,6 +332,18 @@ void ZeroOptimizer::reduce_grad_bucket(int b) {
   reduced_[b] = true;
 }
 
+// A deferred bucket's whole gradient (all micro-batches) -> this rank's piece of the sum. The
+// buffer stays bound (its other pieces are undefined until begin_step zeroes it).
+void ZeroOptimizer::reduce_deferred_bucket(int b) {
+  const ZeroBucket& B = layout_.buckets[b];
+  Tensor buf = deferred_g_.slice(0, B.deferred_offset, B.deferred_offset + B.padded);
+  Tensor own = buf.slice(0, shard_rank_ * B.piece, (shard_rank_ + 1) * B.piece);
+  if (dp_.size() > 1) dp_.reduce_scatter(buf, own);  // in place
+  Tensor dst = shard_piece(shard_g_, b);
+  dst.copy_from(own);
+  reduced_[b] = true;
+}
+
 void ZeroOptimizer::before_layer(int layer, Pass pass) {
   IEVO_CHECK(layer >= 0 && static_cast<size_t>(layer) < layers_.size(), "ZeRO: hook layer ", layer,
              " of ", layers_.size());
@@ -306,7 +352,7 @@ void ZeroOptimizer::before_layer(int layer, Pass pass) {
       if (gathered_refs_[b]++ == 0) gather_weights(b);
   if (zc_.stage >= 2 && pass == Pass::Backward) {
     for (int b : write_buckets_[layer]) {
-      if (grad_buffers_[b].defined()) continue;
+      if (layout_.buckets[b].deferred || grad_buffers_[b].defined()) continue;
       grad_buffers_[b] = Tensor::zeros({layout_.buckets[b].padded}, compute_, device_);
       bind_bucket(grads_, grad_buffers_[b], b);
       pending_writers_[b] = writers_[b];
@@ -328,38 +374,56 @@ void ZeroOptimizer::after_layer(int layer, Pass pass) {
   }
   if (zc_.stage >= 2 && pass == Pass::Backward) {
     for (int b : write_buckets_[layer]) {
+      if (layout_.buckets[b].deferred) continue;  // reduced in finish_gradients
       IEVO_CHECK(grad_buffers_[b].defined(), "ZeRO: after_layer(", layer, ") without before_layer");
       if (--pending_writers_[b] == 0) reduce_grad_bucket(b);
     }
   }
 }
 
+double ZeroOptimizer::local_sum_squares() {
+  if (norm_runs_.empty()) {  // every weight 1: whole buffers (padding is zero)
+    if (zc_.stage == 0) return ops::sum_squares(full_g_);
+    if (zc_.stage >= 2) return ops::sum_squares(shard_g_);
+    double sum = 0;
+    for (size_t b = 0; b < layout_.buckets.size(); ++b) sum += ops::sum_squares(grad_piece(static_cast<int>(b)));
+    return sum;
+  }
+  double sum = 0;
+  for (const NormRun& r : norm_runs_)
+    if (r.weight != 0) sum += r.weight * ops::sum_squares(grad_piece(r.bucket).slice(0, r.start, r.start + r.len));
+  return sum;
+}
+
 double ZeroOptimizer::finish_gradients() {
   const int nb = static_cast<int>(layout_.buckets.size());
+  if (zc_.pre_reduce) zc_.pre_reduce(grads_);  // deferred (stages 0-1: all) gradients whole
   if (zc_.stage == 0) {
     if (dp_.size() > 1)
       for (const ZeroBucket& B : layout_.buckets) {
         Tensor bucket = full_g_.slice(0, B.full_offset, B.full_offset + B.padded);
         dp_.all_reduce(bucket);
       }
-    return ops::sum_squares(full_g_);  // identical on every rank
+    return local_sum_squares();  // identical on every rank
   }
-  double local = 0;
   if (zc_.stage == 1) {
     for (int b = 0; b < nb; ++b) {
       const ZeroBucket& B = layout_.buckets[b];
       Tensor own = grad_piece(b);
       if (dp_.size() > 1) dp_.reduce_scatter(full_g_.slice(0, B.full_offset, B.full_offset + B.padded), own);
-      local += ops::sum_squares(own);
     }
   } else {
-    for (int b = 0; b < nb; ++b)
+    for (int b = 0; b < nb; ++b) {
+      if (layout_.buckets[b].deferred) {
+        reduce_deferred_bucket(b);
+        continue;
+      }
       IEVO_CHECK(reduced_[b] && !grad_buffers_[b].defined(), "ZeRO-", zc_.stage, ": the gradient of bucket ",
                  b, " (", specs_[layout_.buckets[b].tensors.front()].name,
                  ", ...) was not reduced: the model's backward must call the layer hooks");
-    local = ops::sum_squares(shard_g_);
+    }
   }
-  return dp_.all_reduce_sum(local);
+  return dp_.all_reduce_sum(local_sum_squares());
 }
 
 void ZeroOptimizer::step(double lr, double grad_scale) {
@@ -395,7 +459,7 @@ ZeroMemory ZeroOptimizer::memory() const {
   auto bytes = [](const Tensor& t) { return t.defined() ? static_cast<int64_t>(t.nbytes()) : int64_t{0}; };
   ZeroMemory m;
   m.params = bytes(full_w_) + bytes(shard_w_);
-  m.grads = bytes(full_g_) + bytes(shard_g_);
+  m.grads = bytes(full_g_) + bytes(shard_g_) + bytes(deferred_g_);
   m.optimizer = bytes(master_) + bytes(m_) + bytes(v_);
   m.peak_gathered_params = peak_gathered_;
   m.peak_grad_buckets = peak_grad_;

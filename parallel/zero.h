@@ -20,12 +20,18 @@
 // (or end in padding), so AdamW runs per segment = one tensor's part of a piece, with that
 // tensor's weight decay.
 //
+// Deferred parameters (ZeroConfig::deferred; tensor/pipeline parallelism): their gradients stay
+// whole through the backward (stages 2-3: in buckets of their own, bound all step) so that
+// ZeroConfig::pre_reduce can sum them over another group first; finish_gradients then reduces them
+// over data parallelism like the rest.
+//
 // One optimiser step:  begin_step(); model forward/backward of every micro-batch on weights() and
 // grads() (the model calls the LayerHooks); finish_gradients() -> global squared norm; step().
 // With fp32 compute the master weights are the weights themselves (no second copy); with bf16
 // the master is an f32 shard and the weights are rewritten from it (then all-gathered).
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <vector>
 
 #include "models/llama.h"
@@ -38,6 +44,21 @@ namespace ievo {
 struct ZeroConfig {
   int stage = 0;           // 0..3
   double bucket_mb = 25;   // MiB of gradient (compute dtype) per bucket
+  // Per parameter (empty: none). A deferred parameter's gradient stays whole and unreduced on
+  // this rank for the whole step, at every stage (stages 2-3: its buckets hold only deferred
+  // parameters, stay bound in grads() and are never reduced by the hooks); finish_gradients
+  // reduces it over the data-parallel group right after pre_reduce.
+  std::vector<bool> deferred{};
+  // Called (if set) once per step at the start of finish_gradients, before any data-parallel
+  // reduction in it. `grads` has at least every deferred parameter's whole local gradient bound
+  // (stages 0-1: every parameter's). For linear cross-group sums that must precede the dp sum:
+  // tensor-parallel replicas (sum over the tensor group), the tied embedding's pipeline copies.
+  std::function<void(ParamStore& grads)> pre_reduce{};
+  // Per parameter (empty: all 1): the weight of its squared gradient in the squared norm
+  // finish_gradients returns (1/replicas for a slice replicated on several tensor-parallel
+  // ranks, 0 for a copy counted on another rank). The caller sums the result over the tensor
+  // and pipeline groups.
+  std::vector<double> norm_weight{};
 };
 
 struct ZeroBucket {
@@ -47,6 +68,8 @@ struct ZeroBucket {
   int64_t piece = 0;           // padded / shards: elements each rank owns
   int64_t shard_offset = 0;    // where this rank's piece starts in the shard buffers
   std::vector<size_t> tensors; // parameter indices, in order
+  bool deferred = false;       // stages 2-3: only deferred parameters; gradient kept whole
+  int64_t deferred_offset = 0; // ... where it starts in the whole deferred gradient buffer
 };
 
 struct ZeroLayout {
@@ -56,13 +79,17 @@ struct ZeroLayout {
   int64_t numel = 0;            // parameters without any padding (Ψ)
   int64_t full_numel = 0;       // sum of padded bucket sizes
   int64_t shard_numel = 0;      // sum of pieces = full_numel / shards
+  int64_t deferred_numel = 0;   // sum of padded sizes of the deferred buckets (stages 2-3)
 };
 
 // The bucket layout for these parameters. layer_of[i]: the hook layer of parameter i (buckets
-// are split where it changes when split_at_layers); bucket_elems: target bucket size.
+// are split where it changes when split_at_layers); bucket_elems: target bucket size; deferred
+// (empty: none): buckets are also split where it changes and those of deferred parameters marked.
 ZeroLayout make_zero_layout(const std::vector<ParamSpec>& specs, const std::vector<int>& layer_of,
-                            int shards, int64_t bucket_elems, bool split_at_layers);
-// The layout ZeroOptimizer uses for a model (the hook layers give layer_of).
+                            int shards, int64_t bucket_elems, bool split_at_layers,
+                            const std::vector<bool>& deferred = {});
+// The layout ZeroOptimizer uses for a model (the hook layers give layer_of; zc.deferred splits
+// buckets at stages 2-3 only, where it changes where gradients live).
 ZeroLayout make_zero_layout(const std::vector<ParamSpec>& specs,
                             const std::vector<HookLayerParams>& layers, const ZeroConfig& zc,
                             int dp_size, DType compute);
@@ -76,7 +103,8 @@ struct ZeroMemory {
   int64_t peak_grad_buckets = 0;     // stages 2-3: most gradient bucket bytes alive at once
   int64_t total() const { return params + grads + optimizer; }
 };
-// The same numbers from the layout alone (what `ievo plan` prints; transient peaks not included).
+// The same numbers from the layout alone (what `ievo plan` prints; transient peaks not included;
+// stages 2-3 gradients include the whole deferred buckets).
 ZeroMemory zero_memory(const ZeroLayout& layout, int stage, DType compute);
 
 class ZeroOptimizer final : public LayerHooks {
@@ -100,8 +128,10 @@ class ZeroOptimizer final : public LayerHooks {
   ParamStore& grads() { return grads_; }
 
   void begin_step();
-  // After the last micro-batch: all-reduce (0) or reduce-scatter (1) the gradient (2-3: the hooks
-  // did). Returns the squared L2 norm of the whole reduced gradient (sum over shards, all-reduced).
+  // After the last micro-batch: zc.pre_reduce, then all-reduce (0) or reduce-scatter (1) the
+  // gradient (2-3: the hooks did, except deferred buckets, reduce-scattered here). Returns the
+  // squared L2 norm of the whole reduced gradient (sum over shards, all-reduced over dp), each
+  // parameter weighted by zc.norm_weight.
   double finish_gradients();
   // AdamW on this rank's shard; gradients are multiplied by grad_scale (clipping) first. Then the
   // updated weights are all-gathered (stages 1-2).
@@ -121,6 +151,12 @@ class ZeroOptimizer final : public LayerHooks {
     int64_t start;   // offset inside the piece
     int64_t len;
     bool decay;
+    size_t param;    // parameter index
+  };
+  struct NormRun {   // consecutive segments of one piece with the same norm weight
+    int bucket;
+    int64_t start, len;
+    double weight;
   };
   Tensor full_piece(Tensor& full, int b);   // this rank's piece of bucket b in a full buffer
   Tensor shard_piece(Tensor& shard, int b); // ... in a shard buffer
@@ -131,6 +167,8 @@ class ZeroOptimizer final : public LayerHooks {
   void unbind_bucket(ParamStore& store, int b);
   void gather_weights(int b);
   void reduce_grad_bucket(int b);
+  void reduce_deferred_bucket(int b);
+  double local_sum_squares();  // this rank's pieces of the reduced gradient, weighted
   std::vector<int> buckets_of(const std::vector<size_t>& params) const;
   // Buffer of bucket b in ParamStore layout -> ParamStore tensors, and back.
   void fill_bucket(Tensor& dst, const ParamStore& src, int b) const;
@@ -146,10 +184,12 @@ class ZeroOptimizer final : public LayerHooks {
   int shard_rank_ = 0;           // this rank's index among layout_.shards
   bool master_is_weights_ = false;
   std::vector<Segment> segments_;
+  std::vector<NormRun> norm_runs_;  // empty: every weight is 1
 
   ParamStore weights_, grads_;   // what the model sees (bound to the buffers below)
   Tensor full_w_, full_g_;       // stages 0-2 / 0-1: padded full buffers
   Tensor shard_w_, shard_g_;     // stage 3 / 2-3: shard buffers
+  Tensor deferred_g_;            // stages 2-3: whole gradients of the deferred buckets
   Tensor master_, m_, v_;        // shard buffers (master_ undefined when master_is_weights_)
 
   // Hook state per bucket.
