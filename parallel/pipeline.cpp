@@ -138,4 +138,12 @@ void tie_pipeline_embeddings(ZeroConfig& zc, const std::vector<ParamSpec>& specs
   };
 }
 
+TrainerPipeline::TrainerPipeline(const Topology& topo, Device device, Communicator& pp, PipelineKind kind,
+                                 int micro_batches, int virtual_stages, const ModelConfig& c,
+                                 const ModelShard& shard, const std::vector<ParamSpec>& specs, ZeroConfig& zc)
+    : embed_(topo, device),
+      exec_(make_pipeline_schedule(kind, topo.pp(), micro_batches, virtual_stages), pp) {
+  tie_pipeline_embeddings(zc, specs, c, shard, embed_.comm.get());
+}
+
 }  // namespace ievo

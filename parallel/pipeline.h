@@ -88,4 +88,20 @@ struct EmbeddingGroup {
 void tie_pipeline_embeddings(ZeroConfig& zc, const std::vector<ParamSpec>& specs, const ModelConfig& c,
                              const ModelShard& shard, Communicator* embed);
 
+// A trainer rank's pipeline (parallel.pipeline > 1): the embedding group, the tied embedding's
+// ZeRO settings (added to zc, so build this before the ZeroOptimizer) and the executor of the
+// schedule for `micro_batches` per step. Collective over the topology's world. Throws naming the
+// keys when the schedule cannot run this many micro-batches (interleaved: a multiple of P).
+class TrainerPipeline {
+ public:
+  TrainerPipeline(const Topology& topo, Device device, Communicator& pp, PipelineKind kind, int micro_batches,
+                  int virtual_stages, const ModelConfig& c, const ModelShard& shard,
+                  const std::vector<ParamSpec>& specs, ZeroConfig& zc);
+  PipelineExecutor& executor() { return exec_; }
+
+ private:
+  EmbeddingGroup embed_;
+  PipelineExecutor exec_;
+};
+
 }  // namespace ievo
