@@ -23,6 +23,7 @@
 
 #include "launch/duration.h"
 #include "models/hf_config.h"
+#include "parallel/pipeline_schedule.h"
 #include "runtime/error.h"
 
 namespace ievo {
@@ -34,7 +35,8 @@ enum class Need { No, Yes, UnlessSynthetic, UnlessHF };
 template <class T>
 using Ref = T& (*)(Config&);
 using AnyRef = std::variant<Ref<int64_t>, Ref<uint64_t>, Ref<double>, Ref<bool>, Ref<std::string>,
-                            Ref<Arch>, Ref<std::vector<std::string>>, Ref<std::vector<double>>>;
+                            Ref<Arch>, Ref<std::vector<std::string>>, Ref<std::vector<double>>,
+                            Ref<std::vector<int64_t>>>;
 
 struct Key {
   const char* name;
@@ -130,9 +132,21 @@ const Key kKeys[] = {
      "write checkpoints in a background thread from a host copy while training continues"},
     {"checkpoint.overwrite", F(checkpoint.overwrite), Need::No,
      "with resume: none, delete the run directory's existing checkpoints instead of refusing"},
-    {"parallel.tensor", F(parallel.tensor), Need::No, "tensor-parallel size (1: off; >1 not yet implemented)"},
-    {"parallel.pipeline", F(parallel.pipeline), Need::No,
-     "pipeline-parallel size (1: off; >1 not yet implemented)"},
+    {"parallel.tensor", F(parallel.tensor), Need::No,
+     "tensor-parallel size T: heads, FFN and vocabulary split over T ranks (1: off)"},
+    {"parallel.sequence", F(parallel.sequence), Need::No,
+     "sequence parallelism: megatron shards norms/residuals over the tensor group; ulysses splits "
+     "tokens over parallel.sequence_size ranks with all-to-all around attention",
+     "none|megatron|ulysses"},
+    {"parallel.sequence_size", F(parallel.sequence_size), Need::No,
+     "Ulysses: ranks a micro-batch's tokens are split over (part of the data-parallel group)"},
+    {"parallel.pipeline", F(parallel.pipeline), Need::No, "pipeline-parallel stages P (1: off)"},
+    {"parallel.schedule", F(parallel.schedule), Need::No, "pipeline schedule",
+     "gpipe|1f1b|interleaved"},
+    {"parallel.virtual_stages", F(parallel.virtual_stages), Need::No,
+     "interleaved schedule: model chunks per pipeline rank V"},
+    {"parallel.pipeline_layers", F(parallel.pipeline_layers), Need::No,
+     "blocks per (virtual) stage, P x V entries summing to model.num_layers; empty: balanced by cost"},
     {"parallel.zero", F(parallel.zero), Need::No,
      "ZeRO stage over the data-parallel ranks: 0 none, 1 optimizer state, 2 + gradients, 3 + weights"},
     {"parallel.bucket_mb", F(parallel.bucket_mb), Need::No,
@@ -331,6 +345,9 @@ void decode(const Key& k, const Value& v, std::vector<std::string>& out) {
 }
 void decode(const Key& k, const Value& v, std::vector<double>& out) {
   decode_list(k, v, out, "a list of numbers");
+}
+void decode(const Key& k, const Value& v, std::vector<int64_t>& out) {
+  decode_list(k, v, out, "a list of integers");
 }
 
 // ---- typed field -> YAML text -------------------------------------------------------------
@@ -588,10 +605,33 @@ class Loader {
     const ParallelConfig& par = c.parallel;
     check(par.tensor >= 1, "parallel.tensor", "must be >= 1, got ", par.tensor);
     check(par.pipeline >= 1, "parallel.pipeline", "must be >= 1, got ", par.pipeline);
+    check(par.sequence_size >= 1, "parallel.sequence_size", "must be >= 1, got ", par.sequence_size);
+    check(par.sequence_size == 1 || par.sequence == "ulysses", "parallel.sequence_size",
+          "> 1 needs parallel.sequence: ulysses, got ", par.sequence_size);
+    check(par.virtual_stages >= 1, "parallel.virtual_stages", "must be >= 1, got ", par.virtual_stages);
     check(par.zero >= 0 && par.zero <= 3, "parallel.zero", "unknown ZeRO stage ", par.zero,
           " (expected 0, 1, 2 or 3)");
     check(par.bucket_mb > 0, "parallel.bucket_mb", "must be positive, got ", par.bucket_mb);
     check(par.timeout_s >= 0, "parallel.timeout_s", "must be >= 0 (0: never), got ", par.timeout_s);
+    check(par.pipeline == 1 || par.zero <= 2, "parallel.zero", "= 3 with parallel.pipeline = ", par.pipeline,
+          ": ZeRO-3 would gather every stage's weights again for each micro-batch of the schedule; use "
+          "parallel.zero 0-2 with pipeline parallelism (InternEvo and torchtitan refuse it too)");
+    if (par.pipeline > 1 || par.virtual_stages > 1 || !par.pipeline_layers.empty()) {
+      // The schedule kind against P and V (the micro-batch count is checked when training
+      // starts: it depends on the world size) and the layer split (parallel/pipeline_schedule.h).
+      const int P = static_cast<int>(par.pipeline), V = static_cast<int>(par.virtual_stages);
+      try {
+        make_pipeline_schedule(pipeline_kind_from_name(par.schedule), P, P, V);
+        pipeline_layer_split(m, P, V, c.data.seq_len, par.pipeline_layers);
+      } catch (const Error& e) {
+        std::string where;
+        for (const char* k : {"parallel.pipeline", "parallel.virtual_stages", "parallel.schedule",
+                              "parallel.pipeline_layers", "model.num_layers"})
+          if (std::string_view(e.what()).find(k) != std::string_view::npos)
+            where += (where.empty() ? "" : "; ") + std::string(k) + " at " + at(k);
+        IEVO_FAIL(e.what(), " (", where.empty() ? file_ : where, ")");
+      }
+    }
   }
 
   std::string file_;

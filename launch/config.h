@@ -86,7 +86,12 @@ struct DebugConfig {
 
 // Parallel layout (parallel/topology.h, parallel/zero.h). dp = world size / (tensor x pipeline).
 struct ParallelConfig {
-  int64_t tensor = 1, pipeline = 1;  // > 1: not yet implemented
+  int64_t tensor = 1, pipeline = 1;  // tensor-parallel size, pipeline stages
+  std::string sequence = "none";     // none | megatron | ulysses (parallel/tensor_parallel.h)
+  int64_t sequence_size = 1;         // Ulysses ranks per sequence group
+  std::string schedule = "1f1b";     // gpipe | 1f1b | interleaved (parallel/pipeline_schedule.h)
+  int64_t virtual_stages = 1;        // interleaved: model chunks per pipeline rank
+  std::vector<int64_t> pipeline_layers;  // blocks per virtual stage; empty: balanced
   int64_t zero = 0;                  // ZeRO stage 0..3
   double bucket_mb = 25;             // gradient / gather bucket size
   double timeout_s = 1800;           // multi-rank: abort when a rank makes no progress this long

@@ -105,7 +105,8 @@ std::string dry_run_report(const Config& cfg) {
 
   // Layout: under mpirun/srun the real world; started plainly, one process.
   const Topology topo = Topology::from_world(static_cast<int>(cfg.parallel.tensor),
-                                             static_cast<int>(cfg.parallel.pipeline));
+                                             static_cast<int>(cfg.parallel.pipeline),
+                                             static_cast<int>(cfg.parallel.sequence_size));
   os << "layout: world " << topo.world_size() << " = pp " << topo.pp() << " x dp " << topo.dp()
      << " x tp " << topo.tp() << "\n";
   const int shown = std::min(topo.world_size(), 16);

@@ -105,6 +105,7 @@ Topology::Topology(MPI_Comm world, int tensor, int pipeline) {
   MPI_Comm_split(world_, pp_rank() * tp_ + tp_rank(), dp_rank(), &dp_comm_);
   MPI_Comm_split(world_, pp_rank() * dp_ + dp_rank(), tp_rank(), &tp_comm_);
   MPI_Comm_split(world_, dp_rank() * tp_ + tp_rank(), pp_rank(), &pp_comm_);
+  MPI_Comm_split(world_, dp_rank(), rank_, &mp_comm_);
   // The local rank (GPU choice) is a property of the process, not of this communicator.
   const LaunchEnv e = launch_env();
   if (e.launched()) {
@@ -117,37 +118,58 @@ Topology::Topology(MPI_Comm world, int tensor, int pipeline) {
   }
 }
 
+Topology::Topology(MPI_Comm world, int tensor, int pipeline, int sequence)
+    : Topology(world, tensor, pipeline) {
+  IEVO_CHECK(sequence >= 1, "parallel.sequence_size must be >= 1, got ", sequence);
+  // (Thrown after the delegated constructor completed: the destructor frees its communicators.)
+  IEVO_CHECK(dp_ % sequence == 0, "parallel.sequence_size = ", sequence,
+             " does not divide the data-parallel size ", dp_, " (world ", size_, " / (tensor ",
+             tensor, " x pipeline ", pipeline,
+             ")): Ulysses splits each data-parallel group's tokens over sequence_size ranks");
+  sp_ = sequence;
+  // Ranks sharing pp, tp and data_rank: consecutive dp ranks.
+  MPI_Comm_split(world_, (pp_rank() * data_size() + data_rank()) * tp_ + tp_rank(), sp_rank(),
+                 &sp_comm_);
+}
+
 Topology Topology::single() { return Topology(); }
 
-Topology Topology::from_world(int tensor, int pipeline) {
-  Topology t = mpi_active() ? Topology(MPI_COMM_WORLD, tensor, pipeline) : single();
-  IEVO_CHECK(tensor >= 1 && pipeline >= 1, "parallel.tensor and parallel.pipeline must be >= 1");
-  if (tensor > 1)
-    IEVO_FAIL("parallel.tensor = ", tensor, ": tensor parallelism is not yet implemented "
-              "(only data parallelism; set parallel.tensor: 1)");
-  if (pipeline > 1)
-    IEVO_FAIL("parallel.pipeline = ", pipeline, ": pipeline parallelism is not yet implemented "
-              "(only data parallelism; set parallel.pipeline: 1)");
-  return t;
+Topology Topology::from_world(int tensor, int pipeline, int sequence) {
+  IEVO_CHECK(tensor >= 1 && pipeline >= 1 && sequence >= 1,
+             "parallel.tensor, parallel.pipeline and parallel.sequence_size must be >= 1");
+  if (!mpi_active()) {
+    IEVO_CHECK(tensor * pipeline * sequence == 1, "parallel.tensor (", tensor, ") x parallel.pipeline (",
+               pipeline, ") x parallel.sequence_size (", sequence, ") needs that many ranks: run under "
+               "mpirun -np N (or srun)");
+    return single();
+  }
+  return Topology(MPI_COMM_WORLD, tensor, pipeline, sequence);
 }
 
 Topology::~Topology() {
   free_comm(dp_comm_);
   free_comm(tp_comm_);
   free_comm(pp_comm_);
+  free_comm(sp_comm_);
+  free_comm(mp_comm_);
   free_comm(world_);
 }
 
 Topology::Topology(Topology&& o) noexcept
     : rank_(o.rank_), size_(o.size_), local_rank_(o.local_rank_), tp_(o.tp_), dp_(o.dp_),
-      pp_(o.pp_), world_(std::exchange(o.world_, MPI_COMM_NULL)),
+      pp_(o.pp_), sp_(o.sp_), world_(std::exchange(o.world_, MPI_COMM_NULL)),
       dp_comm_(std::exchange(o.dp_comm_, MPI_COMM_NULL)),
       tp_comm_(std::exchange(o.tp_comm_, MPI_COMM_NULL)),
-      pp_comm_(std::exchange(o.pp_comm_, MPI_COMM_NULL)) {}
+      pp_comm_(std::exchange(o.pp_comm_, MPI_COMM_NULL)),
+      sp_comm_(std::exchange(o.sp_comm_, MPI_COMM_NULL)),
+      mp_comm_(std::exchange(o.mp_comm_, MPI_COMM_NULL)) {}
 
 std::string Topology::describe() const {
   return detail::cat("world ", size_, " = pp ", pp_, " x dp ", dp_, " x tp ", tp_, "; rank ", rank_,
-                     " (dp ", dp_rank(), ", pp ", pp_rank(), ", tp ", tp_rank(), ")");
+                     " (dp ", dp_rank(), ", pp ", pp_rank(), ", tp ", tp_rank(), ")",
+                     sp_ > 1 ? detail::cat("; Ulysses: dp = data ", data_size(), " x sequence ", sp_,
+                                           ", sequence rank ", sp_rank())
+                             : std::string());
 }
 
 }  // namespace ievo

@@ -44,10 +44,17 @@ class Topology {
   // The ranks of `world` (duplicated; e.g. MPI_COMM_WORLD, or a sub-communicator in tests) as
   // pp × dp × tp with dp = size / (tp * pp); an error names the keys when it does not divide.
   Topology(MPI_Comm world, int tensor, int pipeline);
+  // The same with Ulysses sequence parallelism (parallel.sequence: ulysses, parallel.sequence_size
+  // S): the dp ranks are dp / S data groups x S sequence ranks, sequence innermost
+  //   dp_rank = data_rank * S + sp_rank
+  // The S ranks of a sequence group (sp_comm) split every micro-batch's tokens; dp_comm() still
+  // spans all dp ranks, the data x sequence group over which gradients are summed (ZeRO shards
+  // over it). An error names parallel.sequence_size when S does not divide dp.
+  Topology(MPI_Comm world, int tensor, int pipeline, int sequence);
   // A world of one process without MPI.
   static Topology single();
-  // From MPI_COMM_WORLD when MPI is active, else single(); tp/pp > 1 are checked here.
-  static Topology from_world(int tensor, int pipeline);
+  // From MPI_COMM_WORLD when MPI is active, else single() (then tp, pp and S must be 1).
+  static Topology from_world(int tensor, int pipeline, int sequence = 1);
   ~Topology();
   Topology(Topology&& o) noexcept;
   Topology& operator=(Topology&&) = delete;
@@ -62,6 +69,12 @@ class Topology {
   int tp_rank() const { return rank_ % tp_; }
   int dp_rank() const { return rank_ / tp_ % dp_; }
   int pp_rank() const { return rank_ / (tp_ * dp_); }
+  // Ulysses: sequence-parallel size and rank, and the data-parallel coordinates without it (the
+  // samples a rank reads: data_size() groups, data_rank()). Without Ulysses sp() == 1.
+  int sp() const { return sp_; }
+  int sp_rank() const { return dp_rank() % sp_; }
+  int data_size() const { return dp_ / sp_; }
+  int data_rank() const { return dp_rank() / sp_; }
   // World rank of the given coordinates.
   int rank_of(int dp_rank, int pp_rank, int tp_rank) const {
     return pp_rank * dp_ * tp_ + dp_rank * tp_ + tp_rank;
@@ -71,13 +84,17 @@ class Topology {
   MPI_Comm dp_comm() const { return dp_comm_; }
   MPI_Comm tp_comm() const { return tp_comm_; }
   MPI_Comm pp_comm() const { return pp_comm_; }
+  MPI_Comm sp_comm() const { return sp_comm_; }  // Ulysses group (MPI_COMM_NULL without MPI)
+  // The model-parallel group: the tp x pp ranks of this rank's dp index, ordered by world rank
+  // (its rank 0 holds tp 0 / pp 0; the checkpoint writer assembles global tensors over it).
+  MPI_Comm mp_comm() const { return mp_comm_; }
   std::string describe() const;  // "world 8 = pp 1 x dp 4 x tp 2; rank 5 (dp 2, pp 0, tp 1)"
 
  private:
   Topology() = default;
-  int rank_ = 0, size_ = 1, local_rank_ = 0, tp_ = 1, dp_ = 1, pp_ = 1;
+  int rank_ = 0, size_ = 1, local_rank_ = 0, tp_ = 1, dp_ = 1, pp_ = 1, sp_ = 1;
   MPI_Comm world_ = MPI_COMM_NULL, dp_comm_ = MPI_COMM_NULL, tp_comm_ = MPI_COMM_NULL,
-           pp_comm_ = MPI_COMM_NULL;
+           pp_comm_ = MPI_COMM_NULL, sp_comm_ = MPI_COMM_NULL, mp_comm_ = MPI_COMM_NULL;
 };
 
 }  // namespace ievo

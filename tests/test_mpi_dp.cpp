@@ -288,9 +288,8 @@ TEST(DataParallelErrors, BadInputFailsBeforeTraining) {
                {"train.global_batch_size", "train.micro_batch_size", "data-parallel"});
   // More ranks than samples.
   expect_error({"train.micro_batch_size=1", "train.global_batch_size=1"}, {"more data-parallel ranks"});
-  // Tensor parallelism that does not divide the world, and one that does (not implemented yet).
+  // Tensor parallelism that does not divide the world (bad tensor layouts: test_mpi_tp.cpp).
   expect_error({"parallel.tensor=3"}, {"parallel.tensor"});
-  expect_error({"parallel.tensor=2"}, {"not yet implemented"});
   // An unknown ZeRO stage is a config error.
   try {
     fixture_config("llama_gqa", base + "/z5", {"parallel.zero=5"});
