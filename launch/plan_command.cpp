@@ -46,6 +46,9 @@ std::pair<CLI::App*, std::function<void()>> add_plan_command(CLI::App& app) {
     in.micro_batch_size = cfg.train.micro_batch_size;
     in.seq_len = cfg.data.seq_len;
     in.recompute = recompute_mode(cfg.model.checkpointing);
+    in.tp = static_cast<int>(cfg.parallel.tensor);  // tensor / sequence parallelism (parallel/plan.h)
+    in.sequence = sequence_parallel_from_name(cfg.parallel.sequence);
+    in.sp = static_cast<int>(cfg.parallel.sequence_size);
     in.gpu_mem_gib = o->gpu_mem_gib;
     in.infer_weight_bytes = bytes_per_element(o->weights_dtype, "--weights-dtype");
     in.infer_kv_bytes = bytes_per_element(o->kv_dtype, "--kv-dtype");

@@ -114,6 +114,17 @@ class MpiCommunicator final : public Communicator {
     MPI_Allgather(own == in.raw() ? MPI_IN_PLACE : in.raw(), n, mt.type, out.raw(), n, mt.type, comm_);
   }
 
+  void all_to_all(const Tensor& in, Tensor& out) override {
+    MpiType mt = mpi_type(in, "all_to_all");
+    mpi_type(out, "all_to_all");
+    IEVO_CHECK(in.dtype() == out.dtype() && in.numel() == out.numel() && in.numel() % size_ == 0,
+               "MpiCommunicator::all_to_all: ", in.describe(), " and ", out.describe(),
+               " must both hold ", size_, " equal blocks");
+    IEVO_CHECK(in.raw() != out.raw() || in.numel() == 0, "MpiCommunicator::all_to_all: in and out alias");
+    const int n = checked_count(in.numel() / size_, "all_to_all");
+    MPI_Alltoall(in.raw(), n, mt.type, out.raw(), n, mt.type, comm_);
+  }
+
   void broadcast(Tensor& t, int root) override {
     MpiType mt = mpi_type(t, "broadcast");
     for_chunks(t, [&](void* p, int n) { MPI_Bcast(p, n, mt.type, root, comm_); });
@@ -188,6 +199,9 @@ class LocalCommunicator final : public Communicator {
   void all_gather(const Tensor& in, Tensor& out) override {
     if (in.raw() != out.raw()) out.copy_from(in.view(out.shape()));
   }
+  void all_to_all(const Tensor& in, Tensor& out) override {
+    if (in.raw() != out.raw()) out.copy_from(in.view(out.shape()));
+  }
   void broadcast(Tensor&, int root) override {
     IEVO_CHECK(root == 0, "broadcast from rank ", root, " in a group of one");
   }
@@ -202,6 +216,16 @@ class LocalCommunicator final : public Communicator {
 };
 
 }  // namespace
+
+void Communicator::all_to_all(const Tensor& in, Tensor&) {
+  IEVO_FAIL("Communicator::all_to_all (", in.describe(), "): not supported by the '", backend(),
+            "' backend (a wrapper that does not forward it?)");
+}
+
+void Communicator::exchange(const std::vector<P2POp>& ops) {
+  IEVO_CHECK(ops.empty(), "Communicator::exchange: not supported by the '", backend(),
+             "' backend (a wrapper that does not forward it?)");
+}
 
 void Communicator::exchange(const std::vector<P2POp>& ops) {
   IEVO_CHECK(ops.empty(), "Communicator::exchange: not supported by the '", backend(),

@@ -37,6 +37,10 @@ class Communicator {
   virtual void all_gather(const Tensor& in, Tensor& out) = 0;
   // t on every rank = t of `root`.
   virtual void broadcast(Tensor& t, int root) = 0;
+  // in, out: [size * n], disjoint. Block j of `in` goes to rank j; block j of `out` comes from
+  // rank j (out[j*n : (j+1)*n] = rank j's in[rank*n : (rank+1)*n]). Ulysses sequence parallelism
+  // (parallel/tensor_parallel.h). The base class's version is an error naming the backend.
+  virtual void all_to_all(const Tensor& in, Tensor& out);
   // Point to point (pipeline stages): matched by order between the two ranks.
   virtual void send(const Tensor& t, int peer) = 0;
   virtual void recv(Tensor& t, int peer) = 0;

@@ -85,6 +85,26 @@ class NcclCommunicator final : public Communicator {
     IEVO_NCCL_CHECK(ncclAllGather(in.raw(), out.raw(), in.numel(), ty, comm_, stream_.get()));
   }
 
+  // Grouped point-to-point: one send and one receive per peer (NCCL has no all-to-all call).
+  void all_to_all(const Tensor& in, Tensor& out) override {
+    ncclDataType_t ty = nccl_type(in, "all_to_all");
+    nccl_type(out, "all_to_all");
+    IEVO_CHECK(in.dtype() == out.dtype() && in.numel() == out.numel() && in.numel() % size_ == 0,
+               "NcclCommunicator::all_to_all: ", in.describe(), " and ", out.describe(),
+               " must both hold ", size_, " equal blocks");
+    IEVO_CHECK(in.raw() != out.raw() || in.numel() == 0, "NcclCommunicator::all_to_all: in and out alias");
+    const size_t n = static_cast<size_t>(in.numel() / size_), bytes = n * dtype_size(in.dtype());
+    const char* src = static_cast<const char*>(in.raw());
+    char* dst = static_cast<char*>(out.raw());
+    Ordered o(*this);
+    IEVO_NCCL_CHECK(ncclGroupStart());
+    for (int peer = 0; peer < size_; ++peer) {
+      IEVO_NCCL_CHECK(ncclSend(src + peer * bytes, n, ty, peer, comm_, stream_.get()));
+      IEVO_NCCL_CHECK(ncclRecv(dst + peer * bytes, n, ty, peer, comm_, stream_.get()));
+    }
+    IEVO_NCCL_CHECK(ncclGroupEnd());
+  }
+
   void broadcast(Tensor& t, int root) override {
     ncclDataType_t ty = nccl_type(t, "broadcast");
     Ordered o(*this);

@@ -39,16 +39,24 @@ std::string human(double bytes) {
 // The activation estimate of plan.h, in bytes.
 int64_t activation_bytes(const PlanInput& in) {
   const ModelConfig& m = in.model;
-  const int64_t n = in.micro_batch_size * in.seq_len, b = static_cast<int64_t>(dtype_size(in.compute));
-  const int64_t d = m.hidden_size, q = m.q_dim(), kv = m.kv_dim(), F = m.ffn_hidden_size;
-  const int64_t block = n * (4 * d + 2 * q + 2 * kv + 3 * F) * b + n * (2 + m.num_heads) * 4;
-  const int64_t dropped = n * (2 * d + F) * b;  // selective: n1, n2, silu(gate)*up
+  const int64_t N = in.micro_batch_size * in.seq_len, b = static_cast<int64_t>(dtype_size(in.compute));
+  const bool ulysses = in.sequence == SequenceParallel::Ulysses;
+  // Tokens inside the tensor-parallel regions (Nr) and in the residual stream (n).
+  const int64_t Nr = ulysses ? N / in.sp : N;
+  const int64_t n = in.sequence == SequenceParallel::Megatron ? N / in.tp : Nr;
+  ModelShard sh;
+  sh.tp = in.tp;
+  const int64_t d = m.hidden_size, q = m.q_dim() / in.tp, kv = sh.kv_heads(m) * m.hd(),
+                F = m.ffn_hidden_size / in.tp, H = m.num_heads / in.tp, V = m.vocab_size / in.tp;
+  const int64_t block = (2 * n * d + 2 * Nr * d + Nr * (2 * q + 2 * kv + 3 * F) + (ulysses ? Nr * q : 0)) * b +
+                        (2 * n + Nr * H) * 4;
+  const int64_t dropped = Nr * (2 * d + F) * b;  // selective: n1, n2, silu(gate)*up
   const int64_t kept = in.recompute == Recompute::Full        ? m.num_layers * n * d * b + block
                        : in.recompute == Recompute::Selective ? m.num_layers * (block - dropped) + dropped
                                                               : m.num_layers * block;
-  const int64_t backward_tmp = n * (3 * F + 4 * d + 2 * q + 2 * kv) * b;
-  const int64_t head = 3 * n * d * b + 2 * std::min<int64_t>(n, 1024) * m.vocab_size * 4;
-  return kept + backward_tmp + head + n * d * b;
+  const int64_t backward_tmp = Nr * (3 * F + 4 * d + 2 * q + 2 * kv) * b;
+  const int64_t head = (2 * Nr + n) * d * b + 2 * std::min<int64_t>(Nr, 1024) * V * 4;
+  return kept + backward_tmp + head + Nr * d * b;
 }
 
 // Stage 3: the most weight bytes gathered at once (one hook layer at a time, no prefetch).
@@ -129,12 +137,20 @@ ZeroMemory zero_formula(int64_t psi, int dp, int stage, DType compute) {
 
 Plan make_plan(const PlanInput& in) {
   IEVO_CHECK(in.dp >= 1, "plan: data-parallel size must be >= 1, got ", in.dp);
-  Llama model(in.model);
-  const auto specs = param_specs(in.model);
+  IEVO_CHECK(in.sp >= 1 && in.dp % in.sp == 0, "plan: parallel.sequence_size ", in.sp,
+             " must divide the data-parallel size ", in.dp);
+  ModelShard shard;  // tensor rank 0 (every rank's slices have the same sizes)
+  shard.tp = in.tp;
+  Llama model(in.model, in.recompute, shard);
+  const auto specs = param_specs(in.model, shard);
   const auto layers = model.hook_layers();
-  const ZeroLayout L = make_zero_layout(specs, layers, in.zero, in.dp, in.compute);
+  ZeroConfig zc = in.zero;  // partial replicated gradients get buckets of their own (parallel/zero.h)
+  if (in.tp > 1) zc.deferred = partial_replicas(specs, in.sequence);
+  const ZeroLayout L = make_zero_layout(specs, layers, zc, in.dp, in.compute);
   Plan p;
   p.psi = L.numel;
+  p.psi_global = in.model.num_params();
+  for (const ParamSpec& s : specs) (s.split_dim < 0 ? p.replicated : p.sharded) += shape_numel(s.shape);
   p.exact = zero_memory(L, in.zero.stage, in.compute);
   p.formula = zero_formula(p.psi, in.dp, in.zero.stage, in.compute);
   p.padding_elements = L.full_numel - L.numel;
@@ -144,7 +160,7 @@ Plan make_plan(const PlanInput& in) {
   p.total = p.exact.total() + p.transient_params + p.transient_grads + p.activations + p.overhead;
   p.fits = static_cast<double>(p.total) <= in.gpu_mem_gib * kGiB;
   const ModelConfig& m = in.model;
-  p.infer_weights = static_cast<double>(p.psi) * in.infer_weight_bytes;
+  p.infer_weights = static_cast<double>(p.psi_global) * in.infer_weight_bytes;
   p.kv_per_token = 2.0 * static_cast<double>(m.num_layers * m.num_kv_heads * m.hd()) * in.infer_kv_bytes;
   const double room = in.gpu_mem_gib * kGiB - p.infer_weights - static_cast<double>(kOverhead);
   p.kv_tokens_that_fit = room > 0 ? static_cast<int64_t>(room / p.kv_per_token) : 0;
@@ -162,7 +178,7 @@ std::string format_plan(const PlanInput& in, const Plan& p) {
   std::ostringstream o;
   char head[256];
   std::snprintf(head, sizeof head, "%s model: %.3fM parameters (Ψ = %lld), L %lld, d %lld, heads %lld/%lld kv, F %lld, V %lld\n",
-                arch_name(m.arch), static_cast<double>(p.psi) / 1e6, static_cast<long long>(p.psi),
+                arch_name(m.arch), static_cast<double>(p.psi_global) / 1e6, static_cast<long long>(p.psi_global),
                 static_cast<long long>(m.num_layers), static_cast<long long>(m.hidden_size),
                 static_cast<long long>(m.num_heads), static_cast<long long>(m.num_kv_heads),
                 static_cast<long long>(m.ffn_hidden_size), static_cast<long long>(m.vocab_size));
@@ -170,6 +186,17 @@ std::string format_plan(const PlanInput& in, const Plan& p) {
   o << "training: " << (mixed ? "mixed precision (" + std::string(wname) + " weights/gradients, fp32 master + Adam)"
                               : std::string("fp32"))
     << ", ZeRO-" << s << " over dp = N = " << in.dp << ", bucket " << in.zero.bucket_mb << " MiB\n";
+  if (in.tp > 1 || in.sp > 1) {
+    char tpl[512];
+    std::snprintf(tpl, sizeof tpl,
+                  "tensor parallel T = %d, sequence parallel %s%s: per rank Ψ = %lld = %lld in slices of split "
+                  "tensors + %lld in replicated ones (sum of global x replicas / T)\n",
+                  in.tp, sequence_parallel_name(in.sequence),
+                  in.sp > 1 ? (" (S = " + std::to_string(in.sp) + ", part of dp)").c_str() : "",
+                  static_cast<long long>(p.psi), static_cast<long long>(p.sharded),
+                  static_cast<long long>(p.replicated));
+    o << tpl;
+  }
   o << "per rank                           exact (layout)    formula\n";
   auto row = [&](const char* name, int64_t exact, int64_t formula, const std::string& what) {
     char buf[256];

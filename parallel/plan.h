@@ -23,6 +23,18 @@
 // Transient: stage 3 gathers one layer's weights at a time (the largest counts); stages 2-3 hold
 // the gradient buckets of the layers whose backward is running.
 //
+// Tensor and sequence parallelism (parallel/tensor_parallel.h; T = tensor, S = Ulysses ranks):
+// Ψ is this rank's parameters, param_specs(c, shard): 1/T of every split tensor (q/k/v, o,
+// gate/up/down, embedding, LM head; key/value heads: Hkv/T each, or the one head a rank's queries
+// use when T > Hkv) plus the whole replicated norms; the data-parallel group (dp, S included
+// under Ulysses) shards them by ZeRO as above. Activations follow the model's BlockActs with Nr tokens inside
+// the tensor-parallel regions (N, or N/S under Ulysses) and n in the residual stream (N, N/T
+// under Megatron SP, N/S under Ulysses):
+//   block  (2·n·d + 2·Nr·d + Nr·(2q/T + 2kv_T + 3F/T) [+ Nr·q/T Ulysses' gathered output])·b
+//          + (2·n + Nr·H/T)·4;   selective drops Nr·(2d + F/T)·b;   full keeps n·d·b per layer;
+//   backward temporaries Nr·(3F/T + 4d + 2q/T + 2kv_T)·b; head (2·Nr + n)·d·b + 2·min(Nr, 1024)·(V/T)·4;
+//   embedding Nr·d·b.   (T = S = 1: the formulas above.)
+//
 // Inference: weights Ψ·w bytes; KV cache per token 2·L·kv_heads·head_dim·c bytes (K and V of every
 // layer), the arithmetic LMDeploy and vLLM users do to size a server.
 #pragma once
@@ -31,6 +43,7 @@
 
 #include "models/llama.h"
 #include "models/model_config.h"
+#include "parallel/tensor_parallel.h"
 #include "parallel/zero.h"
 #include "runtime/dtype.h"
 
@@ -43,13 +56,18 @@ struct PlanInput {
   DType compute = DType::F32;      // F32 (fp32 training) or BF16/F16 (mixed precision)
   int64_t micro_batch_size = 1, seq_len = 0;
   Recompute recompute = Recompute::None;  // model.checkpointing (recompute_mode())
+  int tp = 1;                      // parallel.tensor T: the plan is for tensor rank 0's slices
+  SequenceParallel sequence = SequenceParallel::None;  // parallel.sequence
+  int sp = 1;                      // Ulysses ranks S (parallel.sequence_size, a factor of dp)
   double gpu_mem_gib = 80;
   double infer_weight_bytes = 2;   // bytes per weight for inference (bf16: 2, int8: 1, int4: 0.5)
   double infer_kv_bytes = 2;       // bytes per KV-cache element
 };
 
 struct Plan {
-  int64_t psi = 0;                  // parameters Ψ
+  int64_t psi = 0;                  // parameters Ψ of this rank (all of them when T = 1)
+  int64_t psi_global = 0;           // the whole model's parameters
+  int64_t sharded = 0, replicated = 0;  // this rank's Ψ: slices of split tensors + whole ones
   ZeroMemory exact;                 // per rank, from the layout
   ZeroMemory formula;               // per rank, the ZeRO paper's formula (no padding)
   int64_t padding_elements = 0;     // full_numel - Ψ

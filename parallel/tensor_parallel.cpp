@@ -1,0 +1,277 @@
+#include "parallel/tensor_parallel.h"
+
+#include <algorithm>
+
+#include "runtime/ops/cross_entropy.h"
+#include "runtime/ops/elementwise.h"
+#include "runtime/ops/embedding.h"
+#include "runtime/ops/matmul.h"
+#include "runtime/ops/vocab_parallel.h"
+
+namespace ievo {
+
+SequenceParallel sequence_parallel_from_name(const std::string& s) {
+  if (s == "none") return SequenceParallel::None;
+  if (s == "megatron") return SequenceParallel::Megatron;
+  if (s == "ulysses") return SequenceParallel::Ulysses;
+  IEVO_FAIL("parallel.sequence: unknown value '", s, "' (expected none, megatron or ulysses)");
+}
+
+const char* sequence_parallel_name(SequenceParallel m) {
+  switch (m) {
+    case SequenceParallel::Megatron: return "megatron";
+    case SequenceParallel::Ulysses: return "ulysses";
+    default: return "none";
+  }
+}
+
+void validate_sequence_layout(const ModelConfig& c, int tp, SequenceParallel mode, int sp,
+                              int64_t micro_batch_size, int64_t seq_len) {
+  ModelShard shard;
+  shard.tp = tp;
+  shard.validate(c);  // parallel.tensor: heads, key/value heads, FFN, vocabulary
+  IEVO_CHECK(sp >= 1, "parallel.sequence_size must be >= 1, got ", sp);
+  IEVO_CHECK(mode == SequenceParallel::Ulysses || sp == 1, "parallel.sequence_size = ", sp,
+             " needs parallel.sequence: ulysses (got ", sequence_parallel_name(mode), ")");
+  if (mode == SequenceParallel::Megatron) {
+    IEVO_CHECK(tp > 1, "parallel.sequence: megatron needs parallel.tensor > 1 (it shards the "
+               "tensor group's activations along the sequence)");
+    const int64_t n = micro_batch_size * seq_len;
+    IEVO_CHECK(n % tp == 0, "parallel.sequence: megatron: the ", n,
+               " tokens of a micro-batch (train.micro_batch_size ", micro_batch_size,
+               " x data.seq_len ", seq_len, ") are not divisible by parallel.tensor = ", tp);
+  }
+  if (mode == SequenceParallel::Ulysses) {
+    const int64_t heads = shard.heads(c), kv = shard.kv_heads(c);
+    IEVO_CHECK(sp <= heads, "parallel.sequence_size = ", sp, " exceeds the ", heads,
+               " attention heads per tensor-parallel rank (Ulysses gives each sequence rank whole heads)");
+    IEVO_CHECK(heads % sp == 0 && kv % sp == 0, "parallel.sequence_size = ", sp,
+               " must divide the attention heads (", heads, ") and key/value heads (", kv,
+               ") per tensor-parallel rank (Ulysses splits them over the sequence ranks)");
+    IEVO_CHECK(seq_len % sp == 0, "parallel.sequence: ulysses: data.seq_len = ", seq_len,
+               " is not divisible by parallel.sequence_size = ", sp,
+               " (each sequence rank holds a contiguous 1/S of the tokens)");
+  }
+}
+
+TensorParallel::TensorParallel(const ModelConfig& c, const ModelShard& shard, SequenceParallel mode,
+                               Communicator* tp, Communicator* sp)
+    : c_(c), shard_(shard), mode_(mode), tp_(tp), sp_(sp) {
+  IEVO_CHECK(tp_, "TensorParallel: no tensor-group communicator");
+  tp_size_ = tp_->size();
+  IEVO_CHECK(tp_size_ == shard.tp && tp_->rank() == shard.tp_rank, "TensorParallel: the tensor group (rank ",
+             tp_->rank(), " of ", tp_size_, ") is not the shard's (rank ", shard.tp_rank, " of ",
+             shard.tp, ")");
+  shard_.validate(c_);
+  if (mode_ == SequenceParallel::Ulysses) {
+    IEVO_CHECK(sp_, "TensorParallel: Ulysses without a sequence-group communicator");
+    sp_size_ = sp_->size();
+  }
+  IEVO_CHECK(mode_ != SequenceParallel::Megatron || tp_size_ > 1,
+             "parallel.sequence: megatron needs parallel.tensor > 1");
+}
+
+Tensor TensorParallel::all_gather_tokens(const Tensor& x) {
+  Shape s = x.shape();
+  s[0] *= tp_size_;
+  Tensor out = Tensor::empty(s, x.dtype(), x.device());
+  tp_->all_gather(x.is_contiguous() ? x : x.clone(), out);
+  return out;
+}
+
+Tensor TensorParallel::reduce_scatter_tokens(const Tensor& x) {
+  IEVO_CHECK(x.size(0) % tp_size_ == 0, "parallel.sequence: megatron: ", x.size(0),
+             " tokens are not divisible by parallel.tensor = ", tp_size_);
+  Shape s = x.shape();
+  s[0] /= tp_size_;
+  Tensor out = Tensor::empty(s, x.dtype(), x.device());
+  tp_->reduce_scatter(x.is_contiguous() ? x : x.clone(), out);
+  return out;
+}
+
+Tensor TensorParallel::gather_input(const Tensor& x) {
+  if (mode_ == SequenceParallel::Megatron) return all_gather_tokens(x);
+  return x;
+}
+
+Tensor TensorParallel::reduce_input_grad(const Tensor& dx) {
+  if (mode_ == SequenceParallel::Megatron) return reduce_scatter_tokens(dx);
+  if (tp_size_ == 1) return dx;
+  Tensor t = dx.is_contiguous() ? dx : dx.clone();
+  tp_->all_reduce(t);
+  return t;
+}
+
+Tensor TensorParallel::reduce_output(const Tensor& y) { return reduce_input_grad(y); }
+
+Tensor TensorParallel::gather_output_grad(const Tensor& dy) { return gather_input(dy); }
+
+// x [n, H, hd] of this rank's n tokens -> [S n, H/S, hd]: block j of the send buffer (heads
+// [j H/S, (j+1) H/S) of every local token) goes to sequence rank j; block j received holds rank
+// j's tokens, which come j-th in the micro-batch, so the received buffer is the result.
+Tensor TensorParallel::scatter_heads(const Tensor& x) {
+  if (sp_size_ == 1) return x;
+  IEVO_CHECK(x.dim() == 3, "Ulysses scatter_heads: expected [tokens, heads, head_dim], got ",
+             x.describe());
+  const int64_t S = sp_size_, n = x.size(0), h = x.size(1), hd = x.size(2);
+  IEVO_CHECK(h % S == 0, "Ulysses: ", h, " heads are not divisible by parallel.sequence_size = ", S);
+  Tensor send = Tensor::empty({S, n, h / S, hd}, x.dtype(), x.device());
+  Tensor xc = x.is_contiguous() ? x : x.clone();
+  Tensor packed = send.view({S, n, h / S * hd});
+  ops::swap_leading_dims(xc.view({n, S, h / S * hd}), packed);
+  Tensor out = Tensor::empty({S * n, h / S, hd}, x.dtype(), x.device());
+  sp_->all_to_all(send, out);
+  return out;
+}
+
+// The inverse: x [N, H/S, hd] (every token, this rank's heads) -> [N/S, H, hd].
+Tensor TensorParallel::gather_heads(const Tensor& x) {
+  if (sp_size_ == 1) return x;
+  IEVO_CHECK(x.dim() == 3, "Ulysses gather_heads: expected [tokens, heads, head_dim], got ",
+             x.describe());
+  const int64_t S = sp_size_, N = x.size(0), h = x.size(1), hd = x.size(2);
+  IEVO_CHECK(N % S == 0, "Ulysses: ", N, " tokens are not divisible by parallel.sequence_size = ", S);
+  Tensor recv = Tensor::empty({S, N / S, h, hd}, x.dtype(), x.device());
+  sp_->all_to_all(x.is_contiguous() ? x : x.clone(), recv);
+  Tensor out = Tensor::empty({N / S, S * h, hd}, x.dtype(), x.device());
+  Tensor o2 = out.view({N / S, S, h * hd});
+  ops::swap_leading_dims(recv.view({S, N / S, h * hd}), o2);
+  return out;
+}
+
+void TensorParallel::embedding_forward(const Tensor& table, const Tensor& ids, Tensor& out) {
+  if (tp_size_ == 1) return ops::embedding_forward(table, ids, out);
+  ops::embedding_forward_range(table, ids, shard_.vocab_begin(c_), c_.vocab_size, out);
+}
+
+void TensorParallel::embedding_backward(const Tensor& dout, const Tensor& ids, Tensor& dtable) {
+  if (tp_size_ == 1) return ops::embedding_backward(dout, ids, dtable);
+  ops::embedding_backward_range(dout, ids, shard_.vocab_begin(c_), c_.vocab_size, dtable);
+}
+
+double TensorParallel::head_loss(const Tensor& h, const Tensor& w, const Tensor& targets,
+                                 double grad_scale, int64_t chunk_tokens, int64_t* count, Tensor* dh,
+                                 Tensor* dw) {
+  if (tp_size_ == 1)
+    return ops::lm_head_loss(h, w, targets, grad_scale, chunk_tokens, count, dh, dw);
+  const char* op = "TensorParallel::head_loss";
+  IEVO_CHECK(h.defined() && h.dim() == 2 && h.is_contiguous(), op, ": tensor 'h' must be a contiguous [N, D]");
+  IEVO_CHECK(w.defined() && w.dim() == 2, op, ": tensor 'w' must be [V_local, D]");
+  const int64_t n = h.size(0), dim = h.size(1), vl = w.size(0), begin = shard_.vocab_begin(c_);
+  check_shape(w, {shard_.vocab(c_), dim}, "w");
+  check_shape(targets, {n}, "targets");
+  IEVO_CHECK(chunk_tokens > 0, op, ": chunk_tokens must be positive, got ", chunk_tokens);
+  const bool grad = dh && dh->defined();
+  if (grad) check_shape(*dh, h.shape(), "dh");
+  if (dw && dw->defined()) check_shape(*dw, w.shape(), "dw");
+  const DType sd = ops::vocab_ce_stat_dtype(h.dtype());
+  const int64_t T = tp_size_, rows = std::min(chunk_tokens, n);
+  Tensor logits = Tensor::empty({rows, vl}, h.dtype(), h.device());
+  double total = 0;
+  for (int64_t s = 0; s < n; s += chunk_tokens) {
+    const int64_t e = std::min(n, s + chunk_tokens), m = e - s;
+    const Tensor hc = h.slice(0, s, e), tc = targets.slice(0, s, e);
+    Tensor lc = logits.slice(0, 0, m);
+    ops::matmul(hc, false, w, true, lc);
+    // This rank's (lse, target logit) in its slot of the gathered [T, 2, m].
+    Tensor gathered = Tensor::empty({T, 2, m}, sd, h.device());
+    Tensor mine = gathered.select0(shard_.tp_rank);
+    ops::vocab_ce_local(lc, tc, begin, c_.vocab_size, mine);
+    Tensor flat = gathered.view({T * 2 * m});
+    tp_->all_gather(mine.view({2 * m}), flat);  // in place: mine is flat's own slice
+    Tensor lse = Tensor::empty({m}, sd, h.device());
+    int64_t cnt = 0;
+    total += ops::vocab_ce_combine(gathered, tc, c_.vocab_size, lse, &cnt);
+    if (count) *count += cnt;
+    if (!grad) continue;
+    ops::vocab_ce_backward(lc, tc, begin, lse, grad_scale, lc);
+    Tensor dhc = dh->slice(0, s, e);
+    ops::matmul(lc, false, w, false, dhc);
+    if (dw && dw->defined()) ops::matmul(lc, true, hc, false, *dw, 1.0f, 1.0f);
+  }
+  return total;
+}
+
+// ------------------------------------------------------------------------ replicated gradients
+
+bool ReplicaGradients::any() const {
+  return std::find(deferred.begin(), deferred.end(), true) != deferred.end();
+}
+
+std::vector<bool> partial_replicas(const std::vector<ParamSpec>& specs, SequenceParallel mode) {
+  std::vector<bool> out(specs.size(), false);
+  for (size_t i = 0; i < specs.size(); ++i)  // 1-D (norm) weights see every token on every rank
+    out[i] = specs[i].replicas > 1 &&        // unless Megatron splits the tokens
+             (specs[i].shape.size() != 1 || mode == SequenceParallel::Megatron);
+  return out;
+}
+
+ReplicaGradients replica_gradients(const ModelConfig& c, const ModelShard& shard,
+                                   SequenceParallel mode, Communicator& tp) {
+  const std::vector<ParamSpec> mine = param_specs(c, shard);
+  const std::vector<bool> is_partial = partial_replicas(mine, mode);
+  ReplicaGradients r;
+  r.deferred.assign(mine.size(), false);
+  r.norm_weight.assign(mine.size(), 1.0);
+  // Every rank's specs: which ranks hold the same slice as this one.
+  std::vector<std::vector<ParamSpec>> all;
+  for (int t = 0; t < shard.tp; ++t) {
+    ModelShard s = shard;
+    s.tp_rank = t;
+    all.push_back(param_specs(c, s));
+  }
+  struct Partial {
+    size_t index;
+    std::vector<int> ranks;  // holders of this slice, ascending (this rank among them)
+  };
+  std::vector<Partial> partial;
+  for (size_t i = 0; i < mine.size(); ++i) {
+    const ParamSpec& p = mine[i];
+    r.norm_weight[i] = 1.0 / std::max(1, p.replicas);
+    if (!is_partial[i]) continue;
+    Partial q{i, {}};
+    for (int t = 0; t < shard.tp; ++t) {
+      const ParamSpec& o = all[t][i];
+      IEVO_CHECK(o.name == p.name, "replica_gradients: rank ", t, "'s parameter ", i, " is ", o.name,
+                 ", not ", p.name);
+      if (o.split_dim == p.split_dim && o.split_offset == p.split_offset && o.shape == p.shape)
+        q.ranks.push_back(t);
+    }
+    IEVO_CHECK(static_cast<int>(q.ranks.size()) == p.replicas, "replica_gradients: ", p.name, " has ",
+               p.replicas, " replicas in its spec but ", q.ranks.size(), " ranks hold its slice");
+    r.deferred[i] = true;
+    partial.push_back(std::move(q));
+  }
+  if (partial.empty()) return r;
+  r.pre_reduce = [partial, &tp](ParamStore& grads) {
+    // Every partial gradient in one buffer, all-gathered once: [T, P].
+    int64_t total = 0;
+    for (const Partial& q : partial) total += grads[q.index].numel();
+    const Tensor& first = grads[partial[0].index];
+    const int64_t T = tp.size();
+    Tensor all = Tensor::empty({T, total}, first.dtype(), first.device());
+    Tensor own = all.select0(tp.rank());
+    int64_t off = 0;
+    for (const Partial& q : partial) {
+      const Tensor& g = grads[q.index];
+      own.slice(0, off, off + g.numel()).copy_from(g.view({-1}));
+      off += g.numel();
+    }
+    Tensor flat = all.view({T * total});
+    tp.all_gather(own, flat);  // in place: own is this rank's slice
+    off = 0;
+    for (const Partial& q : partial) {
+      Tensor g = grads[q.index].view({-1});
+      const int64_t k = g.numel();
+      g.copy_from(all.select0(q.ranks[0]).slice(0, off, off + k));
+      for (size_t j = 1; j < q.ranks.size(); ++j) {
+        const Tensor src = all.select0(q.ranks[j]).slice(0, off, off + k);
+        ops::add(g, src, g);
+      }
+      off += k;
+    }
+  };
+  return r;
+}
+
+}  // namespace ievo
