@@ -24,6 +24,7 @@
 #include "runtime/ops/rmsnorm.h"
 #include "runtime/ops/rope.h"
 #include "runtime/ops/swiglu.h"
+#include "runtime/ops/vocab_parallel.h"
 #include "util.h"
 #ifdef IEVO_CUDA
 #include "runtime/cuda/cuda.h"
@@ -567,6 +568,117 @@ TEST(GpuAttentionErrors, SequenceLongerThanMaxSeqlen) {
   Tensor cu = Tensor::from_vector(std::vector<int32_t>{0, 5, 20}, {3});
   EXPECT_THROW(ops::attention_forward(q, k, k, cu.to(Device::CUDA), 10, out, lse), Error);
   EXPECT_THROW(ops::attention_forward(q, k, k, cu, 10, out, lse), Error);
+}
+
+
+// ---------------------------------------------------------------------------------------------
+// Vocabulary-parallel pieces (runtime/ops/vocab_parallel.h): the GPU against the CPU reference,
+// the vocabulary split in parts as the tensor-parallel ranks hold it.
+
+// Columns [c0, c1) of a 2-D f32 CPU tensor, contiguous.
+Tensor cols(const Tensor& x, int64_t c0, int64_t c1) {
+  const int64_t n = x.size(0), v = x.size(1);
+  Tensor out = Tensor::empty({n, c1 - c0}, DType::F32);
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = c0; j < c1; ++j) out.data<float>()[i * (c1 - c0) + j - c0] = x.data<float>()[i * v + j];
+  return out;
+}
+
+TEST(GpuVocabParallel, EmbeddingRange) {
+  REQUIRE_GPU();
+  const int64_t vocab = 1000, d = 96, n = 555, parts = 4, vl = vocab / parts;
+  Tensor ids = rand_ids(n, 60, 160);  // repeats; spread over the parts below
+  for (int64_t i = 0; i < n; i += 3) ids.data<int32_t>()[i] += static_cast<int32_t>((i % parts) * vl);
+  Tensor gids = ids.to(Device::CUDA);
+  for (DType dt : {DType::F32, DType::BF16}) {
+    Tensor table = rand({vocab, d}, 161), dout = rand({n, d}, 162), dtab = rand({vocab, d}, 163);
+    for (int64_t p = 0; p < parts; ++p) {
+      const int64_t b = p * vl;
+      Tensor part = seen(table, dt).slice(0, b, b + vl).clone(), out = Tensor::empty({n, d}, DType::F32);
+      ops::embedding_forward_range(part, ids, b, vocab, out);
+      Tensor gout = Tensor::empty({n, d}, dt, Device::CUDA);
+      ops::embedding_forward_range(part.to(dt).to(Device::CUDA), gids, b, vocab, gout);
+      EXPECT_EQ(test::max_abs_diff(host(gout), out), 0.0) << "masked gather is exact, part " << p;
+      Tensor ref = seen(dtab, dt).slice(0, b, b + vl).clone();
+      ops::embedding_backward_range(seen(dout, dt), ids, b, vocab, ref);
+      Tensor g1 = gpu(dtab.slice(0, b, b + vl).clone(), dt), g2 = g1.clone();
+      ops::embedding_backward_range(gpu(dout, dt), gids, b, vocab, g1);
+      ops::embedding_backward_range(gpu(dout, dt), gids, b, vocab, g2);
+      expect_close(std::string("embedding_backward_range ") + dn(dt) + " part " + std::to_string(p), host(g1),
+                   ref, tol(dt));
+      EXPECT_TRUE(bit_equal(g1, g2)) << "not deterministic";
+    }
+  }
+  Tensor bad = ids.clone();
+  bad.data<int32_t>()[17] = 1000;
+  Tensor gout = Tensor::empty({n, d}, DType::F32, Device::CUDA);
+  try {
+    ops::embedding_forward_range(rand({vl, d}, 164).to(Device::CUDA), bad.to(Device::CUDA), 0, vocab, gout);
+    ADD_FAILURE() << "no error for id 1000";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("token id 1000 at position 17"), std::string::npos) << e.what();
+  }
+}
+
+TEST(GpuVocabParallel, CrossEntropyPieces) {
+  REQUIRE_GPU();
+  const int64_t n = 37, vocab = 1000, parts = 4, vl = vocab / parts;
+  Tensor targets = rand_ids(n, static_cast<int32_t>(vocab), 170);
+  targets.data<int32_t>()[3] = ops::kIgnoreIndex;
+  Tensor gt = targets.to(Device::CUDA);
+  for (DType dt : {DType::F32, DType::BF16}) {
+    Tensor logits = seen(rand({n, vocab}, 171, -6, 6), dt);
+    Tensor gathered = Tensor::empty({parts, 2, n}, DType::F32);
+    Tensor ggathered = Tensor::empty({parts, 2, n}, DType::F32, Device::CUDA);
+    for (int64_t p = 0; p < parts; ++p) {
+      Tensor part = cols(logits, p * vl, (p + 1) * vl), stats = gathered.select0(p), gstats = ggathered.select0(p);
+      ops::vocab_ce_local(part, targets, p * vl, vocab, stats);
+      ops::vocab_ce_local(gpu(part, dt), gt, p * vl, vocab, gstats);
+    }
+    expect_close(std::string("vocab_ce_local stats ") + dn(dt), host(ggathered), gathered, kTolF32);
+    Tensor lse = Tensor::empty({n}, DType::F32), glse = Tensor::empty({n}, DType::F32, Device::CUDA);
+    int64_t count = 0, gcount = 0;
+    const double sum = ops::vocab_ce_combine(gathered, targets, vocab, lse, &count);
+    const double gsum = ops::vocab_ce_combine(ggathered, gt, vocab, glse, &gcount);
+    EXPECT_EQ(count, n - 1);
+    EXPECT_EQ(gcount, count);
+    EXPECT_NEAR(gsum, sum, 1e-5 * sum);
+    // The whole-vocabulary op on the GPU gives the same loss.
+    Tensor gl = gpu(logits, dt), glosses = Tensor::empty({n}, DType::F32, Device::CUDA);
+    EXPECT_NEAR(ops::cross_entropy_forward(gl, gt, glosses, nullptr), gsum, 1e-5 * sum);
+    expect_close(std::string("vocab_ce_combine lse ") + dn(dt), host(glse), lse, kTolF32);
+    Tensor dwhole = Tensor::empty({n, vocab}, DType::F32);
+    ops::cross_entropy_backward(logits, targets, 0.5, dwhole);
+    for (int64_t p = 0; p < parts; ++p) {
+      Tensor part = cols(logits, p * vl, (p + 1) * vl), d = Tensor::empty({n, vl}, DType::F32);
+      ops::vocab_ce_backward(part, targets, p * vl, lse, 0.5, d);
+      EXPECT_LT(test::max_abs_diff(d, cols(dwhole, p * vl, (p + 1) * vl)), 1e-6);
+      Tensor gpart = gpu(part, dt);
+      ops::vocab_ce_backward(gpart, gt, p * vl, glse, 0.5, gpart);  // in place
+      expect_close(std::string("vocab_ce_backward ") + dn(dt) + " part " + std::to_string(p), host(gpart), d,
+                   tol(dt));
+    }
+  }
+  Tensor bad = targets.clone();
+  bad.data<int32_t>()[9] = 1000;
+  Tensor gs = Tensor::empty({2, n}, DType::F32, Device::CUDA);
+  try {
+    ops::vocab_ce_local(rand({n, vl}, 172).to(Device::CUDA), bad.to(Device::CUDA), 0, vocab, gs);
+    ADD_FAILURE() << "no error for target 1000";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("target 1000 at row 9"), std::string::npos) << e.what();
+  }
+}
+
+TEST(GpuVocabParallel, SwapLeadingDims) {
+  REQUIRE_GPU();
+  for (DType dt : {DType::F32, DType::BF16}) {
+    Tensor x = seen(rand({6, 4, 3, 16}, 180), dt), y = Tensor::empty({4, 6, 3, 16}, DType::F32);
+    ops::swap_leading_dims(x, y);
+    Tensor gy = Tensor::empty({4, 6, 3, 16}, dt, Device::CUDA);
+    ops::swap_leading_dims(gpu(x, dt), gy);
+    EXPECT_EQ(test::max_abs_diff(host(gy), y), 0.0) << dn(dt);
+  }
 }
 
 }  // namespace
