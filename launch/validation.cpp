@@ -6,6 +6,7 @@
 
 #include "data/packed_dataset.h"
 #include "parallel/communicator.h"
+#include "parallel/pipeline.h"
 
 namespace ievo {
 
@@ -40,16 +41,28 @@ bool Validator::due(int64_t step) const {
   return (every > 0 && step % every == 0) || step == cfg_.train.steps;
 }
 
-EvalResult Validator::run(Llama& model, const ParamStore& weights, Communicator* comm) const {
+EvalResult Validator::run(Llama& model, const ParamStore& weights, Communicator* comm,
+                          PipelineExecutor* pipeline) const {
   IEVO_CHECK(enabled(), "validation without data.valid_paths");
   const int64_t B = cfg_.train.micro_batch_size;
   double sum = 0;
   int64_t count = 0, batches = 0;
+  std::vector<Batch> micros;  // pipeline: all of this rank's micro-batches in one schedule
   for (int64_t j = dp_rank_; j < batches_; j += dp_) {
-    const LossSum ls = model.loss(weights, load_batch(*source_, j * B, B, device_));
+    Batch b = load_batch(*source_, j * B, B, device_);
+    ++batches;
+    if (pipeline) {
+      micros.push_back(std::move(b));
+      continue;
+    }
+    const LossSum ls = model.loss(weights, b);
     sum += ls.sum;
     count += ls.count;
-    ++batches;
+  }
+  if (pipeline) {
+    const LossSum ls = pipeline->evaluate(model, weights, micros);
+    sum = ls.sum;
+    count = ls.count;
   }
   if (comm) {
     sum = comm->all_reduce_sum(sum);

@@ -24,6 +24,7 @@
 namespace ievo {
 
 class Communicator;
+class PipelineExecutor;
 
 // Samples [first, first + B) of src as a Batch on `device`: make_packed_batch when src is a
 // PackedSampleSource (data.packing), else make_batch.
@@ -42,8 +43,10 @@ class Validator {
   bool enabled() const { return source_ != nullptr; }
   bool due(int64_t step) const;
   // Forward passes over the validation micro-batches of this rank; sums reduced with comm
-  // (nullptr: a single process).
-  EvalResult run(Llama& model, const ParamStore& weights, Communicator* comm) const;
+  // (nullptr: a single process). With `pipeline` (parallel.pipeline > 1) they run through its
+  // forward-only schedule (parallel/pipeline.h) and every stage gets the loss.
+  EvalResult run(Llama& model, const ParamStore& weights, Communicator* comm,
+                 PipelineExecutor* pipeline = nullptr) const;
   std::string describe() const;  // for the setup log line
 
  private:

@@ -27,9 +27,21 @@ PipelineExecutor::PipelineExecutor(PipelineSchedule schedule, Communicator& pp)
 }
 
 LossSum PipelineExecutor::run(Llama& model, const ParamStore& weights, ParamStore& grads,
-                              const std::vector<Batch>& micros, double grad_scale,
-                              const std::function<int64_t(const Batch&)>& rows) {
-  const PipelineSchedule& s = schedule_;
+                              const std::vector<Batch>& micros, double grad_scale) {
+  return execute(schedule_, model, weights, &grads, micros, grad_scale);
+}
+
+LossSum PipelineExecutor::evaluate(Llama& model, const ParamStore& weights, const std::vector<Batch>& micros) {
+  const int m = static_cast<int>(micros.size());
+  if (!eval_ || eval_->micro_batches != m) {
+    eval_ = std::make_unique<PipelineSchedule>(make_forward_schedule(schedule_.stages, m, schedule_.chunks));
+    check_pipeline_schedule(*eval_);
+  }
+  return execute(*eval_, model, weights, nullptr, micros, 1.0);
+}
+
+LossSum PipelineExecutor::execute(const PipelineSchedule& s, Llama& model, const ParamStore& weights,
+                                  ParamStore* grads, const std::vector<Batch>& micros, double grad_scale) {
   const int stage = pp_.rank(), S = s.num_vstages();
   IEVO_CHECK(static_cast<int>(micros.size()) == s.micro_batches, "pipeline: ", micros.size(),
              " micro-batches for a schedule of ", s.micro_batches);
@@ -54,7 +66,7 @@ LossSum PipelineExecutor::run(Llama& model, const ParamStore& weights, ParamStor
           ops.push_back({true, it->second, t.peer});
         } else {
           const Batch& b = micros[t.msg.micro];
-          Tensor buf = Tensor::empty({rows ? rows(b) : b.num_tokens(), d}, weights.dtype(), weights.device());
+          Tensor buf = Tensor::empty({rows_ ? rows_(b) : b.num_tokens(), d}, weights.dtype(), weights.device());
           IEVO_CHECK(inbox.emplace(key(t.msg), buf).second, "pipeline stage ", stage, ": ", t.msg.str(),
                      " received twice");
           ops.push_back({false, buf, t.peer});
@@ -78,16 +90,20 @@ LossSum PipelineExecutor::run(Llama& model, const ParamStore& weights, ParamStor
     };
     if (op.type == PipeOp::Type::Forward) {
       const Tensor in = v > 0 ? take({false, op.micro, v - 1}) : Tensor();
-      auto [it, fresh] = acts.try_emplace(mc);
-      IEVO_CHECK(fresh, "pipeline stage ", stage, ": ", op.str(), " runs twice");
-      Tensor out = model.stage_forward(weights, op.chunk, b, in, &it->second, grad_scale, &grads, &ls);
+      StageActs* a = nullptr;  // forward only (evaluation): nothing kept
+      if (!s.forward_only) {
+        auto [it, fresh] = acts.try_emplace(mc);
+        IEVO_CHECK(fresh, "pipeline stage ", stage, ": ", op.str(), " runs twice");
+        a = &it->second;
+      }
+      Tensor out = model.stage_forward(weights, op.chunk, b, in, a, grad_scale, grads, &ls);
       if (v < S - 1) outbox[key({false, op.micro, v})] = out;
       timing_.forward_s += seconds_since(t0);
     } else {
       const Tensor dy = v < S - 1 ? take({true, op.micro, v + 1}) : Tensor();
       auto it = acts.find(mc);
       IEVO_CHECK(it != acts.end(), "pipeline stage ", stage, ": ", op.str(), " before its forward");
-      Tensor dx = model.stage_backward(weights, op.chunk, b, it->second, dy, grads);
+      Tensor dx = model.stage_backward(weights, op.chunk, b, it->second, dy, *grads);
       acts.erase(it);
       if (v > 0) outbox[key({true, op.micro, v})] = dx;
       timing_.backward_s += seconds_since(t0);

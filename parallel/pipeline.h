@@ -46,10 +46,16 @@ class PipelineExecutor {
   // Forward and backward of every micro-batch (micros.size() == schedule().micro_batches) through
   // `model` (this stage's chunks, model.shard()), reading `weights` and adding grad_scale *
   // d(summed loss)/d(param) into `grads`. Returns the summed loss and target count of all
-  // micro-batches, the same on every stage. `rows(b)`: the rows of an activation message of
-  // micro-batch b (default: its tokens; a sequence-split residual stream passes its share).
+  // micro-batches, the same on every stage.
   LossSum run(Llama& model, const ParamStore& weights, ParamStore& grads, const std::vector<Batch>& micros,
-              double grad_scale, const std::function<int64_t(const Batch&)>& rows = nullptr);
+              double grad_scale);
+
+  // Forward only (validation): the summed loss and target count of `micros` (any number), the
+  // same on every stage; make_forward_schedule's order, nothing kept for a backward.
+  LossSum evaluate(Llama& model, const ParamStore& weights, const std::vector<Batch>& micros);
+  // The rows of an activation message of micro-batch b (default: its tokens; a residual stream
+  // split over the tensor group, Megatron sequence parallelism, passes its share).
+  void set_activation_rows(std::function<int64_t(const Batch&)> rows) { rows_ = std::move(rows); }
 
   const PipelineSchedule& schedule() const { return schedule_; }
   // Wall time of the last run on this stage (compute ops and exchanges, host clock; with CUDA the
@@ -60,8 +66,13 @@ class PipelineExecutor {
   const Timing& timing() const { return timing_; }
 
  private:
+  LossSum execute(const PipelineSchedule& s, Llama& model, const ParamStore& weights, ParamStore* grads,
+                  const std::vector<Batch>& micros, double grad_scale);
+
   PipelineSchedule schedule_;
+  std::unique_ptr<PipelineSchedule> eval_;  // the last evaluation's forward schedule
   Communicator& pp_;
+  std::function<int64_t(const Batch&)> rows_;
   Timing timing_;
 };
 

@@ -70,6 +70,10 @@ std::vector<std::pair<int, int>> interleave_table(int m, int V, int g) {
 std::vector<std::vector<Compute>> compute_units(const PipelineSchedule& s, int p) {
   const int P = s.stages, m = s.micro_batches, V = s.chunks;
   std::vector<std::vector<Compute>> out;
+  if (s.forward_only) {  // the interleaved forward order: groups of P micro-batches per chunk
+    for (const auto& [mb, c] : interleave_table(m, V, P)) out.push_back({{false, mb, c}});
+    return out;
+  }
   switch (s.kind) {
     case PipelineKind::GPipe:
       for (int i = 0; i < m; ++i) out.push_back({{false, i, 0}});
@@ -100,6 +104,34 @@ std::vector<std::vector<Compute>> compute_units(const PipelineSchedule& s, int p
   return out;
 }
 
+// Per stage: the compute units with exchanges between them (see the top of the header).
+void derive_programs(PipelineSchedule& s) {
+  const int P = s.stages;
+  const int S = s.num_vstages();
+  s.programs.assign(P, {});
+  for (int p = 0; p < P; ++p) {
+    std::vector<PipeOp>& prog = s.programs[p];
+    std::vector<PipeTransfer> pending;  // sends of the last unit
+    for (const auto& unit : compute_units(s, p)) {
+      std::vector<PipeTransfer> x = std::move(pending);
+      pending.clear();
+      for (const Compute& c : unit) {  // receive what the unit needs
+        const int v = s.vstage(p, c.chunk);
+        if (!c.backward && v > 0) x.push_back({false, (v - 1) % P, {false, c.micro, v - 1}});
+        if (c.backward && v < S - 1) x.push_back({false, (v + 1) % P, {true, c.micro, v + 1}});
+      }
+      if (!x.empty()) prog.push_back({PipeOp::Type::Exchange, -1, -1, std::move(x)});
+      for (const Compute& c : unit) {  // compute, and send the outputs after the unit
+        const int v = s.vstage(p, c.chunk);
+        prog.push_back({c.backward ? PipeOp::Type::Backward : PipeOp::Type::Forward, c.micro, c.chunk, {}});
+        if (!c.backward && v < S - 1) pending.push_back({true, (v + 1) % P, {false, c.micro, v}});
+        if (c.backward && v > 0) pending.push_back({true, (v - 1) % P, {true, c.micro, v}});
+      }
+    }
+    if (!pending.empty()) prog.push_back({PipeOp::Type::Exchange, -1, -1, std::move(pending)});
+  }
+}
+
 }  // namespace
 
 PipelineSchedule make_pipeline_schedule(PipelineKind kind, int P, int m, int V) {
@@ -123,29 +155,20 @@ PipelineSchedule make_pipeline_schedule(PipelineKind kind, int P, int m, int V) 
   s.micro_batches = m;
   s.chunks = V;
   s.group = kind == PipelineKind::Interleaved ? P : m;
-  const int S = s.num_vstages();
-  s.programs.resize(P);
-  for (int p = 0; p < P; ++p) {
-    std::vector<PipeOp>& prog = s.programs[p];
-    std::vector<PipeTransfer> pending;  // sends of the last unit
-    for (const auto& unit : compute_units(s, p)) {
-      std::vector<PipeTransfer> x = std::move(pending);
-      pending.clear();
-      for (const Compute& c : unit) {  // receive what the unit needs
-        const int v = s.vstage(p, c.chunk);
-        if (!c.backward && v > 0) x.push_back({false, (v - 1) % P, {false, c.micro, v - 1}});
-        if (c.backward && v < S - 1) x.push_back({false, (v + 1) % P, {true, c.micro, v + 1}});
-      }
-      if (!x.empty()) prog.push_back({PipeOp::Type::Exchange, -1, -1, std::move(x)});
-      for (const Compute& c : unit) {  // compute, and send the outputs after the unit
-        const int v = s.vstage(p, c.chunk);
-        prog.push_back({c.backward ? PipeOp::Type::Backward : PipeOp::Type::Forward, c.micro, c.chunk, {}});
-        if (!c.backward && v < S - 1) pending.push_back({true, (v + 1) % P, {false, c.micro, v}});
-        if (c.backward && v > 0) pending.push_back({true, (v - 1) % P, {true, c.micro, v}});
-      }
-    }
-    if (!pending.empty()) prog.push_back({PipeOp::Type::Exchange, -1, -1, std::move(pending)});
-  }
+  derive_programs(s);
+  return s;
+}
+
+PipelineSchedule make_forward_schedule(int P, int m, int V) {
+  IEVO_CHECK(P >= 1 && m >= 1 && V >= 1 && (V == 1 || P > 1), "forward schedule: P ", P, ", m ", m, ", V ", V);
+  PipelineSchedule s;
+  s.kind = PipelineKind::GPipe;
+  s.stages = P;
+  s.micro_batches = m;
+  s.chunks = V;
+  s.group = m;
+  s.forward_only = true;
+  derive_programs(s);
   return s;
 }
 
@@ -258,8 +281,9 @@ ScheduleReport check_pipeline_schedule(const PipelineSchedule& s) {
               IEVO_CHECK(inbox[p].erase(key({false, op.micro, v - 1})) == 1, where(p, i),
                          ": runs before its input ", PipeMessage{false, op.micro, v - 1}.str(), " arrived");
             if (v < S - 1) outbox[p].insert(key({false, op.micro, v}));
-            rep.max_in_flight[p] = std::max(rep.max_in_flight[p], ++in_flight[p]);
+            if (!s.forward_only) rep.max_in_flight[p] = std::max(rep.max_in_flight[p], ++in_flight[p]);
           } else {
+            IEVO_CHECK(!s.forward_only, where(p, i), ": a backward in a forward-only schedule");
             IEVO_CHECK(fwd_done[p].count(mc), where(p, i), ": backward before its forward");
             IEVO_CHECK(bwd_done[p].insert(mc).second, where(p, i), ": backward runs twice");
             if (v < S - 1)
@@ -283,8 +307,10 @@ ScheduleReport check_pipeline_schedule(const PipelineSchedule& s) {
   IEVO_CHECK(stuck.empty(), pipeline_kind_name(s.kind), " schedule (P ", P, ", m ", m, ", V ", V,
              ") deadlocks", stuck);
   for (int p = 0; p < P; ++p) {
-    IEVO_CHECK(static_cast<int>(bwd_done[p].size()) == m * V, "stage ", p, " runs ", fwd_done[p].size(),
-               " forwards and ", bwd_done[p].size(), " backwards; expected ", m * V, " of each");
+    const int backwards = s.forward_only ? 0 : m * V;
+    IEVO_CHECK(static_cast<int>(fwd_done[p].size()) == m * V && static_cast<int>(bwd_done[p].size()) == backwards,
+               "stage ", p, " runs ", fwd_done[p].size(),
+               " forwards and ", bwd_done[p].size(), " backwards; expected ", m * V, " and ", backwards);
     IEVO_CHECK(inbox[p].empty() && outbox[p].empty(), "stage ", p, ": ", inbox[p].size(),
                " messages received but unused, ", outbox[p].size(), " computed but never sent");
     int bound = m * V;  // gpipe: everything

@@ -83,6 +83,7 @@ struct PipelineSchedule {
   PipelineKind kind = PipelineKind::OneFOneB;
   int stages = 1, micro_batches = 1, chunks = 1;  // P, m, V
   int group = 1;  // interleaved: micro-batches per chunk group (P; Megatron's microbatch_group_size_per_vp_stage)
+  bool forward_only = false;  // evaluation: forwards only (make_forward_schedule)
   std::vector<std::vector<PipeOp>> programs;  // per stage
   int vstage(int stage, int chunk) const { return chunk * stages + stage; }
   int num_vstages() const { return stages * chunks; }
@@ -92,6 +93,11 @@ struct PipelineSchedule {
 // micro-batch count) for layouts that cannot run: V > 1 without the interleaved schedule or with
 // P = 1, interleaved with m not a multiple of P (in particular m < P).
 PipelineSchedule make_pipeline_schedule(PipelineKind kind, int P, int m, int V);
+
+// Evaluation: every micro-batch forward only through every chunk, in the interleaved schedule's
+// forward order (groups of P micro-batches through chunk 0, then chunk 1, ...; the last group
+// takes what is left; V = 1: GPipe's first half). Any P, m >= 1, V.
+PipelineSchedule make_forward_schedule(int P, int m, int V);
 
 struct ScheduleReport {
   std::vector<int> max_in_flight;  // per stage: most (micro, chunk) forwarded and not yet backwarded

@@ -85,6 +85,34 @@ TEST(PipelineSchedule, EveryLayoutChecksAndMatchesTheBubbleFormula) {
   EXPECT_EQ(checked, 3 * 8 + 3 * 8 + (8 + 4 + 2) + (4 + 2));  // interleaved: m % P == 0; V 2: P > 1
 }
 
+TEST(PipelineSchedule, ForwardOnlySchedulesCheck) {
+  for (int P : {1, 2, 4})
+    for (int V : {1, 2})
+      for (int m = 1; m <= 8; ++m) {
+        if (V > 1 && P == 1) continue;
+        SCOPED_TRACE("P " + std::to_string(P) + " m " + std::to_string(m) + " V " + std::to_string(V));
+        const PipelineSchedule s = make_forward_schedule(P, m, V);
+        ScheduleReport r;
+        ASSERT_NO_THROW(r = check_pipeline_schedule(s));
+        for (int p = 0; p < P; ++p) {
+          int f = 0, b = 0;
+          for (const PipeOp& op : s.programs[p]) {
+            f += op.type == PipeOp::Type::Forward;
+            b += op.type == PipeOp::Type::Backward;
+          }
+          EXPECT_EQ(f, m * V);
+          EXPECT_EQ(b, 0);
+        }
+        // One forward per time unit, pipelined (a last group of fewer than P waits for its inputs).
+        if (m % P == 0 || V == 1) {
+          EXPECT_DOUBLE_EQ(r.makespan, m * V + P - 1);
+        } else {
+          EXPECT_GT(r.makespan, m * V + P - 1);
+        }
+      }
+  EXPECT_EQ(ops(make_forward_schedule(2, 3, 2), 1), "F0.0 F1.0 F0.1 F1.1 F2.0 F2.1");
+}
+
 TEST(PipelineSchedule, KnownOrders) {
   // Megatron's non-interleaved 1F1B, P 4, m 6: warmup 3 - p forwards.
   const PipelineSchedule a = make_pipeline_schedule(PipelineKind::OneFOneB, 4, 6, 1);
