@@ -6,6 +6,7 @@
 #include <sstream>
 
 #include "models/llama.h"
+#include "parallel/pipeline_schedule.h"
 #include "runtime/error.h"
 
 namespace ievo {
@@ -37,7 +38,9 @@ std::string human(double bytes) {
 }
 
 // The activation estimate of plan.h, in bytes.
-int64_t activation_bytes(const PlanInput& in) {
+// block_sets: how many blocks' activations are kept (L; pipeline: stage 0's in-flight chunks'
+// blocks); head: the stage runs the LM head.
+int64_t activation_bytes(const PlanInput& in, int64_t block_sets, bool with_head) {
   const ModelConfig& m = in.model;
   const int64_t N = in.micro_batch_size * in.seq_len, b = static_cast<int64_t>(dtype_size(in.compute));
   const bool ulysses = in.sequence == SequenceParallel::Ulysses;
@@ -51,11 +54,11 @@ int64_t activation_bytes(const PlanInput& in) {
   const int64_t block = (2 * n * d + 2 * Nr * d + Nr * (2 * q + 2 * kv + 3 * F) + (ulysses ? Nr * q : 0)) * b +
                         (2 * n + Nr * H) * 4;
   const int64_t dropped = Nr * (2 * d + F) * b;  // selective: n1, n2, silu(gate)*up
-  const int64_t kept = in.recompute == Recompute::Full        ? m.num_layers * n * d * b + block
-                       : in.recompute == Recompute::Selective ? m.num_layers * (block - dropped) + dropped
-                                                              : m.num_layers * block;
+  const int64_t kept = in.recompute == Recompute::Full        ? block_sets * n * d * b + block
+                       : in.recompute == Recompute::Selective ? block_sets * (block - dropped) + dropped
+                                                              : block_sets * block;
   const int64_t backward_tmp = Nr * (3 * F + 4 * d + 2 * q + 2 * kv) * b;
-  const int64_t head = (2 * Nr + n) * d * b + 2 * std::min<int64_t>(Nr, 1024) * V * 4;
+  const int64_t head = with_head ? (2 * Nr + n) * d * b + 2 * std::min<int64_t>(Nr, 1024) * V * 4 : 0;
   return kept + backward_tmp + head + Nr * d * b;
 }
 
@@ -140,6 +143,22 @@ Plan make_plan(const PlanInput& in) {
   IEVO_CHECK(in.sp >= 1 && in.dp % in.sp == 0, "plan: parallel.sequence_size ", in.sp,
              " must divide the data-parallel size ", in.dp);
   ModelShard shard;  // tensor rank 0 (every rank's slices have the same sizes)
+  Plan p;
+  int64_t block_sets = in.model.num_layers;
+  if (in.pp > 1) {  // pipeline stage 0: its chunks, as many block activations as it holds in flight
+    const int P = in.pp, V = in.virtual_stages, m = static_cast<int>(in.micro_batches);
+    p.pipeline_split = pipeline_layer_split(in.model, P, V, in.seq_len, in.pipeline_layers);
+    shard = pipeline_shard(p.pipeline_split, P, V, 0);
+    p.pipeline_stage0 = shard;
+    const PipelineSchedule sched = make_pipeline_schedule(pipeline_kind_from_name(in.schedule), P, m, V);
+    const ScheduleReport r = check_pipeline_schedule(sched);
+    p.in_flight = r.max_in_flight[0];
+    p.bubble = pipeline_bubble(P, m, V);
+    p.bubble_simulated = r.bubble;
+    int64_t widest = 0;
+    for (const LayerRange& c : shard.chunks) widest = std::max(widest, c.end - c.begin);
+    block_sets = p.in_flight * widest;
+  }
   shard.tp = in.tp;
   Llama model(in.model, in.recompute, shard);
   const auto specs = param_specs(in.model, shard);
@@ -147,7 +166,6 @@ Plan make_plan(const PlanInput& in) {
   ZeroConfig zc = in.zero;  // partial replicated gradients get buckets of their own (parallel/zero.h)
   if (in.tp > 1) zc.deferred = partial_replicas(specs, in.sequence);
   const ZeroLayout L = make_zero_layout(specs, layers, zc, in.dp, in.compute);
-  Plan p;
   p.psi = L.numel;
   p.psi_global = in.model.num_params();
   for (const ParamSpec& s : specs) (s.split_dim < 0 ? p.replicated : p.sharded) += shape_numel(s.shape);
@@ -155,7 +173,7 @@ Plan make_plan(const PlanInput& in) {
   p.formula = zero_formula(p.psi, in.dp, in.zero.stage, in.compute);
   p.padding_elements = L.full_numel - L.numel;
   transients(L, layers, in.zero.stage, in.compute, &p.transient_params, &p.transient_grads);
-  p.activations = activation_bytes(in);
+  p.activations = activation_bytes(in, block_sets, shard.last);
   p.overhead = kOverhead;
   p.total = p.exact.total() + p.transient_params + p.transient_grads + p.activations + p.overhead;
   p.fits = static_cast<double>(p.total) <= in.gpu_mem_gib * kGiB;
@@ -196,6 +214,20 @@ std::string format_plan(const PlanInput& in, const Plan& p) {
                   static_cast<long long>(p.psi), static_cast<long long>(p.sharded),
                   static_cast<long long>(p.replicated));
     o << tpl;
+  }
+  if (in.pp > 1) {
+    std::string split, chunks;
+    for (int64_t k : p.pipeline_split) split += (split.empty() ? "" : ", ") + std::to_string(k);
+    for (const LayerRange& c : p.pipeline_stage0.chunks)
+      chunks += detail::cat(chunks.empty() ? "" : ", ", "[", c.begin, ", ", c.end, ")");
+    char ppl[768];
+    std::snprintf(ppl, sizeof ppl,
+                  "pipeline P = %d stages x V = %d chunks, %s schedule, m = %lld micro-batches per step: "
+                  "bubble (P-1)/(m*V+P-1) = %.1f%% (simulated %.1f%%); blocks per virtual stage [%s]; "
+                  "the plan is for stage 0: embedding + blocks %s, at most %d micro-batch chunks in flight\n",
+                  in.pp, in.virtual_stages, in.schedule.c_str(), static_cast<long long>(in.micro_batches),
+                  100 * p.bubble, 100 * p.bubble_simulated, split.c_str(), chunks.c_str(), p.in_flight);
+    o << ppl;
   }
   o << "per rank                           exact (layout)    formula\n";
   auto row = [&](const char* name, int64_t exact, int64_t formula, const std::string& what) {

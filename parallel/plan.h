@@ -40,9 +40,11 @@
 #pragma once
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "models/llama.h"
 #include "models/model_config.h"
+#include "models/shard.h"
 #include "parallel/tensor_parallel.h"
 #include "parallel/zero.h"
 #include "runtime/dtype.h"
@@ -59,6 +61,13 @@ struct PlanInput {
   int tp = 1;                      // parallel.tensor T: the plan is for tensor rank 0's slices
   SequenceParallel sequence = SequenceParallel::None;  // parallel.sequence
   int sp = 1;                      // Ulysses ranks S (parallel.sequence_size, a factor of dp)
+  // Pipeline parallelism (parallel/pipeline_schedule.h): the plan is then for stage 0 (the
+  // embedding and, in 1F1B, the most micro-batches in flight: min(P, m)); the bubble
+  // (P-1)/(m*V+P-1) is reported for m = micro_batches per step.
+  int pp = 1, virtual_stages = 1;
+  std::string schedule = "1f1b";          // gpipe | 1f1b | interleaved
+  std::vector<int64_t> pipeline_layers;   // parallel.pipeline_layers; empty: balanced
+  int64_t micro_batches = 1;              // per step and pipeline (gradient accumulation)
   double gpu_mem_gib = 80;
   double infer_weight_bytes = 2;   // bytes per weight for inference (bf16: 2, int8: 1, int4: 0.5)
   double infer_kv_bytes = 2;       // bytes per KV-cache element
@@ -73,6 +82,12 @@ struct Plan {
   int64_t padding_elements = 0;     // full_numel - Ψ
   int64_t transient_params = 0, transient_grads = 0;
   int64_t activations = 0;
+  // Pipeline (pp > 1): blocks per virtual stage, stage 0's chunks, micro-batch chunks it holds
+  // at most (the schedule's simulation), the bubble formula and the simulated one.
+  std::vector<int64_t> pipeline_split;
+  ModelShard pipeline_stage0;
+  int in_flight = 1;
+  double bubble = 0, bubble_simulated = 0;
   int64_t overhead = 0;             // CUDA context, cuBLAS workspaces (an allowance)
   int64_t total = 0;
   bool fits = false;

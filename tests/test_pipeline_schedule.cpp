@@ -2,20 +2,22 @@
 // for P in {1, 2, 4}, m in 1..8, V in {1, 2}: every stage runs each (micro-batch, chunk) forward
 // then backward once, in-flight limits, messages paired in order, no deadlock under rendezvous
 // semantics, and the simulated bubble equals (P-1)/(mV+P-1). The checker itself is shown to fail
-// on broken schedules. Also the layer split into stages and the errors for bad layouts.
+// on broken schedules. Also the layer split into stages, the errors for bad layouts, and
+// `ievo plan` for a pipeline (stage 0's memory, the bubble).
 #include <gtest/gtest.h>
 
 #include <string>
 #include <vector>
 
 #include "parallel/pipeline_schedule.h"
+#include "parallel/plan.h"
 #include "runtime/error.h"
 
 using namespace ievo;
 
 namespace {
 
-std::string ops(const PipelineSchedule& s, int stage) {  // compute ops only
+std::string compute_ops(const PipelineSchedule& s, int stage) {  // compute ops only
   std::string out;
   for (const PipeOp& op : s.programs[stage])
     if (op.type != PipeOp::Type::Exchange) out += (out.empty() ? "" : " ") + op.str(s.chunks > 1);
@@ -110,21 +112,21 @@ TEST(PipelineSchedule, ForwardOnlySchedulesCheck) {
           EXPECT_GT(r.makespan, m * V + P - 1);
         }
       }
-  EXPECT_EQ(ops(make_forward_schedule(2, 3, 2), 1), "F0.0 F1.0 F0.1 F1.1 F2.0 F2.1");
+  EXPECT_EQ(compute_ops(make_forward_schedule(2, 3, 2), 1), "F0.0 F1.0 F0.1 F1.1 F2.0 F2.1");
 }
 
 TEST(PipelineSchedule, KnownOrders) {
   // Megatron's non-interleaved 1F1B, P 4, m 6: warmup 3 - p forwards.
   const PipelineSchedule a = make_pipeline_schedule(PipelineKind::OneFOneB, 4, 6, 1);
-  EXPECT_EQ(ops(a, 0), "F0 F1 F2 F3 B0 F4 B1 F5 B2 B3 B4 B5");
-  EXPECT_EQ(ops(a, 2), "F0 F1 B0 F2 B1 F3 B2 F4 B3 F5 B4 B5");
-  EXPECT_EQ(ops(a, 3), "F0 B0 F1 B1 F2 B2 F3 B3 F4 B4 F5 B5");
+  EXPECT_EQ(compute_ops(a, 0), "F0 F1 F2 F3 B0 F4 B1 F5 B2 B3 B4 B5");
+  EXPECT_EQ(compute_ops(a, 2), "F0 F1 B0 F2 B1 F3 B2 F4 B3 F5 B4 B5");
+  EXPECT_EQ(compute_ops(a, 3), "F0 B0 F1 B1 F2 B2 F3 B3 F4 B4 F5 B5");
   const PipelineSchedule g = make_pipeline_schedule(PipelineKind::GPipe, 2, 3, 1);
-  EXPECT_EQ(ops(g, 1), "F0 F1 F2 B0 B1 B2");
+  EXPECT_EQ(compute_ops(g, 1), "F0 F1 F2 B0 B1 B2");
   // Interleaved P 2, m 4, V 2: groups of 2 micro-batches per chunk, warmup 2(P-1-p) + (V-1)P.
   const PipelineSchedule i = make_pipeline_schedule(PipelineKind::Interleaved, 2, 4, 2);
-  EXPECT_EQ(ops(i, 0), "F0.0 F1.0 F0.1 F1.1 F2.0 B0.1 F3.0 B1.1 F2.1 B0.0 F3.1 B1.0 B2.1 B3.1 B2.0 B3.0");
-  EXPECT_EQ(ops(i, 1), "F0.0 F1.0 F0.1 B0.1 F1.1 B1.1 F2.0 B0.0 F3.0 B1.0 F2.1 B2.1 F3.1 B3.1 B2.0 B3.0");
+  EXPECT_EQ(compute_ops(i, 0), "F0.0 F1.0 F0.1 F1.1 F2.0 B0.1 F3.0 B1.1 F2.1 B0.0 F3.1 B1.0 B2.1 B3.1 B2.0 B3.0");
+  EXPECT_EQ(compute_ops(i, 1), "F0.0 F1.0 F0.1 B0.1 F1.1 B1.1 F2.0 B0.0 F3.0 B1.0 F2.1 B2.1 F3.1 B3.1 B2.0 B3.0");
   // Exchanges: stage 1's steady 1F1B pairs a send with the receive of the next op's input.
   const PipelineSchedule b = make_pipeline_schedule(PipelineKind::OneFOneB, 2, 2, 1);
   std::string prog1;
@@ -247,4 +249,46 @@ TEST(PipelineSplit, BalancedExplicitAndErrors) {
   EXPECT_FALSE(s0.last);
   const ModelShard whole = pipeline_shard({8}, 1, 1, 0);
   EXPECT_TRUE(whole.whole(c));
+}
+
+// `ievo plan` with parallel.pipeline: stage 0's parameters, its in-flight activations and the
+// bubble.
+TEST(PipelinePlan, StageZeroAndBubble) {
+  ModelConfig c;
+  c.vocab_size = 96;  // the head costs 0.14 blocks: an even split
+  c.hidden_size = 64;
+  c.num_layers = 8;
+  c.num_heads = 4;
+  c.num_kv_heads = 2;
+  c.ffn_hidden_size = 160;
+  PlanInput in;
+  in.model = c;
+  in.micro_batch_size = 2;
+  in.seq_len = 32;
+  const Plan whole = make_plan(in);
+  in.pp = 4;
+  in.micro_batches = 8;
+  const Plan p = make_plan(in);
+  EXPECT_EQ(p.pipeline_split, (std::vector<int64_t>{2, 2, 2, 2}));
+  int64_t stage0 = 0;
+  for (const ParamSpec& s : param_specs(c, pipeline_shard(p.pipeline_split, 4, 1, 0))) stage0 += shape_numel(s.shape);
+  EXPECT_EQ(p.psi, stage0);  // embedding + 2 blocks
+  EXPECT_EQ(p.psi_global, whole.psi);
+  EXPECT_EQ(p.in_flight, 4);  // 1F1B: min(P, m) on stage 0
+  EXPECT_NEAR(p.bubble, 3.0 / 11.0, 1e-12);
+  EXPECT_NEAR(p.bubble_simulated, 3.0 / 11.0, 1e-12);
+  // 4 in flight x 2 blocks = the 8 blocks' activations of one process, without the LM head's.
+  EXPECT_LT(p.activations, whole.activations);
+  // GPipe keeps all 8 micro-batches: twice the blocks' activations.
+  in.schedule = "gpipe";
+  const Plan g = make_plan(in);
+  EXPECT_EQ(g.in_flight, 8);
+  EXPECT_GT(g.activations, p.activations);
+  in.schedule = "interleaved";
+  in.virtual_stages = 2;
+  const Plan i = make_plan(in);
+  EXPECT_EQ(i.in_flight, std::min(16, 2 * 3 + 4 + 1));
+  EXPECT_NEAR(i.bubble, 3.0 / 19.0, 1e-12);
+  EXPECT_NE(format_plan(in, i).find("bubble (P-1)/(m*V+P-1) = 15.8% (simulated 15.8%)"), std::string::npos)
+      << format_plan(in, i);
 }
