@@ -32,6 +32,7 @@
 #include "parallel/batch_split.h"
 #include "parallel/communicator.h"
 #include "parallel/failure.h"
+#include "parallel/tensor_parallel.h"
 #include "parallel/topology.h"
 #include "parallel/zero.h"
 #include "runtime/nvtx.h"
@@ -52,7 +53,11 @@ class Trainer {
     if (device_ == Device::CUDA) init_device(topo_.local_rank(), cfg.run.deterministic);
     const auto& t = cfg.train;
     // Data parallelism: G = micro x accumulation x dp; rank r reads its slice of every step.
-    split_ = split_batch(t.global_batch_size, t.micro_batch_size, topo_.dp(), topo_.dp_rank());
+    // (Ulysses: the S ranks of a sequence group read the same samples and split their tokens.)
+    split_ = split_batch(t.global_batch_size, t.micro_batch_size, topo_.data_size(), topo_.data_rank());
+    // Tensor / sequence layout errors before any work (parallel/tensor_parallel.h).
+    validate_sequence_layout(mc_, topo_.tp(), sequence_parallel_from_name(cfg.parallel.sequence), topo_.sp(),
+                             t.micro_batch_size, cfg.data.seq_len);
     accum_ = split_.accum;
     IEVO_CHECK(cfg.debug.nan_at_step <= 0 || cfg.parallel.zero <= 1,
                "debug.nan_at_step needs whole gradients: parallel.zero <= 1 (got ", cfg.parallel.zero, ")");
@@ -205,7 +210,8 @@ class Trainer {
     const int64_t B = cfg_.train.micro_batch_size;
     // This rank's slice; after a resume the stream continues at the checkpoint's consumed samples.
     const int64_t first = sample_base_ + split_.first_sample(step - start_step_, micro);
-    return load_batch(*source_, first, B, device_);  // packed when data.packing
+    // packed when data.packing; Ulysses: this sequence rank's contiguous 1/S of the tokens
+    return sequence_slice(load_batch(*source_, first, B, device_), topo_.sp(), topo_.sp_rank());
   }
 
   void evaluate(int64_t step, MetricsLogger& metrics) {

@@ -25,6 +25,19 @@ const char* sequence_parallel_name(SequenceParallel m) {
   }
 }
 
+Batch sequence_slice(const Batch& b, int S, int rank) {
+  if (S == 1) return b;
+  const int64_t N = b.num_tokens();
+  IEVO_CHECK(N % S == 0, "parallel.sequence: ulysses: the micro-batch's ", N,
+             " tokens are not divisible by parallel.sequence_size = ", S);
+  const int64_t n = N / S;
+  Batch out = b;
+  out.inputs = b.inputs.slice(0, rank * n, (rank + 1) * n);
+  out.targets = b.targets.slice(0, rank * n, (rank + 1) * n);
+  out.positions = b.positions.slice(0, rank * n, (rank + 1) * n);
+  return out;
+}
+
 void validate_sequence_layout(const ModelConfig& c, int tp, SequenceParallel mode, int sp,
                               int64_t micro_batch_size, int64_t seq_len) {
   ModelShard shard;

@@ -36,6 +36,7 @@
 #include <string>
 #include <vector>
 
+#include "models/batch.h"
 #include "models/model_config.h"
 #include "models/model_parallel.h"
 #include "models/params.h"
@@ -48,6 +49,11 @@ enum class SequenceParallel { None, Megatron, Ulysses };
 // "none" / "megatron" / "ulysses"; anything else is an error naming parallel.sequence.
 SequenceParallel sequence_parallel_from_name(const std::string& s);
 const char* sequence_parallel_name(SequenceParallel m);
+
+// Ulysses: sequence rank `rank` of S's part of a micro-batch: the contiguous tokens
+// [rank N/S, (rank+1) N/S) of inputs, targets and positions (views); cu_seqlens and max_seqlen
+// stay whole (attention runs on every token after scatter_heads). N must divide by S.
+Batch sequence_slice(const Batch& b, int S, int rank);
 
 // Throws naming the keys when the layout cannot run this model, before any work:
 // parallel.tensor (heads, FFN or vocabulary not divisible: ModelShard::validate), Megatron's

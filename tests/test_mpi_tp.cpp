@@ -21,9 +21,13 @@
 #include "launch/trainer.h"
 #include "models/hf_config.h"
 #include "models/shard.h"
+#include "models/llama.h"
 #include "parallel/communicator.h"
+#include "parallel/plan.h"
 #include "parallel/tensor_parallel.h"
 #include "parallel/topology.h"
+#include "parallel/zero.h"
+#include "runtime/allocator.h"
 #include "runtime/ops/cross_entropy.h"
 #include "runtime/ops/elementwise.h"
 #include "runtime/ops/embedding.h"
@@ -213,6 +217,233 @@ TEST(TensorParallelRegions, ReplicaGradientSums) {
       EXPECT_EQ(g[i].item(g[i].numel() - 1), want) << specs[i].name;
     }
   }
+}
+
+// ------------------------------------------------------------------------------- training
+
+namespace {
+
+// A directory made by world rank 0, the same path on every rank.
+std::string shared_dir(const std::string& tag) {
+  std::string d = world_rank() == 0 ? test::temp_dir(tag) : "";
+  int n = static_cast<int>(d.size());
+  MPI_Bcast(&n, 1, MPI_INT, 0, MPI_COMM_WORLD);
+  d.resize(static_cast<size_t>(n));
+  MPI_Bcast(d.data(), n, MPI_CHAR, 0, MPI_COMM_WORLD);
+  return d;
+}
+
+Config fixture_config(const std::string& variant, const std::string& run_dir, std::vector<std::string> sets) {
+  const std::string fx = test::fixture_dir(variant);
+  sets.insert(sets.begin(), {"model.init_from_hf=" + fx + "/hf", "data.paths=[" + fx + "/data]",
+                             "run.dir=" + run_dir, "train.log_every=1000"});
+  return load_config(fx + "/train.yaml", sets);
+}
+
+struct TrainRun {
+  std::vector<StepMetrics> metrics;
+  std::string checkpoint;
+};
+
+TrainRun train(const std::string& variant, const std::string& run_dir, const std::vector<std::string>& sets,
+               MPI_Comm comm) {
+  const Config cfg = fixture_config(variant, run_dir, sets);
+  TrainRun r;
+  r.metrics = run_train(cfg, comm);
+  r.checkpoint = checkpoint_dir(run_dir, cfg.train.steps);
+  return r;
+}
+
+ParamStore load_params(const std::string& ckpt, const ModelConfig& c) {
+  ParamStore p(param_specs(c), DType::F32, Device::CPU);
+  load_checkpoint(ckpt, {{"params", &p}}, /*optimizer_optional=*/true);
+  return p;
+}
+
+// The one-process run of (variant, gbs, micro) on this rank, computed once.
+const TrainRun& reference(const std::string& variant, int gbs, int micro) {
+  static std::map<std::tuple<std::string, int, int>, TrainRun> cache;
+  static const std::string base = shared_dir("tp_ref");
+  const auto key = std::make_tuple(variant, gbs, micro);
+  auto it = cache.find(key);
+  if (it != cache.end()) return it->second;
+  const std::string dir = base + "/" + variant + "_gbs" + std::to_string(gbs) + "_micro" + std::to_string(micro) +
+                          "_rank" + std::to_string(world_rank());
+  TrainRun r = train(variant, dir,
+                     {"train.global_batch_size=" + std::to_string(gbs), "train.micro_batch_size=" + std::to_string(micro)},
+                     MPI_COMM_SELF);
+  return cache.emplace(key, std::move(r)).first->second;
+}
+
+// One layout of the world's ranks. group: ranks per independent run (consecutive world ranks).
+struct Layout {
+  std::string name;
+  int group;             // world ranks in one run
+  int tp;                // parallel.tensor
+  std::string sequence;  // parallel.sequence
+  int sp;                // parallel.sequence_size
+  int zero;
+  int gbs, micro;
+};
+
+std::vector<Layout> layouts(int world) {
+  std::vector<Layout> v;
+  // Tensor parallelism over the whole world (tp 4 replicates the 2 key/value heads).
+  v.push_back({"tp" + std::to_string(world), world, world, "none", 1, 0, 4, 2});
+  v.push_back({"tp" + std::to_string(world) + "_megatron", world, world, "megatron", 1, 1, 4, 2});
+  // Ulysses over 2 ranks (x dp 2 in a world of 4).
+  v.push_back({"ulysses2_dp" + std::to_string(world / 2), world, 1, "ulysses", 2, world == 4 ? 3 : 1, 4,
+               world == 4 ? 2 : 4});
+  if (world == 4) {
+    v.push_back({"tp2_dp2_zero1", 4, 2, "none", 1, 1, 4, 2});
+    v.push_back({"tp2_dp2_zero3", 4, 2, "none", 1, 3, 4, 2});
+    v.push_back({"tp2_megatron_dp2_zero2", 4, 2, "megatron", 1, 2, 8, 2});
+    v.push_back({"tp2_groups_of_2", 2, 2, "none", 1, 0, 4, 2});  // two independent tp-2 runs
+  }
+  return v;
+}
+
+}  // namespace
+
+class TensorParallelTraining : public ::testing::TestWithParam<const char*> {};
+
+TEST_P(TensorParallelTraining, EqualsOneProcess) {
+  const std::string variant = GetParam();
+  const int world = world_size();
+  const std::string base = shared_dir("tp_" + variant);
+  const ModelConfig mc = read_hf_model_config(test::fixture_dir(variant) + "/hf");
+  for (const Layout& L : layouts(world)) {
+    SCOPED_TRACE(variant + " " + L.name);
+    const int group = world_rank() / L.group;
+    MPI_Comm comm;
+    MPI_Comm_split(MPI_COMM_WORLD, group, world_rank(), &comm);
+    const std::string dir = base + "/" + L.name + "_g" + std::to_string(group);
+    TrainRun run = train(variant, dir,
+                         {"parallel.tensor=" + std::to_string(L.tp), "parallel.sequence=" + L.sequence,
+                          "parallel.sequence_size=" + std::to_string(L.sp), "parallel.zero=" + std::to_string(L.zero),
+                          "parallel.bucket_mb=0.004", "train.global_batch_size=" + std::to_string(L.gbs),
+                          "train.micro_batch_size=" + std::to_string(L.micro)},
+                         comm);
+    MPI_Barrier(comm);  // the group's rank 0 has written the checkpoint
+    MPI_Comm_free(&comm);
+    const TrainRun& ref = reference(variant, L.gbs, L.micro);
+    ASSERT_EQ(run.metrics.size(), ref.metrics.size());
+    double worst_loss = 0, worst_norm = 0;
+    for (size_t i = 0; i < run.metrics.size(); ++i) {
+      const StepMetrics &a = run.metrics[i], &b = ref.metrics[i];
+      EXPECT_NEAR(a.loss, b.loss, 1e-5 * std::fabs(b.loss)) << "step " << i + 1;
+      EXPECT_NEAR(a.grad_norm, b.grad_norm, 1e-5 * b.grad_norm) << "step " << i + 1;
+      worst_loss = std::max(worst_loss, std::fabs(a.loss - b.loss) / std::fabs(b.loss));
+      worst_norm = std::max(worst_norm, std::fabs(a.grad_norm - b.grad_norm) / b.grad_norm);
+    }
+    const ParamStore got = load_params(run.checkpoint, mc), want = load_params(ref.checkpoint, mc);
+    double worst_w = 0;
+    for (size_t i = 0; i < got.size(); ++i) {
+      const double e = test::rel_l2(got[i], want[i]);
+      EXPECT_LT(e, 1e-5) << got.spec(i).name;
+      worst_w = std::max(worst_w, e);
+    }
+    if (world_rank() == 0)
+      std::printf("  %-12s %-26s vs one process: loss %.1e, grad norm %.1e, weights %.1e (max rel)\n",
+                  variant.c_str(), L.name.c_str(), worst_loss, worst_norm, worst_w);
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Fixtures, TensorParallelTraining, ::testing::Values("llama_gqa", "llama_tied"),
+                         [](const auto& info) { return std::string(info.param); });
+
+// Per-rank parameter bytes: every local slice is global x replicas / T elements (1/T of a split
+// tensor; a replicated one whole), and ZeroOptimizer's weights over them take exactly what
+// `ievo plan` says for tensor rank 0 (f32; allocator statistics).
+TEST(TensorParallelMemory, PerRankParameterBytes) {
+  const ModelConfig c = gqa_config();
+  auto one = make_local_communicator();
+  for (int T : {1, 2, 4}) {
+    SCOPED_TRACE("tp " + std::to_string(T));
+    int64_t sharded = 0, replicated = 0, local_total = 0;
+    const auto global = param_specs(c);
+    for (int t = 0; t < T; ++t) {
+      const auto specs = param_specs(c, tp_shard(T, t));
+      ASSERT_EQ(specs.size(), global.size());
+      int64_t total = 0;
+      for (size_t i = 0; i < specs.size(); ++i) {
+        const int64_t n = shape_numel(specs[i].shape), g = shape_numel(global[i].shape);
+        EXPECT_EQ(n * T, g * specs[i].replicas) << specs[i].name;
+        if (T > 1 && specs[i].split_dim < 0) {
+          EXPECT_EQ(specs[i].replicas, T) << specs[i].name;  // norms
+        }
+        total += n;
+        if (t == 0) (specs[i].split_dim < 0 ? replicated : sharded) += n;
+      }
+      if (t == 0) local_total = total;
+      EXPECT_EQ(total, local_total) << "rank " << t << " holds another amount";
+    }
+    // By hand for the fixture (d 64, L 2, 4 heads of 16, 2 kv heads, F 160, V 96, untied).
+    const int64_t d = 64, L = 2, F = 160, V = 96, kv = T > 2 ? 16 : 32 / T;
+    const int64_t split = 2 * V * d / T + L * (64 * d / T * 2 + 2 * kv * d + 3 * F * d / T);
+    EXPECT_EQ(sharded, T == 1 ? 0 : split);  // T = 1: every tensor whole
+    EXPECT_EQ(replicated, T == 1 ? c.num_params() : (2 * L + 1) * d);
+    EXPECT_EQ(split + (2 * L + 1) * d, local_total);
+    PlanInput in;
+    in.model = c;
+    in.tp = T;
+    in.zero = ZeroConfig{0, 0.01};
+    in.seq_len = 32;
+    const Plan plan = make_plan(in);
+    EXPECT_EQ(plan.psi, local_total);
+    EXPECT_EQ(plan.sharded, sharded);
+    EXPECT_EQ(plan.replicated, replicated);
+    EXPECT_EQ(plan.psi_global, c.num_params());
+    Llama model(c, Recompute::None, tp_shard(T, 0));
+    const int64_t before = memory_stats(Device::CPU).live_bytes;
+    ZeroOptimizer z(param_specs(c, tp_shard(T, 0)), model.hook_layers(), DType::F32, Device::CPU, *one,
+                    in.zero, AdamWConfig{});
+    EXPECT_EQ(memory_stats(Device::CPU).live_bytes - before, z.memory().total());
+    EXPECT_EQ(z.memory().params, plan.exact.params);
+    EXPECT_EQ(z.memory().params, 4 * (local_total + plan.padding_elements));
+    if (world_rank() == 0)
+      std::printf("  tp %d: per rank %lld parameters = %lld in slices + %lld replicated (global %lld)\n", T,
+                  static_cast<long long>(local_total), static_cast<long long>(sharded),
+                  static_cast<long long>(replicated), static_cast<long long>(c.num_params()));
+  }
+}
+
+// Bad layouts: errors that name the keys, before any training (no metrics written).
+TEST(TensorParallelErrors, BadLayoutsFailBeforeWork) {
+  const int world = world_size();
+  const std::string base = shared_dir("tp_err");
+  int k = 0;
+  auto expect_error = [&](std::vector<std::string> sets, const std::vector<std::string>& words) {
+    const std::string dir = base + "/run" + std::to_string(k++);
+    sets.insert(sets.begin(), {"run.dir=" + dir, "train.steps=2", "schedule.warmup_steps=0", "checkpoint.at_end=false"});
+    try {
+      const Config cfg = load_config(test::source_dir() + "/configs/tiny.yaml", sets);
+      run_train(cfg, MPI_COMM_WORLD);
+      ADD_FAILURE() << "no error for " << sets.back();
+    } catch (const Error& e) {
+      for (const auto& w : words) EXPECT_NE(std::string(e.what()).find(w), std::string::npos) << e.what();
+      if (world_rank() == 0) std::printf("  %s\n", e.what());
+    }
+    EXPECT_FALSE(fs::exists(dir + "/metrics.jsonl")) << sets.back();
+  };
+  // world != dp x tp x pp.
+  expect_error({"parallel.tensor=3"}, {"parallel.tensor", "not divisible"});
+  // Heads not divisible by tp.
+  expect_error({"model.num_heads=1", "model.num_kv_heads=1", "parallel.tensor=" + std::to_string(world)},
+               {"parallel.tensor", "model.num_heads"});
+  // Megatron: tokens of a micro-batch not divisible by tp.
+  expect_error({"data.seq_len=127", "train.micro_batch_size=1", "train.global_batch_size=8",
+                "parallel.tensor=" + std::to_string(world), "parallel.sequence=megatron"},
+               {"megatron", "not divisible by parallel.tensor"});
+  // Ulysses: more sequence ranks than heads; sequence length not divisible by S; S not dividing dp.
+  expect_error({"model.num_heads=1", "model.num_kv_heads=1", "parallel.sequence=ulysses", "parallel.sequence_size=2"},
+               {"parallel.sequence_size = 2 exceeds the 1 attention heads"});
+  expect_error({"data.seq_len=127", "parallel.sequence=ulysses", "parallel.sequence_size=2"},
+               {"data.seq_len = 127", "not divisible by parallel.sequence_size = 2"});
+  if (world == 2)
+    expect_error({"parallel.sequence=ulysses", "parallel.sequence_size=4"}, {"parallel.sequence_size"});
+  else
+    expect_error({"parallel.sequence=ulysses", "parallel.sequence_size=3"}, {"parallel.sequence_size = 3"});
 }
 
 // main(): MPI for the whole run, one console.
