@@ -27,6 +27,9 @@ std::shared_ptr<PerfOptions> add_perf_options(CLI::App& cmd) {
   cmd.add_option("--vpp", o->vpp, "virtual pipeline stages per rank (1)")->group(g)->check(CLI::PositiveNumber);
   cmd.add_option("--bench-json", o->bench_json, "calibrate from `ievo bench --json` of this model on one GPU")
       ->group(g)->check(CLI::ExistingFile);
+  cmd.add_option("--kernels-json", o->kernels_json,
+                 "kernel throughputs from bench_gpu_kernels --benchmark_out=FILE (JSON) instead of peak x efficiency")
+      ->group(g)->check(CLI::ExistingFile);
   return o;
 }
 
@@ -61,6 +64,15 @@ PerfHardware perf_hardware(const PerfInput& in, const PerfOptions& o) {
   hw.inter_bw = o.inter_bw_gbs * 1e9;
   hw.gpus_per_node = o.gpus_per_node;
   hw.comm_overlap = o.comm_overlap;
+  if (!o.kernels_json.empty()) {
+    try {
+      std::ifstream f(o.kernels_json);
+      apply_kernel_bench(nlohmann::json::parse(f), in, hw);
+    } catch (const std::exception& e) {
+      IEVO_FAIL("--kernels-json ", o.kernels_json, ": ", e.what());
+    }
+    hw.name += ", kernels measured (" + o.kernels_json + ")";
+  }
   if (!o.bench_json.empty()) {
     // ievo bench --json (launch/bench.h) of this model on one GPU: its measured forward + backward
     // time is the achieved rate for the FLOPs that run executed.
@@ -89,6 +101,68 @@ PerfHardware perf_hardware(const PerfInput& in, const PerfOptions& o) {
     }
   }
   return hw;
+}
+
+namespace {
+
+// The mean of counter `key` over the benchmark runs named `prefix` or `prefix/...` (repetitions;
+// aggregates and failed runs are left out); 0 when there is none.
+double counter(const nlohmann::json& bench, const std::string& prefix, const char* key) {
+  double sum = 0;
+  int n = 0;
+  for (const auto& b : bench.at("benchmarks")) {
+    const std::string name = b.value("name", "");
+    if (name != prefix && name.rfind(prefix + "/", 0) != 0) continue;
+    if (b.value("run_type", "iteration") != "iteration" || b.value("error_occurred", false) ||
+        !b.contains(key))
+      continue;
+    sum += b.at(key).get<double>();
+    ++n;
+  }
+  return n > 0 ? sum / n : 0.0;
+}
+
+}  // namespace
+
+void apply_kernel_bench(const nlohmann::json& bench, const PerfInput& in, PerfHardware& hw) {
+  IEVO_CHECK(in.compute != DType::F32 && in.compute != DType::F64,
+             "the kernels are timed in bf16; train.precision is fp32");
+  const ModelConfig& m = in.model;
+  const double d = static_cast<double>(m.hidden_size), L = static_cast<double>(m.num_layers);
+  const double q = static_cast<double>(m.q_dim()), kv = static_cast<double>(m.kv_dim());
+  const double F = static_cast<double>(m.ffn_hidden_size), V = static_cast<double>(m.vocab_size);
+  // The model's matmul FLOPs by shape class, each at its measured rate (time = sum FLOPs / rate).
+  const std::pair<double, const char*> classes[] = {{L * (2 * d * q + 2 * d * kv), "BM_matmul/qkv_proj"},
+                                                    {L * 3 * d * F, "BM_matmul/mlp_up"},
+                                                    {V * d, "BM_matmul/lm_head_chunk"}};
+  double flops = 0, time = 0;
+  for (const auto& [f, name] : classes) {
+    const double r = counter(bench, name, "TFLOP/s") * 1e12;
+    IEVO_CHECK(r > 0, "no TFLOP/s of ", name);
+    flops += f;
+    time += f / r;
+  }
+  hw.kernel_gemm_flops = flops / time;
+  const std::string shape = m.hd() == 128 ? "hd128_" : "";
+  for (const char* backend : {"cudnn", "flash"}) {
+    const double fwd = counter(bench, "BM_attention/" + shape + backend + "_fwd", "TFLOP/s");
+    const double bwd = counter(bench, "BM_attention/" + shape + backend + "_bwd", "TFLOP/s");
+    if (fwd > 0 && bwd > 0) {
+      hw.kernel_attn_fwd_flops = fwd * 1e12;
+      hw.kernel_attn_bwd_flops = bwd * 1e12;
+      break;
+    }
+  }
+  IEVO_CHECK(hw.kernel_attn_fwd_flops > 0, "no attention forward/backward TFLOP/s (BM_attention/",
+             shape, "cudnn_* or flash_*)");
+  double inv = 0;
+  int n = 0;
+  for (const char* name : {"BM_rmsnorm/fwd", "BM_rmsnorm/bwd", "BM_swiglu", "BM_cross_entropy"}) {
+    const double r = counter(bench, name, "GB/s") * 1e9;
+    if (r > 0) inv += 1.0 / r, ++n;
+  }
+  IEVO_CHECK(n > 0, "no GB/s of the memory-bound kernels (BM_rmsnorm, BM_swiglu, BM_cross_entropy)");
+  hw.kernel_mem_bw = n / inv;
 }
 
 std::string perf_report(const Config& cfg, int dp, const PerfOptions& o) {

@@ -10,9 +10,20 @@
 //   --tp N --pp N --vpp V  layout to estimate besides --dp (defaults: parallel.tensor/pipeline, 1)
 //   --bench-json FILE    calibrate the FLOP rate and the optimizer from `ievo bench --json` of the
 //                        same model on one GPU
+//   --kernels-json FILE  the GEMM, attention and memory-bound throughputs measured on this GPU by
+//                        `bench/bench_gpu_kernels --benchmark_out=FILE --benchmark_out_format=json`
+//                        (Google Benchmark JSON) instead of peak x efficiency: the GEMM rate is the
+//                        FLOP-weighted mean of the QKV (attention projections), MLP-up (MLP) and
+//                        LM-head shapes for this model's split of matmul FLOPs; attention the cuDNN
+//                        forward/backward rates when cuDNN ran (ievo's default backend then), else
+//                        ievo's flash kernels, at head dim 128 or else the TinyLlama shape (64);
+//                        memory bandwidth the harmonic mean of RMSNorm fwd/bwd, SwiGLU and
+//                        cross-entropy (equal bytes each). The kernels are timed in bf16.
 #pragma once
 #include <memory>
 #include <string>
+
+#include <nlohmann/json_fwd.hpp>
 
 #include "launch/config.h"
 #include "parallel/perf_model.h"
@@ -29,6 +40,7 @@ struct PerfOptions {
   double intra_bw_gbs = 360, inter_bw_gbs = 45, comm_overlap = 0;
   int gpus_per_node = 8, tp = 0, pp = 0, vpp = 1;  // tp/pp 0: from the config
   std::string bench_json;
+  std::string kernels_json;
 };
 
 // Adds the options above to `cmd`; the returned options are filled when it is parsed.
@@ -36,6 +48,9 @@ std::shared_ptr<PerfOptions> add_perf_options(CLI::App& cmd);
 // The model and batch of a config with data-parallel size `dp`.
 PerfInput perf_input(const Config& cfg, int dp, const PerfOptions& o = {});
 PerfHardware perf_hardware(const PerfInput& in, const PerfOptions& o = {});
+// Sets hw's kernel_* rates from bench_gpu_kernels' Google Benchmark JSON (see --kernels-json);
+// an error names what is missing.
+void apply_kernel_bench(const nlohmann::json& bench, const PerfInput& in, PerfHardware& hw);
 // The estimate, formatted (several lines).
 std::string perf_report(const Config& cfg, int dp, const PerfOptions& o = {});
 

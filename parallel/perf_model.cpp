@@ -42,16 +42,25 @@ PerfEstimate estimate_step(const PerfInput& in, const PerfHardware& hw) {
   e.executed_flops_gpu = mm_exec + attn_exec;
 
   // Compute per GPU.
-  const double elem_bytes =
-      (3.0 * (10 * d + 2 * q + 2 * kv + 3 * F) * bc * L + 16.0 * V) * tokens / gpus;
+  const double pass = 10 * d + 2 * q + 2 * kv + 3 * F;  // one forward's elements per token and layer
+  const double passes = in.recompute == "full" ? 4.0 : 3.0;
+  const double extra = in.recompute == "selective" ? 4 * d + 3 * F : 0.0;
+  const double elem_bytes = ((passes * pass + extra) * bc * L + 16.0 * V) * tokens / gpus;
+  const double mem_rate = hw.kernel_mem_bw > 0 ? hw.kernel_mem_bw : hw.mem_bw * hw.mem_efficiency;
   if (hw.measured_flops_per_s > 0) {
     e.compute_s = e.executed_flops_gpu / hw.measured_flops_per_s;  // memory-bound kernels included
     e.gemm_s = e.compute_s * mm_exec / e.executed_flops_gpu;
     e.attn_s = e.compute_s - e.gemm_s;
   } else {
-    e.gemm_s = mm_exec / (hw.peak_flops * hw.gemm_efficiency);
-    e.attn_s = attn_exec / (hw.peak_flops * hw.attn_efficiency);
-    e.elementwise_s = elem_bytes / (hw.mem_bw * hw.mem_efficiency);
+    e.gemm_s = mm_exec / (hw.kernel_gemm_flops > 0 ? hw.kernel_gemm_flops : hw.peak_flops * hw.gemm_efficiency);
+    if (hw.kernel_attn_fwd_flops > 0 && hw.kernel_attn_bwd_flops > 0) {
+      const double fwd = attn / 3.0 / gpus;  // causal forward FLOPs per GPU
+      e.attn_s = fwd * (in.recompute == "full" ? 2.0 : 1.0) / hw.kernel_attn_fwd_flops +
+                 2.5 * fwd / hw.kernel_attn_bwd_flops;
+    } else {
+      e.attn_s = attn_exec / (hw.peak_flops * hw.attn_efficiency);
+    }
+    e.elementwise_s = elem_bytes / mem_rate;
     e.compute_s = e.gemm_s + e.attn_s + e.elementwise_s;
   }
 
@@ -94,7 +103,7 @@ PerfEstimate estimate_step(const PerfInput& in, const PerfHardware& hw) {
   if (hw.measured_optimizer_s > 0 && hw.measured_params_per_rank > 0)
     e.optimizer_s = hw.measured_optimizer_s * shard / static_cast<double>(hw.measured_params_per_rank);
   else
-    e.optimizer_s = shard * (24.0 + 3.0 * bc + (mixed ? bc : 0.0)) / (hw.mem_bw * hw.mem_efficiency);
+    e.optimizer_s = shard * (24.0 + 3.0 * bc + (mixed ? bc : 0.0)) / mem_rate;
 
   e.step_s = total_pipe + e.dp_exposed_s + e.optimizer_s;
   e.tokens_per_s = tokens / e.step_s;
@@ -119,11 +128,23 @@ std::string format_estimate(const PerfInput& in, const PerfHardware& hw, const P
         "(ievo bench)\n",
         ms(e.compute_s), e.executed_flops_gpu / 1e12, hw.measured_flops_per_s / 1e12);
   else {
-    add("  GEMMs                        %10.2f ms  %.1f TFLOP/s peak x %.2f\n", ms(e.gemm_s),
-        hw.peak_flops / 1e12, hw.gemm_efficiency);
-    add("  attention                    %10.2f ms  x %.2f\n", ms(e.attn_s), hw.attn_efficiency);
-    add("  memory-bound kernels         %10.2f ms  %.0f GB/s x %.2f\n", ms(e.elementwise_s),
-        hw.mem_bw / 1e9, hw.mem_efficiency);
+    if (hw.kernel_gemm_flops > 0)
+      add("  GEMMs                        %10.2f ms  %.1f TFLOP/s measured\n", ms(e.gemm_s),
+          hw.kernel_gemm_flops / 1e12);
+    else
+      add("  GEMMs                        %10.2f ms  %.1f TFLOP/s peak x %.2f\n", ms(e.gemm_s),
+          hw.peak_flops / 1e12, hw.gemm_efficiency);
+    if (hw.kernel_attn_fwd_flops > 0 && hw.kernel_attn_bwd_flops > 0)
+      add("  attention                    %10.2f ms  %.1f / %.1f TFLOP/s measured (fwd / bwd)\n",
+          ms(e.attn_s), hw.kernel_attn_fwd_flops / 1e12, hw.kernel_attn_bwd_flops / 1e12);
+    else
+      add("  attention                    %10.2f ms  x %.2f\n", ms(e.attn_s), hw.attn_efficiency);
+    if (hw.kernel_mem_bw > 0)
+      add("  memory-bound kernels         %10.2f ms  %.0f GB/s measured\n", ms(e.elementwise_s),
+          hw.kernel_mem_bw / 1e9);
+    else
+      add("  memory-bound kernels         %10.2f ms  %.0f GB/s x %.2f\n", ms(e.elementwise_s),
+          hw.mem_bw / 1e9, hw.mem_efficiency);
   }
   if (in.tp > 1) add("  tensor-parallel all-reduces  %10.2f ms\n", ms(e.tp_s));
   if (in.pp > 1) {

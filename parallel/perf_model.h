@@ -8,7 +8,14 @@
 //       is not recomputed); selective recomputes only memory-bound kernels (no FLOPs added)
 //       bytes_elem: the memory-bound kernels (norms, RoPE, SwiGLU, residual adds, casts): per token
 //       and layer 3 * (10 d + 2 q + 2 kv + 3 F) elements of the compute dtype (forward once,
-//       backward twice), plus the fused LM head's fp32 logits chunk: 16 V bytes per token
+//       backward twice), plus the fused LM head's fp32 logits chunk: 16 V bytes per token;
+//       full adds one more forward, (10 d + 2 q + 2 kv + 3 F); selective adds the two RMSNorms
+//       and the SwiGLU product it recomputes, (4 d + 3 F) (read x, write n; read gate/up, write h)
+//   with kernel throughputs measured on the GPU (bench_gpu_kernels, `ievo plan --kernels-json`):
+//       GEMMs at the measured rate of the model's shapes; attention as F_fwd / fwd rate (twice
+//       with full recomputation) + 2.5 F_fwd / bwd rate, F_fwd = a third of 6 L d T per token (the
+//       bench's convention: causal FLOPs, the backward counted as 2.5x the forward); the
+//       memory-bound kernels and the optimizer at the measured bandwidth
 //   tp        = per micro-batch and layer 4 all-reduces (2 forward, 2 backward; Megatron without
 //               sequence parallelism) of B*T*d elements, ring traffic 2(t-1)/t of each, over intra_bw
 //   p2p       = pp > 1: per micro-batch one activation B*T*d forward and its gradient backward
@@ -53,6 +60,11 @@ struct PerfHardware {
   double inter_bw = 45e9;         // ... across nodes (400 Gb/s InfiniBand per GPU)
   int gpus_per_node = 8;
   double comm_overlap = 0;        // fraction of the backward that can hide dp collectives
+  // Kernel throughputs measured on this GPU (bench_gpu_kernels): > 0 replaces peak x efficiency.
+  double kernel_gemm_flops = 0;      // GEMMs, FLOP/s (the model's mix of shapes)
+  double kernel_attn_fwd_flops = 0;  // attention forward, causal FLOP/s
+  double kernel_attn_bwd_flops = 0;  // attention backward, FLOP/s counting 2.5x the forward's FLOPs
+  double kernel_mem_bw = 0;          // memory-bound kernels, achieved bytes/s
   // Calibration (ievo bench): > 0 replaces the FLOP rates and the optimizer estimate.
   double measured_flops_per_s = 0;      // executed FLOPs / (forward + backward) of the bench
   double measured_optimizer_s = 0;      // optimizer phase of the bench

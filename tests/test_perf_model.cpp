@@ -1,7 +1,7 @@
 // The step-time model of `ievo plan` (parallel/perf_model.h): each term against the formula worked
 // by hand for a small Llama, the ZeRO communication volumes, the pipeline bubble, recomputation,
-// the calibration from `ievo bench --json` (a bench of the same config is reproduced exactly), and
-// the plan's output.
+// the calibration from `ievo bench --json` (a bench of the same config is reproduced exactly), the
+// kernel throughputs of bench_gpu_kernels (--kernels-json), and the plan's output.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -159,6 +159,94 @@ TEST(PerfModel, BenchCalibrationReproducesTheBench) {
   EXPECT_THROW(perf_hardware(in, o), Error);
 }
 
+// Google Benchmark JSON as bench/bench_gpu_kernels writes it (--benchmark_out_format=json).
+nlohmann::json kernel_bench(bool cudnn_ok) {
+  auto run = [](const std::string& name, const char* key, double v) {
+    return nlohmann::json{{"name", name + "/manual_time"}, {"run_type", "iteration"}, {"real_time", 1.0},
+                          {"time_unit", "ms"}, {key, v}};
+  };
+  nlohmann::json b = nlohmann::json::array();
+  b.push_back(run("BM_matmul/qkv_proj", "TFLOP/s", 600));
+  b.push_back(run("BM_matmul/mlp_up", "TFLOP/s", 700));
+  b.push_back(run("BM_matmul/mlp_up", "TFLOP/s", 720));  // a repetition: averaged (710)
+  b.push_back(run("BM_matmul/lm_head_chunk", "TFLOP/s", 650));
+  b.push_back(run("BM_matmul/square8192", "TFLOP/s", 900));  // not a model shape: unused
+  b.push_back(run("BM_attention/flash_fwd", "TFLOP/s", 170));
+  b.push_back(run("BM_attention/flash_bwd", "TFLOP/s", 130));
+  b.push_back(run("BM_attention/cudnn_fwd", "TFLOP/s", 300));
+  b.push_back(run("BM_attention/cudnn_bwd", "TFLOP/s", 250));
+  if (!cudnn_ok)
+    for (auto& x : b)
+      if (x["name"].get<std::string>().find("cudnn") != std::string::npos) {
+        x.erase("TFLOP/s");
+        x["error_occurred"] = true;
+      }
+  b.push_back(run("BM_attention/hd128_cudnn_fwd", "TFLOP/s", 480));
+  b.push_back(run("BM_attention/hd128_cudnn_bwd", "TFLOP/s", 400));
+  b.push_back(run("BM_rmsnorm/fwd", "GB/s", 2000));
+  b.push_back(run("BM_rmsnorm/bwd", "GB/s", 2500));
+  b.push_back(run("BM_swiglu", "GB/s", 2500));
+  b.push_back(run("BM_cross_entropy", "GB/s", 2000));
+  nlohmann::json agg = run("BM_swiglu", "GB/s", 1.0);  // an aggregate row: ignored
+  agg["run_type"] = "aggregate";
+  b.push_back(agg);
+  return {{"context", {{"num_cpus", 16}}}, {"benchmarks", b}};
+}
+
+// --kernels-json: the measured rates replace peak x efficiency, term by term, by hand.
+TEST(PerfModel, MeasuredKernelThroughputs) {
+  PerfInput in = input(1, 0);
+  in.model.num_heads = 4;  // hd 64: the TinyLlama-shaped attention rows
+  in.model.num_kv_heads = 2;
+  for (bool cudnn_ok : {true, false}) {
+    SCOPED_TRACE(cudnn_ok ? "cuDNN ran" : "cuDNN failed");
+    PerfHardware hw = default_hardware(DType::BF16);
+    apply_kernel_bench(kernel_bench(cudnn_ok), in, hw);
+    const double d = 256, q = 256, kv = 128, F = 768, L = 4, V = 1000, T = 512, tokens = 64 * T;
+    const double proj = L * (2 * d * q + 2 * d * kv), mlp = L * 3 * d * F, head = V * d;
+    const double rate = (proj + mlp + head) / (proj / 600e12 + mlp / 710e12 + head / 650e12);
+    EXPECT_NEAR(hw.kernel_gemm_flops / rate, 1.0, 1e-12);
+    EXPECT_EQ(hw.kernel_attn_fwd_flops, cudnn_ok ? 300e12 : 170e12);
+    EXPECT_EQ(hw.kernel_attn_bwd_flops, cudnn_ok ? 250e12 : 130e12);
+    EXPECT_NEAR(hw.kernel_mem_bw, 4.0 / (2.0 / 2000e9 + 2.0 / 2500e9), 1.0);
+    for (const char* rc : {"none", "selective", "full"}) {
+      in.recompute = rc;
+      const PerfEstimate e = estimate_step(in, hw);
+      const bool full = in.recompute == "full";
+      const double mm = 6 * (proj + mlp) * tokens * (full ? 4.0 / 3 : 1.0) + 6 * head * tokens;
+      EXPECT_NEAR(e.gemm_s, mm / rate, 1e-15) << rc;
+      const double fwd = 2 * L * d * T * tokens;  // a third of 6 L d T per token
+      EXPECT_NEAR(e.attn_s, fwd * (full ? 2 : 1) / hw.kernel_attn_fwd_flops + 2.5 * fwd / hw.kernel_attn_bwd_flops,
+                  1e-15) << rc;
+      const double pass = 10 * d + 2 * q + 2 * kv + 3 * F;
+      const double per = (full ? 4 : 3) * pass + (in.recompute == "selective" ? 4 * d + 3 * F : 0);
+      EXPECT_NEAR(e.elementwise_s, (per * 2 * L + 16 * V) * tokens / hw.kernel_mem_bw, 1e-15) << rc;
+      const double psi = static_cast<double>(in.model.num_params());
+      EXPECT_NEAR(e.optimizer_s, psi * 32 / hw.kernel_mem_bw, 1e-15) << rc;
+      EXPECT_NEAR(e.step_s, e.gemm_s + e.attn_s + e.elementwise_s + e.optimizer_s, 1e-15) << rc;
+    }
+    in.recompute = "none";
+  }
+  // Head dim 128: the hd128 rows.
+  PerfInput in128 = input(1, 0);
+  in128.model.num_heads = 2;
+  in128.model.num_kv_heads = 1;
+  PerfHardware hw = default_hardware(DType::BF16);
+  apply_kernel_bench(kernel_bench(true), in128, hw);
+  EXPECT_EQ(hw.kernel_attn_fwd_flops, 480e12);
+  // Errors name what is missing; fp32 training is refused (the kernels run in bf16).
+  nlohmann::json no_gemm = kernel_bench(true);
+  no_gemm["benchmarks"].erase(0);
+  try {
+    apply_kernel_bench(no_gemm, in, hw);
+    ADD_FAILURE() << "no error without the QKV GEMM";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("no TFLOP/s of BM_matmul/qkv_proj"), std::string::npos) << e.what();
+  }
+  in.compute = DType::F32;
+  EXPECT_THROW(apply_kernel_bench(kernel_bench(true), in, hw), Error);
+}
+
 TEST(PerfModel, PlanPrintsTheEstimate) {
   std::string out;
   ASSERT_EQ(test::run_command("cd " + test::source_dir() + " && " + test::ievo_binary() +
@@ -173,6 +261,24 @@ TEST(PerfModel, PlanPrintsTheEstimate) {
   EXPECT_NE(out.find("989.0 TFLOP/s peak x 0.50"), std::string::npos) << out;
   EXPECT_NE(out.find("dp collectives"), std::string::npos) << out;
   EXPECT_NE(out.find("intra-node 360 GB/s"), std::string::npos) << out;
+  // --kernels-json: the measured rates are used and said so.
+  const std::string dir = test::temp_dir("perf_kernels");
+  std::ofstream(dir + "/k.json") << kernel_bench(true).dump();
+  ASSERT_EQ(test::run_command("cd " + test::source_dir() + " && " + test::ievo_binary() +
+                                  " plan configs/tinyllama-1.1b.yaml --kernels-json " + dir + "/k.json",
+                              &out),
+            0)
+      << out;
+  for (const char* w : {"kernels measured (", "TFLOP/s measured\n", "300.0 / 250.0 TFLOP/s measured (fwd / bwd)",
+                        "GB/s measured"})
+    EXPECT_NE(out.find(w), std::string::npos) << w << "\n" << out;
+  std::ofstream(dir + "/bad.json") << "{\"benchmarks\": []}";
+  ASSERT_NE(test::run_command(test::ievo_binary() + " plan " + test::source_dir() +
+                                  "/configs/tinyllama-1.1b.yaml --kernels-json " + dir + "/bad.json",
+                              &out),
+            0);
+  EXPECT_NE(out.find("--kernels-json " + dir + "/bad.json: no TFLOP/s of BM_matmul/qkv_proj"), std::string::npos)
+      << out;
 }
 
 }  // namespace
