@@ -32,6 +32,9 @@
 #include "parallel/batch_split.h"
 #include "parallel/communicator.h"
 #include "parallel/failure.h"
+#include "parallel/model_state.h"
+#include "parallel/pipeline.h"
+#include "parallel/pipeline_schedule.h"
 #include "parallel/tensor_parallel.h"
 #include "parallel/topology.h"
 #include "parallel/zero.h"
@@ -94,7 +97,7 @@ class Trainer {
       time_limit_.record_step(m.step_time_s);
       // train.max_time: every rank stops after the same step (one rank's clock decides for all).
       if (step < cfg_.train.steps && time_limit_.enabled() &&
-          dp_comm_->all_reduce_sum(static_cast<int64_t>(time_limit_.should_stop())) > 0) {
+          world_comm_->all_reduce_sum(static_cast<int64_t>(time_limit_.should_stop())) > 0) {
         if (!due) timed_save(step);
         log_info("train.max_time (%s) is near after %s: saved step %lld, exiting",
                  cfg_.train.max_time.c_str(), format_duration(time_limit_.elapsed_s()).c_str(),
@@ -115,9 +118,12 @@ class Trainer {
       std::ofstream f(run_dir_ / "config.yaml");
       f << config_to_yaml(cfg_);
     }
-    specs_ = param_specs(mc_);
+    // This rank's part of the model (tensor slices, pipeline chunks; models/shard.h).
+    global_specs_ = param_specs(mc_);
+    shard_ = shard_of(topo_.tp_rank(), topo_.pp_rank());
+    specs_ = param_specs(mc_, shard_);
     // The starting weights, whole, on the host of every rank; the ZeRO state keeps this rank's part.
-    ParamStore initial(specs_, DType::F32, Device::CPU);
+    ParamStore initial(global_specs_, DType::F32, Device::CPU);
     if (!cfg_.model.init_from_hf.empty()) {
       load_hf_weights(cfg_.model.init_from_hf, mc_, initial);
     } else {
@@ -128,16 +134,42 @@ class Trainer {
     oc.beta2 = cfg_.optim.beta2;
     oc.eps = cfg_.optim.eps;
     oc.weight_decay = cfg_.optim.weight_decay;
-    model_ = std::make_unique<Llama>(
-        mc_, cfg_.model.checkpointing == "full"        ? Recompute::Full
-                 : cfg_.model.checkpointing == "selective" ? Recompute::Selective
-                                                           : Recompute::None);
-    // Weights, gradients and AdamW state, replicated or sharded over the data-parallel ranks.
+    // Communicators: data (gradients, ZeRO), tensor and pipeline groups on the device; the world
+    // and the model-parallel group on the host (stop decisions, checkpoint assembly).
     dp_comm_ = with_nvtx(make_communicator(device_, topo_.dp_comm()));  // launch/profiling.h
-    zero_ = std::make_unique<ZeroOptimizer>(
-        specs_, model_->hook_layers(), compute_dtype_, device_, *dp_comm_,
-        ZeroConfig{static_cast<int>(cfg_.parallel.zero), cfg_.parallel.bucket_mb}, oc);
-    zero_->set_weights(initial);
+    tp_comm_ = group_communicator(topo_.tp(), topo_.tp_comm(), device_);
+    pp_comm_ = group_communicator(topo_.pp(), topo_.pp_comm(), device_);
+    sp_comm_ = group_communicator(topo_.sp(), topo_.sp_comm(), device_);
+    world_comm_ = group_communicator(topo_.world_size(), topo_.world_comm(), Device::CPU);
+    mp_comm_ = group_communicator(topo_.tp() * topo_.pp(), topo_.mp_comm(), Device::CPU);
+    const SequenceParallel seq = sequence_parallel_from_name(cfg_.parallel.sequence);
+    if (topo_.tp() > 1 || topo_.sp() > 1)
+      parallel_ = std::make_unique<TensorParallel>(mc_, shard_, seq, tp_comm_.get(), sp_comm_.get());
+    model_ = std::make_unique<Llama>(
+        mc_,
+        cfg_.model.checkpointing == "full"        ? Recompute::Full
+        : cfg_.model.checkpointing == "selective" ? Recompute::Selective
+                                                  : Recompute::None,
+        shard_, parallel_.get());
+    // Weights, gradients and AdamW state, replicated or sharded over the data-parallel ranks.
+    // Slices that several tensor ranks hold count once in the gradient norm; partial gradients
+    // of replicated slices are summed over the tensor group before the data-parallel reduction.
+    ZeroConfig zc{static_cast<int>(cfg_.parallel.zero), cfg_.parallel.bucket_mb, {}, {}, {}};
+    if (topo_.tp() > 1) {
+      ReplicaGradients rg = replica_gradients(mc_, shard_, seq, *tp_comm_);
+      zc.deferred = rg.deferred;
+      zc.norm_weight = rg.norm_weight;
+      zc.pre_reduce = rg.pre_reduce;
+    }
+    if (topo_.pp() > 1)  // schedule, executor, tied embedding's group (parallel/pipeline.h)
+      pipeline_ = std::make_unique<TrainerPipeline>(
+          topo_, device_, *pp_comm_, pipeline_kind_from_name(cfg_.parallel.schedule), static_cast<int>(accum_),
+          static_cast<int>(cfg_.parallel.virtual_stages), mc_, shard_, specs_, zc);
+    if (pipeline_ && seq == SequenceParallel::Megatron)  // the residual stream holds 1/T of the tokens
+      pipeline_->executor().set_activation_rows([T = topo_.tp()](const Batch& b) { return b.num_tokens() / T; });
+    zero_ = std::make_unique<ZeroOptimizer>(specs_, model_->hook_layers(), compute_dtype_, device_,
+                                            *dp_comm_, zc, oc);
+    zero_->set_weights(local_slices(initial, specs_));
     model_->set_hooks(nvtx_hooks_.wrap(zero_.get()));
     if (opt_.phases)  // ievo bench: the head layer's backward ends the forward (launch/phase_timer.h)
       model_->set_hooks(nvtx_hooks_.wrap(opt_.phases->wrap(zero_.get(), static_cast<int>(mc_.num_layers) + 1)));
@@ -150,7 +182,8 @@ class Trainer {
     const auto& d = cfg_.data;
     source_ = make_sample_source(d.paths, d.weights, d.seq_len, d.shuffle, d.synthetic, d.packing,
                                  cfg_.run.seed, mc_.vocab_size);
-    validator_ = std::make_unique<Validator>(cfg_, mc_.vocab_size, device_, topo_.dp(), topo_.dp_rank());
+    validator_ = std::make_unique<Validator>(cfg_, mc_.vocab_size, device_, topo_.data_size(), topo_.data_rank());
+    validator_->set_sequence_split(topo_.sp(), topo_.sp_rank());  // Ulysses: 1/S of each batch's tokens
     if (validator_->enabled()) log_info("ievo: %s", validator_->describe().c_str());
     if (topo_.world_size() > 1) {
       const ZeroMemory zm = zero_->memory();
@@ -177,11 +210,13 @@ class Trainer {
   // random.
   void resume() {
     auto st = resume_training(cfg_, rank_, [&](const std::string& dir) {
-      ParamStore p(specs_, DType::F32, Device::CPU), m(specs_, DType::F32, Device::CPU),
-          v(specs_, DType::F32, Device::CPU);
+      ParamStore p(global_specs_, DType::F32, Device::CPU), m(global_specs_, DType::F32, Device::CPU),
+          v(global_specs_, DType::F32, Device::CPU);
       CheckpointState s = load_checkpoint(
           dir, {{"params", &p}, {"exp_avg", &m}, {"exp_avg_sq", &v}}, /*optimizer_optional=*/true);
-      zero_->load_state(p, &m, &v, s.extra.value("optimizer_steps", s.step));
+      const ParamStore lp = local_slices(p, specs_), lm = local_slices(m, specs_),
+                       lv = local_slices(v, specs_);
+      zero_->load_state(lp, &lm, &lv, s.extra.value("optimizer_steps", s.step));
       return s;
     });
     if (!st) return;
@@ -202,7 +237,25 @@ class Trainer {
 
   // A stop signal on any rank stops every rank after this step.
   bool stop_requested() {
-    return dp_comm_->all_reduce_sum(static_cast<int64_t>(stop_signal() != 0)) > 0;
+    return world_comm_->all_reduce_sum(static_cast<int64_t>(stop_signal() != 0)) > 0;
+  }
+
+  // Rank (tp_rank, pp_rank)'s part of the model: its pipeline chunks and tensor slices.
+  ModelShard shard_of(int tp_rank, int pp_rank) const {
+    ModelShard s;
+    if (topo_.pp() > 1) {
+      const int P = topo_.pp(), V = static_cast<int>(cfg_.parallel.virtual_stages);
+      s = pipeline_shard(pipeline_layer_split(mc_, P, V, cfg_.data.seq_len, cfg_.parallel.pipeline_layers),
+                         P, V, pp_rank);
+    }
+    s.tp = topo_.tp();
+    s.tp_rank = tp_rank;
+    return s;
+  }
+
+  // A group's communicator: local for a group of one, else MPI (host) or NCCL (CUDA).
+  static std::unique_ptr<Communicator> group_communicator(int size, MPI_Comm comm, Device device) {
+    return size > 1 ? make_communicator(device, comm) : make_local_communicator();
   }
 
   // The micro-batch `micro` of step `step` (1-based): samples in order from the global stream.
@@ -215,7 +268,8 @@ class Trainer {
   }
 
   void evaluate(int64_t step, MetricsLogger& metrics) {
-    const EvalResult ev = validator_->run(*model_, zero_->weights(), dp_comm_.get());
+    const EvalResult ev = validator_->run(*model_, zero_->weights(), dp_comm_.get(),
+                                          pipeline_ ? &pipeline_->executor() : nullptr);
     metrics.log_scalars(step, {{"val_loss", ev.loss}, {"val_ppl", ev.ppl}});
     log_info("step %lld/%lld | val_loss %.4f | val_ppl %.2f | %lld tokens", static_cast<long long>(step),
              static_cast<long long>(cfg_.train.steps), ev.loss, ev.ppl,
@@ -234,22 +288,31 @@ class Trainer {
     targets = dp_comm_->all_reduce_sum(targets);  // over the whole global batch
     phase(Phase::Data);
     IEVO_CHECK(targets > 0, "step ", step, ": the global batch has no target tokens");
-    zero_->begin_step();
+    zero_->begin_step(pipeline_ ? 0 : static_cast<int>(accum_));  // known: ZeRO 0-1 overlap the reduction
     const ParamStore& weights = zero_->weights();
     double loss_sum = 0;
     const double loss_scale = guard_.loss_scale();  // fp16 dynamic loss scale, else 1
-    for (auto& b : micros) {
-      IEVO_NVTX_RANGE("forward_backward");
-      LossSum ls = model_->forward_backward(weights, b, loss_scale / static_cast<double>(targets),
-                                            zero_->grads());
-      loss_sum += ls.sum;
+    if (pipeline_) {  // every micro-batch through this stage's chunks; the loss from the last stage
+      loss_sum = pipeline_->executor()
+                     .run(*model_, weights, zero_->grads(), micros, loss_scale / static_cast<double>(targets))
+                     .sum;
       phase(Phase::Backward);
+    } else {
+      for (auto& b : micros) {
+        IEVO_NVTX_RANGE("forward_backward");
+        LossSum ls = model_->forward_backward(weights, b, loss_scale / static_cast<double>(targets),
+                                              zero_->grads());
+        loss_sum += ls.sum;
+        phase(Phase::Backward);
+      }
     }
     loss_sum = dp_comm_->all_reduce_sum(loss_sum);
     // ZeRO-2/3 gradients are already reduced into shards (no whole tensors to poison or scan).
     const bool whole_grads = zero_->stage() <= 1;
     if (whole_grads) guard_.inject(step, zero_->grads());  // debug.nan_* test hook
-    const double grad_sum_sq = zero_->finish_gradients();  // reduced over dp; global squared norm
+    // Reduced over dp; summed over the tensor and pipeline groups: the global squared norm.
+    double grad_sum_sq = zero_->finish_gradients();
+    grad_sum_sq = pp_comm_->all_reduce_sum(tp_comm_->all_reduce_sum(grad_sum_sq));
     phase(Phase::Reduce);
     StepMetrics m;
     m.step = step;
@@ -304,16 +367,28 @@ class Trainer {
                                  {"hysteresis_count", ls->state().hysteresis_count}};
     // Whole f32 master weights and moments, gathered onto rank 0's host, which writes them.
     // (launch/checkpointer.h: reused host stores, page-locked on CUDA.)
+    // Under tensor/pipeline parallelism each model-parallel rank's data-parallel root gathers its
+    // slices, and rank 0 assembles the global tensors from them (parallel/model_state.h).
+    const bool sliced = mp_comm_->size() > 1;
     ParamStore *p = nullptr, *m = nullptr, *v = nullptr;
     if (rank_ == 0) {
-      const auto hs = ckpt_->host_stores(specs_, device_ == Device::CUDA);
+      const auto hs = ckpt_->host_stores(global_specs_, device_ == Device::CUDA);
       p = hs[0], m = hs[1], v = hs[2];
     }
-    zero_->gather_state(p, m, v, 0);
+    if (sliced && topo_.dp_rank() == 0) {
+      if (local_state_.empty())
+        for (int k = 0; k < 3; ++k) local_state_.emplace_back(specs_, DType::F32, Device::CPU);
+      zero_->gather_state(&local_state_[0], &local_state_[1], &local_state_[2], 0);
+      gather_global(*mp_comm_, {&local_state_[0], &local_state_[1], &local_state_[2]},
+                    [&](int r) { return param_specs(mc_, shard_of(r % topo_.tp(), r / topo_.tp())); },
+                    {p, m, v}, 0);
+    } else {
+      zero_->gather_state(sliced ? nullptr : p, sliced ? nullptr : m, sliced ? nullptr : v, 0);
+    }
     if (rank_ == 0)  // a private host copy: checkpoint.async writes it without copying again
       ckpt_->save(st, {checkpoint_group("params", *p), checkpoint_group("exp_avg", *m),
                        checkpoint_group("exp_avg_sq", *v)}, /*private_copy=*/true);
-    dp_comm_->barrier();  // the checkpoint is complete for every rank
+    world_comm_->barrier();  // the checkpoint is complete for every rank
   }
 
   static constexpr double kH100PeakBf16Flops = 989e12;
@@ -332,8 +407,14 @@ class Trainer {
   int rank_ = 0;           // world rank
   Watchdog watchdog_;      // parallel.timeout_s with several ranks
   BatchSplit split_;       // this rank's samples of each step
-  std::vector<ParamSpec> specs_;
-  std::unique_ptr<Communicator> dp_comm_;
+  std::vector<ParamSpec> global_specs_;  // the whole model's parameters (checkpoints, init)
+  ModelShard shard_;                     // this rank's part (models/shard.h)
+  std::vector<ParamSpec> specs_;         // ... and its parameters
+  std::unique_ptr<Communicator> dp_comm_, tp_comm_, pp_comm_, sp_comm_;
+  std::unique_ptr<Communicator> world_comm_, mp_comm_;  // host: stop decisions, checkpoint assembly
+  std::unique_ptr<ModelParallel> parallel_;  // tensor / sequence parallelism; nullptr: none
+  std::vector<ParamStore> local_state_;      // sliced checkpoints: this rank's gathered state
+  std::unique_ptr<TrainerPipeline> pipeline_;  // parallel.pipeline > 1 (parallel/pipeline.h)
   std::unique_ptr<ZeroOptimizer> zero_;  // weights, gradients, AdamW (parallel/zero.h)
   LrSchedule sched_;
   std::unique_ptr<SampleSource> source_;
@@ -346,24 +427,25 @@ class Trainer {
 
 }  // namespace
 
+namespace {
+Topology topology(const Config& cfg, MPI_Comm world) {
+  const auto& p = cfg.parallel;
+  const int tp = static_cast<int>(p.tensor), pp = static_cast<int>(p.pipeline),
+            sp = static_cast<int>(p.sequence_size);
+  return world == MPI_COMM_NULL ? Topology::from_world(tp, pp, sp) : Topology(world, tp, pp, sp);
+}
+}  // namespace
+
 std::vector<StepMetrics> run_train(const Config& cfg) {
-  return Trainer(cfg, Topology::from_world(static_cast<int>(cfg.parallel.tensor),
-                                           static_cast<int>(cfg.parallel.pipeline)))
-      .run();
+  return Trainer(cfg, topology(cfg, MPI_COMM_NULL)).run();
 }
 
 std::vector<StepMetrics> run_train(const Config& cfg, const TrainOptions& opt) {
-  return Trainer(cfg,
-                 Topology::from_world(static_cast<int>(cfg.parallel.tensor),
-                                      static_cast<int>(cfg.parallel.pipeline)),
-                 opt)
-      .run();
+  return Trainer(cfg, topology(cfg, MPI_COMM_NULL), opt).run();
 }
 
 std::vector<StepMetrics> run_train(const Config& cfg, MPI_Comm world) {
-  Topology topo(world, static_cast<int>(cfg.parallel.tensor), static_cast<int>(cfg.parallel.pipeline));
-  IEVO_CHECK(topo.tp() == 1 && topo.pp() == 1, "parallel.tensor / parallel.pipeline > 1: not yet implemented");
-  return Trainer(cfg, std::move(topo)).run();
+  return Trainer(cfg, topology(cfg, world)).run();
 }
 
 }  // namespace ievo
