@@ -7,6 +7,7 @@
 #include "data/packed_dataset.h"
 #include "parallel/communicator.h"
 #include "parallel/pipeline.h"
+#include "parallel/tensor_parallel.h"
 
 namespace ievo {
 
@@ -49,8 +50,8 @@ EvalResult Validator::run(Llama& model, const ParamStore& weights, Communicator*
   int64_t count = 0, batches = 0;
   std::vector<Batch> micros;  // pipeline: all of this rank's micro-batches in one schedule
   for (int64_t j = dp_rank_; j < batches_; j += dp_) {
-    Batch b = load_batch(*source_, j * B, B, device_);
-    ++batches;
+    Batch b = sequence_slice(load_batch(*source_, j * B, B, device_), sp_, sp_rank_);
+    batches += sp_rank_ == 0;  // a Ulysses group's micro-batch counts once
     if (pipeline) {
       micros.push_back(std::move(b));
       continue;

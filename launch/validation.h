@@ -48,11 +48,15 @@ class Validator {
   EvalResult run(Llama& model, const ParamStore& weights, Communicator* comm,
                  PipelineExecutor* pipeline = nullptr) const;
   std::string describe() const;  // for the setup log line
+  // Ulysses (parallel/tensor_parallel.h): the S ranks of a sequence group evaluate the same
+  // micro-batches (dp, dp_rank above count data groups), each its contiguous 1/S of the tokens.
+  void set_sequence_split(int S, int rank) { sp_ = S, sp_rank_ = rank; }
 
  private:
   const Config& cfg_;
   Device device_;
   int dp_ = 1, dp_rank_ = 0;
+  int sp_ = 1, sp_rank_ = 0;
   int64_t batches_ = 0;  // micro-batches per evaluation, all ranks together
   std::unique_ptr<SampleSource> source_;
 };

@@ -15,6 +15,9 @@
 #include <cmath>
 #include <filesystem>
 #include <map>
+#include <sstream>
+
+#include <nlohmann/json.hpp>
 
 #include "launch/checkpoint.h"
 #include "launch/config.h"
@@ -235,7 +238,9 @@ std::string shared_dir(const std::string& tag) {
 
 Config fixture_config(const std::string& variant, const std::string& run_dir, std::vector<std::string> sets) {
   const std::string fx = test::fixture_dir(variant);
+  // Validation on the training data every 3 steps: the forward-only path under each layout.
   sets.insert(sets.begin(), {"model.init_from_hf=" + fx + "/hf", "data.paths=[" + fx + "/data]",
+                             "data.valid_paths=[" + fx + "/data]", "train.eval_every=3", "train.eval_batches=2",
                              "run.dir=" + run_dir, "train.log_every=1000"});
   return load_config(fx + "/train.yaml", sets);
 }
@@ -243,7 +248,19 @@ Config fixture_config(const std::string& variant, const std::string& run_dir, st
 struct TrainRun {
   std::vector<StepMetrics> metrics;
   std::string checkpoint;
+  std::string dir;
 };
+
+// val_loss of every evaluation in RUN_DIR/metrics.jsonl, in order.
+std::vector<double> val_losses(const std::string& dir) {
+  std::vector<double> out;
+  std::istringstream in(test::read_file(dir + "/metrics.jsonl"));
+  for (std::string line; std::getline(in, line);) {
+    const auto j = nlohmann::json::parse(line);
+    if (j.contains("val_loss")) out.push_back(j["val_loss"].get<double>());
+  }
+  return out;
+}
 
 TrainRun train(const std::string& variant, const std::string& run_dir, const std::vector<std::string>& sets,
                MPI_Comm comm) {
@@ -251,6 +268,7 @@ TrainRun train(const std::string& variant, const std::string& run_dir, const std
   TrainRun r;
   r.metrics = run_train(cfg, comm);
   r.checkpoint = checkpoint_dir(run_dir, cfg.train.steps);
+  r.dir = run_dir;
   return r;
 }
 
@@ -336,6 +354,14 @@ TEST_P(TensorParallelTraining, EqualsOneProcess) {
       worst_loss = std::max(worst_loss, std::fabs(a.loss - b.loss) / std::fabs(b.loss));
       worst_norm = std::max(worst_norm, std::fabs(a.grad_norm - b.grad_norm) / b.grad_norm);
     }
+    const std::vector<double> val = val_losses(run.dir), ref_val = val_losses(ref.dir);
+    ASSERT_EQ(val.size(), 2u);  // after steps 3 and 6
+    ASSERT_EQ(ref_val.size(), 2u);
+    double worst_val = 0;
+    for (size_t i = 0; i < val.size(); ++i) {
+      EXPECT_NEAR(val[i], ref_val[i], 1e-5 * ref_val[i]) << "evaluation " << i;
+      worst_val = std::max(worst_val, std::fabs(val[i] - ref_val[i]) / ref_val[i]);
+    }
     const ParamStore got = load_params(run.checkpoint, mc), want = load_params(ref.checkpoint, mc);
     double worst_w = 0;
     for (size_t i = 0; i < got.size(); ++i) {
@@ -344,8 +370,8 @@ TEST_P(TensorParallelTraining, EqualsOneProcess) {
       worst_w = std::max(worst_w, e);
     }
     if (world_rank() == 0)
-      std::printf("  %-12s %-26s vs one process: loss %.1e, grad norm %.1e, weights %.1e (max rel)\n",
-                  variant.c_str(), L.name.c_str(), worst_loss, worst_norm, worst_w);
+      std::printf("  %-12s %-24s vs one process: loss %.1e, grad norm %.1e, val loss %.1e, weights %.1e (max rel)\n",
+                  variant.c_str(), L.name.c_str(), worst_loss, worst_norm, worst_val, worst_w);
   }
 }
 
