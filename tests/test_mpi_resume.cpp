@@ -44,7 +44,8 @@ std::string shared_temp_dir(const std::string& tag) {
   return dir;
 }
 
-Config config(const std::string& run_dir, int64_t steps, int zero, const std::string& resume) {
+Config config(const std::string& run_dir, int64_t steps, int zero, const std::string& resume,
+              std::vector<std::string> sets = {}) {
   const std::string yaml =
       "run: {seed: 11}\n"
       "model: {arch: llama, vocab_size: 256, hidden_size: 32, num_layers: 2, num_heads: 4,\n"
@@ -54,9 +55,9 @@ Config config(const std::string& run_dir, int64_t steps, int zero, const std::st
       "optim: {lr: 1.0e-3}\n"
       "schedule: {kind: constant, warmup_steps: 2}\n"  // the LR does not depend on train.steps
       "checkpoint: {every: 2}\n";
-  return load_config_string(yaml, "test_mpi_resume", {"run.dir=" + run_dir, "train.steps=" + std::to_string(steps),
-                                                     "parallel.zero=" + std::to_string(zero),
-                                                     "checkpoint.resume=" + resume});
+  sets.insert(sets.begin(), {"run.dir=" + run_dir, "train.steps=" + std::to_string(steps),
+                             "parallel.zero=" + std::to_string(zero), "checkpoint.resume=" + resume});
+  return load_config_string(yaml, "test_mpi_resume", sets);
 }
 
 // Trains on the first `ranks` ranks of the world (the others wait); every rank gets rank 0's
@@ -130,6 +131,57 @@ TEST(MpiResume, SaveUnderDp2Zero2ResumeUnderOtherLayouts) {
                                rr.read(g, "model.layers.1.mlp.down_proj.weight")),
                   1e-5)
             << what << " " << g;
+    }
+  }
+  MPI_Barrier(MPI_COMM_WORLD);
+}
+
+// Tensor and pipeline layouts (parallel.tensor / parallel.pipeline) save the same global tensors:
+// saved under tp=2 (ZeRO-1) and under pp=2 (tied embeddings, 1F1B), resumed under dp=1, the
+// other model-parallel layout, and the whole world as tp x pp (np 4: tp 2 x pp 2; np 2: dp 2 with
+// ZeRO-3); every continued step within 1e-5 of the uninterrupted one-process run.
+TEST(MpiResume, TensorAndPipelineLayoutsReshard) {
+  const std::string root = shared_temp_dir("mpi_resume_mp");
+  const int n = world_size();
+  for (const bool tied : {false, true}) {
+    const std::string tie = std::string("model.tie_embeddings=") + (tied ? "true" : "false");
+    const std::string base = root + (tied ? "/tied" : "/untied");
+    const auto ref = train_on(1, config(base + "_ref", 6, 0, "auto", {tie}));
+    ASSERT_EQ(ref.size(), 6u);
+    struct Layout {
+      int ranks, zero;
+      std::vector<std::string> sets;
+      std::string name;
+    };
+    const std::vector<Layout> saves = {{2, 1, {"parallel.tensor=2"}, "tp2_z1"},
+                                       {2, 0, {"parallel.pipeline=2"}, "pp2"}};
+    std::vector<Layout> resumes = {{1, 0, {}, "dp1"},
+                                   {2, 0, {"parallel.pipeline=2", "parallel.schedule=gpipe"}, "pp2_gpipe"},
+                                   {2, 2, {"parallel.tensor=2", "parallel.sequence=megatron"}, "tp2_sp_z2"}};
+    if (n == 4)
+      resumes.push_back({4, 1, {"parallel.tensor=2", "parallel.pipeline=2"}, "tp2_pp2_z1"});
+    else
+      resumes.push_back({2, 3, {}, "dp2_z3"});
+    for (const Layout& sv : saves) {
+      auto sets = sv.sets;
+      sets.push_back(tie);
+      const std::string sdir = base + "_save_" + sv.name;
+      const auto saved = train_on(sv.ranks, config(sdir, 3, sv.zero, "auto", sets));
+      expect_close(saved, std::vector<StepMetrics>(ref.begin(), ref.begin() + 3), 1, "save " + sv.name);
+      const std::string ckpt = sdir + "/checkpoints/step_2";  // checkpoint.every 2
+      if (world_rank() == 0) {
+        CheckpointReader r(ckpt);
+        EXPECT_EQ(r.read("params", "model.layers.0.self_attn.q_proj.weight").shape(), (Shape{32, 32}));
+        EXPECT_EQ(r.read("exp_avg", "model.embed_tokens.weight").shape(), (Shape{256, 32}));
+      }
+      for (const Layout& rs : resumes) {
+        auto rsets = rs.sets;
+        rsets.push_back(tie);
+        const std::string what = std::string(tied ? "tied" : "untied") + ": saved " + sv.name +
+                                 ", resumed " + rs.name;
+        const auto m = train_on(rs.ranks, config(sdir + "_resume_" + rs.name, 6, rs.zero, ckpt, rsets));
+        expect_close(m, ref, 3, what);
+      }
     }
   }
   MPI_Barrier(MPI_COMM_WORLD);
