@@ -6,7 +6,7 @@
 // first element (cu[s] * Hq * hd); sequence lengths [S] drive the padding mask; the causal mask
 // is the top-left diagonal band (right bound 0), equal to bottom-right since q and kv lengths
 // match. Stats (natural-log lse) stay padded [S, Hq, smax, 1] in a scratch buffer.
-// Graphs are cached by (direction, S', smax', Hq, Hkv, hd, deterministic), where S' and smax'
+// Graphs are cached by (direction, S', smax', Hq, Hkv, hd, deterministic, dtype), where S' and smax'
 // are S and max_seqlen rounded up to powers of two (smax' >= 64): packed batches whose number
 // of documents and longest document vary from step to step reuse a few graphs (building one
 // takes ~1 s). The S' - S extra sequences are empty (length 0, offsets at the end).
@@ -45,7 +45,8 @@ struct Key {
   bool bwd;
   int64_t b, smax, hq, hkv, hd;
   bool det;
-  auto tie() const { return std::tie(bwd, b, smax, hq, hkv, hd, det); }
+  bool f16;  // io type: fp16, else bf16
+  auto tie() const { return std::tie(bwd, b, smax, hq, hkv, hd, det, f16); }
   bool operator<(const Key& o) const { return tie() < o.tie(); }
 };
 
@@ -122,7 +123,7 @@ Entry build_forward(const Key& k, cudnnHandle_t h, float scale) {
   Entry e;
   e.graph = std::make_shared<fe::graph::Graph>();
   auto& g = *e.graph;
-  g.set_io_data_type(fe::DataType_t::BFLOAT16)
+  g.set_io_data_type(k.f16 ? fe::DataType_t::HALF : fe::DataType_t::BFLOAT16)
       .set_intermediate_data_type(fe::DataType_t::FLOAT)
       .set_compute_data_type(fe::DataType_t::FLOAT);
   const bool i64 = offsets_64();
@@ -163,7 +164,7 @@ Entry build_backward(const Key& k, cudnnHandle_t h, float scale) {
   Entry e;
   e.graph = std::make_shared<fe::graph::Graph>();
   auto& g = *e.graph;
-  g.set_io_data_type(fe::DataType_t::BFLOAT16)
+  g.set_io_data_type(k.f16 ? fe::DataType_t::HALF : fe::DataType_t::BFLOAT16)
       .set_intermediate_data_type(fe::DataType_t::FLOAT)
       .set_compute_data_type(fe::DataType_t::FLOAT);
   const bool i64 = offsets_64();
@@ -278,7 +279,7 @@ void forward(const Tensor& q, const Tensor& k, const Tensor& v, const int32_t* c
   cudaStream_t s = current_stream();
   State& st = state();
   std::lock_guard<std::mutex> lock(st.mu);
-  const Key key{false, b, smax, hq, hkv, hd, false};
+  const Key key{false, b, smax, hq, hkv, hd, false, q.dtype() == DType::F16};
   auto it = st.graphs.find(key);
   if (it == st.graphs.end()) it = st.graphs.emplace(key, build_forward(key, handle(st), scale)).first;
   Aux a = make_aux(cu, num_seqs, b, smax, hq, hkv, hd, s);
@@ -301,7 +302,7 @@ void backward(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor
   cudaStream_t s = current_stream();
   State& st = state();
   std::lock_guard<std::mutex> lock(st.mu);
-  const Key key{true, b, smax, hq, hkv, hd, deterministic()};
+  const Key key{true, b, smax, hq, hkv, hd, deterministic(), q.dtype() == DType::F16};
   auto it = st.graphs.find(key);
   if (it == st.graphs.end()) it = st.graphs.emplace(key, build_backward(key, handle(st), scale)).first;
   Aux a = make_aux(cu, num_seqs, b, smax, hq, hkv, hd, s);

@@ -1,4 +1,4 @@
-// cuDNN SDPA (cudnn-frontend graph API) for causal GQA over packed sequences, bf16 only:
+// cuDNN SDPA (cudnn-frontend graph API) for causal GQA over packed sequences, bf16 or fp16:
 // ragged Q/K/V/O (THD layout through ragged offsets) with per-sequence lengths (padding mask),
 // causal top-left band, fp32 statistics kept in a padded [S, Hq, smax] buffer and converted
 // to/from ievo's packed lse [Hq, N]. Built graphs are cached by shape. Only compiled when the

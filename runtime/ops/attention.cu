@@ -1,9 +1,9 @@
 // Causal GQA attention over packed sequences on the GPU (see attention.h).
 // Backends (ops::attention_backend()):
-//   Flash: bf16 with hd 64/128 -> ievo's tensor-core kernels (cuda/flash_attn.cu); any other
-//          case (f32, other head dims up to 256) -> the generic kernels below;
-//   Cudnn: cuDNN SDPA (cuda/cudnn_attention.cpp), bf16 only; f32 falls back to Flash;
-//   Auto:  cuDNN when compiled in, usable on this GPU and the dtype is bf16, else Flash.
+//   Flash: bf16 or f16 with hd 64/128 -> ievo's tensor-core kernels (cuda/flash_attn.cu); any
+//          other case (f32, other head dims up to 256) -> the generic kernels below;
+//   Cudnn: cuDNN SDPA (cuda/cudnn_attention.cpp), bf16 or f16; f32 falls back to Flash;
+//   Auto:  cuDNN when compiled in, usable on this GPU and the dtype is bf16/f16, else Flash.
 // Generic kernels: one warp per (token, head), the head dim spread over the lanes (hd <= 256),
 // fp32 math with exp/log as the CPU reference; the backward computes D = rowsum(dO * O), then
 // dq per (query, head) and dk/dv per (key, kv head) looping over the group's query heads, so no
@@ -276,7 +276,7 @@ Dims check_qkv(const Tensor& q, const Tensor& k, const Tensor& v, const char* op
   expect_cuda(q, "q", op);
   expect_cuda(k, "k", op);
   expect_cuda(v, "v", op);
-  expect_dtype_in(q, "q", op, {DType::F32, DType::BF16});
+  expect_dtype_in(q, "q", op, {DType::F32, DType::BF16, DType::F16});
   IEVO_CHECK(q.dim() == 3, op, ": tensor 'q' must be [N, Hq, hd], has shape ", shape_str(q.shape()));
   IEVO_CHECK(k.dim() == 3, op, ": tensor 'k' must be [N, Hkv, hd], has shape ", shape_str(k.shape()));
   Dims d{q.size(0), q.size(1), k.size(1), q.size(2)};
@@ -371,12 +371,13 @@ Impl choose(DType dt, int64_t hd, const char* op) {
   cudnn_ok = cudnn_attn::usable(&why) && cudnn_attn::supports_head_dim(hd);
   if (!cudnn_attn::supports_head_dim(hd)) why = detail::cat("head dim ", hd, " not supported");
 #endif
-  if (b == AttentionBackend::Cudnn && dt == DType::BF16) {
+  const bool half = dt == DType::BF16 || dt == DType::F16;  // the tensor-core kernels' types
+  if (b == AttentionBackend::Cudnn && half) {
     IEVO_CHECK(cudnn_ok, op, ": cuDNN attention requested but unavailable: ", why);
     return Impl::Cudnn;
   }
-  if (b == AttentionBackend::Auto && dt == DType::BF16 && cudnn_ok) return Impl::Cudnn;
-  if (dt == DType::BF16 && flash::supported(static_cast<int>(hd))) return Impl::Flash;
+  if (b == AttentionBackend::Auto && half && cudnn_ok) return Impl::Cudnn;
+  if (half && flash::supported(static_cast<int>(hd))) return Impl::Flash;
   return Impl::Generic;
 }
 
@@ -384,7 +385,8 @@ flash::Params flash_params(const Tensor& q, const Tensor& k, const Tensor& v, co
                            int max_seqlen, const Dims& d) {
   return flash::Params{q.raw(), k.raw(), v.raw(), cu.dev, cu.num_seqs, max_seqlen,
                        static_cast<int>(d.n), static_cast<int>(d.hq), static_cast<int>(d.hkv),
-                       static_cast<int>(d.hd), static_cast<float>(1.0 / std::sqrt(static_cast<double>(d.hd)))};
+                       static_cast<int>(d.hd), static_cast<float>(1.0 / std::sqrt(static_cast<double>(d.hd))),
+                       q.dtype() == DType::F16};
 }
 
 GenParams gen_params(const CuSeqlens& cu, const Dims& d) {
@@ -419,14 +421,11 @@ void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, const 
   dispatch_kd(d.hd, [&](auto kd) {
     constexpr int KD = decltype(kd)::value;
     const unsigned grid = warp_grid(d.n * d.hq);
-    if (q.dtype() == DType::F32)
-      gen_fwd<float, KD><<<grid, 32 * kWarpsPerBlock, 0, s>>>(p, q.data<float>(), k.data<float>(),
-                                                              v.data<float>(), out.data<float>(),
-                                                              lse.data<float>());
-    else
-      gen_fwd<bf16, KD><<<grid, 32 * kWarpsPerBlock, 0, s>>>(p, q.data<bf16>(), k.data<bf16>(),
-                                                             v.data<bf16>(), out.data<bf16>(),
-                                                             lse.data<float>());
+    dispatch_fp(q.dtype(), op, [&](auto tag) {
+      using T = decltype(tag);
+      gen_fwd<T, KD><<<grid, 32 * kWarpsPerBlock, 0, s>>>(p, q.data<T>(), k.data<T>(), v.data<T>(),
+                                                          out.data<T>(), lse.data<float>());
+    });
     IEVO_CUDA_LAUNCH_CHECK("gen_fwd");
   });
 }
@@ -472,8 +471,7 @@ void attention_backward(const Tensor& dout, const Tensor& q, const Tensor& k, co
                                                  delta.as<float>(), dk.data<T>(), dv.data<T>());
       IEVO_CUDA_LAUNCH_CHECK("gen_bwd_dkdv");
     };
-    if (q.dtype() == DType::F32) run(float{});
-    else run(bf16{});
+    dispatch_fp(q.dtype(), op, run);
   });
   if (impl == Impl::Flash)
     flash::backward(flash_params(q, k, v, cu, max_seqlen, d), dout.raw(), lse.data<float>(),
