@@ -52,6 +52,18 @@ class NvtxCommunicator : public Communicator {
     IEVO_NVTX_RANGE("comm:all_gather");
     c_->all_gather(in, out);
   }
+  std::unique_ptr<CommWork> all_reduce_async(Tensor& t) override {
+    IEVO_NVTX_RANGE("comm:all_reduce_async");
+    return c_->all_reduce_async(t);
+  }
+  std::unique_ptr<CommWork> reduce_scatter_async(const Tensor& in, Tensor& out) override {
+    IEVO_NVTX_RANGE("comm:reduce_scatter_async");
+    return c_->reduce_scatter_async(in, out);
+  }
+  std::unique_ptr<CommWork> all_gather_async(const Tensor& in, Tensor& out) override {
+    IEVO_NVTX_RANGE("comm:all_gather_async");
+    return c_->all_gather_async(in, out);
+  }
   void broadcast(Tensor& t, int root) override {
     IEVO_NVTX_RANGE("comm:broadcast");
     c_->broadcast(t, root);

@@ -19,6 +19,15 @@
 
 namespace ievo {
 
+// An asynchronous collective in flight (Communicator::*_async). wait() makes the caller's current
+// CUDA stream wait for it (the host does not block); host backends finish at issue, so their
+// wait() does nothing. Destroying a work without waiting is allowed.
+class CommWork {
+ public:
+  virtual ~CommWork() = default;
+  virtual void wait() {}
+};
+
 class Communicator {
  public:
   virtual ~Communicator() = default;
@@ -55,6 +64,25 @@ class Communicator {
   };
   virtual void exchange(const std::vector<P2POp>& ops);
   virtual void barrier() = 0;
+
+  // Asynchronous versions of all_reduce / reduce_scatter / all_gather, for overlapping
+  // communication with compute (parallel/zero.h). The collective is ordered after the work queued
+  // so far on the caller's stream, but the caller's stream does not wait for it: until the
+  // returned work's wait() the caller must neither read the outputs nor write the inputs, nor free
+  // either (the CUDA caching allocator would hand the memory to the caller's stream again). Works
+  // of one communicator complete in issue order. The base class runs the synchronous call.
+  virtual std::unique_ptr<CommWork> all_reduce_async(Tensor& t) {
+    all_reduce(t);
+    return std::make_unique<CommWork>();
+  }
+  virtual std::unique_ptr<CommWork> reduce_scatter_async(const Tensor& in, Tensor& out) {
+    reduce_scatter(in, out);
+    return std::make_unique<CommWork>();
+  }
+  virtual std::unique_ptr<CommWork> all_gather_async(const Tensor& in, Tensor& out) {
+    all_gather(in, out);
+    return std::make_unique<CommWork>();
+  }
 
   // Host scalars: the sum over ranks (loss sums, token counts, squared norms).
   virtual double all_reduce_sum(double x) = 0;

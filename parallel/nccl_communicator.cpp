@@ -5,10 +5,14 @@
 // local rank). Collectives run on the communicator's own stream: each call first makes that
 // stream wait for the work already queued on the compute stream (an event), and makes the compute
 // stream wait for the collective afterwards, so callers see stream-ordered, synchronous semantics
-// while the host never blocks. Overlapping communication with backward compute (ZeRO-2/3 bucket
-// reduce-scatter, next-layer prefetch) builds on the same stream pair; see docs/parallel.md.
+// while the host never blocks. The *_async collectives skip that last wait: they record a pooled
+// event on the communication stream instead, and CommWork::wait() makes the caller's stream wait
+// for it (ZeRO overlaps bucket reductions and next-layer gathers with compute this way).
 // Host scalars are reduced over MPI.
 #include <nccl.h>
+
+#include <memory>
+#include <vector>
 
 #include "parallel/communicator.h"
 #include "runtime/cuda/cuda.h"
@@ -59,30 +63,32 @@ class NcclCommunicator final : public Communicator {
   const char* backend() const override { return "nccl"; }
 
   void all_reduce(Tensor& t) override {
-    ncclDataType_t ty = nccl_type(t, "all_reduce");
     Ordered o(*this);
-    IEVO_NCCL_CHECK(ncclAllReduce(t.raw(), t.raw(), t.numel(), ty, ncclSum, comm_, stream_.get()));
+    issue_all_reduce(t);
   }
-
   void reduce_scatter(const Tensor& in, Tensor& out) override {
-    ncclDataType_t ty = nccl_type(in, "reduce_scatter");
-    nccl_type(out, "reduce_scatter");
-    IEVO_CHECK(in.dtype() == out.dtype() && in.numel() == out.numel() * size_,
-               "NcclCommunicator::reduce_scatter: ", in.describe(), " must hold ", size_, " x ",
-               out.describe());
     Ordered o(*this);
-    IEVO_NCCL_CHECK(ncclReduceScatter(in.raw(), out.raw(), out.numel(), ty, ncclSum, comm_,
-                                      stream_.get()));
+    issue_reduce_scatter(in, out);
+  }
+  void all_gather(const Tensor& in, Tensor& out) override {
+    Ordered o(*this);
+    issue_all_gather(in, out);
   }
 
-  void all_gather(const Tensor& in, Tensor& out) override {
-    ncclDataType_t ty = nccl_type(in, "all_gather");
-    nccl_type(out, "all_gather");
-    IEVO_CHECK(in.dtype() == out.dtype() && out.numel() == in.numel() * size_,
-               "NcclCommunicator::all_gather: ", out.describe(), " must hold ", size_, " x ",
-               in.describe());
-    Ordered o(*this);
-    IEVO_NCCL_CHECK(ncclAllGather(in.raw(), out.raw(), in.numel(), ty, comm_, stream_.get()));
+  std::unique_ptr<CommWork> all_reduce_async(Tensor& t) override {
+    Async a(*this);
+    issue_all_reduce(t);
+    return a.work();
+  }
+  std::unique_ptr<CommWork> reduce_scatter_async(const Tensor& in, Tensor& out) override {
+    Async a(*this);
+    issue_reduce_scatter(in, out);
+    return a.work();
+  }
+  std::unique_ptr<CommWork> all_gather_async(const Tensor& in, Tensor& out) override {
+    Async a(*this);
+    issue_all_gather(in, out);
+    return a.work();
   }
 
   // Grouped point-to-point: one send and one receive per peer (NCCL has no all-to-all call).
@@ -156,6 +162,63 @@ class NcclCommunicator final : public Communicator {
   }
 
  private:
+  void issue_all_reduce(Tensor& t) {
+    ncclDataType_t ty = nccl_type(t, "all_reduce");
+    IEVO_NCCL_CHECK(ncclAllReduce(t.raw(), t.raw(), t.numel(), ty, ncclSum, comm_, stream_.get()));
+  }
+  void issue_reduce_scatter(const Tensor& in, Tensor& out) {
+    ncclDataType_t ty = nccl_type(in, "reduce_scatter");
+    nccl_type(out, "reduce_scatter");
+    IEVO_CHECK(in.dtype() == out.dtype() && in.numel() == out.numel() * size_,
+               "NcclCommunicator::reduce_scatter: ", in.describe(), " must hold ", size_, " x ",
+               out.describe());
+    IEVO_NCCL_CHECK(ncclReduceScatter(in.raw(), out.raw(), out.numel(), ty, ncclSum, comm_,
+                                      stream_.get()));
+  }
+  void issue_all_gather(const Tensor& in, Tensor& out) {
+    ncclDataType_t ty = nccl_type(in, "all_gather");
+    nccl_type(out, "all_gather");
+    IEVO_CHECK(in.dtype() == out.dtype() && out.numel() == in.numel() * size_,
+               "NcclCommunicator::all_gather: ", out.describe(), " must hold ", size_, " x ",
+               in.describe());
+    IEVO_NCCL_CHECK(ncclAllGather(in.raw(), out.raw(), in.numel(), ty, comm_, stream_.get()));
+  }
+
+  // An async collective's completion: an event from the communicator's pool, recorded on the
+  // communication stream; returned to the pool when the work is destroyed (an event may be
+  // recorded again once every wait on it has been issued: cudaStreamWaitEvent uses the state at
+  // the time of the call).
+  class Work final : public CommWork {
+   public:
+    Work(NcclCommunicator& c, std::unique_ptr<cuda::Event> e) : c_(c), e_(std::move(e)) {}
+    ~Work() override { c_.free_events_.push_back(std::move(e_)); }
+    void wait() override { e_->wait(cuda::current_stream()); }
+
+   private:
+    NcclCommunicator& c_;
+    std::unique_ptr<cuda::Event> e_;
+  };
+
+  // Orders an async collective after the caller's queued work; work() records its completion.
+  struct Async {
+    explicit Async(NcclCommunicator& c) : c_(c) {
+      c_.ready_.record(cuda::current_stream());
+      c_.ready_.wait(c_.stream_.get());
+    }
+    std::unique_ptr<CommWork> work() {
+      std::unique_ptr<cuda::Event> e;
+      if (c_.free_events_.empty()) {
+        e = std::make_unique<cuda::Event>();
+      } else {
+        e = std::move(c_.free_events_.back());
+        c_.free_events_.pop_back();
+      }
+      e->record(c_.stream_.get());
+      return std::make_unique<Work>(c_, std::move(e));
+    }
+    NcclCommunicator& c_;
+  };
+
   // Orders one collective between the caller's stream and the communication stream.
   struct Ordered {
     explicit Ordered(NcclCommunicator& c) : c_(c), caller_(cuda::current_stream()) {
@@ -175,6 +238,7 @@ class NcclCommunicator final : public Communicator {
   ncclComm_t comm_ = nullptr;
   cuda::Stream stream_;
   cuda::Event ready_, done_;
+  std::vector<std::unique_ptr<cuda::Event>> free_events_;  // for async works (Work)
 };
 
 }  // namespace

@@ -86,10 +86,9 @@ ZeroLayout make_zero_layout(const std::vector<ParamSpec>& specs,
   const double elems = zc.bucket_mb * 1048576.0 / static_cast<double>(dtype_size(compute));
   IEVO_CHECK(zc.norm_weight.empty() || zc.norm_weight.size() == specs.size(),
              "ZeRO: norm_weight has ", zc.norm_weight.size(), " entries for ", specs.size(), " parameters");
-  // Stages 0-1 keep every gradient whole: deferral changes nothing in their layout.
+  // Deferred buckets apart at every stage: the hooks may reduce the others early (overlap).
   return make_zero_layout(specs, layer_of, zc.stage == 0 ? 1 : dp_size,
-                          std::max<int64_t>(1, static_cast<int64_t>(elems)), zc.stage == 3,
-                          zc.stage >= 2 ? zc.deferred : std::vector<bool>{});
+                          std::max<int64_t>(1, static_cast<int64_t>(elems)), zc.stage == 3, zc.deferred);
 }
 
 ZeroMemory zero_memory(const ZeroLayout& L, int stage, DType compute) {
@@ -112,6 +111,8 @@ ZeroOptimizer::ZeroOptimizer(std::vector<ParamSpec> specs, std::vector<HookLayer
   master_is_weights_ = compute_ == DType::F32 || compute_ == DType::F64;
   master_dtype_ = master_is_weights_ ? compute_ : DType::F32;
   shard_rank_ = layout_.shards == 1 ? 0 : dp_.rank();
+  overlap_ = zc_.overlap == ZeroConfig::Overlap::On ||
+             (zc_.overlap == ZeroConfig::Overlap::Auto && device_ == Device::CUDA);
   weights_ = ParamStore::unbound(specs_, compute_, device_);
   grads_ = ParamStore::unbound(specs_, compute_, device_);
 
@@ -183,6 +184,8 @@ ZeroOptimizer::ZeroOptimizer(std::vector<ParamSpec> specs, std::vector<HookLayer
   gathered_.assign(nb, Tensor());
   grad_buffers_.assign(nb, Tensor());
   reduced_.assign(nb, false);
+  writes_seen_.assign(nb, 0);
+  gather_work_.resize(nb);
 }
 
 std::vector<int> ZeroOptimizer::buckets_of(const std::vector<size_t>& params) const {
@@ -246,6 +249,8 @@ void ZeroOptimizer::set_weights(const ParamStore& full) { load_state(full, nullp
 
 void ZeroOptimizer::load_state(const ParamStore& master, const ParamStore* exp_avg,
                                const ParamStore* exp_avg_sq, int64_t steps_taken) {
+  drain_all();
+  release_prefetched();
   for (size_t bi = 0; bi < layout_.buckets.size(); ++bi) {
     const int b = static_cast<int>(bi);
     const ZeroBucket& B = layout_.buckets[b];
@@ -294,7 +299,14 @@ void ZeroOptimizer::gather_state(ParamStore* master, ParamStore* exp_avg, ParamS
   }
 }
 
-void ZeroOptimizer::begin_step() {
+void ZeroOptimizer::begin_step(int micro_batches) {
+  IEVO_CHECK(micro_batches >= 0, "ZeRO: begin_step(", micro_batches, ")");
+  drain_all();  // left over from an interrupted step
+  release_prefetched();
+  micro_batches_ = micro_batches;
+  writes_seen_.assign(layout_.buckets.size(), 0);
+  reduced_.assign(reduced_.size(), false);
+  bwd_calls_ = 0;
   if (zc_.stage <= 1) {
     full_g_.zero_();
     return;
@@ -306,31 +318,64 @@ void ZeroOptimizer::begin_step() {
     grad_buffers_[b] = Tensor();
   }
   live_grad_ = 0;
-  reduced_.assign(reduced_.size(), false);
 }
 
-void ZeroOptimizer::gather_weights(int b) {
-  const ZeroBucket& B = layout_.buckets[b];
-  Tensor buf = Tensor::empty({B.padded}, compute_, device_);
-  dp_.all_gather(shard_piece(shard_w_, b), buf);
-  bind_bucket(weights_, buf, b);
-  gathered_[b] = buf;
-  live_gathered_ += static_cast<int64_t>(buf.nbytes());
-  peak_gathered_ = std::max(peak_gathered_, live_gathered_);
+ZeroOptimizer::~ZeroOptimizer() {
+  try {
+    drain_all();
+    release_prefetched();
+  } catch (const std::exception&) {  // a failed device: nothing left to order
+  }
 }
 
-void ZeroOptimizer::reduce_grad_bucket(int b) {
+// Stage 0: all-reduce of the bucket in full_g_; 1: reduce-scatter in place there; 2-3: of the
+// micro-batch's bucket buffer, whose piece is then added to the gradient shard (complete()).
+void ZeroOptimizer::issue_grad_reduce(int b) {
   const ZeroBucket& B = layout_.buckets[b];
-  Tensor& buf = grad_buffers_[b];
-  Tensor own = buf.slice(0, shard_rank_ * B.piece, (shard_rank_ + 1) * B.piece);
-  if (dp_.size() > 1) dp_.reduce_scatter(buf, own);  // in place
-  Tensor dst = shard_piece(shard_g_, b);
-  ops::axpy(1.0, own, dst);  // accumulate over micro-batches
-  unbind_bucket(grads_, b);
-  live_grad_ -= static_cast<int64_t>(buf.nbytes());
-  buf = Tensor();
+  Pending p{b, Tensor(), nullptr, bwd_calls_};
+  Tensor bucket;
+  if (zc_.stage >= 2) {
+    p.buf = bucket = grad_buffers_[b];
+    grad_buffers_[b] = Tensor();
+    unbind_bucket(grads_, b);
+  } else {
+    bucket = full_g_.slice(0, B.full_offset, B.full_offset + B.padded);
+  }
+  Tensor own = bucket.slice(0, shard_rank_ * B.piece, (shard_rank_ + 1) * B.piece);
+  if (overlap_) {  // also with one rank: the stream ordering is the same
+    p.work = zc_.stage == 0 ? dp_.all_reduce_async(bucket) : dp_.reduce_scatter_async(bucket, own);
+  } else if (dp_.size() > 1) {
+    if (zc_.stage == 0)
+      dp_.all_reduce(bucket);
+    else
+      dp_.reduce_scatter(bucket, own);  // in place
+  }
   reduced_[b] = true;
+  ++stats_.hook_reductions;
+  pending_.push_back(std::move(p));
+  if (!overlap_) drain_all();
 }
+
+void ZeroOptimizer::complete(Pending& p) {
+  if (p.work) p.work->wait();  // the compute stream waits; then p.buf may be freed
+  p.work.reset();
+  if (zc_.stage <= 1) return;
+  const ZeroBucket& B = layout_.buckets[p.bucket];
+  Tensor own = p.buf.slice(0, shard_rank_ * B.piece, (shard_rank_ + 1) * B.piece);
+  Tensor dst = shard_piece(shard_g_, p.bucket);
+  ops::axpy(1.0, own, dst);  // accumulate over micro-batches
+  live_grad_ -= static_cast<int64_t>(p.buf.nbytes());
+  p.buf = Tensor();
+}
+
+void ZeroOptimizer::drain(int64_t issued_before) {
+  while (!pending_.empty() && pending_.front().issued < issued_before) {
+    complete(pending_.front());
+    pending_.pop_front();
+  }
+}
+
+void ZeroOptimizer::drain_all() { drain(INT64_MAX); }
 
 // A deferred bucket's whole gradient (all micro-batches) -> this rank's piece of the sum. The
 // buffer stays bound (its other pieces are undefined until begin_step zeroes it).
@@ -344,21 +389,111 @@ void ZeroOptimizer::reduce_deferred_bucket(int b) {
   reduced_[b] = true;
 }
 
+void ZeroOptimizer::start_gather(int b) {
+  const ZeroBucket& B = layout_.buckets[b];
+  Tensor buf = Tensor::empty({B.padded}, compute_, device_);
+  if (overlap_)
+    gather_work_[b] = dp_.all_gather_async(shard_piece(shard_w_, b), buf);
+  else
+    dp_.all_gather(shard_piece(shard_w_, b), buf);
+  gathered_[b] = buf;
+  live_gathered_ += static_cast<int64_t>(buf.nbytes());
+  peak_gathered_ = std::max(peak_gathered_, live_gathered_);
+}
+
+void ZeroOptimizer::claim_gather(int b) {
+  if (gather_work_[b]) gather_work_[b]->wait();
+  gather_work_[b].reset();
+  const auto it = std::find(prefetched_.begin(), prefetched_.end(), b);
+  if (it != prefetched_.end()) {
+    ++stats_.prefetch_hits;
+    prefetched_.erase(it);
+  }
+  bind_bucket(weights_, gathered_[b], b);
+}
+
+void ZeroOptimizer::free_gathered(int b) {
+  // The caching allocator gives freed memory to the compute stream again: it must first wait
+  // for a gather still writing it.
+  if (gather_work_[b]) gather_work_[b]->wait();
+  gather_work_[b].reset();
+  unbind_bucket(weights_, b);
+  live_gathered_ -= static_cast<int64_t>(gathered_[b].nbytes());
+  gathered_[b] = Tensor();
+}
+
+void ZeroOptimizer::release_prefetched() {
+  for (int b : prefetched_) free_gathered(b);
+  stats_.prefetch_misses += static_cast<int64_t>(prefetched_.size());
+  prefetched_.clear();
+  next_.clear();
+}
+
+// Hook layers run forward 0..L+1, then backward L+1..0 (in training the head's forward runs in
+// its Backward pass); layers with nothing to gather (other pipeline stages') are skipped. A wrong
+// guess (pipeline schedules, evaluation) only costs the gather: the next before_layer frees it.
+std::vector<int> ZeroOptimizer::next_buckets(int layer, Pass pass) const {
+  const int n = static_cast<int>(layers_.size());
+  for (int guard = 0; guard <= 2 * n; ++guard) {
+    if (pass == Pass::Forward) {
+      if (layer + 1 < n - 1) {
+        ++layer;
+      } else if (layer + 1 == n - 1) {
+        layer = n - 1;
+        pass = Pass::Backward;
+      } else {
+        return {};
+      }
+    } else {
+      if (layer == 0) return {};
+      --layer;
+    }
+    const std::vector<int>& v = pass == Pass::Forward ? fwd_buckets_[layer] : bwd_buckets_[layer];
+    if (!v.empty()) return v;
+  }
+  return {};
+}
+
 void ZeroOptimizer::before_layer(int layer, Pass pass) {
   IEVO_CHECK(layer >= 0 && static_cast<size_t>(layer) < layers_.size(), "ZeRO: hook layer ", layer,
              " of ", layers_.size());
-  if (zc_.stage == 3)
-    for (int b : pass == Pass::Forward ? fwd_buckets_[layer] : bwd_buckets_[layer])
-      if (gathered_refs_[b]++ == 0) gather_weights(b);
-  if (zc_.stage >= 2 && pass == Pass::Backward) {
-    for (int b : write_buckets_[layer]) {
-      if (layout_.buckets[b].deferred || grad_buffers_[b].defined()) continue;
-      grad_buffers_[b] = Tensor::zeros({layout_.buckets[b].padded}, compute_, device_);
-      bind_bucket(grads_, grad_buffers_[b], b);
-      pending_writers_[b] = writers_[b];
-      live_grad_ += static_cast<int64_t>(grad_buffers_[b].nbytes());
-      peak_grad_ = std::max(peak_grad_, live_grad_);
+  if (zc_.stage == 3) {
+    const std::vector<int>& cur = pass == Pass::Forward ? fwd_buckets_[layer] : bwd_buckets_[layer];
+    for (int b : cur) {
+      if (gathered_refs_[b]++ > 0) continue;
+      if (!gathered_[b].defined()) start_gather(b);
+      claim_gather(b);
     }
+    if (overlap_) {  // prefetch the next layer's weights; free unclaimed ones it does not read
+      next_ = next_buckets(layer, pass);
+      auto wanted = [&](int b) { return std::find(next_.begin(), next_.end(), b) != next_.end(); };
+      for (int b : std::vector<int>(prefetched_))
+        if (!wanted(b)) {
+          free_gathered(b);
+          ++stats_.prefetch_misses;
+          prefetched_.erase(std::find(prefetched_.begin(), prefetched_.end(), b));
+        }
+      for (int b : next_)
+        if (!gathered_[b].defined()) {
+          start_gather(b);
+          prefetched_.push_back(b);
+          ++stats_.prefetches;
+        }
+    }
+  }
+  if (pass != Pass::Backward) return;
+  for (int b : write_buckets_[layer]) {
+    if (zc_.stage <= 1) {
+      IEVO_CHECK(!reduced_[b], "ZeRO: a backward writes bucket ", b, " (", specs_[layout_.buckets[b].tensors.front()].name,
+                 ", ...) after its reduction: more micro-batches than begin_step(", micro_batches_, ") declared");
+      continue;
+    }
+    if (layout_.buckets[b].deferred || grad_buffers_[b].defined()) continue;
+    grad_buffers_[b] = Tensor::zeros({layout_.buckets[b].padded}, compute_, device_);
+    bind_bucket(grads_, grad_buffers_[b], b);
+    pending_writers_[b] = writers_[b];
+    live_grad_ += static_cast<int64_t>(grad_buffers_[b].nbytes());
+    peak_grad_ = std::max(peak_grad_, live_grad_);
   }
 }
 
@@ -367,18 +502,31 @@ void ZeroOptimizer::after_layer(int layer, Pass pass) {
     for (int b : pass == Pass::Forward ? fwd_buckets_[layer] : bwd_buckets_[layer]) {
       IEVO_CHECK(gathered_refs_[b] > 0, "ZeRO-3: after_layer(", layer, ") without before_layer");
       if (--gathered_refs_[b] > 0) continue;
-      unbind_bucket(weights_, b);
-      live_gathered_ -= static_cast<int64_t>(gathered_[b].nbytes());
-      gathered_[b] = Tensor();
+      if (std::find(next_.begin(), next_.end(), b) != next_.end()) {  // read next: keep it
+        unbind_bucket(weights_, b);
+        prefetched_.push_back(b);
+      } else {
+        free_gathered(b);
+      }
     }
   }
-  if (zc_.stage >= 2 && pass == Pass::Backward) {
+  if (pass != Pass::Backward) return;
+  const int64_t call = bwd_calls_++;
+  // Stages 0-1 reduce a bucket once the last micro-batch has written it (when that is known and
+  // overlapping pays); stages 2-3 every micro-batch's bucket as soon as it is complete.
+  const bool early = zc_.stage >= 2 || (overlap_ && micro_batches_ > 0);
+  if (early) {
     for (int b : write_buckets_[layer]) {
-      if (layout_.buckets[b].deferred) continue;  // reduced in finish_gradients
+      if (layout_.buckets[b].deferred) continue;  // reduced in finish_gradients, after pre_reduce
+      if (zc_.stage <= 1) {
+        if (++writes_seen_[b] == writers_[b] * micro_batches_) issue_grad_reduce(b);
+        continue;
+      }
       IEVO_CHECK(grad_buffers_[b].defined(), "ZeRO: after_layer(", layer, ") without before_layer");
-      if (--pending_writers_[b] == 0) reduce_grad_bucket(b);
+      if (--pending_writers_[b] == 0) issue_grad_reduce(b);
     }
   }
+  drain(call);  // those issued by earlier layers: overlapped with this layer's backward
 }
 
 double ZeroOptimizer::local_sum_squares() {
@@ -397,36 +545,39 @@ double ZeroOptimizer::local_sum_squares() {
 
 double ZeroOptimizer::finish_gradients() {
   const int nb = static_cast<int>(layout_.buckets.size());
+  drain_all();
+  release_prefetched();
   if (zc_.pre_reduce) zc_.pre_reduce(grads_);  // deferred (stages 0-1: all) gradients whole
-  if (zc_.stage == 0) {
-    if (dp_.size() > 1)
-      for (const ZeroBucket& B : layout_.buckets) {
-        Tensor bucket = full_g_.slice(0, B.full_offset, B.full_offset + B.padded);
-        dp_.all_reduce(bucket);
-      }
-    return local_sum_squares();  // identical on every rank
-  }
-  if (zc_.stage == 1) {
+  if (zc_.stage <= 1) {  // the buckets the backward hooks did not reduce
     for (int b = 0; b < nb; ++b) {
+      if (reduced_[b] || dp_.size() == 1) continue;
       const ZeroBucket& B = layout_.buckets[b];
-      Tensor own = grad_piece(b);
-      if (dp_.size() > 1) dp_.reduce_scatter(full_g_.slice(0, B.full_offset, B.full_offset + B.padded), own);
-    }
-  } else {
-    for (int b = 0; b < nb; ++b) {
-      if (layout_.buckets[b].deferred) {
-        reduce_deferred_bucket(b);
-        continue;
+      Tensor bucket = full_g_.slice(0, B.full_offset, B.full_offset + B.padded);
+      if (zc_.stage == 0) {
+        dp_.all_reduce(bucket);
+      } else {
+        Tensor own = grad_piece(b);
+        dp_.reduce_scatter(bucket, own);
       }
-      IEVO_CHECK(reduced_[b] && !grad_buffers_[b].defined(), "ZeRO-", zc_.stage, ": the gradient of bucket ",
-                 b, " (", specs_[layout_.buckets[b].tensors.front()].name,
-                 ", ...) was not reduced: the model's backward must call the layer hooks");
     }
+    const double local = local_sum_squares();
+    return zc_.stage == 0 ? local : dp_.all_reduce_sum(local);  // stage 0: the same on every rank
+  }
+  for (int b = 0; b < nb; ++b) {
+    if (layout_.buckets[b].deferred) {
+      reduce_deferred_bucket(b);
+      continue;
+    }
+    IEVO_CHECK(reduced_[b] && !grad_buffers_[b].defined(), "ZeRO-", zc_.stage, ": the gradient of bucket ",
+               b, " (", specs_[layout_.buckets[b].tensors.front()].name,
+               ", ...) was not reduced: the model's backward must call the layer hooks");
   }
   return dp_.all_reduce_sum(local_sum_squares());
 }
 
 void ZeroOptimizer::step(double lr, double grad_scale) {
+  drain_all();
+  release_prefetched();  // a gather in flight reads the weight shard AdamW rewrites
   ++t_;
   for (const Segment& s : segments_) {
     ops::AdamWHyper h;

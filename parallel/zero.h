@@ -31,7 +31,9 @@
 // the master is an f32 shard and the weights are rewritten from it (then all-gathered).
 #pragma once
 #include <cstdint>
+#include <deque>
 #include <functional>
+#include <memory>
 #include <vector>
 
 #include "models/llama.h"
@@ -59,6 +61,13 @@ struct ZeroConfig {
   // ranks, 0 for a copy counted on another rank). The caller sums the result over the tensor
   // and pipeline groups.
   std::vector<double> norm_weight{};
+  // Communication overlapping compute (Auto: on for CUDA tensors, whose communicator runs
+  // collectives on its own stream; On also works on the CPU, where it only reorders host work):
+  // a gradient bucket's reduction is issued asynchronously in the backward hook that completes
+  // it and waited for one hook layer later (or in finish_gradients); ZeRO-3 gathers the next hook
+  // layer's weights (order: forward 0..L+1, backward L+1..0) while the current one computes.
+  enum class Overlap { Auto, Off, On };
+  Overlap overlap = Overlap::Auto;
 };
 
 struct ZeroBucket {
@@ -68,8 +77,8 @@ struct ZeroBucket {
   int64_t piece = 0;           // padded / shards: elements each rank owns
   int64_t shard_offset = 0;    // where this rank's piece starts in the shard buffers
   std::vector<size_t> tensors; // parameter indices, in order
-  bool deferred = false;       // stages 2-3: only deferred parameters; gradient kept whole
-  int64_t deferred_offset = 0; // ... where it starts in the whole deferred gradient buffer
+  bool deferred = false;       // only deferred parameters (stages 2-3: gradient kept whole)
+  int64_t deferred_offset = 0; // stages 2-3: where it starts in the whole deferred gradient buffer
 };
 
 struct ZeroLayout {
@@ -79,7 +88,7 @@ struct ZeroLayout {
   int64_t numel = 0;            // parameters without any padding (Ψ)
   int64_t full_numel = 0;       // sum of padded bucket sizes
   int64_t shard_numel = 0;      // sum of pieces = full_numel / shards
-  int64_t deferred_numel = 0;   // sum of padded sizes of the deferred buckets (stages 2-3)
+  int64_t deferred_numel = 0;   // sum of padded sizes of the deferred buckets
 };
 
 // The bucket layout for these parameters. layer_of[i]: the hook layer of parameter i (buckets
@@ -89,7 +98,7 @@ ZeroLayout make_zero_layout(const std::vector<ParamSpec>& specs, const std::vect
                             int shards, int64_t bucket_elems, bool split_at_layers,
                             const std::vector<bool>& deferred = {});
 // The layout ZeroOptimizer uses for a model (the hook layers give layer_of; zc.deferred splits
-// buckets at stages 2-3 only, where it changes where gradients live).
+// buckets at every stage).
 ZeroLayout make_zero_layout(const std::vector<ParamSpec>& specs,
                             const std::vector<HookLayerParams>& layers, const ZeroConfig& zc,
                             int dp_size, DType compute);
@@ -107,11 +116,21 @@ struct ZeroMemory {
 // stages 2-3 gradients include the whole deferred buckets).
 ZeroMemory zero_memory(const ZeroLayout& layout, int stage, DType compute);
 
+// What the overlap did (counts since construction).
+struct ZeroOverlapStats {
+  int64_t hook_reductions = 0;  // bucket reductions issued by the backward hooks
+  int64_t prefetches = 0;       // stage 3: gathers issued for the predicted next hook layer
+  int64_t prefetch_hits = 0;    // ... claimed by a layer (including buckets kept for the next)
+  int64_t prefetch_misses = 0;  // ... freed unclaimed (a wrong guess)
+};
+
 class ZeroOptimizer final : public LayerHooks {
  public:
   // layers: the model's hook layers (Llama::hook_layers()). dp must outlive this object.
   ZeroOptimizer(std::vector<ParamSpec> specs, std::vector<HookLayerParams> layers, DType compute,
                 Device device, Communicator& dp, const ZeroConfig& zc, const AdamWConfig& oc);
+  // Waits (on the device) for collectives still in flight before their buffers are freed.
+  ~ZeroOptimizer() override;
 
   // Starting weights, full and identical on every rank (any dtype/device): each rank keeps its part.
   void set_weights(const ParamStore& full);
@@ -121,13 +140,26 @@ class ZeroOptimizer final : public LayerHooks {
   // Full master weights and moments (ParamStore layout, any dtype/device) on `root`; the other
   // ranks take part in the gathers and may pass nullptr. Collective.
   void gather_state(ParamStore* master, ParamStore* exp_avg, ParamStore* exp_avg_sq, int root);
+  // This rank's part of the optimiser state, without communication (sharded checkpoints,
+  // launch/checkpoint_shards.h): one piece per segment (a tensor's part of this rank's piece of a
+  // bucket; stage 0: every whole tensor). begin/end: the element range [begin, end) of parameter
+  // `param`'s flat tensor; master/exp_avg/exp_avg_sq: views (this device, master dtype) of it.
+  struct StatePiece {
+    size_t param;
+    int64_t begin, end;
+    Tensor master, exp_avg, exp_avg_sq;
+  };
+  std::vector<StatePiece> state_pieces();
 
   // What the model reads and writes. With stage 3 (weights) and stages 2-3 (gradients) the
   // tensors are bound only while their hook layer runs; the model must call the hooks.
   const ParamStore& weights() const { return weights_; }
   ParamStore& grads() { return grads_; }
 
-  void begin_step();
+  // micro_batches: the forward_backward calls before finish_gradients (0: not known). With
+  // overlap, stages 0-1 then reduce each bucket during the last micro-batch's backward (stages
+  // 2-3 reduce during every micro-batch's backward anyway).
+  void begin_step(int micro_batches = 0);
   // After the last micro-batch: zc.pre_reduce, then all-reduce (0) or reduce-scatter (1) the
   // gradient (2-3: the hooks did, except deferred buckets, reduce-scattered here). Returns the
   // squared L2 norm of the whole reduced gradient (sum over shards, all-reduced over dp), each
@@ -140,6 +172,8 @@ class ZeroOptimizer final : public LayerHooks {
 
   const ZeroLayout& layout() const { return layout_; }
   int stage() const { return zc_.stage; }
+  bool overlap() const { return overlap_; }
+  const ZeroOverlapStats& overlap_stats() const { return stats_; }
   ZeroMemory memory() const;
 
   void before_layer(int layer, Pass pass) override;
@@ -165,8 +199,22 @@ class ZeroOptimizer final : public LayerHooks {
   Tensor weight_piece(int b);               // in the compute dtype (may be the master)
   void bind_bucket(ParamStore& store, const Tensor& bucket_buffer, int b);
   void unbind_bucket(ParamStore& store, int b);
-  void gather_weights(int b);
-  void reduce_grad_bucket(int b);
+  // Gradient reductions issued by the backward hooks, completed in issue order.
+  struct Pending {
+    int bucket;
+    Tensor buf;                      // stages 2-3: the bucket's gradient buffer (freed when done)
+    std::unique_ptr<CommWork> work;  // null: nothing to wait for
+    int64_t issued;                  // backward hook call that issued it
+  };
+  void issue_grad_reduce(int b);     // bucket b's gradient of this micro-batch (0-1: step) is whole
+  void complete(Pending& p);
+  void drain(int64_t issued_before); // complete the pending reductions issued before that call
+  void drain_all();
+  void start_gather(int b);          // stage 3: allocate bucket b's weights, issue the all-gather
+  void claim_gather(int b);          // ... wait for it and bind the weights
+  void free_gathered(int b);
+  void release_prefetched();         // free gathered buckets nobody has claimed
+  std::vector<int> next_buckets(int layer, Pass pass) const;  // predicted next hook layer's
   void reduce_deferred_bucket(int b);
   double local_sum_squares();  // this rank's pieces of the reduced gradient, weighted
   std::vector<int> buckets_of(const std::vector<size_t>& params) const;
@@ -198,6 +246,16 @@ class ZeroOptimizer final : public LayerHooks {
   std::vector<int> gathered_refs_, pending_writers_;
   std::vector<Tensor> gathered_, grad_buffers_;
   std::vector<bool> reduced_;    // this step's gradient of the bucket is in the shard
+  // Overlap state.
+  bool overlap_ = false;
+  int micro_batches_ = 0;        // declared by begin_step (0: unknown)
+  std::vector<int> writes_seen_; // stages 0-1: backward hook calls that wrote the bucket
+  std::deque<Pending> pending_;
+  int64_t bwd_calls_ = 0;
+  std::vector<std::unique_ptr<CommWork>> gather_work_;  // stage 3: all-gathers in flight
+  std::vector<int> next_;        // stage 3: buckets the next hook layer is expected to read
+  std::vector<int> prefetched_;  // ... gathered but not yet claimed
+  ZeroOverlapStats stats_;
   int64_t live_gathered_ = 0, live_grad_ = 0;
   int64_t peak_gathered_ = 0, peak_grad_ = 0;
   int64_t t_ = 0;

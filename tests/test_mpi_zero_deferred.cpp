@@ -10,8 +10,8 @@
 // gradient G with the configured norm_weight (1e-6 relative); after each step every weight
 // (gathered) equals the reference within 1e-6 relative L2, while the change of the gradient moves
 // the deferred weights by far more than that (so the test sees it). Also the layout: no bucket
-// mixes deferred and other parameters at stages 2-3, stages 0-1 are laid out as without
-// deferral, and the gradient bytes count the whole deferred buckets.
+// mixes deferred and other parameters, and at stages 2-3 the gradient bytes count the whole
+// deferred buckets.
 #include <gtest/gtest.h>
 #include <mpi.h>
 
@@ -156,37 +156,32 @@ TEST_P(ZeroDeferred, EqualsWholeStoreReference) {
     z.set_weights(f.init);
     model.set_hooks(&z);
 
-    // Layout: deferred buckets hold only deferred parameters (stages 2-3); gradient bytes.
+    // Layout: deferred buckets hold only deferred parameters (every stage); gradient bytes.
     const ZeroLayout& L = z.layout();
     int deferred_buckets = 0;
     for (const ZeroBucket& B : L.buckets) {
-      if (stage >= 2) {
-        for (size_t i : B.tensors) EXPECT_EQ(deferred[i], B.deferred) << f.specs[i].name;
-      }
+      for (size_t i : B.tensors) EXPECT_EQ(deferred[i], B.deferred) << f.specs[i].name;
       deferred_buckets += B.deferred;
     }
+    EXPECT_GT(deferred_buckets, 0);
     ZeroConfig plain_zc{stage, 0.004}, big{stage, 25}, big_plain{stage, 25};
     big.deferred = deferred;
     const ZeroLayout L0 = make_zero_layout(f.specs, model.hook_layers(), plain_zc, world_size(), DType::F32);
     const ZeroLayout Lb = make_zero_layout(f.specs, model.hook_layers(), big, world_size(), DType::F32);
     const ZeroLayout Lb0 = make_zero_layout(f.specs, model.hook_layers(), big_plain, world_size(), DType::F32);
-    if (stage <= 1) {
-      EXPECT_EQ(deferred_buckets, 0);
-      EXPECT_EQ(L.buckets.size(), L0.buckets.size());
-      EXPECT_EQ(L.full_numel, L0.full_numel);
-      EXPECT_EQ(Lb.buckets.size(), Lb0.buckets.size());
-    } else {
-      EXPECT_GT(deferred_buckets, 0);
-      EXPECT_GE(L.buckets.size(), L0.buckets.size());
-      // Large buckets: split where deferral changes (every third tensor), never mixed.
-      EXPECT_GT(Lb.buckets.size(), Lb0.buckets.size());
-      EXPECT_GE(Lb.buckets.size(), f.specs.size() / 3 * 2);
-      for (const ZeroBucket& B : Lb.buckets) {
-        for (size_t i : B.tensors) EXPECT_EQ(deferred[i], B.deferred) << f.specs[i].name << " (25 MiB buckets)";
-      }
-      EXPECT_EQ(z.memory().grads, (L.shard_numel + L.deferred_numel) * 4);
-      EXPECT_EQ(zero_memory(L, stage, DType::F32).grads, z.memory().grads);
+    EXPECT_GE(L.buckets.size(), L0.buckets.size());
+    // Large buckets: split where deferral changes (every third tensor), never mixed.
+    EXPECT_GT(Lb.buckets.size(), Lb0.buckets.size());
+    EXPECT_GE(Lb.buckets.size(), f.specs.size() / 3 * 2);
+    for (const ZeroBucket& B : Lb.buckets) {
+      for (size_t i : B.tensors) EXPECT_EQ(deferred[i], B.deferred) << f.specs[i].name << " (25 MiB buckets)";
     }
+    if (stage >= 2) {  // the deferred buckets' whole gradients on top of the shard
+      EXPECT_EQ(z.memory().grads, (L.shard_numel + L.deferred_numel) * 4);
+    } else {
+      EXPECT_EQ(z.memory().grads, L.full_numel * 4);
+    }
+    EXPECT_EQ(zero_memory(L, stage, DType::F32).grads, z.memory().grads);
 
     double worst_w = 0, worst_norm = 0, least_change = 1e30;
     for (step = 0; step < kSteps; ++step) {
