@@ -379,6 +379,53 @@ TEST_P(TensorParallelTraining, EqualsOneProcess) {
 INSTANTIATE_TEST_SUITE_P(Fixtures, TensorParallelTraining, ::testing::Values("llama_gqa", "llama_tied"),
                          [](const auto& info) { return std::string(info.param); });
 
+// Checkpoints hold global tensors whatever the layout, so any layout resumes any other: a tp run's
+// step-3 checkpoint continued by one process, and a one-process checkpoint continued under tp with
+// Megatron sequence parallelism and ZeRO-1, both end at the uninterrupted one-process run's weights.
+TEST(TensorParallelCheckpoints, ResumeAcrossLayouts) {
+  const int W = world_size(), r = world_rank();
+  const std::string variant = "llama_gqa", base = shared_dir("tp_resume");
+  const ModelConfig mc = gqa_config();
+  const TrainRun& ref = reference(variant, 4, 2);
+  const std::vector<std::string> common = {"train.global_batch_size=4", "train.micro_batch_size=2",
+                                           "checkpoint.every=3"};
+  auto with = [&](std::vector<std::string> extra) {
+    extra.insert(extra.begin(), common.begin(), common.end());
+    return extra;
+  };
+  // tp = W from scratch, saving at step 3; then each rank alone from that checkpoint.
+  train(variant, base + "/tp", with({"parallel.tensor=" + std::to_string(W)}), MPI_COMM_WORLD);
+  MPI_Barrier(MPI_COMM_WORLD);
+  const std::string tp_step3 = checkpoint_dir(base + "/tp", 3);
+  TrainRun one = train(variant, base + "/one_from_tp_r" + std::to_string(r), with({"checkpoint.resume=" + tp_step3}),
+                       MPI_COMM_SELF);
+  ASSERT_EQ(one.metrics.size(), 3u);  // steps 4-6
+  for (size_t i = 0; i < 3; ++i)
+    EXPECT_NEAR(one.metrics[i].loss, ref.metrics[i + 3].loss, 1e-5 * ref.metrics[i + 3].loss) << "step " << i + 4;
+  // One process saving at step 3 (rank 0's), continued by tp = W with Megatron SP and ZeRO-1.
+  if (r == 0) train(variant, base + "/single", common, MPI_COMM_SELF);
+  MPI_Barrier(MPI_COMM_WORLD);
+  TrainRun tp = train(variant, base + "/tp_from_one",
+                      with({"checkpoint.resume=" + checkpoint_dir(base + "/single", 3),
+                            "parallel.tensor=" + std::to_string(W), "parallel.sequence=megatron", "parallel.zero=1"}),
+                      MPI_COMM_WORLD);
+  MPI_Barrier(MPI_COMM_WORLD);
+  ASSERT_EQ(tp.metrics.size(), 3u);
+  for (size_t i = 0; i < 3; ++i)
+    EXPECT_NEAR(tp.metrics[i].loss, ref.metrics[i + 3].loss, 1e-5 * ref.metrics[i + 3].loss) << "step " << i + 4;
+  const ParamStore want = load_params(ref.checkpoint, mc);
+  double worst = 0;
+  for (const std::string& ckpt : {one.checkpoint, tp.checkpoint}) {
+    const ParamStore got = load_params(ckpt, mc);
+    for (size_t i = 0; i < got.size(); ++i) {
+      const double e = test::rel_l2(got[i], want[i]);
+      EXPECT_LT(e, 1e-5) << ckpt << " " << got.spec(i).name;
+      worst = std::max(worst, e);
+    }
+  }
+  if (r == 0) std::printf("  resumed across layouts: final weights max rel L2 %.1e vs one process\n", worst);
+}
+
 // Per-rank parameter bytes: every local slice is global x replicas / T elements (1/T of a split
 // tensor; a replicated one whole), and ZeroOptimizer's weights over them take exactly what
 // `ievo plan` says for tensor rank 0 (f32; allocator statistics).
