@@ -386,7 +386,8 @@ TEST(TensorParallelTraining, UlyssesTimesTensorParallel) {
   if (world_size() != 4) GTEST_SKIP() << "needs 4 ranks (tp 2 x sequence 2)";
   const std::string base = shared_dir("tp_ulysses_tp");
   auto run = [&](const std::string& dir, const std::vector<std::string>& extra, MPI_Comm comm) {
-    std::vector<std::string> sets = {"run.dir=" + dir, "train.steps=4", "schedule.warmup_steps=1",
+    std::vector<std::string> sets = {"run.dir=" + dir, "data.paths=[" + test::source_dir() + "/configs/data/tiny]",
+                                     "train.steps=4", "schedule.warmup_steps=1",
                                      "train.log_every=1000", "model.num_heads=8", "model.num_kv_heads=4",
                                      "train.global_batch_size=4", "train.micro_batch_size=2"};
     sets.insert(sets.end(), extra.begin(), extra.end());
@@ -568,7 +569,8 @@ TEST(TensorParallelErrors, BadLayoutsFailBeforeWork) {
   int k = 0;
   auto expect_error = [&](std::vector<std::string> sets, const std::vector<std::string>& words) {
     const std::string dir = base + "/run" + std::to_string(k++);
-    sets.insert(sets.begin(), {"run.dir=" + dir, "train.steps=2", "schedule.warmup_steps=0", "checkpoint.at_end=false"});
+    sets.insert(sets.begin(), {"run.dir=" + dir, "data.paths=[" + test::source_dir() + "/configs/data/tiny]",
+                               "train.steps=2", "schedule.warmup_steps=0", "checkpoint.at_end=false"});
     try {
       const Config cfg = load_config(test::source_dir() + "/configs/tiny.yaml", sets);
       run_train(cfg, MPI_COMM_WORLD);
