@@ -227,11 +227,6 @@ void Communicator::exchange(const std::vector<P2POp>& ops) {
              "' backend (a wrapper that does not forward it?)");
 }
 
-void Communicator::exchange(const std::vector<P2POp>& ops) {
-  IEVO_CHECK(ops.empty(), "Communicator::exchange: not supported by the '", backend(),
-             "' backend (a wrapper that does not forward it?)");
-}
-
 std::unique_ptr<Communicator> make_mpi_communicator(MPI_Comm comm) {
   return std::make_unique<MpiCommunicator>(comm);
 }
