@@ -135,7 +135,7 @@ run() {
     echo "(skipped: IEVO_SKIP_CTEST=1)"
     : > "$out/ctest.log"
   else
-    ctest --test-dir "$DEV" -L gpu --output-on-failure -V 2>&1 | tee "$out/ctest.log"
+    ctest --test-dir "$DEV" -L gpu --output-on-failure -V --timeout "${IEVO_CTEST_TIMEOUT:-900}" 2>&1 | tee "$out/ctest.log"
     rc=${PIPESTATUS[0]}
   fi
   echo "== ctest exit $rc in $((SECONDS - t0)) s"
