@@ -84,6 +84,8 @@ BenchResult run_bench(const BenchOptions& o) {
   TrainOptions topt;
   topt.phases = &timer;
   topt.checkpoints = false;
+  std::vector<std::vector<double>> stage_times;  // parallel.pipeline: per step
+  topt.pipeline_stage_times = &stage_times;
   const std::vector<StepMetrics> all = run_train(cfg, topt);
   IEVO_CHECK(static_cast<int64_t>(all.size()) == o.warmup + o.steps, "ievo bench: the run stopped after ",
              all.size(), " of ", o.warmup + o.steps, " steps");
@@ -110,6 +112,12 @@ BenchResult run_bench(const BenchOptions& o) {
     tokens += all[i].tokens;
     for (int p = 0; p < kNumPhases; ++p) r.phases[p] += timer.steps()[i][p] / static_cast<double>(o.steps);
   }
+  if (stage_times.size() == all.size()) {  // pipeline: mean of each stage's times
+    r.pipeline_stages.assign(stage_times.back().size(), 0.0);
+    for (size_t i = static_cast<size_t>(o.warmup); i < all.size(); ++i)
+      for (size_t k = 0; k < r.pipeline_stages.size(); ++k)
+        r.pipeline_stages[k] += stage_times[i][k] / static_cast<double>(o.steps);
+  }
   double seconds = 0;
   for (double t : times) seconds += t;
   r.step_time_s = seconds / static_cast<double>(times.size());
@@ -130,6 +138,10 @@ BenchResult run_bench(const BenchOptions& o) {
 nlohmann::json bench_to_json(const BenchResult& r) {
   nlohmann::json phases;
   for (int p = 0; p < kNumPhases; ++p) phases[phase_name(static_cast<Phase>(p))] = r.phases[p];
+  nlohmann::json stages = nlohmann::json::array();  // parallel.pipeline: one object per stage
+  for (size_t k = 0; k + 2 < r.pipeline_stages.size(); k += 3)
+    stages.push_back({{"forward", r.pipeline_stages[k]}, {"backward", r.pipeline_stages[k + 1]},
+                      {"exchange", r.pipeline_stages[k + 2]}});
   return {{"config", r.config},
           {"device", r.device},
           {"model", r.model},
@@ -148,6 +160,7 @@ nlohmann::json bench_to_json(const BenchResult& r) {
           {"peak_mem_bytes", r.peak_bytes},
           {"reserved_mem_bytes", r.reserved_bytes},
           {"phases_s", phases},
+          {"pipeline_stages_s", stages},
           {"first_loss", r.first_loss},
           {"last_loss", r.last_loss}};
 }
@@ -177,6 +190,9 @@ std::string format_bench(const BenchResult& r) {
   for (int p = 0; p < kNumPhases; ++p)
     add("  %-11s %8.2f ms  %5.1f%%\n", phase_name(static_cast<Phase>(p)), 1e3 * r.phases[p],
         sum > 0 ? 100.0 * r.phases[p] / sum : 0.0);
+  for (size_t k = 0; k + 2 < r.pipeline_stages.size(); k += 3)
+    add("  stage %-5zu forward %.2f ms, backward %.2f ms, exchange + waiting %.2f ms\n", k / 3,
+        1e3 * r.pipeline_stages[k], 1e3 * r.pipeline_stages[k + 1], 1e3 * r.pipeline_stages[k + 2]);
   add("  loss        %.4f (first step) -> %.4f (last)\n", r.first_loss, r.last_loss);
   return s;
 }

@@ -12,6 +12,8 @@
 //                 compare torch.cuda.max_memory_allocated) and the bytes it reserved from CUDA
 //   phases        mean device time per step of data, forward, backward, reduce (dp gradient
 //                 reduction + global norm: the "comm" phase) and optimizer (launch/phase_timer.h)
+//   stages        with parallel.pipeline: each stage's forward, backward and exchange time (the
+//                 exchange includes waiting for the other stages: the bubble; parallel/pipeline.h)
 // Printed as a short table; --json writes the same numbers as one JSON object (for scripts:
 // bench/peer/compare.sh).
 #pragma once
@@ -47,6 +49,9 @@ struct BenchResult {
   double step_time_s = 0, step_time_median_s = 0;  // timed steps: mean and median
   int64_t peak_bytes = 0, reserved_bytes = 0;
   PhaseTimer::Times phases{};  // mean over the timed steps, seconds
+  // parallel.pipeline: per stage (forward, backward, exchange) mean seconds over the timed steps,
+  // stage-major; the phases above are then rank 0's, i.e. stage 0's.
+  std::vector<double> pipeline_stages;
   double first_loss = 0, last_loss = 0;
 };
 

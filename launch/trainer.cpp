@@ -165,6 +165,8 @@ class Trainer {
       pipeline_ = std::make_unique<TrainerPipeline>(
           topo_, device_, *pp_comm_, pipeline_kind_from_name(cfg_.parallel.schedule), static_cast<int>(accum_),
           static_cast<int>(cfg_.parallel.virtual_stages), mc_, shard_, specs_, zc);
+    if (pipeline_ && opt_.pipeline_stage_times)  // ievo bench: device time per op
+      pipeline_->executor().set_timing_sync([d = device_] { sync_device(d); });
     if (pipeline_ && seq == SequenceParallel::Megatron)  // the residual stream holds 1/T of the tokens
       pipeline_->executor().set_activation_rows([T = topo_.tp()](const Batch& b) { return b.num_tokens() / T; });
     zero_ = std::make_unique<ZeroOptimizer>(specs_, model_->hook_layers(), compute_dtype_, device_,
@@ -296,6 +298,8 @@ class Trainer {
       loss_sum = pipeline_->executor()
                      .run(*model_, weights, zero_->grads(), micros, loss_scale / static_cast<double>(targets))
                      .sum;
+      if (opt_.pipeline_stage_times)  // ievo bench: every stage's times
+        opt_.pipeline_stage_times->push_back(gather_stage_times(*pp_comm_, pipeline_->executor().timing()));
       phase(Phase::Backward);
     } else {
       for (auto& b : micros) {

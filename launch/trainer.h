@@ -35,6 +35,9 @@ class PhaseTimer;
 struct TrainOptions {
   PhaseTimer* phases = nullptr;  // launch/phase_timer.h; nullptr: no phase timing
   bool checkpoints = true;       // false: never save (not even after the last step)
+  // parallel.pipeline: per step, every stage's forward, backward and exchange seconds
+  // (parallel/pipeline.h gather_stage_times); nullptr: not collected.
+  std::vector<std::vector<double>>* pipeline_stage_times = nullptr;
 };
 std::vector<StepMetrics> run_train(const Config& cfg, const TrainOptions& opt);
 

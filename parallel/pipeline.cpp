@@ -13,7 +13,8 @@ namespace {
 using MessageKey = std::tuple<bool, int, int>;  // (grad, micro, producing virtual stage)
 MessageKey key(const PipeMessage& m) { return {m.grad, m.micro, m.vstage}; }
 
-double seconds_since(std::chrono::steady_clock::time_point t0) {
+double seconds_since(std::chrono::steady_clock::time_point t0, const std::function<void()>& sync) {
+  if (sync) sync();
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
 
@@ -75,7 +76,7 @@ LossSum PipelineExecutor::execute(const PipelineSchedule& s, Llama& model, const
       pp_.exchange(ops);
       for (const PipeTransfer& t : op.transfers)
         if (t.send) outbox.erase(key(t.msg));
-      timing_.exchange_s += seconds_since(t0);
+      timing_.exchange_s += seconds_since(t0, sync_);
       continue;
     }
     const int v = s.vstage(stage, op.chunk);
@@ -98,7 +99,7 @@ LossSum PipelineExecutor::execute(const PipelineSchedule& s, Llama& model, const
       }
       Tensor out = model.stage_forward(weights, op.chunk, b, in, a, grad_scale, grads, &ls);
       if (v < S - 1) outbox[key({false, op.micro, v})] = out;
-      timing_.forward_s += seconds_since(t0);
+      timing_.forward_s += seconds_since(t0, sync_);
     } else {
       const Tensor dy = v < S - 1 ? take({true, op.micro, v + 1}) : Tensor();
       auto it = acts.find(mc);
@@ -106,7 +107,7 @@ LossSum PipelineExecutor::execute(const PipelineSchedule& s, Llama& model, const
       Tensor dx = model.stage_backward(weights, op.chunk, b, it->second, dy, *grads);
       acts.erase(it);
       if (v > 0) outbox[key({true, op.micro, v})] = dx;
-      timing_.backward_s += seconds_since(t0);
+      timing_.backward_s += seconds_since(t0, sync_);
     }
   }
   IEVO_CHECK(inbox.empty() && outbox.empty() && acts.empty(), "pipeline stage ", stage, ": ", inbox.size(),
@@ -115,6 +116,14 @@ LossSum PipelineExecutor::execute(const PipelineSchedule& s, Llama& model, const
   ls.sum = pp_.all_reduce_sum(ls.sum);
   ls.count = pp_.all_reduce_sum(ls.count);
   return ls;
+}
+
+std::vector<double> gather_stage_times(Communicator& pp, const PipelineExecutor::Timing& mine) {
+  std::vector<double> out(3 * static_cast<size_t>(pp.size()), 0.0);
+  const size_t r = 3 * static_cast<size_t>(pp.rank());
+  out[r] = mine.forward_s, out[r + 1] = mine.backward_s, out[r + 2] = mine.exchange_s;
+  for (double& x : out) x = pp.all_reduce_sum(x);  // a few host scalars per step (ievo bench)
+  return out;
 }
 
 EmbeddingGroup::EmbeddingGroup(const Topology& topo, Device device) {

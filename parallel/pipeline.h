@@ -58,12 +58,14 @@ class PipelineExecutor {
   void set_activation_rows(std::function<int64_t(const Batch&)> rows) { rows_ = std::move(rows); }
 
   const PipelineSchedule& schedule() const { return schedule_; }
-  // Wall time of the last run on this stage (compute ops and exchanges, host clock; with CUDA the
-  // device work is only enqueued, so these are launch times unless the caller synchronises).
+  // Wall time of the last run on this stage: its forward and backward ops, and its exchanges
+  // (transfers plus the waits for the other stages: the bubble). Host clock; with a device, set a
+  // synchronisation (ievo bench) or the times are only the launches.
   struct Timing {
     double forward_s = 0, backward_s = 0, exchange_s = 0;
   };
   const Timing& timing() const { return timing_; }
+  void set_timing_sync(std::function<void()> sync) { sync_ = std::move(sync); }
 
  private:
   LossSum execute(const PipelineSchedule& s, Llama& model, const ParamStore& weights, ParamStore* grads,
@@ -73,6 +75,7 @@ class PipelineExecutor {
   std::unique_ptr<PipelineSchedule> eval_;  // the last evaluation's forward schedule
   Communicator& pp_;
   std::function<int64_t(const Batch&)> rows_;
+  std::function<void()> sync_;  // before each clock reading (nullptr: none)
   Timing timing_;
 };
 
@@ -98,6 +101,10 @@ struct EmbeddingGroup {
 // sized to them).
 void tie_pipeline_embeddings(ZeroConfig& zc, const std::vector<ParamSpec>& specs, const ModelConfig& c,
                              const ModelShard& shard, Communicator* embed);
+
+// Every stage's timing of the last run, on every rank of the pipeline group: 3 values per stage
+// (forward, backward, exchange seconds), stage-major. Collective over pp.
+std::vector<double> gather_stage_times(Communicator& pp, const PipelineExecutor::Timing& mine);
 
 // A trainer rank's pipeline (parallel.pipeline > 1): the embedding group, the tied embedding's
 // ZeRO settings (added to zc, so build this before the ZeroOptimizer) and the executor of the

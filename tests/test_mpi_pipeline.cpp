@@ -430,4 +430,30 @@ TEST(PipelineTraining, BadLayoutsFailBeforeAnyStep) {
                std::filesystem::file_size(dir + "/f/metrics.jsonl") > 0);
 }
 
+// ievo bench's per-stage times: every step, every stage's forward, backward and exchange seconds,
+// positive and the same on every rank of a pipeline group.
+TEST(PipelineTraining, StageTimesForBench) {
+  const int P = 2;
+  const Config cfg = config("llama_gqa", false, shared_dir("pp_times") + "/run",
+                            {"parallel.pipeline=" + std::to_string(P), "train.steps=2", "data.valid_paths=[]",
+                             "train.eval_every=0", "train.global_batch_size=" + std::to_string(world_size() * 2)});
+  std::vector<std::vector<double>> times;
+  TrainOptions opt;
+  opt.checkpoints = false;
+  opt.pipeline_stage_times = &times;
+  ASSERT_EQ(run_train(cfg, opt).size(), 2u);  // MPI_COMM_WORLD under mpirun
+  ASSERT_EQ(times.size(), 2u);
+  Topology topo(MPI_COMM_WORLD, 1, P);  // the trainer's layout: this rank's pipeline group
+  for (const auto& step : times) {
+    ASSERT_EQ(step.size(), 3u * P);
+    for (double t : step) EXPECT_GT(t, 0.0);
+    for (double t : step) {
+      double lo = t, hi = t;
+      MPI_Allreduce(MPI_IN_PLACE, &lo, 1, MPI_DOUBLE, MPI_MIN, topo.pp_comm());
+      MPI_Allreduce(MPI_IN_PLACE, &hi, 1, MPI_DOUBLE, MPI_MAX, topo.pp_comm());
+      EXPECT_EQ(lo, hi);
+    }
+  }
+}
+
 #include "mpi_main.h"
