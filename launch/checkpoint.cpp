@@ -7,6 +7,8 @@
 #include <cstring>
 #include <filesystem>
 
+#include "launch/checkpoint_h5.h"
+#include "launch/checkpoint_shards.h"
 #include "launch/fault_injection.h"
 #include "models/atomic_file.h"
 #include "models/hf_adapter.h"
@@ -22,129 +24,11 @@ namespace ievo {
 
 namespace {
 
+using namespace ckpt_h5;
+
 constexpr int kFormatVersion = 2;  // 2: state.json / config.json checksums in model.h5
 constexpr const char* kFormat = "ievo-checkpoint";
 constexpr const char* kChecksumAlgorithm = "fnv1a64-1MiB-blocks";
-
-// ---- HDF5 plumbing: RAII ids, errors with HDF5's own message ----------------------------------
-
-class H5Id {
- public:
-  H5Id(hid_t id, herr_t (*close)(hid_t)) : id_(id), close_(close) {}
-  ~H5Id() {
-    if (id_ >= 0) close_(id_);
-  }
-  H5Id(H5Id&& o) noexcept : id_(o.id_), close_(o.close_) { o.id_ = H5I_INVALID_HID; }
-  H5Id(const H5Id&) = delete;
-  H5Id& operator=(const H5Id&) = delete;
-  H5Id& operator=(H5Id&&) = delete;
-  operator hid_t() const { return id_; }
-  bool ok() const { return id_ >= 0; }
-  // Closes now, returning the close's status (closing a dataset flushes its buffered data, which
-  // is where a full disk shows up).
-  herr_t close() {
-    herr_t r = id_ >= 0 ? close_(id_) : 0;
-    id_ = H5I_INVALID_HID;
-    return r;
-  }
-
- private:
-  hid_t id_;
-  herr_t (*close_)(hid_t);
-};
-
-herr_t collect_error(unsigned n, const H5E_error2_t* e, void* out) {
-  auto* s = static_cast<std::string*>(out);
-  if (n < 3 && e->desc && *e->desc) *s += (s->empty() ? "" : "; ") + std::string(e->desc);
-  return 0;
-}
-
-// The innermost messages of HDF5's error stack (then cleared); automatic printing is off.
-std::string h5_error() {
-  std::string s;
-  H5Ewalk2(H5E_DEFAULT, H5E_WALK_UPWARD, collect_error, &s);
-  H5Eclear2(H5E_DEFAULT);
-  return s.empty() ? "HDF5 error" : s;
-}
-
-void h5_init() {
-  static bool done = [] {
-    // No library shutdown at exit: after a failed write (disk full) HDF5 1.10 can crash closing
-    // the broken file in its atexit handler. Every file is closed explicitly anyway.
-    H5dont_atexit();
-    H5open();
-    H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr);
-    return true;
-  }();
-  (void)done;
-}
-
-#define H5_CHECK(cond, ...)                                   \
-  do {                                                        \
-    if (!(cond)) IEVO_FAIL(__VA_ARGS__, ": ", h5_error());    \
-  } while (0)
-
-H5Id file_access_plist() {
-  H5Id fapl(H5Pcreate(H5P_FILE_ACCESS), H5Pclose);
-  // v1.8+ object headers and superblock carry checksums of the file's metadata.
-  H5Pset_libver_bounds(fapl, H5F_LIBVER_V18, H5F_LIBVER_LATEST);
-  H5Pset_fclose_degree(fapl, H5F_CLOSE_STRONG);
-#if H5_VERSION_GE(1, 10, 7)
-  H5Pset_file_locking(fapl, false, true);  // shared filesystems often refuse flock
-#endif
-  return fapl;
-}
-
-void write_string_attr(hid_t obj, const char* name, const std::string& value, const std::string& file) {
-  H5Id type(H5Tcopy(H5T_C_S1), H5Tclose);
-  H5Tset_size(type, std::max<size_t>(1, value.size()));
-  H5Id space(H5Screate(H5S_SCALAR), H5Sclose);
-  H5Id a(H5Acreate2(obj, name, type, space, H5P_DEFAULT, H5P_DEFAULT), H5Aclose);
-  H5_CHECK(a.ok() && H5Awrite(a, type, value.c_str()) >= 0, "checkpoint ", file,
-           ": cannot write attribute ", name);
-}
-
-std::string read_string_attr(hid_t obj, const char* name, const std::string& file) {
-  H5_CHECK(H5Aexists(obj, name) > 0, "checkpoint ", file, ": no attribute '", name,
-           "' (not an ievo checkpoint?)");
-  H5Id a(H5Aopen(obj, name, H5P_DEFAULT), H5Aclose);
-  H5Id type(H5Aget_type(a), H5Tclose);
-  H5_CHECK(H5Tget_class(type) == H5T_STRING && !H5Tis_variable_str(type), "checkpoint ", file,
-           ": attribute '", name, "' is not a fixed-length string");
-  std::string s(H5Tget_size(type), '\0');
-  H5_CHECK(H5Aread(a, type, s.data()) >= 0, "checkpoint ", file, ": cannot read attribute ", name);
-  s.resize(std::strlen(s.c_str()));
-  return s;
-}
-
-void write_u64_attr(hid_t obj, const char* name, uint64_t v, const std::string& where) {
-  H5Id space(H5Screate(H5S_SCALAR), H5Sclose);
-  H5Id a(H5Acreate2(obj, name, H5T_STD_U64LE, space, H5P_DEFAULT, H5P_DEFAULT), H5Aclose);
-  H5_CHECK(a.ok() && H5Awrite(a, H5T_NATIVE_UINT64, &v) >= 0, where, ": cannot write attribute ", name);
-}
-
-uint64_t read_u64_attr(hid_t obj, const char* name, const std::string& where) {
-  H5_CHECK(H5Aexists(obj, name) > 0, where, ": no attribute '", name, "'");
-  uint64_t v = 0;
-  H5Id a(H5Aopen(obj, name, H5P_DEFAULT), H5Aclose);
-  H5_CHECK(a.ok() && H5Aread(a, H5T_NATIVE_UINT64, &v) >= 0, where, ": cannot read attribute ", name);
-  return v;
-}
-
-std::vector<std::string> link_names(hid_t g, const std::string& where) {
-  H5G_info_t info;
-  H5_CHECK(H5Gget_info(g, &info) >= 0, where, ": cannot list");
-  std::vector<std::string> names;
-  for (hsize_t i = 0; i < info.nlinks; ++i) {
-    ssize_t n = H5Lget_name_by_idx(g, ".", H5_INDEX_NAME, H5_ITER_INC, i, nullptr, 0, H5P_DEFAULT);
-    H5_CHECK(n >= 0, where, ": cannot list");
-    std::string s(static_cast<size_t>(n) + 1, '\0');
-    H5Lget_name_by_idx(g, ".", H5_INDEX_NAME, H5_ITER_INC, i, s.data(), s.size(), H5P_DEFAULT);
-    s.resize(static_cast<size_t>(n));
-    names.push_back(s);
-  }
-  return names;
-}
 
 // ---- writing -------------------------------------------------------------------------------
 
@@ -327,7 +211,10 @@ CheckpointReader::CheckpointReader(const std::string& ckpt_dir) : dir_(normalize
              fs::is_directory(dir_, ec) ? "not a checkpoint, or an incomplete one"
                                         : "no such directory",
              ")");
-  IEVO_CHECK(fs::exists(h5_, ec), "checkpoint ", dir_, ": no model.h5");
+  if (!fs::exists(h5_, ec)) {  // version 3: per-rank shard files that state.json lists
+    open_sharded(state_path, config_path);
+    return;
+  }
 
   H5Id fapl = file_access_plist();
   file_ = H5Fopen(h5_.c_str(), H5F_ACC_RDONLY, fapl);
@@ -368,15 +255,48 @@ CheckpointReader::CheckpointReader(const std::string& ckpt_dir) : dir_(normalize
   }
 }
 
+// Version 3 (launch/checkpoint_shards.h): state.json names the shard files; each records the
+// checksums of state.json and config.json, checked when ShardSet opens them.
+void CheckpointReader::open_sharded(const std::string& state_path, const std::string& config_path) {
+  std::error_code ec;
+  const std::string state_text = read_text_file(state_path);
+  nlohmann::json j;
+  try {
+    j = nlohmann::json::parse(state_text);
+    version_ = j.at("format_version").get<int>();
+  } catch (const nlohmann::json::exception& e) {
+    IEVO_FAIL("checkpoint ", state_path, ": ", e.what(), " (no model.h5 either)");
+  }
+  IEVO_CHECK(version_ == 3, "checkpoint ", dir_, ": no model.h5 (state.json says format_version ",
+             version_, ", which keeps its tensors there)");
+  IEVO_CHECK(fs::exists(config_path, ec), "checkpoint ", dir_, ": no config.json");
+  const std::string config_text = read_text_file(config_path);
+  shards_ = std::make_shared<ShardSet>(dir_, j, checkpoint_checksum(state_text.data(), state_text.size()),
+                                       checkpoint_checksum(config_text.data(), config_text.size()));
+  h5_ = dir_ + "/" + shard_file_name(0);
+  try {
+    state_.step = j.at("step").get<int64_t>();
+    state_.consumed_samples = j.at("consumed_samples").get<int64_t>();
+    state_.seed = j.at("seed").get<uint64_t>();
+    state_.config_yaml = j.at("config_yaml").get<std::string>();
+    state_.extra = j.value("extra", nlohmann::json::object());
+    groups_ = j.at("groups").get<std::vector<std::string>>();
+  } catch (const nlohmann::json::exception& e) {
+    IEVO_FAIL("checkpoint ", state_path, ": ", e.what());
+  }
+}
+
 CheckpointReader::~CheckpointReader() {
   if (file_ >= 0) H5Fclose(static_cast<hid_t>(file_));
 }
 
 std::vector<std::string> CheckpointReader::groups() const {
+  if (shards_) return groups_;
   return link_names(static_cast<hid_t>(file_), "checkpoint " + h5_);
 }
 
 bool CheckpointReader::has_group(const std::string& group) const {
+  if (shards_) return std::find(groups_.begin(), groups_.end(), group) != groups_.end();
   const htri_t r = H5Lexists(static_cast<hid_t>(file_), group.c_str(), H5P_DEFAULT);
   H5Eclear2(H5E_DEFAULT);
   return r > 0;
@@ -385,6 +305,7 @@ bool CheckpointReader::has_group(const std::string& group) const {
 std::vector<std::string> CheckpointReader::tensor_names(const std::string& group) const {
   const std::string where = "checkpoint " + h5_ + ": group /" + group;
   IEVO_CHECK(has_group(group), "checkpoint ", h5_, ": missing group /", group);
+  if (shards_) return shards_->tensor_names();
   H5Id g(H5Gopen2(static_cast<hid_t>(file_), group.c_str(), H5P_DEFAULT), H5Gclose);
   H5_CHECK(g.ok(), where, ": cannot open");
   return link_names(g, where);
@@ -393,6 +314,7 @@ std::vector<std::string> CheckpointReader::tensor_names(const std::string& group
 Tensor CheckpointReader::read(const std::string& group, const std::string& name) const {
   const std::string where = "checkpoint " + h5_ + ": dataset /" + group + "/" + name;
   IEVO_CHECK(has_group(group), "checkpoint ", h5_, ": missing group /", group);
+  if (shards_) return shards_->read(group, name);
   H5Id g(H5Gopen2(static_cast<hid_t>(file_), group.c_str(), H5P_DEFAULT), H5Gclose);
   H5_CHECK(g.ok(), where, ": cannot open its group");
   const htri_t exists = H5Lexists(g, name.c_str(), H5P_DEFAULT);
@@ -479,7 +401,8 @@ std::string latest_checkpoint(const std::string& run_dir) {
   std::error_code ec;
   if (!fs::is_directory(dir, ec)) return "";
   auto complete = [&](const fs::path& p) {
-    return fs::exists(p / "state.json", ec) && fs::exists(p / "model.h5", ec);
+    return fs::exists(p / "state.json", ec) &&
+           (fs::exists(p / "model.h5", ec) || fs::exists(p / shard_file_name(0), ec));
   };
   if (fs::exists(dir / "latest", ec)) {
     std::string name = read_text_file((dir / "latest").string());

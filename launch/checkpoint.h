@@ -19,9 +19,11 @@
 // file fsync'ed, then renamed to step_<N> (replacing an older one of the same step) and only then
 // is `latest` rewritten (temp + rename), so a crash leaves either the previous checkpoint or the
 // new one, never a half-written one. A save that fails removes step_<N>.tmp and throws.
-// Tensors are always global (full shape, HF names), whatever layout wrote them: data-parallel /
-// ZeRO runs gather to the writer, and every reader takes the slices it needs (CheckpointReader).
-// Version 1 checkpoints (no side-file checksums) are still read.
+// Version 3 (several ranks; launch/checkpoint_shards.h): no model.h5; every rank writes the
+// pieces of the state it owns into step_<N>/model-rank<R>.h5 and state.json lists those files.
+// Readers see global tensors (full shape, HF names) whatever layout wrote them: CheckpointReader
+// assembles them from the pieces (every piece's checksum checked, coverage complete), and every
+// reader takes the slices it needs. Versions 1 (no side-file checksums) and 2 are still read.
 #pragma once
 #include <cstdint>
 #include <memory>
@@ -53,7 +55,7 @@ struct CheckpointGroup {
 // Views of a store's tensors.
 CheckpointGroup checkpoint_group(const std::string& name, const ParamStore& s);
 
-// Saves into ckpt_dir (".../checkpoints/step_N"); one process writes (rank 0 with full stores). Groups are named stores, e.g.
+// Saves into ckpt_dir (".../checkpoints/step_N") as version 2 (one model.h5); one process writes. Groups are named stores, e.g.
 // {{"params", &params}, {"exp_avg", &m}, {"exp_avg_sq", &v}}; any dtype/device. With
 // update_latest, the parent directory's `latest` names ckpt_dir afterwards.
 void save_checkpoint(const std::string& ckpt_dir, const ModelConfig& c, const CheckpointState& state,
@@ -76,6 +78,8 @@ CheckpointState load_checkpoint(const std::string& ckpt_dir,
 // version, and state.json / config.json against the checksums model.h5 records; every tensor read
 // is checked against its own checksum. Errors name the file (and dataset). For resharding: any
 // layout reads the global tensors and keeps the slice it owns.
+class ShardSet;  // launch/checkpoint_shards.h
+
 class CheckpointReader {
  public:
   explicit CheckpointReader(const std::string& ckpt_dir);
@@ -96,8 +100,12 @@ class CheckpointReader {
   void read_into(const std::string& group, ParamStore& s) const;
 
  private:
+  void open_sharded(const std::string& state_path, const std::string& config_path);
+
   std::string dir_, h5_;
-  int64_t file_ = -1;  // hid_t
+  int64_t file_ = -1;  // hid_t (versions 1-2: model.h5)
+  std::shared_ptr<ShardSet> shards_;  // version 3: the per-rank shard files
+  std::vector<std::string> groups_;   // version 3: state.json's groups
   int version_ = 0;
   CheckpointState state_;
 };

@@ -115,10 +115,10 @@ class TextStream {
 void run_generate(const GenerateArgs& a) {
   // A checkpoint directory, or a run directory (its newest checkpoint).
   std::string dir = a.checkpoint;
-  if (!std::filesystem::exists(std::filesystem::path(dir) / "model.h5")) {
+  if (!std::filesystem::exists(std::filesystem::path(dir) / "state.json")) {
     const std::string latest = latest_checkpoint(dir);
     if (latest.empty())
-      IEVO_FAIL(dir, ": not a checkpoint directory (no model.h5) nor a run directory with checkpoints");
+      IEVO_FAIL(dir, ": not a checkpoint directory (no state.json) nor a run directory with checkpoints");
     dir = latest;
   }
   const Device dev = a.device == "cuda" ? Device::CUDA : Device::CPU;

@@ -12,6 +12,7 @@
 #include "data/gpt_dataset.h"
 #include "data/packed_dataset.h"
 #include "launch/checkpoint.h"
+#include "launch/checkpoint_shards.h"
 #include "launch/checkpointer.h"
 #include "launch/device.h"
 #include "launch/duration.h"
@@ -369,29 +370,24 @@ class Trainer {
       st.extra["loss_scaler"] = {{"scale", ls->state().scale},
                                  {"good_steps", ls->state().good_steps},
                                  {"hysteresis_count", ls->state().hysteresis_count}};
-    // Whole f32 master weights and moments, gathered onto rank 0's host, which writes them.
-    // (launch/checkpointer.h: reused host stores, page-locked on CUDA.)
-    // Under tensor/pipeline parallelism each model-parallel rank's data-parallel root gathers its
-    // slices, and rank 0 assembles the global tensors from them (parallel/model_state.h).
-    const bool sliced = mp_comm_->size() > 1;
-    ParamStore *p = nullptr, *m = nullptr, *v = nullptr;
-    if (rank_ == 0) {
-      const auto hs = ckpt_->host_stores(global_specs_, device_ == Device::CUDA);
-      p = hs[0], m = hs[1], v = hs[2];
+    // Several ranks: each writes its own pieces (ZeRO segments of its tensor/pipeline slices) into
+    // its own file, collectively (launch/checkpoint_shards.h); nothing is gathered.
+    if (topo_.world_size() > 1) {
+      if (ckpt_owned_.empty())  // replicated slices are written by the lowest model-parallel rank
+        ckpt_owned_ = owned_slices(specs_, mp_comm_->rank(), [&](int r) {
+          return param_specs(mc_, shard_of(r % topo_.tp(), r / topo_.tp()));
+        });
+      save_zero_checkpoint(run_dir_.string(), cfg_.checkpoint.keep_last, mc_, st, *zero_, specs_,
+                           ckpt_owned_, zero_->layout().shards > 1 || topo_.dp_rank() == 0,
+                           global_specs_, *world_comm_);
+      return;
     }
-    if (sliced && topo_.dp_rank() == 0) {
-      if (local_state_.empty())
-        for (int k = 0; k < 3; ++k) local_state_.emplace_back(specs_, DType::F32, Device::CPU);
-      zero_->gather_state(&local_state_[0], &local_state_[1], &local_state_[2], 0);
-      gather_global(*mp_comm_, {&local_state_[0], &local_state_[1], &local_state_[2]},
-                    [&](int r) { return param_specs(mc_, shard_of(r % topo_.tp(), r / topo_.tp())); },
-                    {p, m, v}, 0);
-    } else {
-      zero_->gather_state(sliced ? nullptr : p, sliced ? nullptr : m, sliced ? nullptr : v, 0);
-    }
-    if (rank_ == 0)  // a private host copy: checkpoint.async writes it without copying again
-      ckpt_->save(st, {checkpoint_group("params", *p), checkpoint_group("exp_avg", *m),
-                       checkpoint_group("exp_avg_sq", *v)}, /*private_copy=*/true);
+    // One process: whole f32 master weights and moments in reused host stores (page-locked on
+    // CUDA), written by the Checkpointer (checkpoint.async: in the background).
+    const auto hs = ckpt_->host_stores(global_specs_, device_ == Device::CUDA);
+    zero_->gather_state(hs[0], hs[1], hs[2], 0);
+    ckpt_->save(st, {checkpoint_group("params", *hs[0]), checkpoint_group("exp_avg", *hs[1]),
+                     checkpoint_group("exp_avg_sq", *hs[2])}, /*private_copy=*/true);
     world_comm_->barrier();  // the checkpoint is complete for every rank
   }
 
@@ -417,7 +413,7 @@ class Trainer {
   std::unique_ptr<Communicator> dp_comm_, tp_comm_, pp_comm_, sp_comm_;
   std::unique_ptr<Communicator> world_comm_, mp_comm_;  // host: stop decisions, checkpoint assembly
   std::unique_ptr<ModelParallel> parallel_;  // tensor / sequence parallelism; nullptr: none
-  std::vector<ParamStore> local_state_;      // sliced checkpoints: this rank's gathered state
+  std::vector<bool> ckpt_owned_;             // sharded checkpoints: local slices this rank writes
   std::unique_ptr<TrainerPipeline> pipeline_;  // parallel.pipeline > 1 (parallel/pipeline.h)
   std::unique_ptr<ZeroOptimizer> zero_;  // weights, gradients, AdamW (parallel/zero.h)
   LrSchedule sched_;

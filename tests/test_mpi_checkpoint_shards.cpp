@@ -1,0 +1,296 @@
+// Sharded checkpoints (format version 3, launch/checkpoint_shards.h), under mpirun -np 2 and 4:
+//   * saves under dp=2 / ZeRO-2, tp=2 (ZeRO-1) and pp=2 (np 4 also tp=2 x dp=2 / ZeRO-2 and dp=4
+//     / ZeRO-3) leave one model-rank<R>.h5 per writing rank and no model.h5; no file holds the
+//     whole model (each is smaller than 0.75 of the one-process model.h5; together 0.9-1.6 of it,
+//     the pieces' attributes being the overhead); ZeRO-0 under dp=2: one file (dp rank 0's);
+//   * CheckpointReader (and `ievo convert to-hf`) assembles from the pieces the same global tensors (params and both Adam
+//     moments) as the uninterrupted one-process run's checkpoint, rel L2 <= 1e-6 per tensor;
+//   * the dp=2 save resumes under dp=1 / ZeRO-0 and dp=N / ZeRO-3, every step within 1e-5;
+//   * a flipped byte in, a deleted and a truncated model-rank00001.h5 are detected with the file
+//     named, and auto-resume falls back to the previous checkpoint (steps within 1e-5);
+//   * a save that fails on rank 1 only (IEVO_TEST_FAIL_SAVE) fails every rank, removes
+//     step_<N>.tmp and leaves the previous checkpoint and `latest` untouched.
+#include <gtest/gtest.h>
+#include <mpi.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include "launch/checkpoint.h"
+#include "launch/checkpoint_shards.h"
+#include "launch/config.h"
+#include "launch/convert.h"
+#include "launch/trainer.h"
+#include "models/hf_adapter.h"
+#include "models/model_config.h"
+#include "util.h"
+
+using namespace ievo;
+namespace fs = std::filesystem;
+
+namespace {
+
+int world_rank() {
+  int r = 0;
+  MPI_Comm_rank(MPI_COMM_WORLD, &r);
+  return r;
+}
+int world_size() {
+  int n = 0;
+  MPI_Comm_size(MPI_COMM_WORLD, &n);
+  return n;
+}
+
+std::string shared_temp_dir(const std::string& tag) {
+  std::string dir = world_rank() == 0 ? test::temp_dir(tag) : std::string();
+  int n = static_cast<int>(dir.size());
+  MPI_Bcast(&n, 1, MPI_INT, 0, MPI_COMM_WORLD);
+  dir.resize(static_cast<size_t>(n));
+  MPI_Bcast(dir.data(), n, MPI_CHAR, 0, MPI_COMM_WORLD);
+  return dir;
+}
+
+Config config(const std::string& run_dir, int64_t steps, int zero, const std::string& resume,
+              std::vector<std::string> sets = {}) {
+  const std::string yaml =
+      "run: {seed: 11}\n"
+      "model: {arch: llama, vocab_size: 256, hidden_size: 32, num_layers: 2, num_heads: 4,\n"
+      "        num_kv_heads: 2, ffn_hidden_size: 64, max_position_embeddings: 64}\n"
+      "data: {paths: [" + test::source_dir() + "/configs/data/tiny], seq_len: 32}\n"
+      "train: {global_batch_size: 8, micro_batch_size: 2, log_every: 100}\n"
+      "optim: {lr: 1.0e-3}\n"
+      "schedule: {kind: constant, warmup_steps: 2}\n"
+      "checkpoint: {every: 2}\n";
+  sets.insert(sets.begin(), {"run.dir=" + run_dir, "train.steps=" + std::to_string(steps),
+                             "parallel.zero=" + std::to_string(zero), "checkpoint.resume=" + resume});
+  return load_config_string(yaml, "test_mpi_checkpoint_shards", sets);
+}
+
+// Trains on the first `ranks` ranks (the others wait); every rank gets rank 0's metrics and the
+// error of a failed run (rank 0's, else "failed").
+std::vector<StepMetrics> train_on(int ranks, const Config& cfg, std::string* error = nullptr) {
+  MPI_Comm sub = MPI_COMM_NULL;
+  MPI_Comm_split(MPI_COMM_WORLD, world_rank() < ranks ? 0 : MPI_UNDEFINED, world_rank(), &sub);
+  std::vector<StepMetrics> m;
+  std::string err;
+  if (sub != MPI_COMM_NULL) {
+    try {
+      m = run_train(cfg, sub);
+    } catch (const std::exception& e) {
+      err = e.what();
+      m.clear();
+    }
+    MPI_Comm_free(&sub);
+  }
+  int failed = err.empty() ? 0 : 1;
+  MPI_Allreduce(MPI_IN_PLACE, &failed, 1, MPI_INT, MPI_SUM, MPI_COMM_WORLD);
+  if (error) *error = failed ? (world_rank() == 0 ? err : "failed") : "";
+  else EXPECT_EQ(failed, 0) << err;
+  int64_t n = static_cast<int64_t>(m.size());
+  MPI_Bcast(&n, 1, MPI_INT64_T, 0, MPI_COMM_WORLD);
+  std::vector<double> v(static_cast<size_t>(3 * n));
+  for (size_t i = 0; i < m.size() && world_rank() == 0; ++i)
+    v[3 * i] = static_cast<double>(m[i].step), v[3 * i + 1] = m[i].loss, v[3 * i + 2] = m[i].grad_norm;
+  MPI_Bcast(v.data(), static_cast<int>(v.size()), MPI_DOUBLE, 0, MPI_COMM_WORLD);
+  m.resize(static_cast<size_t>(n));
+  for (size_t i = 0; i < m.size(); ++i)
+    m[i].step = static_cast<int64_t>(v[3 * i]), m[i].loss = v[3 * i + 1], m[i].grad_norm = v[3 * i + 2];
+  return m;
+}
+
+void expect_close(const std::vector<StepMetrics>& got, const std::vector<StepMetrics>& ref,
+                  int64_t first_step, const std::string& what) {
+  ASSERT_EQ(got.size(), ref.size() - static_cast<size_t>(first_step - 1)) << what;
+  for (size_t i = 0; i < got.size(); ++i) {
+    const StepMetrics& r = ref[static_cast<size_t>(first_step - 1) + i];
+    EXPECT_EQ(got[i].step, r.step) << what;
+    EXPECT_LE(std::fabs(got[i].loss - r.loss), 1e-5 * std::fabs(r.loss)) << what << " step " << r.step;
+    EXPECT_LE(std::fabs(got[i].grad_norm - r.grad_norm), 1e-5 * std::fabs(r.grad_norm))
+        << what << " step " << r.step;
+  }
+}
+
+// Every tensor of every group of `got` against `ref` (rank 0 only); returns the largest rel L2.
+double compare_checkpoints(const std::string& got, const std::string& ref, const std::string& what) {
+  CheckpointReader g(got), r(ref);
+  EXPECT_EQ(g.format_version(), 3) << what;
+  EXPECT_EQ(g.state().step, r.state().step) << what;
+  EXPECT_EQ(g.state().consumed_samples, r.state().consumed_samples) << what;
+  EXPECT_EQ(g.tensor_names("params").size(), r.tensor_names("params").size()) << what;
+  double worst = 0;
+  for (const char* grp : {"params", "exp_avg", "exp_avg_sq"})
+    for (const std::string& name : r.tensor_names(grp)) {
+      const Tensor a = g.read(grp, name), b = r.read(grp, name);
+      EXPECT_EQ(a.shape(), b.shape()) << what << " " << grp << "/" << name;
+      if (a.shape() != b.shape()) continue;
+      const double e = test::rel_l2(a, b);
+      EXPECT_LE(e, 1e-6) << what << " " << grp << "/" << name;
+      worst = std::max(worst, e);
+    }
+  return worst;
+}
+
+// The shard files: count == writers, none larger than 0.75 of the whole model.h5 (several
+// writers), together between 0.9 and 1.6 of it.
+void expect_shard_files(const std::string& ckpt, int writers, const std::string& ref_h5,
+                        const std::string& what) {
+  EXPECT_FALSE(fs::exists(ckpt + "/model.h5")) << what;
+  const double whole = static_cast<double>(fs::file_size(ref_h5));
+  double sum = 0;
+  int files = 0;
+  for (auto& e : fs::directory_iterator(ckpt)) {
+    const std::string n = e.path().filename().string();
+    if (n.rfind("model-rank", 0) != 0) continue;
+    ++files;
+    const double sz = static_cast<double>(fs::file_size(e.path()));
+    sum += sz;
+    if (writers > 1) {
+      EXPECT_LT(sz, 0.75 * whole) << what << " " << n << " holds most of the model";
+    }
+    std::printf("  %s: %s %.0f bytes (%.2f of the one-process model.h5)\n", what.c_str(), n.c_str(),
+                sz, sz / whole);
+  }
+  EXPECT_EQ(files, writers) << what;
+  EXPECT_GT(sum, 0.9 * whole) << what;
+  EXPECT_LT(sum, 1.6 * whole) << what;  // each piece's dataset has its own attributes
+  for (int r = 0; r < writers; ++r) EXPECT_TRUE(fs::exists(ckpt + "/" + shard_file_name(r))) << what;
+}
+
+bool has(const std::string& s, const std::string& sub) { return s.find(sub) != std::string::npos; }
+
+// CheckpointReader opening and reading everything: the error, or "".
+std::string load_error(const std::string& ckpt) {
+  try {
+    CheckpointReader r(ckpt);
+    for (const std::string& g : r.groups())
+      for (const std::string& n : r.tensor_names(g)) r.read(g, n);
+  } catch (const std::exception& e) {
+    return e.what();
+  }
+  return "";
+}
+
+}  // namespace
+
+TEST(MpiCheckpointShards, EveryRankWritesItsPieces) {
+  const std::string root = shared_temp_dir("mpi_ckpt_shards");
+  const int n = world_size();
+  const auto ref = train_on(1, config(root + "/ref", 6, 0, "auto"));
+  ASSERT_EQ(ref.size(), 6u);
+  const std::string ref_h5 = root + "/ref/checkpoints/step_2/model.h5";
+
+  struct Layout {
+    int ranks, zero, writers;
+    std::vector<std::string> sets;
+    std::string name;
+  };
+  std::vector<Layout> saves = {{2, 2, 2, {}, "dp2_z2"},
+                               {2, 1, 2, {"parallel.tensor=2"}, "tp2_z1"},
+                               {2, 0, 2, {"parallel.pipeline=2"}, "pp2"},
+                               {2, 0, 1, {}, "dp2_z0"}};  // ZeRO-0: only dp rank 0 writes
+  if (n == 4) {
+    saves.push_back({4, 2, 4, {"parallel.tensor=2"}, "tp2_dp2_z2"});
+    saves.push_back({4, 3, 4, {}, "dp4_z3"});
+    saves.push_back({4, 1, 4, {"parallel.tensor=2", "parallel.pipeline=2"}, "tp2_pp2_z1"});
+  }
+  for (const Layout& l : saves) {
+    const std::string dir = root + "/" + l.name;
+    const auto m = train_on(l.ranks, config(dir, 2, l.zero, "auto", l.sets));
+    expect_close(m, std::vector<StepMetrics>(ref.begin(), ref.begin() + 2), 1, l.name);
+    if (world_rank() == 0) {
+      expect_shard_files(dir + "/checkpoints/step_2", l.writers, ref_h5, l.name);
+      const double worst = compare_checkpoints(dir + "/checkpoints/step_2",
+                                               root + "/ref/checkpoints/step_2", l.name);
+      std::printf("  %s: largest rel L2 vs one process over every tensor: %.3g\n", l.name.c_str(), worst);
+      // ievo convert to-hf of the sharded checkpoint: the one-process weights.
+      convert_to_hf(dir + "/checkpoints/step_2", dir + "/hf", DType::F32, std::nullopt);
+      const ModelConfig mc = read_checkpoint_model_config(dir + "/checkpoints/step_2");
+      ParamStore hf(param_specs(mc), DType::F32, Device::CPU), want(param_specs(mc), DType::F32, Device::CPU);
+      load_hf_weights(dir + "/hf", mc, hf);
+      CheckpointReader(root + "/ref/checkpoints/step_2").read_into("params", want);
+      for (size_t i = 0; i < hf.size(); ++i)
+        EXPECT_LE(test::rel_l2(hf[i], want[i]), 1e-6) << l.name << " to-hf " << hf.spec(i).name;
+    }
+  }
+  MPI_Barrier(MPI_COMM_WORLD);
+}
+
+TEST(MpiCheckpointShards, ResumeCorruptionAndFailedSaves) {
+  const std::string root = shared_temp_dir("mpi_ckpt_shards_fail");
+  const int n = world_size();
+  const auto ref = train_on(1, config(root + "/ref", 6, 0, "auto"));
+  ASSERT_EQ(ref.size(), 6u);
+  const std::string saved = root + "/dp2z2";
+  train_on(2, config(saved, 4, 2, "auto"));
+  if (world_rank() == 0)
+    compare_checkpoints(saved + "/checkpoints/step_4", root + "/ref/checkpoints/step_4", "dp2_z2 step 4");
+
+  // Resume the sharded checkpoint under other layouts.
+  for (auto [ranks, zero] : {std::pair{1, 0}, std::pair{n, 3}}) {
+    const std::string what = "resume dp=" + std::to_string(ranks) + " zero=" + std::to_string(zero);
+    const auto m = train_on(ranks, config(root + "/resume_" + std::to_string(ranks), 6, zero,
+                                          saved + "/checkpoints/step_4"));
+    expect_close(m, ref, 5, what);
+  }
+
+  // Damaged shard files of step_4: detected naming the file; auto-resume takes step_2.
+  struct Damage {
+    std::string name;
+    void (*apply)(const std::string& file);
+    std::string expect;  // in the error
+  };
+  const std::vector<Damage> damages = {
+      {"flipped byte",
+       [](const std::string& f) {
+         std::fstream s(f, std::ios::in | std::ios::out | std::ios::binary);
+         const auto at = static_cast<std::streamoff>(fs::file_size(f) / 2);
+         s.seekg(at);
+         char c = 0;
+         s.read(&c, 1);
+         c = static_cast<char>(c ^ 0x5a);
+         s.seekp(at);
+         s.write(&c, 1);
+       },
+       "model-rank00001.h5"},
+      {"deleted", [](const std::string& f) { fs::remove(f); }, "missing shard file"},
+      {"truncated", [](const std::string& f) { fs::resize_file(f, fs::file_size(f) / 2); },
+       "model-rank00001.h5"}};
+  for (const Damage& d : damages) {
+    const std::string run = root + "/damaged_" + std::to_string(&d - damages.data());
+    if (world_rank() == 0) {
+      fs::copy(saved, run, fs::copy_options::recursive);
+      const std::string file = run + "/checkpoints/step_4/" + shard_file_name(1);
+      d.apply(file);
+      const std::string err = load_error(run + "/checkpoints/step_4");
+      EXPECT_TRUE(has(err, d.expect) && has(err, "model-rank00001.h5")) << d.name << ": " << err;
+      std::printf("  %s: %s\n", d.name.c_str(), err.c_str());
+      EXPECT_EQ(load_error(run + "/checkpoints/step_2"), "") << d.name;
+    }
+    MPI_Barrier(MPI_COMM_WORLD);
+    const auto m = train_on(2, config(run, 6, 2, "auto"));  // falls back to step_2
+    expect_close(m, ref, 3, d.name + ": auto-resume from step_2");
+  }
+
+  // A save failing on rank 1 only (a simulated full disk half-way through its file).
+  const std::string failing = root + "/failing";
+  if (world_rank() == 1) setenv("IEVO_TEST_FAIL_SAVE", "4", 1);
+  std::string error;
+  train_on(2, config(failing, 4, 2, "auto"), &error);
+  if (world_rank() == 1) unsetenv("IEVO_TEST_FAIL_SAVE");
+  EXPECT_FALSE(error.empty()) << "the save of step 4 failed on rank 1 but the run succeeded";
+  if (world_rank() == 0) {
+    std::printf("  failed save, rank 0's error: %s\n", error.c_str());
+    EXPECT_TRUE(has(error, "failed on 1 other rank")) << error;
+    EXPECT_FALSE(fs::exists(failing + "/checkpoints/step_4.tmp"));
+    EXPECT_FALSE(fs::exists(failing + "/checkpoints/step_4"));
+    EXPECT_EQ(test::read_file(failing + "/checkpoints/latest"), "step_2\n");
+    EXPECT_EQ(load_error(failing + "/checkpoints/step_2"), "");
+  }
+  MPI_Barrier(MPI_COMM_WORLD);
+}
+
+#include "mpi_main.h"
