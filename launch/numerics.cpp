@@ -1,7 +1,6 @@
 #include "launch/numerics.h"
 
 #include <cmath>
-#include <limits>
 
 #include "launch/log.h"
 #include "runtime/error.h"
@@ -41,19 +40,21 @@ void NumericsGuard::restore_counts(int64_t skipped_total, int64_t skipped_in_a_r
 
 double NumericsGuard::loss_scale() const { return scaler_ ? scaler_->scale() : 1.0; }
 
-void NumericsGuard::inject(int64_t step, ParamStore& grads) const {
+int64_t NumericsGuard::poison_index(int64_t step, const std::vector<ParamSpec>& specs) const {
   if (debug_.nan_at_step <= 0 || step < debug_.nan_at_step ||
-      step >= debug_.nan_at_step + debug_.nan_steps)
-    return;
-  Tensor& g = debug_.nan_param.empty() ? grads[0] : grads.get(debug_.nan_param);
-  ops::scale(g, std::numeric_limits<double>::quiet_NaN());
-  log_info("debug.nan_at_step: step %lld: set the gradient of %s to NaN",
-           static_cast<long long>(step),
-           debug_.nan_param.empty() ? grads.spec(0).name.c_str() : debug_.nan_param.c_str());
+      step >= debug_.nan_at_step + debug_.nan_steps || specs.empty())
+    return -1;
+  for (size_t i = 0; i < specs.size(); ++i)
+    if (debug_.nan_param.empty() || specs[i].name == debug_.nan_param) {
+      log_info("debug.nan_at_step: step %lld: set the gradient of %s to NaN", static_cast<long long>(step),
+               specs[i].name.c_str());
+      return static_cast<int64_t>(i);
+    }
+  return -1;  // config validation knows the name: another rank holds it
 }
 
 bool NumericsGuard::accept(int64_t step, double loss, double scaled_grad_norm,
-                           const ParamStore& grads, StepMetrics& m) {
+                           const FirstNonfinite& first_nonfinite, StepMetrics& m) {
   const double scale = loss_scale();
   m.loss_scale = scaler_ ? scale : 0.0;
   m.grad_norm = scaled_grad_norm / scale;
@@ -71,14 +72,12 @@ bool NumericsGuard::accept(int64_t step, double loss, double scaled_grad_norm,
   ++skipped_total_;
   m.skipped_total = skipped_total_;
   if (counts) ++in_a_row_;
-  // An empty store: the gradients live in ZeRO-2/3 shards and are not scanned by name.
-  const std::string bad = first_nonfinite_tensor(grads);
-  const std::string culprit =
-      grads.size() == 0 && std::isfinite(loss)
-          ? std::string("gradient norm not finite (ZeRO-2/3 sharded gradients: no tensor named)")
-      : grads.size() == 0 ? detail::cat("the loss (", loss, ")")
-      : bad.empty()       ? detail::cat("the loss (", loss, "); every gradient is finite")
-                          : detail::cat("first non-finite gradient: ", bad);
+  const std::string bad = first_nonfinite ? first_nonfinite() : std::string();
+  const std::string culprit = !bad.empty()         ? detail::cat("first non-finite gradient: ", bad)
+                              : !first_nonfinite   ? detail::cat("the loss (", loss, ")")
+                              : std::isfinite(loss) ? std::string("gradient norm not finite, but every gradient of this "
+                                                                  "model-parallel rank is finite")
+                                                   : detail::cat("the loss (", loss, "); every gradient is finite");
   if (in_a_row_ >= max_in_a_row_)
     IEVO_FAIL("step ", step, ": ", in_a_row_,
               " steps in a row skipped for a non-finite loss or gradient (train.max_skips_in_a_row: ",

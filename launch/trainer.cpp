@@ -63,8 +63,6 @@ class Trainer {
     validate_sequence_layout(mc_, topo_.tp(), sequence_parallel_from_name(cfg.parallel.sequence), topo_.sp(),
                              t.micro_batch_size, cfg.data.seq_len);
     accum_ = split_.accum;
-    IEVO_CHECK(cfg.debug.nan_at_step <= 0 || cfg.parallel.zero <= 1,
-               "debug.nan_at_step needs whole gradients: parallel.zero <= 1 (got ", cfg.parallel.zero, ")");
     compute_dtype_ = t.precision == "bf16"   ? DType::BF16
                      : t.precision == "fp16" ? DType::F16
                                              : DType::F32;
@@ -312,9 +310,8 @@ class Trainer {
       }
     }
     loss_sum = dp_comm_->all_reduce_sum(loss_sum);
-    // ZeRO-2/3 gradients are already reduced into shards (no whole tensors to poison or scan).
-    const bool whole_grads = zero_->stage() <= 1;
-    if (whole_grads) guard_.inject(step, zero_->grads());  // debug.nan_* test hook
+    if (const int64_t i = guard_.poison_index(step, specs_); i >= 0)  // debug.nan_* test hook
+      zero_->poison_gradient(static_cast<size_t>(i));
     // Reduced over dp; summed over the tensor and pipeline groups: the global squared norm.
     double grad_sum_sq = zero_->finish_gradients();
     grad_sum_sq = pp_comm_->all_reduce_sum(tp_comm_->all_reduce_sum(grad_sum_sq));
@@ -324,8 +321,11 @@ class Trainer {
     m.loss = loss_sum / static_cast<double>(targets);
     m.lr = sched_.at(step);
     // Non-finite loss/gradients (or fp16 overflow): no update (launch/numerics.h).
-    const ParamStore none;
-    if (guard_.accept(step, m.loss, std::sqrt(grad_sum_sq), whole_grads ? zero_->grads() : none, m)) {
+    auto first_nonfinite = [&] {  // every dp rank scans its shard; they agree (collective)
+      const int64_t i = zero_->first_nonfinite_gradient();
+      return i < 0 ? std::string() : specs_[static_cast<size_t>(i)].name;
+    };
+    if (guard_.accept(step, m.loss, std::sqrt(grad_sum_sq), first_nonfinite, m)) {
       IEVO_NVTX_RANGE("optimizer");
       const double coef = clip_coefficient(m.grad_norm, cfg_.optim.grad_clip);
       zero_->step(m.lr, coef / loss_scale);

@@ -1,6 +1,7 @@
 #include "parallel/zero.h"
 
 #include <algorithm>
+#include <limits>
 
 #include "runtime/ops/adamw.h"
 #include "runtime/ops/elementwise.h"
@@ -603,6 +604,38 @@ void ZeroOptimizer::step(double lr, double grad_scale) {
       const ZeroBucket& B = layout_.buckets[b];
       Tensor bucket = full_w_.slice(0, B.full_offset, B.full_offset + B.padded);
       dp_.all_gather(full_piece(full_w_, static_cast<int>(b)), bucket);  // in place
+    }
+}
+
+int64_t ZeroOptimizer::first_nonfinite_gradient() {
+  drain_all();
+  const size_t n = specs_.size();
+  std::vector<double> bad(n, 0.0);  // 1 where this rank's piece of the parameter is not finite
+  for (const Segment& s : segments_)
+    if (bad[s.param] == 0 && !ops::all_finite(grad_piece(s.bucket).slice(0, s.start, s.start + s.len)))
+      bad[s.param] = 1;
+  if (layout_.shards > 1 && dp_.size() > 1) {  // stage 0: every rank scanned the same whole tensors
+    Tensor flags = Tensor::from_vector(bad, {static_cast<int64_t>(n)}).to(device_);
+    dp_.all_reduce(flags);
+    bad = flags.to_double_vector();
+  }
+  for (size_t i = 0; i < n; ++i)
+    if (bad[i] != 0) return static_cast<int64_t>(i);
+  return -1;
+}
+
+void ZeroOptimizer::poison_gradient(size_t i) {
+  IEVO_CHECK(i < specs_.size(), "ZeRO: poison_gradient(", i, ") of ", specs_.size(), " parameters");
+  drain_all();  // no reduction may still be reading or writing it
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  if (zc_.stage <= 1 || layout_.buckets[layout_.bucket_of[i]].deferred) {
+    ops::scale(grads_[i], nan);
+    return;
+  }
+  for (const Segment& s : segments_)
+    if (s.param == i) {
+      Tensor part = grad_piece(s.bucket).slice(0, s.start, s.start + s.len);
+      ops::scale(part, nan);
     }
 }
 

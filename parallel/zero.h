@@ -168,6 +168,16 @@ class ZeroOptimizer final : public LayerHooks {
   // AdamW on this rank's shard; gradients are multiplied by grad_scale (clipping) first. Then the
   // updated weights are all-gathered (stages 1-2).
   void step(double lr, double grad_scale);
+
+  // Numerical safety (launch/numerics.h), after finish_gradients: the lowest parameter index whose
+  // reduced gradient holds a NaN or Inf on any data-parallel rank, -1 if none. Each rank scans its
+  // own pieces (the AdamW segments; stage 0: every whole tensor) and the ranks agree by summing a
+  // per-parameter flag vector. Collective over the data-parallel group.
+  int64_t first_nonfinite_gradient();
+  // Test hook (debug.nan_at_step), after the backward and before finish_gradients: multiplies
+  // parameter i's gradient by NaN — its whole local gradient where that is kept (stages 0-1,
+  // deferred parameters), else this rank's pieces of it in the reduced shard (some rank holds one).
+  void poison_gradient(size_t i);
   int64_t steps_taken() const { return t_; }
 
   const ZeroLayout& layout() const { return layout_; }
