@@ -25,8 +25,17 @@
 // ZeroConfig::pre_reduce can sum them over another group first; finish_gradients then reduces them
 // over data parallelism like the rest.
 //
-// One optimiser step:  begin_step(); model forward/backward of every micro-batch on weights() and
-// grads() (the model calls the LayerHooks); finish_gradients() -> global squared norm; step().
+// Overlap (ZeroConfig::overlap; on for CUDA). The reductions a backward hook issues run on the
+// communicator's stream (Communicator::*_async, ordered after the compute queued so far); the
+// compute stream waits for them one hook layer later, or in finish_gradients, and only then are
+// their buffers freed (the caching allocator hands freed memory to the compute stream at once).
+// ZeRO-3 also issues the next hook layer's gathers before the current layer computes; a wrong
+// guess is waited for and freed at the next hook. The price: about one more layer of gathered
+// weights and of gradient buckets alive at once.
+//
+// One optimiser step:  begin_step(micro_batches); model forward/backward of every micro-batch on
+// weights() and grads() (the model calls the LayerHooks); finish_gradients() -> global squared
+// norm; step().
 // With fp32 compute the master weights are the weights themselves (no second copy); with bf16
 // the master is an f32 shard and the weights are rewritten from it (then all-gathered).
 #pragma once
