@@ -155,36 +155,40 @@ std::string shard_file_name(int rank) {
   return buf;
 }
 
-void save_sharded_checkpoint(const std::string& ckpt_dir, const ModelConfig& c,
-                             const CheckpointState& state, const std::vector<std::string>& groups,
-                             const std::vector<ParamSpec>& global_specs,
-                             const std::vector<CheckpointPiece>& pieces, bool writes,
-                             Communicator& world, bool update_latest) {
+// Steps 1-2 (collective): rank 0 makes an empty step_N.tmp (a leftover of an interrupted save
+// is removed); the ranks agree which of them write (state.json lists their files); rank 0 builds
+// the side files and shares their checksums, which every shard file records (a stale or foreign
+// shard file is so detected on load).
+ShardedSave begin_sharded_save(const std::string& ckpt_dir, const ModelConfig& c,
+                               const CheckpointState& state, const std::vector<std::string>& groups,
+                               const std::vector<ParamSpec>& global_specs, bool writes,
+                               Communicator& world, bool update_latest) {
+  ShardedSave sv;
   const int rank = world.rank(), n = world.size();
-  const std::string final_dir = normalized(ckpt_dir), tmp = final_dir + ".tmp";
-  const std::string what = "checkpoint " + final_dir;
+  sv.final_dir = normalized(ckpt_dir);
+  sv.tmp = sv.final_dir + ".tmp";
+  sv.step = state.step;
+  sv.groups = groups;
+  sv.writes = writes;
+  sv.update_latest = update_latest;
+  sv.file = (fs::path(sv.tmp) / shard_file_name(rank)).string();
   IEVO_CHECK(rank != 0 || writes, "save_sharded_checkpoint: rank 0 must write a shard file");
-  auto remove_tmp = [&] {
+  collective_step(world, rank == 0, "checkpoint " + sv.final_dir, [&] {
     std::error_code ec;
-    if (rank == 0) fs::remove_all(tmp, ec);
-  };
-  // 1. rank 0 makes an empty step_N.tmp (a leftover of an interrupted save is removed).
-  collective_step(world, rank == 0, what, [&] {
+    fs::remove_all(sv.tmp, ec);
+    fs::create_directories(sv.tmp, ec);
+    IEVO_CHECK(!ec, "checkpoint ", sv.tmp, ": cannot create the directory: ", ec.message());
+  }, [&] {
     std::error_code ec;
-    fs::remove_all(tmp, ec);
-    fs::create_directories(tmp, ec);
-    IEVO_CHECK(!ec, "checkpoint ", tmp, ": cannot create the directory: ", ec.message());
-  }, remove_tmp);
+    if (rank == 0) fs::remove_all(sv.tmp, ec);
+  });
 
-  // 2. Which ranks write (state.json lists their files); rank 0's side files, whose checksums
-  // every shard file records (a stale or foreign shard file is detected on load).
   Tensor flags = Tensor::zeros({n}, DType::F64);
   flags.data<double>()[rank] = writes ? 1.0 : 0.0;
   world.all_reduce(flags);
-  std::string state_text, config_text;
   int64_t sums[2] = {0, 0};
   if (rank == 0) {
-    config_text = hf_model_config_json(c, "float32").dump(2) + "\n";
+    sv.config_text = hf_model_config_json(c, "float32").dump(2) + "\n";
     nlohmann::json shards = nlohmann::json::array(), tensors = nlohmann::json::object();
     for (int r = 0; r < n; ++r)
       if (flags.data<double>()[r] > 0.5) shards.push_back(shard_file_name(r));
@@ -200,39 +204,72 @@ void save_sharded_checkpoint(const std::string& ckpt_dir, const ModelConfig& c,
                          {"shards", shards},
                          {"tensors", tensors},
                          {"extra", state.extra.is_null() ? nlohmann::json::object() : state.extra}};
-    state_text = st.dump(2) + "\n";
-    sums[0] = static_cast<int64_t>(checkpoint_checksum(state_text.data(), state_text.size()));
-    sums[1] = static_cast<int64_t>(checkpoint_checksum(config_text.data(), config_text.size()));
+    sv.state_text = st.dump(2) + "\n";
+    sums[0] = static_cast<int64_t>(checkpoint_checksum(sv.state_text.data(), sv.state_text.size()));
+    sums[1] = static_cast<int64_t>(checkpoint_checksum(sv.config_text.data(), sv.config_text.size()));
   }
-  for (int64_t& s : sums) s = world.all_reduce_sum(rank == 0 ? s : int64_t{0});
+  for (int64_t& x : sums) x = world.all_reduce_sum(rank == 0 ? x : int64_t{0});
+  sv.state_sum = static_cast<uint64_t>(sums[0]);
+  sv.config_sum = static_cast<uint64_t>(sums[1]);
+  sv.rank = rank;
+  sv.world_size = n;
+  return sv;
+}
 
-  // 3. Every writer its own file, fsynced; then all agree it worked.
-  collective_step(world, writes, what, [&] {
-    write_shard_file((fs::path(tmp) / shard_file_name(rank)).string(), rank, n,
-                     static_cast<uint64_t>(sums[0]), static_cast<uint64_t>(sums[1]), groups,
-                     pieces, state.step);
-  }, remove_tmp);
+// Step 3 (this rank only, any thread): its file, fsynced.
+void write_sharded_file(const ShardedSave& sv, const std::vector<CheckpointPiece>& pieces) {
+  if (!sv.writes) return;
+  write_shard_file(sv.file, sv.rank, sv.world_size, sv.state_sum, sv.config_sum, sv.groups, pieces,
+                   sv.step);
+}
 
-  // 4. Rank 0: side files, rename, `latest` (the same protocol as one process).
+// Steps 4-5 (collective): the ranks agree that every file was written (`error`: this rank's
+// failure, "" if none); then rank 0 writes the side files, renames step_N.tmp and updates
+// `latest` (the same protocol as one process).
+void finish_sharded_save(const ShardedSave& sv, const std::string& error, Communicator& world) {
+  const int rank = world.rank();
+  const std::string what = "checkpoint " + sv.final_dir;
+  collective_step(world, true, what, [&] {
+    if (!error.empty()) throw Error(error);
+  }, [&] {
+    std::error_code ec;
+    if (rank == 0) fs::remove_all(sv.tmp, ec);
+  });
   collective_step(world, rank == 0, what, [&] {
     try {
-      write_file_atomic((fs::path(tmp) / "config.json").string(), config_text);
-      write_file_atomic((fs::path(tmp) / "state.json").string(), state_text);
-      fsync_path(tmp);
-      replace_directory(tmp, final_dir);
+      write_file_atomic((fs::path(sv.tmp) / "config.json").string(), sv.config_text);
+      write_file_atomic((fs::path(sv.tmp) / "state.json").string(), sv.state_text);
+      fsync_path(sv.tmp);
+      replace_directory(sv.tmp, sv.final_dir);
     } catch (...) {
       std::error_code ec;
-      fs::remove_all(tmp, ec);
+      fs::remove_all(sv.tmp, ec);
       throw;
     }
-    fault_point("renamed", state.step);
-    if (update_latest) {
-      const fs::path parent = fs::path(final_dir).parent_path();
+    fault_point("renamed", sv.step);
+    if (sv.update_latest) {
+      const fs::path parent = fs::path(sv.final_dir).parent_path();
       write_file_atomic(((parent.empty() ? fs::path(".") : parent) / "latest").string(),
-                        fs::path(final_dir).filename().string() + "\n");
+                        fs::path(sv.final_dir).filename().string() + "\n");
     }
-    fault_point("saved", state.step);
+    fault_point("saved", sv.step);
   }, [] {});
+}
+
+void save_sharded_checkpoint(const std::string& ckpt_dir, const ModelConfig& c,
+                             const CheckpointState& state, const std::vector<std::string>& groups,
+                             const std::vector<ParamSpec>& global_specs,
+                             const std::vector<CheckpointPiece>& pieces, bool writes,
+                             Communicator& world, bool update_latest) {
+  const ShardedSave sv =
+      begin_sharded_save(ckpt_dir, c, state, groups, global_specs, writes, world, update_latest);
+  std::string error;
+  try {
+    write_sharded_file(sv, pieces);
+  } catch (const std::exception& e) {
+    error = e.what();
+  }
+  finish_sharded_save(sv, error, world);
 }
 
 // ---- reading -------------------------------------------------------------------------------
@@ -408,40 +445,94 @@ std::vector<bool> owned_slices(const std::vector<ParamSpec>& mine, int mp_rank,
   return owned;
 }
 
-void save_zero_checkpoint(const std::string& run_dir, int64_t keep_last, const ModelConfig& c,
-                          const CheckpointState& state, ZeroOptimizer& zero,
-                          const std::vector<ParamSpec>& specs, const std::vector<bool>& owned,
-                          bool writes, const std::vector<ParamSpec>& global_specs,
-                          Communicator& world) {
-  const auto t0 = std::chrono::steady_clock::now();
-  std::vector<CheckpointPiece> pieces;
-  int64_t elems = 0;
+ShardedCheckpointer::ShardedCheckpointer(std::string run_dir, int64_t keep_last, bool async,
+                                         Communicator& world)
+    : run_dir_(std::move(run_dir)), keep_last_(keep_last), async_(async), world_(world) {}
+
+ShardedCheckpointer::~ShardedCheckpointer() {
+  if (worker_.joinable()) worker_.join();
+}
+
+void ShardedCheckpointer::save(const ModelConfig& c, const CheckpointState& state,
+                               ZeroOptimizer& zero, const std::vector<ParamSpec>& specs,
+                               const std::vector<bool>& owned, bool writes,
+                               const std::vector<ParamSpec>& global_specs) {
+  wait();  // at most one save in flight
+  started_ = std::chrono::steady_clock::now();
+  pieces_.clear();
+  elems_ = 0;
   if (writes)
     for (auto& sp : zero.state_pieces()) {
       const ParamSpec& s = specs[sp.param];
       if (!owned[sp.param]) continue;
       CheckpointPiece p{s.name, s.global(), s.shape, s.split_dim, s.split_offset, sp.begin, sp.end, {}};
-      for (const Tensor* t : {&sp.master, &sp.exp_avg, &sp.exp_avg_sq}) {
+      for (const Tensor* t : {&sp.master, &sp.exp_avg, &sp.exp_avg_sq}) {  // host copies
         const DType dt = t->dtype() == DType::F64 ? DType::F64 : DType::F32;
         Tensor h = t->is_cpu() ? t->clone() : t->to(Device::CPU);
         p.data.push_back(h.dtype() == dt ? h : h.to(dt));
       }
-      elems += sp.end - sp.begin;
-      pieces.push_back(std::move(p));
+      elems_ += sp.end - sp.begin;
+      pieces_.push_back(std::move(p));
     }
-  const std::string dir = checkpoint_dir(run_dir, state.step);
-  save_sharded_checkpoint(dir, c, state, {"params", "exp_avg", "exp_avg_sq"}, global_specs, pieces,
-                          writes, world);
-  const int64_t total = world.all_reduce_sum(elems);
-  const int64_t files = world.all_reduce_sum(static_cast<int64_t>(writes));
-  if (world.rank() != 0) return;
-  const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  log_info("ievo: saved %s (%lld shard files of %d ranks, %.1f MiB of f32 state, %.2f s)",
-           dir.c_str(), static_cast<long long>(files), world.size(),
-           static_cast<double>(total) * 12.0 / (1 << 20), s);
-  for (int64_t step : prune_checkpoints(run_dir, state.step, keep_last))
+  pending_ = std::make_unique<ShardedSave>(
+      begin_sharded_save(checkpoint_dir(run_dir_, state.step), c, state,
+                         {"params", "exp_avg", "exp_avg_sq"}, global_specs, writes, world_));
+  error_.clear();
+  if (!async_) {
+    try {
+      write_sharded_file(*pending_, pieces_);
+    } catch (const std::exception& e) {
+      error_ = e.what();
+    }
+    finish();
+    return;
+  }
+  done_ = false;
+  worker_ = std::thread([this] {
+    try {
+      write_sharded_file(*pending_, pieces_);
+    } catch (const std::exception& e) {
+      error_ = e.what();
+    }
+    done_ = true;
+  });
+}
+
+void ShardedCheckpointer::poll() {
+  if (!pending_) return;  // the same on every rank: saves are collective
+  if (world_.all_reduce_sum(static_cast<int64_t>(!done_)) > 0) return;
+  finish();
+}
+
+void ShardedCheckpointer::wait() {
+  if (!pending_) return;
+  if (worker_.joinable()) worker_.join();
+  finish();
+}
+
+void ShardedCheckpointer::finish() {
+  if (worker_.joinable()) worker_.join();
+  const std::unique_ptr<ShardedSave> sv = std::move(pending_);
+  pieces_.clear();
+  std::string error;
+  error.swap(error_);
+  try {
+    finish_sharded_save(*sv, error, world_);
+  } catch (const std::exception& e) {
+    if (async_)
+      IEVO_FAIL("checkpoint.async: the background checkpoint write failed: ", e.what());
+    throw;
+  }
+  const int64_t total = world_.all_reduce_sum(elems_);
+  const int64_t files = world_.all_reduce_sum(static_cast<int64_t>(sv->writes));
+  if (world_.rank() != 0) return;
+  const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - started_).count();
+  log_info("ievo: saved %s (%lld shard files of %d ranks, %.1f MiB of f32 state, %.2f s%s)",
+           sv->final_dir.c_str(), static_cast<long long>(files), world_.size(),
+           static_cast<double>(total) * 12.0 / (1 << 20), s, async_ ? ", in the background" : "");
+  for (int64_t step : prune_checkpoints(run_dir_, sv->step, keep_last_))
     log_info("ievo: checkpoint.keep_last=%lld: removed step_%lld",
-             static_cast<long long>(keep_last), static_cast<long long>(step));
+             static_cast<long long>(keep_last_), static_cast<long long>(step));
 }
 
 }  // namespace ievo

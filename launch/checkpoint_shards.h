@@ -14,11 +14,14 @@
 // updates `latest`. A failure on any rank is an error on every rank; step_<N>.tmp is removed and
 // the previous checkpoint is untouched.
 #pragma once
+#include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <functional>
 #include <map>
 #include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include <nlohmann/json.hpp>
@@ -43,7 +46,7 @@ struct CheckpointPiece {
 // "model-rank00003.h5"
 std::string shard_file_name(int rank);
 
-// Collective over `world` (every rank calls it; `writes`: this rank has a file to write, rank 0
+// Collective over `world` (every rank calls it; begin + write + finish below; `writes`: this rank has a file to write, rank 0
 // always does). global_specs: every tensor of the model (their global names and shapes), which
 // the pieces of all ranks together must cover exactly once per group. Throws on every rank if the
 // save failed anywhere (the message names the file on the rank that failed).
@@ -60,16 +63,66 @@ void save_sharded_checkpoint(const std::string& ckpt_dir, const ModelConfig& c,
 std::vector<bool> owned_slices(const std::vector<ParamSpec>& mine, int mp_rank,
                                const std::function<std::vector<ParamSpec>(int)>& specs_of);
 
-// The trainer's save under several ranks: this rank's ZeRO segments of the master weights and
-// Adam moments (host copies) of its owned local tensors, written collectively as
+// One collective save in progress (the phases of save_sharded_checkpoint, for the asynchronous
+// writer): begin (collective: step_<N>.tmp, the writers, state.json's checksum shared), the
+// rank's own file (any thread), finish (collective: all files written? then state.json, rename,
+// `latest`; `error`: this rank's write failure or "").
+struct ShardedSave {
+  std::string final_dir, tmp, file, state_text, config_text;
+  std::vector<std::string> groups;
+  uint64_t state_sum = 0, config_sum = 0;
+  int64_t step = 0;
+  int rank = 0, world_size = 1;
+  bool writes = false, update_latest = true;
+};
+ShardedSave begin_sharded_save(const std::string& ckpt_dir, const ModelConfig& c,
+                               const CheckpointState& state, const std::vector<std::string>& groups,
+                               const std::vector<ParamSpec>& global_specs, bool writes,
+                               Communicator& world, bool update_latest = true);
+void write_sharded_file(const ShardedSave& sv, const std::vector<CheckpointPiece>& pieces);
+void finish_sharded_save(const ShardedSave& sv, const std::string& error, Communicator& world);
+
+// The trainer's checkpoints under several ranks: this rank's ZeRO segments of the master weights
+// and Adam moments (host copies) of its owned local tensors (owned_slices), saved collectively as
 // RUN_DIR/checkpoints/step_<N> (groups params, exp_avg, exp_avg_sq); `writes`: this rank holds
 // state nobody else writes (ZeRO stages 1-3: every rank; stage 0: data-parallel rank 0). Rank 0
-// then applies keep_last and logs the save. Synchronous (checkpoint.async applies to one process).
-void save_zero_checkpoint(const std::string& run_dir, int64_t keep_last, const ModelConfig& c,
-                          const CheckpointState& state, ZeroOptimizer& zero,
-                          const std::vector<ParamSpec>& specs, const std::vector<bool>& owned,
-                          bool writes, const std::vector<ParamSpec>& global_specs,
-                          Communicator& world);
+// applies keep_last once a checkpoint is complete and logs it.
+//
+// async (checkpoint.async): save() takes the host copy of this rank's pieces (1/N of the state),
+// starts a thread writing its file and returns; poll(), called by every rank after every step,
+// asks all ranks (one all-reduce while a save is in flight) whether their writes are done and,
+// once they all are, finishes the save collectively; a failed write on any rank then fails every
+// rank (step_<N>.tmp removed, the previous checkpoint untouched). The next save() and wait() (end
+// of the run) finish the one in flight first. Without async save() does it all at once. Every
+// method is collective over `world`.
+class ShardedCheckpointer {
+ public:
+  ShardedCheckpointer(std::string run_dir, int64_t keep_last, bool async, Communicator& world);
+  ~ShardedCheckpointer();  // joins a write in flight (not finished: its step_<N>.tmp stays)
+  ShardedCheckpointer(const ShardedCheckpointer&) = delete;
+  ShardedCheckpointer& operator=(const ShardedCheckpointer&) = delete;
+
+  void save(const ModelConfig& c, const CheckpointState& state, ZeroOptimizer& zero,
+            const std::vector<ParamSpec>& specs, const std::vector<bool>& owned, bool writes,
+            const std::vector<ParamSpec>& global_specs);
+  void poll();
+  void wait();
+
+ private:
+  void finish();
+
+  std::string run_dir_;
+  int64_t keep_last_;
+  bool async_;
+  Communicator& world_;
+  std::thread worker_;
+  std::atomic<bool> done_{true};
+  std::string error_;  // the background write's failure (read after join)
+  std::unique_ptr<ShardedSave> pending_;
+  std::vector<CheckpointPiece> pieces_;
+  std::chrono::steady_clock::time_point started_;
+  int64_t elems_ = 0;
+};
 
 // The shard files of a version 3 checkpoint, open for reading (CheckpointReader uses it).
 // Opening checks that every listed file exists, is an ievo shard file of this checkpoint (the

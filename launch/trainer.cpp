@@ -83,6 +83,7 @@ class Trainer {
       if (validator_->due(step)) evaluate(step, metrics);  // launch/validation.h
       fault_point("step", step);  // IEVO_TEST_KILL_AT_STEP (tests/test_resume.cpp)
       if (ckpt_) ckpt_->poll();   // a failed background checkpoint write fails the run here
+      if (sharded_) sharded_->poll();  // several ranks: collective (launch/checkpoint_shards.h)
       const int64_t every = cfg_.checkpoint.every;
       const bool due = (every > 0 && step % every == 0) ||
                        (step == cfg_.train.steps && cfg_.checkpoint.at_end);
@@ -105,6 +106,7 @@ class Trainer {
       }
     }
     if (ckpt_) ckpt_->wait();  // the last (async) checkpoint is complete before we return
+    if (sharded_) sharded_->wait();
     return all;
   }
 
@@ -198,7 +200,10 @@ class Trainer {
                  static_cast<double>(mc_.num_params()) / 1e6, device_name(device_),
                  cfg_.train.precision.c_str(), source_->describe().c_str());
     resume();
-    if (rank_ == 0 && opt_.checkpoints)
+    if (topo_.world_size() > 1 && opt_.checkpoints)  // every rank writes its own shard file
+      sharded_ = std::make_unique<ShardedCheckpointer>(run_dir_.string(), cfg_.checkpoint.keep_last,
+                                                       cfg_.checkpoint.async, *world_comm_);
+    else if (rank_ == 0 && opt_.checkpoints)
       ckpt_ = std::make_unique<Checkpointer>(run_dir_.string(), mc_, cfg_.checkpoint.keep_last,
                                              cfg_.checkpoint.async);
   }
@@ -377,9 +382,8 @@ class Trainer {
         ckpt_owned_ = owned_slices(specs_, mp_comm_->rank(), [&](int r) {
           return param_specs(mc_, shard_of(r % topo_.tp(), r / topo_.tp()));
         });
-      save_zero_checkpoint(run_dir_.string(), cfg_.checkpoint.keep_last, mc_, st, *zero_, specs_,
-                           ckpt_owned_, zero_->layout().shards > 1 || topo_.dp_rank() == 0,
-                           global_specs_, *world_comm_);
+      sharded_->save(mc_, st, *zero_, specs_, ckpt_owned_,
+                     zero_->layout().shards > 1 || topo_.dp_rank() == 0, global_specs_);
       return;
     }
     // One process: whole f32 master weights and moments in reused host stores (page-locked on
@@ -420,7 +424,8 @@ class Trainer {
   std::unique_ptr<SampleSource> source_;
   std::unique_ptr<Validator> validator_;  // data.valid_paths
   std::unique_ptr<Llama> model_;
-  std::unique_ptr<Checkpointer> ckpt_;  // rank 0: writes checkpoints (launch/checkpointer.h)
+  std::unique_ptr<Checkpointer> ckpt_;  // one process: writes checkpoints (launch/checkpointer.h)
+  std::unique_ptr<ShardedCheckpointer> sharded_;  // several ranks (launch/checkpoint_shards.h)
   int64_t start_step_ = 0;              // the resumed checkpoint's step (0: fresh start)
   int64_t sample_base_ = 0;             // ... and its consumed samples
 };

@@ -8,8 +8,10 @@
 //   * the dp=2 save resumes under dp=1 / ZeRO-0 and dp=N / ZeRO-3, every step within 1e-5;
 //   * a flipped byte in, a deleted and a truncated model-rank00001.h5 are detected with the file
 //     named, and auto-resume falls back to the previous checkpoint (steps within 1e-5);
-//   * a save that fails on rank 1 only (IEVO_TEST_FAIL_SAVE) fails every rank, removes
-//     step_<N>.tmp and leaves the previous checkpoint and `latest` untouched.
+//   * checkpoint.async (each rank writes its file in a background thread, finished collectively
+//     at a later step) saves the same tensors;
+//   * a save that fails on rank 1 only (IEVO_TEST_FAIL_SAVE), sync or async, fails every rank,
+//     removes step_<N>.tmp and leaves the previous checkpoint and `latest` untouched.
 #include <gtest/gtest.h>
 #include <mpi.h>
 
@@ -191,7 +193,8 @@ TEST(MpiCheckpointShards, EveryRankWritesItsPieces) {
   std::vector<Layout> saves = {{2, 2, 2, {}, "dp2_z2"},
                                {2, 1, 2, {"parallel.tensor=2"}, "tp2_z1"},
                                {2, 0, 2, {"parallel.pipeline=2"}, "pp2"},
-                               {2, 0, 1, {}, "dp2_z0"}};  // ZeRO-0: only dp rank 0 writes
+                               {2, 0, 1, {}, "dp2_z0"},  // ZeRO-0: only dp rank 0 writes
+                               {2, 2, 2, {"checkpoint.async=true"}, "dp2_z2_async"}};
   if (n == 4) {
     saves.push_back({4, 2, 4, {"parallel.tensor=2"}, "tp2_dp2_z2"});
     saves.push_back({4, 3, 4, {}, "dp4_z3"});
@@ -275,20 +278,25 @@ TEST(MpiCheckpointShards, ResumeCorruptionAndFailedSaves) {
     expect_close(m, ref, 3, d.name + ": auto-resume from step_2");
   }
 
-  // A save failing on rank 1 only (a simulated full disk half-way through its file).
-  const std::string failing = root + "/failing";
-  if (world_rank() == 1) setenv("IEVO_TEST_FAIL_SAVE", "4", 1);
-  std::string error;
-  train_on(2, config(failing, 4, 2, "auto"), &error);
-  if (world_rank() == 1) unsetenv("IEVO_TEST_FAIL_SAVE");
-  EXPECT_FALSE(error.empty()) << "the save of step 4 failed on rank 1 but the run succeeded";
-  if (world_rank() == 0) {
-    std::printf("  failed save, rank 0's error: %s\n", error.c_str());
-    EXPECT_TRUE(has(error, "failed on 1 other rank")) << error;
-    EXPECT_FALSE(fs::exists(failing + "/checkpoints/step_4.tmp"));
-    EXPECT_FALSE(fs::exists(failing + "/checkpoints/step_4"));
-    EXPECT_EQ(test::read_file(failing + "/checkpoints/latest"), "step_2\n");
-    EXPECT_EQ(load_error(failing + "/checkpoints/step_2"), "");
+  // A save failing on rank 1 only (a simulated full disk half-way through its file), written
+  // synchronously and in the background (checkpoint.async: reported when the run waits for it).
+  for (const bool async : {false, true}) {
+    const std::string failing = root + (async ? "/failing_async" : "/failing");
+    if (world_rank() == 1) setenv("IEVO_TEST_FAIL_SAVE", "4", 1);
+    std::string error;
+    train_on(2, config(failing, 4, 2, "auto", {std::string("checkpoint.async=") + (async ? "true" : "false")}),
+             &error);
+    if (world_rank() == 1) unsetenv("IEVO_TEST_FAIL_SAVE");
+    EXPECT_FALSE(error.empty()) << "the save of step 4 failed on rank 1 but the run succeeded";
+    if (world_rank() == 0) {
+      std::printf("  failed save (async %d), rank 0's error: %s\n", async, error.c_str());
+      EXPECT_TRUE(has(error, "failed on 1 other rank")) << error;
+      EXPECT_EQ(has(error, "checkpoint.async"), async) << error;
+      EXPECT_FALSE(fs::exists(failing + "/checkpoints/step_4.tmp"));
+      EXPECT_FALSE(fs::exists(failing + "/checkpoints/step_4"));
+      EXPECT_EQ(test::read_file(failing + "/checkpoints/latest"), "step_2\n");
+      EXPECT_EQ(load_error(failing + "/checkpoints/step_2"), "");
+    }
   }
   MPI_Barrier(MPI_COMM_WORLD);
 }
