@@ -41,8 +41,20 @@ LossSum PipelineExecutor::evaluate(Llama& model, const ParamStore& weights, cons
   return execute(*eval_, model, weights, nullptr, micros, 1.0);
 }
 
+void PipelineExecutor::connect(Device device) {
+  std::vector<Communicator::P2POp> ops;
+  for (int q = 0; q < pp_.size(); ++q) {
+    if (q == pp_.rank()) continue;
+    ops.push_back({true, Tensor::zeros({1}, DType::F32, device), q});
+    ops.push_back({false, Tensor::empty({1}, DType::F32, device), q});
+  }
+  pp_.exchange(ops);
+  connected_ = true;
+}
+
 LossSum PipelineExecutor::execute(const PipelineSchedule& s, Llama& model, const ParamStore& weights,
                                   ParamStore* grads, const std::vector<Batch>& micros, double grad_scale) {
+  if (!connected_) connect(weights.device());  // every stage's first step: collective
   const int stage = pp_.rank(), S = s.num_vstages();
   IEVO_CHECK(static_cast<int>(micros.size()) == s.micro_batches, "pipeline: ", micros.size(),
              " micro-batches for a schedule of ", s.micro_batches);

@@ -77,6 +77,13 @@ class PipelineExecutor {
   std::function<int64_t(const Batch&)> rows_;
   std::function<void()> sync_;  // before each clock reading (nullptr: none)
   Timing timing_;
+  bool connected_ = false;  // connect() ran
+  // Opens every point-to-point connection of the group at once (one symmetric exchange with each
+  // other stage). NCCL sets up a pair's connection lazily, on the host, inside the first group
+  // that uses it, and waits there for the peer's first group to the pair: a schedule whose first
+  // send on one side sits in a group the peer reaches only after depending on it (GPipe: stage 0
+  // sends the last activation and receives the first gradient together) would hang there.
+  void connect(Device device);
 };
 
 // The first and last stage of this rank's pipeline (same data/tensor coordinates), the group
