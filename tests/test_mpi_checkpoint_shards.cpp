@@ -29,6 +29,7 @@
 #include "launch/trainer.h"
 #include "models/hf_adapter.h"
 #include "models/model_config.h"
+#include "mpi_util.h"
 #include "util.h"
 
 using namespace ievo;
@@ -45,15 +46,6 @@ int world_size() {
   int n = 0;
   MPI_Comm_size(MPI_COMM_WORLD, &n);
   return n;
-}
-
-std::string shared_temp_dir(const std::string& tag) {
-  std::string dir = world_rank() == 0 ? test::temp_dir(tag) : std::string();
-  int n = static_cast<int>(dir.size());
-  MPI_Bcast(&n, 1, MPI_INT, 0, MPI_COMM_WORLD);
-  dir.resize(static_cast<size_t>(n));
-  MPI_Bcast(dir.data(), n, MPI_CHAR, 0, MPI_COMM_WORLD);
-  return dir;
 }
 
 Config config(const std::string& run_dir, int64_t steps, int zero, const std::string& resume,
@@ -179,7 +171,7 @@ std::string load_error(const std::string& ckpt) {
 }  // namespace
 
 TEST(MpiCheckpointShards, EveryRankWritesItsPieces) {
-  const std::string root = shared_temp_dir("mpi_ckpt_shards");
+  const std::string root = test::shared_dir("mpi_ckpt_shards");
   const int n = world_size();
   const auto ref = train_on(1, config(root + "/ref", 6, 0, "auto"));
   ASSERT_EQ(ref.size(), 6u);
@@ -223,7 +215,7 @@ TEST(MpiCheckpointShards, EveryRankWritesItsPieces) {
 }
 
 TEST(MpiCheckpointShards, ResumeCorruptionAndFailedSaves) {
-  const std::string root = shared_temp_dir("mpi_ckpt_shards_fail");
+  const std::string root = test::shared_dir("mpi_ckpt_shards_fail");
   const int n = world_size();
   const auto ref = train_on(1, config(root + "/ref", 6, 0, "auto"));
   ASSERT_EQ(ref.size(), 6u);

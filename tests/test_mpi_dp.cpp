@@ -32,22 +32,13 @@
 #include "parallel/topology.h"
 #include "parallel/zero.h"
 #include "runtime/allocator.h"
+#include "mpi_util.h"
 #include "util.h"
 
 namespace fs = std::filesystem;
 using namespace ievo;
 
 namespace {
-
-// A directory made by world rank 0, the same path on every rank.
-std::string shared_dir(const std::string& tag) {
-  std::string d = world_rank() == 0 ? test::temp_dir(tag) : "";
-  int n = static_cast<int>(d.size());
-  MPI_Bcast(&n, 1, MPI_INT, 0, MPI_COMM_WORLD);
-  d.resize(static_cast<size_t>(n));
-  MPI_Bcast(d.data(), n, MPI_CHAR, 0, MPI_COMM_WORLD);
-  return d;
-}
 
 Config fixture_config(const std::string& variant, const std::string& run_dir,
                       std::vector<std::string> sets) {
@@ -86,7 +77,7 @@ State load_state(const std::string& ckpt, const ModelConfig& c) {
 // micro-batches as the data-parallel run, so only the order of the cross-rank sums differs.
 const TrainRun& reference(const std::string& variant, int gbs, int micro) {
   static std::map<std::tuple<std::string, int, int>, TrainRun> cache;
-  static const std::string base = shared_dir("dp_ref");
+  static const std::string base = test::shared_dir("dp_ref");
   const auto key = std::make_tuple(variant, gbs, micro);
   auto it = cache.find(key);
   if (it != cache.end()) return it->second;
@@ -108,7 +99,7 @@ TEST_P(DataParallel, EqualsOneProcessAndHf) {
   const int world = world_size();
   std::vector<int> dps = {world};
   if (world == 4) dps.push_back(2);
-  const std::string base = shared_dir("dp_" + variant);
+  const std::string base = test::shared_dir("dp_" + variant);
   const std::string fx = test::fixture_dir(variant);
   const auto expected = nlohmann::json::parse(test::read_file(fx + "/expected.json"));
   const ModelConfig mc = read_hf_model_config(fx + "/hf");
@@ -272,7 +263,7 @@ TEST(ZeroMemory, AllocatorMatchesPlanAndFormula) {
 // Bad input: errors that name the keys, before any training (no metrics written).
 TEST(DataParallelErrors, BadInputFailsBeforeTraining) {
   const int world = world_size();
-  const std::string base = shared_dir("dp_err");
+  const std::string base = test::shared_dir("dp_err");
   auto expect_error = [&](const std::vector<std::string>& sets, const std::vector<std::string>& words) {
     const std::string dir = base + "/run" + std::to_string(std::hash<std::string>{}(sets.back()) % 100000);
     try {

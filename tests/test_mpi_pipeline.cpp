@@ -33,6 +33,7 @@
 #include "parallel/communicator.h"
 #include "parallel/pipeline.h"
 #include "parallel/topology.h"
+#include "mpi_util.h"
 #include "util.h"
 
 using namespace ievo;
@@ -187,16 +188,6 @@ TEST(PipelineExecutor, RefusesAMismatchedSchedule) {
 
 namespace {
 
-// A directory made by world rank 0, the same path on every rank.
-std::string shared_dir(const std::string& tag) {
-  std::string d = world_rank() == 0 ? test::temp_dir(tag) : "";
-  int n = static_cast<int>(d.size());
-  MPI_Bcast(&n, 1, MPI_INT, 0, MPI_COMM_WORLD);
-  d.resize(static_cast<size_t>(n));
-  MPI_Bcast(d.data(), n, MPI_CHAR, 0, MPI_COMM_WORLD);
-  return d;
-}
-
 // The fixture's training run (its data, optimiser, 6 steps); `random` replaces the HF weights by
 // a random-init 8-layer model of the same width (tied like the fixture).
 std::vector<std::string> fixture_sets(const std::string& variant, bool random) {
@@ -255,7 +246,7 @@ TrainRun train(const Config& cfg, MPI_Comm comm) {
 // The one-process run of (variant, random, gbs, micro) on this rank, computed once.
 const TrainRun& reference(const std::string& variant, bool random, int gbs, int micro, int steps) {
   static std::map<std::tuple<std::string, bool, int, int, int>, TrainRun> cache;
-  static const std::string base = shared_dir("pp_ref");
+  static const std::string base = test::shared_dir("pp_ref");
   const auto key = std::make_tuple(variant, random, gbs, micro, steps);
   auto it = cache.find(key);
   if (it != cache.end()) return it->second;
@@ -298,7 +289,7 @@ TEST_P(PipelineTraining, EqualsOneProcess) {
                            std::to_string(k.micro);
   SCOPED_TRACE(what);
   static int run_id = 0;
-  const std::string dir = shared_dir("pp") + "/run" + std::to_string(run_id++);
+  const std::string dir = test::shared_dir("pp") + "/run" + std::to_string(run_id++);
   std::vector<std::string> sets = {"parallel.pipeline=" + std::to_string(k.pp), "parallel.schedule=" + k.schedule,
                              "parallel.virtual_stages=" + std::to_string(k.V),
                              "parallel.zero=" + std::to_string(k.zero), "parallel.bucket_mb=0.004",
@@ -401,7 +392,7 @@ std::string error_of(F&& f) {
 }  // namespace
 
 TEST(PipelineTraining, BadLayoutsFailBeforeAnyStep) {
-  const std::string dir = shared_dir("pp_bad");
+  const std::string dir = test::shared_dir("pp_bad");
   // Config-time errors (every rank): ZeRO-3, more stages than layers, V without interleaving,
   // a wrong explicit split.
   std::string e = error_of([&] { config("llama_gqa", false, dir + "/a", {"parallel.pipeline=2", "parallel.zero=3"}); });
@@ -434,7 +425,7 @@ TEST(PipelineTraining, BadLayoutsFailBeforeAnyStep) {
 // positive and the same on every rank of a pipeline group.
 TEST(PipelineTraining, StageTimesForBench) {
   const int P = 2;
-  const Config cfg = config("llama_gqa", false, shared_dir("pp_times") + "/run",
+  const Config cfg = config("llama_gqa", false, test::shared_dir("pp_times") + "/run",
                             {"parallel.pipeline=" + std::to_string(P), "train.steps=2", "data.valid_paths=[]",
                              "train.eval_every=0", "train.global_batch_size=" + std::to_string(world_size() * 2)});
   std::vector<std::vector<double>> times;

@@ -17,6 +17,7 @@
 #include "launch/checkpoint.h"
 #include "launch/config.h"
 #include "launch/trainer.h"
+#include "mpi_util.h"
 #include "util.h"
 
 using namespace ievo;
@@ -32,16 +33,6 @@ int world_size() {
   int n = 0;
   MPI_Comm_size(MPI_COMM_WORLD, &n);
   return n;
-}
-
-// A directory made by rank 0, the same path on every rank.
-std::string shared_temp_dir(const std::string& tag) {
-  std::string dir = world_rank() == 0 ? test::temp_dir(tag) : std::string();
-  int n = static_cast<int>(dir.size());
-  MPI_Bcast(&n, 1, MPI_INT, 0, MPI_COMM_WORLD);
-  dir.resize(static_cast<size_t>(n));
-  MPI_Bcast(dir.data(), n, MPI_CHAR, 0, MPI_COMM_WORLD);
-  return dir;
 }
 
 Config config(const std::string& run_dir, int64_t steps, int zero, const std::string& resume,
@@ -97,7 +88,7 @@ void expect_close(const std::vector<StepMetrics>& got, const std::vector<StepMet
 }  // namespace
 
 TEST(MpiResume, SaveUnderDp2Zero2ResumeUnderOtherLayouts) {
-  const std::string root = shared_temp_dir("mpi_resume");
+  const std::string root = test::shared_dir("mpi_resume");
   const int n = world_size();
   const auto ref = train_on(1, config(root + "/ref", 8, 0, "auto"));
   ASSERT_EQ(ref.size(), 8u);
@@ -141,7 +132,7 @@ TEST(MpiResume, SaveUnderDp2Zero2ResumeUnderOtherLayouts) {
 // other model-parallel layout, and the whole world as tp x pp (np 4: tp 2 x pp 2; np 2: dp 2 with
 // ZeRO-3); every continued step within 1e-5 of the uninterrupted one-process run.
 TEST(MpiResume, TensorAndPipelineLayoutsReshard) {
-  const std::string root = shared_temp_dir("mpi_resume_mp");
+  const std::string root = test::shared_dir("mpi_resume_mp");
   const int n = world_size();
   for (const bool tied : {false, true}) {
     const std::string tie = std::string("model.tie_embeddings=") + (tied ? "true" : "false");

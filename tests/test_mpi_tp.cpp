@@ -35,6 +35,7 @@
 #include "runtime/ops/cross_entropy.h"
 #include "runtime/ops/elementwise.h"
 #include "runtime/ops/embedding.h"
+#include "mpi_util.h"
 #include "util.h"
 
 namespace fs = std::filesystem;
@@ -227,16 +228,6 @@ TEST(TensorParallelRegions, ReplicaGradientSums) {
 
 namespace {
 
-// A directory made by world rank 0, the same path on every rank.
-std::string shared_dir(const std::string& tag) {
-  std::string d = world_rank() == 0 ? test::temp_dir(tag) : "";
-  int n = static_cast<int>(d.size());
-  MPI_Bcast(&n, 1, MPI_INT, 0, MPI_COMM_WORLD);
-  d.resize(static_cast<size_t>(n));
-  MPI_Bcast(d.data(), n, MPI_CHAR, 0, MPI_COMM_WORLD);
-  return d;
-}
-
 Config fixture_config(const std::string& variant, const std::string& run_dir, std::vector<std::string> sets) {
   const std::string fx = test::fixture_dir(variant);
   // Validation on the training data every 3 steps: the forward-only path under each layout.
@@ -282,7 +273,7 @@ ParamStore load_params(const std::string& ckpt, const ModelConfig& c) {
 // The one-process run of (variant, gbs, micro) on this rank, computed once.
 const TrainRun& reference(const std::string& variant, int gbs, int micro) {
   static std::map<std::tuple<std::string, int, int>, TrainRun> cache;
-  static const std::string base = shared_dir("tp_ref");
+  static const std::string base = test::shared_dir("tp_ref");
   const auto key = std::make_tuple(variant, gbs, micro);
   auto it = cache.find(key);
   if (it != cache.end()) return it->second;
@@ -329,7 +320,7 @@ class TensorParallelTraining : public ::testing::TestWithParam<const char*> {};
 TEST_P(TensorParallelTraining, EqualsOneProcess) {
   const std::string variant = GetParam();
   const int world = world_size();
-  const std::string base = shared_dir("tp_" + variant);
+  const std::string base = test::shared_dir("tp_" + variant);
   const ModelConfig mc = read_hf_model_config(test::fixture_dir(variant) + "/hf");
   for (const Layout& L : layouts(world)) {
     SCOPED_TRACE(variant + " " + L.name);
@@ -384,7 +375,7 @@ INSTANTIATE_TEST_SUITE_P(Fixtures, TensorParallelTraining, ::testing::Values("ll
 // from random weights, against one process.
 TEST(TensorParallelTraining, UlyssesTimesTensorParallel) {
   if (world_size() != 4) GTEST_SKIP() << "needs 4 ranks (tp 2 x sequence 2)";
-  const std::string base = shared_dir("tp_ulysses_tp");
+  const std::string base = test::shared_dir("tp_ulysses_tp");
   auto run = [&](const std::string& dir, const std::vector<std::string>& extra, MPI_Comm comm) {
     std::vector<std::string> sets = {"run.dir=" + dir, "data.paths=[" + test::source_dir() + "/configs/data/tiny]",
                                      "train.steps=4", "schedule.warmup_steps=1",
@@ -413,7 +404,7 @@ TEST(TensorParallelTraining, UlyssesTimesTensorParallel) {
 // Megatron sequence parallelism and ZeRO-1, both end at the uninterrupted one-process run's weights.
 TEST(TensorParallelCheckpoints, ResumeAcrossLayouts) {
   const int W = world_size(), r = world_rank();
-  const std::string variant = "llama_gqa", base = shared_dir("tp_resume");
+  const std::string variant = "llama_gqa", base = test::shared_dir("tp_resume");
   const ModelConfig mc = gqa_config();
   const TrainRun& ref = reference(variant, 4, 2);
   const std::vector<std::string> common = {"train.global_batch_size=4", "train.micro_batch_size=2",
@@ -565,7 +556,7 @@ TEST(TensorParallelMemory, ActivationEstimateBoundsAMeasuredStep) {
 // Bad layouts: errors that name the keys, before any training (no metrics written).
 TEST(TensorParallelErrors, BadLayoutsFailBeforeWork) {
   const int world = world_size();
-  const std::string base = shared_dir("tp_err");
+  const std::string base = test::shared_dir("tp_err");
   int k = 0;
   auto expect_error = [&](std::vector<std::string> sets, const std::vector<std::string>& words) {
     const std::string dir = base + "/run" + std::to_string(k++);

@@ -23,6 +23,7 @@
 #include "parallel/topology.h"
 #include "parallel/zero.h"
 #include "runtime/error.h"
+#include "mpi_util.h"
 #include "util.h"
 
 using namespace ievo;
@@ -30,16 +31,6 @@ using namespace ievo;
 namespace {
 
 const char* kPoisoned = "model.layers.1.mlp.down_proj.weight";
-
-// A directory made by world rank 0, the same path on every rank.
-std::string shared_dir(const std::string& tag) {
-  std::string d = world_rank() == 0 ? test::temp_dir(tag) : "";
-  int n = static_cast<int>(d.size());
-  MPI_Bcast(&n, 1, MPI_INT, 0, MPI_COMM_WORLD);
-  d.resize(static_cast<size_t>(n));
-  MPI_Bcast(d.data(), n, MPI_CHAR, 0, MPI_COMM_WORLD);
-  return d;
-}
 
 // Every rank's value equals rank 0's.
 bool same_on_every_rank(int64_t v) {
@@ -119,7 +110,7 @@ INSTANTIATE_TEST_SUITE_P(Stages, ZeroNonfinite, ::testing::Combine(::testing::Va
 
 TEST(ZeroNonfiniteTrainer, SkipsAndAbortsNamingTheShardedTensor) {
   const std::string fx = test::fixture_dir("llama_gqa");
-  const std::string base = shared_dir("zero_nonfinite");
+  const std::string base = test::shared_dir("zero_nonfinite");
   for (int zero : {1, 2, 3}) {
     SCOPED_TRACE("ZeRO-" + std::to_string(zero) + ", dp " + std::to_string(world_size()));
     auto config = [&](const std::string& dir, std::vector<std::string> sets) {
