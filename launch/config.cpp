@@ -19,6 +19,7 @@
 #include <map>
 #include <optional>
 #include <sstream>
+#include <iterator>
 #include <variant>
 
 #include "launch/duration.h"
@@ -384,8 +385,11 @@ std::string format_value(const Key& k, const Config& c) {
 }
 
 const char* type_name(const Key& k) {
-  static const char* names[] = {"int",    "int",  "float", "bool", "string",
-                                "string", "list of strings", "list of floats"};
+  // One name per AnyRef alternative, in its order (the static_assert keeps them in step).
+  static constexpr const char* names[] = {"int",    "int",  "float", "bool", "string",
+                                          "string", "list of strings", "list of floats",
+                                          "list of ints"};
+  static_assert(std::size(names) == std::variant_size_v<AnyRef>);
   return names[k.ref.index()];
 }
 
