@@ -2,8 +2,15 @@
 #pragma once
 #include <mpi.h>
 
+#include <cmath>
 #include <string>
+#include <vector>
 
+#include <gtest/gtest.h>
+
+#include "launch/config.h"
+#include "launch/trainer.h"
+#include "parallel/topology.h"
 #include "util.h"
 
 namespace ievo::test {
@@ -18,6 +25,69 @@ inline std::string shared_dir(const std::string& tag) {
   d.resize(static_cast<size_t>(n));
   MPI_Bcast(d.data(), n, MPI_CHAR, 0, MPI_COMM_WORLD);
   return d;
+}
+
+
+// A 2-layer Llama on the shipped tiny data (vocab 256, d 32, 4 heads / 2 kv heads, T 32, global batch 8
+// of micro-batches of 2, constant LR after 2 warm-up steps, a checkpoint every 2 steps).
+inline Config small_config(const std::string& tag, const std::string& run_dir, int64_t steps, int zero,
+                           const std::string& resume, std::vector<std::string> sets = {}) {
+  const std::string yaml =
+      "run: {seed: 11}\n"
+      "model: {arch: llama, vocab_size: 256, hidden_size: 32, num_layers: 2, num_heads: 4,\n"
+      "        num_kv_heads: 2, ffn_hidden_size: 64, max_position_embeddings: 64}\n"
+      "data: {paths: [" + test::source_dir() + "/configs/data/tiny], seq_len: 32}\n"
+      "train: {global_batch_size: 8, micro_batch_size: 2, log_every: 100}\n"
+      "optim: {lr: 1.0e-3}\n"
+      "schedule: {kind: constant, warmup_steps: 2}\n"
+      "checkpoint: {every: 2}\n";
+  sets.insert(sets.begin(), {"run.dir=" + run_dir, "train.steps=" + std::to_string(steps),
+                             "parallel.zero=" + std::to_string(zero), "checkpoint.resume=" + resume});
+  return load_config_string(yaml, tag, sets);
+}
+
+// Trains on the first `ranks` ranks of the world (the others wait); every rank gets rank 0's metrics and the
+// error of a failed run (rank 0's, else "failed").
+inline std::vector<StepMetrics> train_on(int ranks, const Config& cfg, std::string* error = nullptr) {
+  MPI_Comm sub = MPI_COMM_NULL;
+  MPI_Comm_split(MPI_COMM_WORLD, world_rank() < ranks ? 0 : MPI_UNDEFINED, world_rank(), &sub);
+  std::vector<StepMetrics> m;
+  std::string err;
+  if (sub != MPI_COMM_NULL) {
+    try {
+      m = run_train(cfg, sub);
+    } catch (const std::exception& e) {
+      err = e.what();
+      m.clear();
+    }
+    MPI_Comm_free(&sub);
+  }
+  int failed = err.empty() ? 0 : 1;
+  MPI_Allreduce(MPI_IN_PLACE, &failed, 1, MPI_INT, MPI_SUM, MPI_COMM_WORLD);
+  if (error) *error = failed ? (world_rank() == 0 ? err : "failed") : "";
+  else EXPECT_EQ(failed, 0) << err;
+  int64_t n = static_cast<int64_t>(m.size());
+  MPI_Bcast(&n, 1, MPI_INT64_T, 0, MPI_COMM_WORLD);
+  std::vector<double> v(static_cast<size_t>(3 * n));
+  for (size_t i = 0; i < m.size() && world_rank() == 0; ++i)
+    v[3 * i] = static_cast<double>(m[i].step), v[3 * i + 1] = m[i].loss, v[3 * i + 2] = m[i].grad_norm;
+  MPI_Bcast(v.data(), static_cast<int>(v.size()), MPI_DOUBLE, 0, MPI_COMM_WORLD);
+  m.resize(static_cast<size_t>(n));
+  for (size_t i = 0; i < m.size(); ++i)
+    m[i].step = static_cast<int64_t>(v[3 * i]), m[i].loss = v[3 * i + 1], m[i].grad_norm = v[3 * i + 2];
+  return m;
+}
+
+inline void expect_close(const std::vector<StepMetrics>& got, const std::vector<StepMetrics>& ref,
+                  int64_t first_step, const std::string& what) {
+  ASSERT_EQ(got.size(), ref.size() - static_cast<size_t>(first_step - 1)) << what;
+  for (size_t i = 0; i < got.size(); ++i) {
+    const StepMetrics& r = ref[static_cast<size_t>(first_step - 1) + i];
+    EXPECT_EQ(got[i].step, r.step) << what;
+    EXPECT_LE(std::fabs(got[i].loss - r.loss), 1e-5 * std::fabs(r.loss)) << what << " step " << r.step;
+    EXPECT_LE(std::fabs(got[i].grad_norm - r.grad_norm), 1e-5 * std::fabs(r.grad_norm))
+        << what << " step " << r.step;
+  }
 }
 
 }  // namespace ievo::test

@@ -37,76 +37,6 @@ namespace fs = std::filesystem;
 
 namespace {
 
-int world_rank() {
-  int r = 0;
-  MPI_Comm_rank(MPI_COMM_WORLD, &r);
-  return r;
-}
-int world_size() {
-  int n = 0;
-  MPI_Comm_size(MPI_COMM_WORLD, &n);
-  return n;
-}
-
-Config config(const std::string& run_dir, int64_t steps, int zero, const std::string& resume,
-              std::vector<std::string> sets = {}) {
-  const std::string yaml =
-      "run: {seed: 11}\n"
-      "model: {arch: llama, vocab_size: 256, hidden_size: 32, num_layers: 2, num_heads: 4,\n"
-      "        num_kv_heads: 2, ffn_hidden_size: 64, max_position_embeddings: 64}\n"
-      "data: {paths: [" + test::source_dir() + "/configs/data/tiny], seq_len: 32}\n"
-      "train: {global_batch_size: 8, micro_batch_size: 2, log_every: 100}\n"
-      "optim: {lr: 1.0e-3}\n"
-      "schedule: {kind: constant, warmup_steps: 2}\n"
-      "checkpoint: {every: 2}\n";
-  sets.insert(sets.begin(), {"run.dir=" + run_dir, "train.steps=" + std::to_string(steps),
-                             "parallel.zero=" + std::to_string(zero), "checkpoint.resume=" + resume});
-  return load_config_string(yaml, "test_mpi_checkpoint_shards", sets);
-}
-
-// Trains on the first `ranks` ranks (the others wait); every rank gets rank 0's metrics and the
-// error of a failed run (rank 0's, else "failed").
-std::vector<StepMetrics> train_on(int ranks, const Config& cfg, std::string* error = nullptr) {
-  MPI_Comm sub = MPI_COMM_NULL;
-  MPI_Comm_split(MPI_COMM_WORLD, world_rank() < ranks ? 0 : MPI_UNDEFINED, world_rank(), &sub);
-  std::vector<StepMetrics> m;
-  std::string err;
-  if (sub != MPI_COMM_NULL) {
-    try {
-      m = run_train(cfg, sub);
-    } catch (const std::exception& e) {
-      err = e.what();
-      m.clear();
-    }
-    MPI_Comm_free(&sub);
-  }
-  int failed = err.empty() ? 0 : 1;
-  MPI_Allreduce(MPI_IN_PLACE, &failed, 1, MPI_INT, MPI_SUM, MPI_COMM_WORLD);
-  if (error) *error = failed ? (world_rank() == 0 ? err : "failed") : "";
-  else EXPECT_EQ(failed, 0) << err;
-  int64_t n = static_cast<int64_t>(m.size());
-  MPI_Bcast(&n, 1, MPI_INT64_T, 0, MPI_COMM_WORLD);
-  std::vector<double> v(static_cast<size_t>(3 * n));
-  for (size_t i = 0; i < m.size() && world_rank() == 0; ++i)
-    v[3 * i] = static_cast<double>(m[i].step), v[3 * i + 1] = m[i].loss, v[3 * i + 2] = m[i].grad_norm;
-  MPI_Bcast(v.data(), static_cast<int>(v.size()), MPI_DOUBLE, 0, MPI_COMM_WORLD);
-  m.resize(static_cast<size_t>(n));
-  for (size_t i = 0; i < m.size(); ++i)
-    m[i].step = static_cast<int64_t>(v[3 * i]), m[i].loss = v[3 * i + 1], m[i].grad_norm = v[3 * i + 2];
-  return m;
-}
-
-void expect_close(const std::vector<StepMetrics>& got, const std::vector<StepMetrics>& ref,
-                  int64_t first_step, const std::string& what) {
-  ASSERT_EQ(got.size(), ref.size() - static_cast<size_t>(first_step - 1)) << what;
-  for (size_t i = 0; i < got.size(); ++i) {
-    const StepMetrics& r = ref[static_cast<size_t>(first_step - 1) + i];
-    EXPECT_EQ(got[i].step, r.step) << what;
-    EXPECT_LE(std::fabs(got[i].loss - r.loss), 1e-5 * std::fabs(r.loss)) << what << " step " << r.step;
-    EXPECT_LE(std::fabs(got[i].grad_norm - r.grad_norm), 1e-5 * std::fabs(r.grad_norm))
-        << what << " step " << r.step;
-  }
-}
 
 // Every tensor of every group of `got` against `ref` (rank 0 only); returns the largest rel L2.
 double compare_checkpoints(const std::string& got, const std::string& ref, const std::string& what) {
@@ -173,7 +103,7 @@ std::string load_error(const std::string& ckpt) {
 TEST(MpiCheckpointShards, EveryRankWritesItsPieces) {
   const std::string root = test::shared_dir("mpi_ckpt_shards");
   const int n = world_size();
-  const auto ref = train_on(1, config(root + "/ref", 6, 0, "auto"));
+  const auto ref = test::train_on(1, test::small_config("test_mpi_checkpoint_shards", root + "/ref", 6, 0, "auto"));
   ASSERT_EQ(ref.size(), 6u);
   const std::string ref_h5 = root + "/ref/checkpoints/step_2/model.h5";
 
@@ -194,8 +124,8 @@ TEST(MpiCheckpointShards, EveryRankWritesItsPieces) {
   }
   for (const Layout& l : saves) {
     const std::string dir = root + "/" + l.name;
-    const auto m = train_on(l.ranks, config(dir, 2, l.zero, "auto", l.sets));
-    expect_close(m, std::vector<StepMetrics>(ref.begin(), ref.begin() + 2), 1, l.name);
+    const auto m = test::train_on(l.ranks, test::small_config("test_mpi_checkpoint_shards", dir, 2, l.zero, "auto", l.sets));
+    test::expect_close(m, std::vector<StepMetrics>(ref.begin(), ref.begin() + 2), 1, l.name);
     if (world_rank() == 0) {
       expect_shard_files(dir + "/checkpoints/step_2", l.writers, ref_h5, l.name);
       const double worst = compare_checkpoints(dir + "/checkpoints/step_2",
@@ -217,19 +147,19 @@ TEST(MpiCheckpointShards, EveryRankWritesItsPieces) {
 TEST(MpiCheckpointShards, ResumeCorruptionAndFailedSaves) {
   const std::string root = test::shared_dir("mpi_ckpt_shards_fail");
   const int n = world_size();
-  const auto ref = train_on(1, config(root + "/ref", 6, 0, "auto"));
+  const auto ref = test::train_on(1, test::small_config("test_mpi_checkpoint_shards", root + "/ref", 6, 0, "auto"));
   ASSERT_EQ(ref.size(), 6u);
   const std::string saved = root + "/dp2z2";
-  train_on(2, config(saved, 4, 2, "auto"));
+  test::train_on(2, test::small_config("test_mpi_checkpoint_shards", saved, 4, 2, "auto"));
   if (world_rank() == 0)
     compare_checkpoints(saved + "/checkpoints/step_4", root + "/ref/checkpoints/step_4", "dp2_z2 step 4");
 
   // Resume the sharded checkpoint under other layouts.
   for (auto [ranks, zero] : {std::pair{1, 0}, std::pair{n, 3}}) {
     const std::string what = "resume dp=" + std::to_string(ranks) + " zero=" + std::to_string(zero);
-    const auto m = train_on(ranks, config(root + "/resume_" + std::to_string(ranks), 6, zero,
+    const auto m = test::train_on(ranks, test::small_config("test_mpi_checkpoint_shards", root + "/resume_" + std::to_string(ranks), 6, zero,
                                           saved + "/checkpoints/step_4"));
-    expect_close(m, ref, 5, what);
+    test::expect_close(m, ref, 5, what);
   }
 
   // Damaged shard files of step_4: detected naming the file; auto-resume takes step_2.
@@ -266,8 +196,8 @@ TEST(MpiCheckpointShards, ResumeCorruptionAndFailedSaves) {
       EXPECT_EQ(load_error(run + "/checkpoints/step_2"), "") << d.name;
     }
     MPI_Barrier(MPI_COMM_WORLD);
-    const auto m = train_on(2, config(run, 6, 2, "auto"));  // falls back to step_2
-    expect_close(m, ref, 3, d.name + ": auto-resume from step_2");
+    const auto m = test::train_on(2, test::small_config("test_mpi_checkpoint_shards", run, 6, 2, "auto"));  // falls back to step_2
+    test::expect_close(m, ref, 3, d.name + ": auto-resume from step_2");
   }
 
   // A save failing on rank 1 only (a simulated full disk half-way through its file), written
@@ -276,7 +206,7 @@ TEST(MpiCheckpointShards, ResumeCorruptionAndFailedSaves) {
     const std::string failing = root + (async ? "/failing_async" : "/failing");
     if (world_rank() == 1) setenv("IEVO_TEST_FAIL_SAVE", "4", 1);
     std::string error;
-    train_on(2, config(failing, 4, 2, "auto", {std::string("checkpoint.async=") + (async ? "true" : "false")}),
+    test::train_on(2, test::small_config("test_mpi_checkpoint_shards", failing, 4, 2, "auto", {std::string("checkpoint.async=") + (async ? "true" : "false")}),
              &error);
     if (world_rank() == 1) unsetenv("IEVO_TEST_FAIL_SAVE");
     EXPECT_FALSE(error.empty()) << "the save of step 4 failed on rank 1 but the run succeeded";
