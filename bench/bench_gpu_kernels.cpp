@@ -78,7 +78,10 @@ constexpr AttnShape kTinyLlama{kB, kT, kHq, kHkv, kHd};
 // hd 128, T 4096, B 4, 16 heads (MHA).
 constexpr AttnShape kHd128{4, 4096, 16, 16, 128};
 
-void BM_attention(benchmark::State& state, ops::AttentionBackend be, bool backward, AttnShape sh) {
+// ragged: without the host copy of cu_seqlens (as for packed documents): cuDNN's ragged graphs;
+// with it (the trainer's batches of equal rows), its dense ones.
+void BM_attention(benchmark::State& state, ops::AttentionBackend be, bool backward, AttnShape sh,
+                  bool ragged = false) {
   if (skip(state)) return;
   ops::set_attention_backend(be);
   const int64_t kB = sh.B, kT = sh.T, kN = sh.B * sh.T, kHq = sh.Hq, kHkv = sh.Hkv, kHd = sh.hd;
@@ -88,17 +91,18 @@ void BM_attention(benchmark::State& state, ops::AttentionBackend be, bool backwa
   Tensor lse = Tensor::empty({kHq, kN}, DType::F32, Device::CUDA);
   std::vector<int32_t> cu;
   for (int64_t b = 0; b <= kB; ++b) cu.push_back(static_cast<int32_t>(b * kT));
-  Tensor gcu = Tensor::from_vector(cu, {kB + 1}).to(Device::CUDA);
+  Tensor hcu = Tensor::from_vector(cu, {kB + 1}), gcu = hcu.to(Device::CUDA);
+  if (ragged) hcu = Tensor();
   Tensor dq = Tensor::empty(q.shape(), DType::BF16, Device::CUDA), dk = Tensor::empty(k.shape(), DType::BF16, Device::CUDA),
          dv = Tensor::empty(v.shape(), DType::BF16, Device::CUDA);
   try {
-    ops::attention_forward(q, k, v, gcu, static_cast<int>(kT), out, lse);
+    ops::attention_forward(q, k, v, gcu, static_cast<int>(kT), out, lse, hcu);
     if (backward) {
       timed(state, [&] {
-        ops::attention_backward(dout, q, k, v, out, lse, gcu, static_cast<int>(kT), dq, dk, dv);
+        ops::attention_backward(dout, q, k, v, out, lse, gcu, static_cast<int>(kT), dq, dk, dv, hcu);
       });
     } else {
-      timed(state, [&] { ops::attention_forward(q, k, v, gcu, static_cast<int>(kT), out, lse); });
+      timed(state, [&] { ops::attention_forward(q, k, v, gcu, static_cast<int>(kT), out, lse, hcu); });
     }
   } catch (const Error& e) {
     state.SkipWithError(e.what());
@@ -154,6 +158,8 @@ BENCHMARK_CAPTURE(BM_attention, hd128_flash_fwd, B::Flash, false, kHd128)->UseMa
 BENCHMARK_CAPTURE(BM_attention, hd128_flash_bwd, B::Flash, true, kHd128)->UseManualTime()->Unit(benchmark::kMillisecond);
 BENCHMARK_CAPTURE(BM_attention, hd128_cudnn_fwd, B::Cudnn, false, kHd128)->UseManualTime()->Unit(benchmark::kMillisecond);
 BENCHMARK_CAPTURE(BM_attention, hd128_cudnn_bwd, B::Cudnn, true, kHd128)->UseManualTime()->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(BM_attention, hd128_cudnnragged_fwd, B::Cudnn, false, kHd128, true)->UseManualTime()->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(BM_attention, hd128_cudnnragged_bwd, B::Cudnn, true, kHd128, true)->UseManualTime()->Unit(benchmark::kMillisecond);
 BENCHMARK_CAPTURE(BM_rmsnorm, fwd, false)->UseManualTime()->Unit(benchmark::kMillisecond);
 BENCHMARK_CAPTURE(BM_rmsnorm, bwd, true)->UseManualTime()->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_swiglu)->UseManualTime()->Unit(benchmark::kMillisecond);

@@ -18,6 +18,11 @@ Batch Batch::to(Device d) const {
   b.targets = targets.to(d);
   b.positions = positions.to(d);
   b.cu_seqlens = cu_seqlens.to(d);
+  if (d != Device::CPU)
+    b.cu_seqlens_host = cu_seqlens.is_cpu() ? cu_seqlens
+                        : cu_seqlens_host.defined() ? cu_seqlens_host : cu_seqlens.to(Device::CPU);
+  else
+    b.cu_seqlens_host = Tensor();
   return b;
 }
 

@@ -13,6 +13,8 @@ struct Batch {
   Tensor targets;     // [N] i32 next-token ids, -100 = ignored
   Tensor positions;   // [N] i32 position of each token within its sequence
   Tensor cu_seqlens;  // [S+1] i32
+  Tensor cu_seqlens_host;  // the same on the host once the batch is on a device (to(): attention
+                           // reads the boundaries there, without a device round trip)
   int max_seqlen = 0;
 
   int64_t num_tokens() const { return inputs.numel(); }

@@ -12,12 +12,18 @@
 // takes ~1 s). The S' - S extra sequences are empty (length 0, offsets at the end).
 // IEVO_CUDNN_ATTN_EXACT=1 in the environment disables the rounding (S' = S, smax' = max_seqlen
 // rounded up to 64), e.g. to compare the two.
+// Dense fast path: when the caller knows (from cu_seqlens on the host) that all S sequences have
+// the same length L (a batch of B rows of T tokens, no packing), the graph is the plain BSHD one:
+// dims [S, H, L, hd] with the same strides and no offsets, lengths or padding mask (no per-call
+// offset kernel, cuDNN's dense kernels).
+// IEVO_CUDNN_ATTN_DENSE=0 turns it off (e.g. to compare).
 #include "runtime/cuda/cudnn_attention.h"
 
 #include <cudnn.h>
 #include <cudnn_frontend.h>
 
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <string>
 #include <utility>
@@ -45,8 +51,9 @@ struct Key {
   bool bwd;
   int64_t b, smax, hq, hkv, hd;
   bool det;
-  bool f16;  // io type: fp16, else bf16
-  auto tie() const { return std::tie(bwd, b, smax, hq, hkv, hd, det, f16); }
+  bool f16;    // io type: fp16, else bf16
+  bool dense;  // b sequences of exactly smax tokens: no offsets, no padding mask
+  auto tie() const { return std::tie(bwd, b, smax, hq, hkv, hd, det, f16, dense); }
   bool operator<(const Key& o) const { return tie() < o.tie(); }
 };
 
@@ -59,6 +66,7 @@ struct State {
   std::mutex mu;
   cudnnHandle_t handle = nullptr;
   std::map<Key, Entry> graphs;
+  bool dense_refused = false;
 };
 
 State& state() {
@@ -100,15 +108,22 @@ std::vector<int64_t> thd_stride(int64_t h, int64_t smax, int64_t hd) {
   return {smax * h * hd, hd, h * hd, 1};
 }
 
+// ragged == nullptr: the dense layout (same strides, every sequence smax long).
 TensorPtr thd_tensor(fe::graph::Graph& g, const char* name, int64_t uid, int64_t b, int64_t h,
                      int64_t smax, int64_t hd, const TensorPtr& ragged) {
-  return g.tensor(fe::graph::Tensor_attributes()
-                      .set_name(name)
-                      .set_uid(uid)
-                      .set_dim({b, h, smax, hd})
-                      .set_stride(thd_stride(h, smax, hd))
-                      .set_ragged_offset(ragged));
+  auto attrs = fe::graph::Tensor_attributes()
+                   .set_name(name)
+                   .set_uid(uid)
+                   .set_dim({b, h, smax, hd})
+                   .set_stride(thd_stride(h, smax, hd));
+  if (ragged) attrs.set_ragged_offset(ragged);
+  return g.tensor(attrs);
 }
+
+// Stats [b, h, smax, 1], packed BHSD in a scratch buffer, converted to/from ievo's lse [h, N].
+// (A dense graph could use lse itself, strides [smax, N, 1, 1], but cuDNN < 9.26 refuses
+// non-packed stats in the backward.)
+std::vector<int64_t> stats_stride(const Key& k) { return {k.hq * k.smax, k.smax, 1, 1}; }
 
 void finish_build(fe::graph::Graph& g, cudnnHandle_t h, Entry& e) {
   IEVO_FE_CHECK(g.validate());
@@ -127,35 +142,36 @@ Entry build_forward(const Key& k, cudnnHandle_t h, float scale) {
       .set_intermediate_data_type(fe::DataType_t::FLOAT)
       .set_compute_data_type(fe::DataType_t::FLOAT);
   const bool i64 = offsets_64();
-  auto off_q = index_tensor(g, "off_q", kOffQ, k.b + 1, i64);
-  auto off_k = index_tensor(g, "off_k", kOffK, k.b + 1, i64);
-  auto off_v = index_tensor(g, "off_v", kOffV, k.b + 1, i64);
-  auto off_o = index_tensor(g, "off_o", kOffO, k.b + 1, i64);
-  auto seq_q = index_tensor(g, "seq_q", kSeqQ, k.b, false);
-  auto seq_kv = index_tensor(g, "seq_kv", kSeqKV, k.b, false);
-  auto q = thd_tensor(g, "Q", kQ, k.b, k.hq, k.smax, k.hd, off_q);
-  auto kk = thd_tensor(g, "K", kK, k.b, k.hkv, k.smax, k.hd, off_k);
-  auto v = thd_tensor(g, "V", kV, k.b, k.hkv, k.smax, k.hd, off_v);
+  TensorPtr off_q, off_k, off_v, off_o;
   auto opts = fe::graph::SDPA_attributes()
                   .set_name("ievo_sdpa")
                   .set_generate_stats(true)
                   .set_attn_scale(scale)
                   .set_diagonal_alignment(fe::DiagonalAlignment_t::TOP_LEFT)
-                  .set_diagonal_band_right_bound(0)
-                  .set_padding_mask(true)
-                  .set_seq_len_q(seq_q)
-                  .set_seq_len_kv(seq_kv);
+                  .set_diagonal_band_right_bound(0);
+  if (!k.dense) {
+    off_q = index_tensor(g, "off_q", kOffQ, k.b + 1, i64);
+    off_k = index_tensor(g, "off_k", kOffK, k.b + 1, i64);
+    off_v = index_tensor(g, "off_v", kOffV, k.b + 1, i64);
+    off_o = index_tensor(g, "off_o", kOffO, k.b + 1, i64);
+    opts.set_padding_mask(true)
+        .set_seq_len_q(index_tensor(g, "seq_q", kSeqQ, k.b, false))
+        .set_seq_len_kv(index_tensor(g, "seq_kv", kSeqKV, k.b, false));
+  }
+  auto q = thd_tensor(g, "Q", kQ, k.b, k.hq, k.smax, k.hd, off_q);
+  auto kk = thd_tensor(g, "K", kK, k.b, k.hkv, k.smax, k.hd, off_k);
+  auto v = thd_tensor(g, "V", kV, k.b, k.hkv, k.smax, k.hd, off_v);
   auto [o, stats] = g.sdpa(q, kk, v, opts);
   o->set_output(true)
       .set_uid(kO)
       .set_dim({k.b, k.hq, k.smax, k.hd})
-      .set_stride(thd_stride(k.hq, k.smax, k.hd))
-      .set_ragged_offset(off_o);
+      .set_stride(thd_stride(k.hq, k.smax, k.hd));
+  if (off_o) o->set_ragged_offset(off_o);
   stats->set_output(true)
       .set_uid(kStats)
       .set_data_type(fe::DataType_t::FLOAT)
       .set_dim({k.b, k.hq, k.smax, 1})
-      .set_stride({k.hq * k.smax, k.smax, 1, 1});
+      .set_stride(stats_stride(k));
   finish_build(g, h, e);
   return e;
 }
@@ -168,12 +184,22 @@ Entry build_backward(const Key& k, cudnnHandle_t h, float scale) {
       .set_intermediate_data_type(fe::DataType_t::FLOAT)
       .set_compute_data_type(fe::DataType_t::FLOAT);
   const bool i64 = offsets_64();
-  auto off_q = index_tensor(g, "off_q", kOffQ, k.b + 1, i64);
-  auto off_k = index_tensor(g, "off_k", kOffK, k.b + 1, i64);
-  auto off_v = index_tensor(g, "off_v", kOffV, k.b + 1, i64);
-  auto off_o = index_tensor(g, "off_o", kOffO, k.b + 1, i64);
-  auto seq_q = index_tensor(g, "seq_q", kSeqQ, k.b, false);
-  auto seq_kv = index_tensor(g, "seq_kv", kSeqKV, k.b, false);
+  TensorPtr off_q, off_k, off_v, off_o;
+  auto opts = fe::graph::SDPA_backward_attributes()
+                  .set_name("ievo_sdpa_backward")
+                  .set_attn_scale(scale)
+                  .set_diagonal_alignment(fe::DiagonalAlignment_t::TOP_LEFT)
+                  .set_diagonal_band_right_bound(0)
+                  .set_deterministic_algorithm(k.det);
+  if (!k.dense) {
+    off_q = index_tensor(g, "off_q", kOffQ, k.b + 1, i64);
+    off_k = index_tensor(g, "off_k", kOffK, k.b + 1, i64);
+    off_v = index_tensor(g, "off_v", kOffV, k.b + 1, i64);
+    off_o = index_tensor(g, "off_o", kOffO, k.b + 1, i64);
+    opts.set_padding_mask(true)
+        .set_seq_len_q(index_tensor(g, "seq_q", kSeqQ, k.b, false))
+        .set_seq_len_kv(index_tensor(g, "seq_kv", kSeqKV, k.b, false));
+  }
   auto q = thd_tensor(g, "Q", kQ, k.b, k.hq, k.smax, k.hd, off_q);
   auto kk = thd_tensor(g, "K", kK, k.b, k.hkv, k.smax, k.hd, off_k);
   auto v = thd_tensor(g, "V", kV, k.b, k.hkv, k.smax, k.hd, off_v);
@@ -183,24 +209,20 @@ Entry build_backward(const Key& k, cudnnHandle_t h, float scale) {
                             .set_name("Stats")
                             .set_uid(kStats)
                             .set_dim({k.b, k.hq, k.smax, 1})
-                            .set_stride({k.hq * k.smax, k.smax, 1, 1})
+                            .set_stride(stats_stride(k))
                             .set_data_type(fe::DataType_t::FLOAT));
-  auto opts = fe::graph::SDPA_backward_attributes()
-                  .set_name("ievo_sdpa_backward")
-                  .set_attn_scale(scale)
-                  .set_diagonal_alignment(fe::DiagonalAlignment_t::TOP_LEFT)
-                  .set_diagonal_band_right_bound(0)
-                  .set_padding_mask(true)
-                  .set_seq_len_q(seq_q)
-                  .set_seq_len_kv(seq_kv)
-                  .set_deterministic_algorithm(k.det);
   auto [dq, dk, dv] = g.sdpa_backward(q, kk, v, o, dout, stats, opts);
   dq->set_output(true).set_uid(kDQ).set_dim({k.b, k.hq, k.smax, k.hd})
-      .set_stride(thd_stride(k.hq, k.smax, k.hd)).set_ragged_offset(off_q);
+      .set_stride(thd_stride(k.hq, k.smax, k.hd));
   dk->set_output(true).set_uid(kDK).set_dim({k.b, k.hkv, k.smax, k.hd})
-      .set_stride(thd_stride(k.hkv, k.smax, k.hd)).set_ragged_offset(off_k);
+      .set_stride(thd_stride(k.hkv, k.smax, k.hd));
   dv->set_output(true).set_uid(kDV).set_dim({k.b, k.hkv, k.smax, k.hd})
-      .set_stride(thd_stride(k.hkv, k.smax, k.hd)).set_ragged_offset(off_v);
+      .set_stride(thd_stride(k.hkv, k.smax, k.hd));
+  if (off_q) {
+    dq->set_ragged_offset(off_q);
+    dk->set_ragged_offset(off_k);
+    dv->set_ragged_offset(off_v);
+  }
   finish_build(g, h, e);
   return e;
 }
@@ -248,6 +270,32 @@ std::pair<int64_t, int64_t> graph_shape(int num_seqs, int max_seqlen) {
 
 void* mut(const void* p) { return const_cast<void*>(p); }
 
+const Entry& graph_for(State& st, const Key& key, float scale) {
+  auto it = st.graphs.find(key);
+  if (it == st.graphs.end())
+    it = st.graphs.emplace(key, key.bwd ? build_backward(key, handle(st), scale)
+                                        : build_forward(key, handle(st), scale)).first;
+  return it->second;
+}
+
+// The dense graph (uniform sequences), or nullptr: turned off with IEVO_CUDNN_ATTN_DENSE=0, or
+// refused by this cuDNN (said once on stderr; the ragged graph is used from then on).
+const Entry* dense_graph(State& st, const Key& key, float scale) {
+  static const bool on = [] {
+    const char* e = std::getenv("IEVO_CUDNN_ATTN_DENSE");
+    return !(e && std::string(e) == "0");
+  }();
+  if (!on || st.dense_refused) return nullptr;
+  try {
+    return &graph_for(st, key, scale);
+  } catch (const std::exception& e) {
+    st.dense_refused = true;
+    std::fprintf(stderr, "ievo: cuDNN attention: the dense layout was refused (%s); using the ragged one\n",
+                 e.what());
+    return nullptr;
+  }
+}
+
 }  // namespace
 
 bool usable(std::string* why) {
@@ -272,39 +320,64 @@ bool usable(std::string* why) {
 bool supports_head_dim(int64_t hd) { return hd > 0 && hd % 8 == 0 && hd <= 128; }
 
 void forward(const Tensor& q, const Tensor& k, const Tensor& v, const int32_t* cu, int num_seqs,
-             int max_seqlen, Tensor& out, Tensor& lse) {
+             int max_seqlen, int uniform_len, Tensor& out, Tensor& lse) {
   const int64_t n = q.size(0), hq = q.size(1), hkv = k.size(1), hd = q.size(2);
-  const auto [b, smax] = graph_shape(num_seqs, max_seqlen);
   const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(hd)));
+  const bool f16 = q.dtype() == DType::F16;
   cudaStream_t s = current_stream();
   State& st = state();
   std::lock_guard<std::mutex> lock(st.mu);
-  const Key key{false, b, smax, hq, hkv, hd, false, q.dtype() == DType::F16};
-  auto it = st.graphs.find(key);
-  if (it == st.graphs.end()) it = st.graphs.emplace(key, build_forward(key, handle(st), scale)).first;
+  if (uniform_len > 0) {
+    const Key key{false, num_seqs, uniform_len, hq, hkv, hd, false, f16, true};
+    if (const Entry* e = dense_graph(st, key, scale)) {
+      DeviceBuffer stats(static_cast<size_t>(n * hq) * sizeof(float));
+      std::unordered_map<int64_t, void*> pack = {{kQ, mut(q.raw())}, {kK, mut(k.raw())},
+                                                 {kV, mut(v.raw())}, {kO, out.raw()},
+                                                 {kStats, stats.data()}};
+      run(st, *e, pack, s);
+      attn::padded_to_packed(stats.as<float>(), cu, num_seqs, static_cast<int>(hq), uniform_len,
+                             static_cast<int>(n), lse.data<float>(), s);
+      return;
+    }
+  }
+  const auto [b, smax] = graph_shape(num_seqs, max_seqlen);
+  const Entry& e = graph_for(st, Key{false, b, smax, hq, hkv, hd, false, f16, false}, scale);
   Aux a = make_aux(cu, num_seqs, b, smax, hq, hkv, hd, s);
   std::unordered_map<int64_t, void*> pack = {
       {kQ, mut(q.raw())},          {kK, mut(k.raw())},          {kV, mut(v.raw())},
       {kO, out.raw()},             {kStats, a.stats.data()},    {kSeqQ, a.seq_len.data()},
       {kSeqKV, a.seq_len.data()},  {kOffQ, a.off_q.data()},     {kOffK, a.off_kv.data()},
       {kOffV, a.off_kv.data()},    {kOffO, a.off_q.data()}};
-  run(st, it->second, pack, s);
+  run(st, e, pack, s);
   attn::padded_to_packed(a.stats.as<float>(), cu, num_seqs, static_cast<int>(hq),
                          static_cast<int>(smax), static_cast<int>(n), lse.data<float>(), s);
 }
 
 void backward(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
               const Tensor& out, const Tensor& lse, const int32_t* cu, int num_seqs,
-              int max_seqlen, Tensor& dq, Tensor& dk, Tensor& dv) {
+              int max_seqlen, int uniform_len, Tensor& dq, Tensor& dk, Tensor& dv) {
   const int64_t n = q.size(0), hq = q.size(1), hkv = k.size(1), hd = q.size(2);
-  const auto [b, smax] = graph_shape(num_seqs, max_seqlen);
   const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(hd)));
+  const bool f16 = q.dtype() == DType::F16;
   cudaStream_t s = current_stream();
   State& st = state();
   std::lock_guard<std::mutex> lock(st.mu);
-  const Key key{true, b, smax, hq, hkv, hd, deterministic(), q.dtype() == DType::F16};
-  auto it = st.graphs.find(key);
-  if (it == st.graphs.end()) it = st.graphs.emplace(key, build_backward(key, handle(st), scale)).first;
+  if (uniform_len > 0) {
+    const Key key{true, num_seqs, uniform_len, hq, hkv, hd, deterministic(), f16, true};
+    if (const Entry* e = dense_graph(st, key, scale)) {
+      DeviceBuffer stats(static_cast<size_t>(n * hq) * sizeof(float));
+      attn::packed_to_padded(lse.data<float>(), cu, num_seqs, static_cast<int>(hq), uniform_len,
+                             static_cast<int>(n), stats.as<float>(), s);
+      std::unordered_map<int64_t, void*> pack = {
+          {kQ, mut(q.raw())},   {kK, mut(k.raw())},     {kV, mut(v.raw())},
+          {kO, mut(out.raw())}, {kDO, mut(dout.raw())}, {kStats, stats.data()},
+          {kDQ, dq.raw()},      {kDK, dk.raw()},        {kDV, dv.raw()}};
+      run(st, *e, pack, s);
+      return;
+    }
+  }
+  const auto [b, smax] = graph_shape(num_seqs, max_seqlen);
+  const Entry& e = graph_for(st, Key{true, b, smax, hq, hkv, hd, deterministic(), f16, false}, scale);
   Aux a = make_aux(cu, num_seqs, b, smax, hq, hkv, hd, s);
   IEVO_CUDA_CHECK(cudaMemsetAsync(a.stats.data(), 0, a.stats.size(), s));
   attn::packed_to_padded(lse.data<float>(), cu, num_seqs, static_cast<int>(hq),
@@ -315,7 +388,7 @@ void backward(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor
       {kDQ, dq.raw()},           {kDK, dk.raw()},            {kDV, dv.raw()},
       {kSeqQ, a.seq_len.data()}, {kSeqKV, a.seq_len.data()}, {kOffQ, a.off_q.data()},
       {kOffK, a.off_kv.data()},  {kOffV, a.off_kv.data()},   {kOffO, a.off_q.data()}};
-  run(st, it->second, pack, s);
+  run(st, e, pack, s);
 }
 
 }  // namespace ievo::cuda::cudnn_attn

@@ -86,9 +86,12 @@ void set_attention_backend(AttentionBackend b) { g_backend.store(b); }
 AttentionBackend attention_backend() { return g_backend.load(); }
 
 void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& cu_seqlens,
-                       int max_seqlen, Tensor& out, Tensor& lse) {
+                       int max_seqlen, Tensor& out, Tensor& lse, const Tensor& cu_seqlens_host) {
 #ifdef IEVO_CUDA
-  if (!q.is_cpu()) return cuda::attention_forward(q, k, v, cu_seqlens, max_seqlen, out, lse);
+  if (!q.is_cpu())
+    return cuda::attention_forward(q, k, v, cu_seqlens, max_seqlen, out, lse, cu_seqlens_host);
+#else
+  (void)cu_seqlens_host;
 #endif
   const char* op = "attention_forward";
   const Dims d = check_qkv(q, k, v, op);
@@ -132,10 +135,14 @@ void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, const 
 
 void attention_backward(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
                         const Tensor& out, const Tensor& lse, const Tensor& cu_seqlens,
-                        int max_seqlen, Tensor& dq, Tensor& dk, Tensor& dv) {
+                        int max_seqlen, Tensor& dq, Tensor& dk, Tensor& dv,
+                        const Tensor& cu_seqlens_host) {
 #ifdef IEVO_CUDA
   if (!q.is_cpu())
-    return cuda::attention_backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, dq, dk, dv);
+    return cuda::attention_backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, dq, dk, dv,
+                                    cu_seqlens_host);
+#else
+  (void)cu_seqlens_host;
 #endif
   const char* op = "attention_backward";
   const Dims d = check_qkv(q, k, v, op);

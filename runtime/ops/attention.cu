@@ -303,7 +303,17 @@ struct CuSeqlens {
   DeviceBuffer copy;
   const int32_t* dev = nullptr;
   int num_seqs = 0;
+  int uniform_len = 0;  // > 0: known on the host that every sequence has this length
 };
+
+// The common length of all sequences, or 0 if they differ.
+int uniform_length(const int32_t* p, int num_seqs) {
+  if (num_seqs < 1) return 0;
+  const int len = p[1] - p[0];
+  for (int s = 1; s < num_seqs; ++s)
+    if (p[s + 1] - p[s] != len) return 0;
+  return len;
+}
 
 __global__ void check_cu_kernel(const int32_t* cu, int num_seqs, int n, int max_seqlen, int* bad) {
   const int s = blockIdx.x * blockDim.x + threadIdx.x;
@@ -326,7 +336,8 @@ void validate_cu_host(const int32_t* p, int num_seqs, int64_t n, int max_seqlen,
              " tokens");
 }
 
-CuSeqlens prepare_cu(const Tensor& cu, int64_t n, int max_seqlen, const char* op) {
+// cu_host (optional, with a device cu): the same values on the host, so nothing is read back.
+CuSeqlens prepare_cu(const Tensor& cu, const Tensor& cu_host, int64_t n, int max_seqlen, const char* op) {
   IEVO_CHECK(cu.defined(), op, ": tensor 'cu_seqlens' is undefined");
   check_dtype(cu, DType::I32, "cu_seqlens");
   IEVO_CHECK(cu.dim() == 1 && cu.numel() >= 1, op, ": tensor 'cu_seqlens' must be [S+1], has shape ",
@@ -336,8 +347,18 @@ CuSeqlens prepare_cu(const Tensor& cu, int64_t n, int max_seqlen, const char* op
   CuSeqlens r;
   r.num_seqs = static_cast<int>(cu.numel() - 1);
   cudaStream_t s = current_stream();
-  if (cu.is_cpu()) {
-    validate_cu_host(cu.data<int32_t>(), r.num_seqs, n, max_seqlen, op);
+  const Tensor& host = cu.is_cpu() ? cu : cu_host;
+  if (host.defined()) {
+    IEVO_CHECK(host.is_cpu() && host.dtype() == DType::I32 && host.is_contiguous() &&
+                   host.numel() == cu.numel(), op, ": tensor 'cu_seqlens_host' must be the host copy of "
+               "cu_seqlens (", cu.numel(), " contiguous i32 on the cpu), has shape ",
+               shape_str(host.shape()), " on ", device_name(host.device()));
+    validate_cu_host(host.data<int32_t>(), r.num_seqs, n, max_seqlen, op);
+    r.uniform_len = uniform_length(host.data<int32_t>(), r.num_seqs);
+    if (!cu.is_cpu()) {
+      r.dev = cu.data<int32_t>();
+      return r;
+    }
     r.copy = DeviceBuffer(cu.nbytes());
     IEVO_CUDA_CHECK(cudaMemcpyAsync(r.copy.data(), cu.raw(), cu.nbytes(), cudaMemcpyHostToDevice, s));
     r.dev = r.copy.as<int32_t>();
@@ -398,18 +419,18 @@ GenParams gen_params(const CuSeqlens& cu, const Dims& d) {
 }  // namespace
 
 void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& cu_seqlens,
-                       int max_seqlen, Tensor& out, Tensor& lse) {
+                       int max_seqlen, Tensor& out, Tensor& lse, const Tensor& cu_seqlens_host) {
   const char* op = "attention_forward";
   const Dims d = check_qkv(q, k, v, op);
   check_like(out, q.shape(), q.dtype(), "out", op);
   check_like(lse, {d.hq, d.n}, DType::F32, "lse", op);
-  CuSeqlens cu = prepare_cu(cu_seqlens, d.n, max_seqlen, op);
+  CuSeqlens cu = prepare_cu(cu_seqlens, cu_seqlens_host, d.n, max_seqlen, op);
   if (d.n == 0 || cu.num_seqs == 0) return;
   cudaStream_t s = current_stream();
   switch (choose(q.dtype(), d.hd, op)) {
     case Impl::Cudnn:
 #ifdef IEVO_HAVE_CUDNN_FRONTEND
-      cudnn_attn::forward(q, k, v, cu.dev, cu.num_seqs, max_seqlen, out, lse);
+      cudnn_attn::forward(q, k, v, cu.dev, cu.num_seqs, max_seqlen, cu.uniform_len, out, lse);
 #endif
       return;
     case Impl::Flash:
@@ -432,7 +453,8 @@ void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, const 
 
 void attention_backward(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
                         const Tensor& out, const Tensor& lse, const Tensor& cu_seqlens,
-                        int max_seqlen, Tensor& dq, Tensor& dk, Tensor& dv) {
+                        int max_seqlen, Tensor& dq, Tensor& dk, Tensor& dv,
+                        const Tensor& cu_seqlens_host) {
   const char* op = "attention_backward";
   const Dims d = check_qkv(q, k, v, op);
   check_like(dout, q.shape(), q.dtype(), "dout", op);
@@ -441,13 +463,14 @@ void attention_backward(const Tensor& dout, const Tensor& q, const Tensor& k, co
   check_like(dq, q.shape(), q.dtype(), "dq", op);
   check_like(dk, k.shape(), q.dtype(), "dk", op);
   check_like(dv, v.shape(), q.dtype(), "dv", op);
-  CuSeqlens cu = prepare_cu(cu_seqlens, d.n, max_seqlen, op);
+  CuSeqlens cu = prepare_cu(cu_seqlens, cu_seqlens_host, d.n, max_seqlen, op);
   if (d.n == 0 || cu.num_seqs == 0) return;
   cudaStream_t s = current_stream();
   const Impl impl = choose(q.dtype(), d.hd, op);
   if (impl == Impl::Cudnn) {
 #ifdef IEVO_HAVE_CUDNN_FRONTEND
-    cudnn_attn::backward(dout, q, k, v, out, lse, cu.dev, cu.num_seqs, max_seqlen, dq, dk, dv);
+    cudnn_attn::backward(dout, q, k, v, out, lse, cu.dev, cu.num_seqs, max_seqlen, cu.uniform_len,
+                         dq, dk, dv);
 #endif
     return;
   }

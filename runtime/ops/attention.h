@@ -18,10 +18,15 @@ enum class AttentionBackend { Auto, Flash, Cudnn };
 void set_attention_backend(AttentionBackend b);
 AttentionBackend attention_backend();
 
+// cu_seqlens_host (optional, with cu_seqlens on the device): the same values on the host. The
+// CUDA backend then validates them there instead of reading them back (no synchronisation) and
+// uses cuDNN's dense layout when all sequences have the same length.
 void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& cu_seqlens,
-                       int max_seqlen, Tensor& out, Tensor& lse);
+                       int max_seqlen, Tensor& out, Tensor& lse,
+                       const Tensor& cu_seqlens_host = Tensor());
 void attention_backward(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
                         const Tensor& out, const Tensor& lse, const Tensor& cu_seqlens,
-                        int max_seqlen, Tensor& dq, Tensor& dk, Tensor& dv);
+                        int max_seqlen, Tensor& dq, Tensor& dk, Tensor& dv,
+                        const Tensor& cu_seqlens_host = Tensor());
 
 }  // namespace ievo::ops
