@@ -119,16 +119,28 @@ void Llama::block_forward(const ParamStore& p, int layer, const Batch& b, const 
   a.v = mp_->scatter_heads(v);
   a.attn = Tensor::empty(a.q.shape(), dt, dev);
   a.lse = Tensor::empty({a.q.size(1), a.q.size(0)}, stat_dtype(dt), dev);
-  attention_forward(a.q, a.k, a.v, b.cu_seqlens, b.max_seqlen, a.attn, a.lse);
+  attention_forward(a.q, a.k, a.v, b.cu_seqlens, b.max_seqlen, a.attn, a.lse, b.cu_seqlens_host);
   a.o = mp_->gather_heads(a.attn);
-  a.a = mp_->reduce_output(linear(a.o.view({N, -1}), p[L.wo]));
-  add(a.a, x, a.a);
+  a.a = residual_linear(a.o.view({N, -1}), p[L.wo], x);
   // MLP branch (its down projection runs in the caller, inside the layer's hooks).
   a.n2 = mp_->gather_input(rmsnorm(a.a, p[L.ln2], c_.norm_eps, a.rstd2));
   a.gate = linear(a.n2, p[L.wg]);
   a.up = linear(a.n2, p[L.wu]);
   a.h = Tensor::empty(a.gate.shape(), dt, dev);
   swiglu_forward(a.gate, a.up, a.h);
+}
+
+// x + g(h W^T) for an output projection: one GEMM with the add in its epilogue when g is the
+// identity, else the reduction and then the add.
+Tensor Llama::residual_linear(const Tensor& h, const Tensor& w, const Tensor& x) {
+  if (!mp_->reduces_output()) {
+    Tensor y = Tensor::empty({h.size(0), w.size(0)}, h.dtype(), h.device());
+    matmul_add(h, false, w, true, x, y);
+    return y;
+  }
+  Tensor y = mp_->reduce_output(linear(h, w));
+  add(y, x, y);
+  return y;
 }
 
 // Given dy = d loss / d(block output), accumulates parameter gradients and returns d loss / d x.
@@ -147,9 +159,8 @@ Tensor Llama::block_backward(const ParamStore& p, int layer, const Batch& b, con
   Tensor dn2 = Tensor::empty({N, d}, dt, dev);
   linear_backward(dgate, a.n2, p[L.wg], dn2, false, g[L.wg]);
   linear_backward(dup, a.n2, p[L.wu], dn2, true, g[L.wu]);
-  Tensor da = Tensor::empty({n, d}, dt, dev);
-  rmsnorm_backward(mp_->reduce_input_grad(dn2), a.a, p[L.ln2], a.rstd2, da, g[L.ln2]);
-  add(da, dy, da);
+  Tensor da = Tensor::empty({n, d}, dt, dev);  // the norm's backward + dy (the residual path)
+  rmsnorm_backward(mp_->reduce_input_grad(dn2), a.a, p[L.ln2], a.rstd2, da, g[L.ln2], dy);
   // a = x + Wo attn
   Tensor dag = mp_->gather_output_grad(da);
   Tensor dout = Tensor::empty(a.o.shape(), dt, dev);
@@ -159,7 +170,8 @@ Tensor Llama::block_backward(const ParamStore& p, int layer, const Batch& b, con
   Tensor dq = Tensor::empty(a.q.shape(), dt, dev);
   Tensor dk = Tensor::empty(a.k.shape(), dt, dev);
   Tensor dv = Tensor::empty(a.v.shape(), dt, dev);
-  attention_backward(dattn, a.q, a.k, a.v, a.attn, a.lse, b.cu_seqlens, b.max_seqlen, dq, dk, dv);
+  attention_backward(dattn, a.q, a.k, a.v, a.attn, a.lse, b.cu_seqlens, b.max_seqlen, dq, dk, dv,
+                     b.cu_seqlens_host);
   dq = mp_->gather_heads(dq);
   dk = mp_->gather_heads(dk);
   dv = mp_->gather_heads(dv);
@@ -170,8 +182,7 @@ Tensor Llama::block_backward(const ParamStore& p, int layer, const Batch& b, con
   linear_backward(dk.view({N, -1}), a.n1, p[L.wk], dn1, true, g[L.wk]);
   linear_backward(dv.view({N, -1}), a.n1, p[L.wv], dn1, true, g[L.wv]);
   Tensor dx = Tensor::empty({n, d}, dt, dev);
-  rmsnorm_backward(mp_->reduce_input_grad(dn1), a.x, p[L.ln1], a.rstd1, dx, g[L.ln1]);
-  add(dx, da, dx);
+  rmsnorm_backward(mp_->reduce_input_grad(dn1), a.x, p[L.ln1], a.rstd1, dx, g[L.ln1], da);
   return dx;
 }
 
@@ -211,10 +222,17 @@ Tensor Llama::run_blocks(const ParamStore& p, const LayerRange& r, const Batch& 
     BlockActs a;
     before(hl, P::Forward);
     block_forward(p, static_cast<int>(l), b, x, a);
-    Tensor out = linear(a.h, p[layers_[l].wd]);
-    after(hl, P::Forward);
-    out = mp_->reduce_output(out);
-    add(out, a.a, out);
+    Tensor out;
+    if (!mp_->reduces_output()) {  // out = a + Wd h, the add in the GEMM's epilogue
+      out = Tensor::empty(a.a.shape(), a.a.dtype(), a.a.device());
+      matmul_add(a.h, false, p[layers_[l].wd], true, a.a, out);
+      after(hl, P::Forward);
+    } else {
+      out = linear(a.h, p[layers_[l].wd]);
+      after(hl, P::Forward);
+      out = mp_->reduce_output(out);
+      add(out, a.a, out);
+    }
     if (saved) {
       BlockActs& s = (*saved)[l - r.begin];
       if (recompute_ == Recompute::Full) {

@@ -148,6 +148,7 @@ class Llama {
   void block_forward(const ParamStore& p, int layer, const Batch& b, const Tensor& x, BlockActs& a);
   Tensor block_backward(const ParamStore& p, int layer, const Batch& b, const BlockActs& a,
                         const Tensor& dy, ParamStore& g);
+  Tensor residual_linear(const Tensor& h, const Tensor& w, const Tensor& x);  // x + g(h W^T)
   void drop_recomputable(BlockActs& a) const;                     // Recompute::Selective
   void recompute_dropped(const ParamStore& p, int layer, BlockActs& a) const;
   const Tensor& head_weight(const ParamStore& p) const;

@@ -30,6 +30,9 @@ class ModelParallel {
   virtual Tensor reduce_output(const Tensor& y) { return y; }
   // g backward: [n_local, d] -> [N, d] (TP: identity; SP: all-gather).
   virtual Tensor gather_output_grad(const Tensor& dy) { return dy; }
+  // Whether reduce_output does anything. When not, the model folds the residual add into the
+  // output projection (x + y in the GEMM's epilogue); when it does, x is added after it.
+  virtual bool reduces_output() const { return false; }
 
   // Ulysses, around attention: q, k, v [n_local, H, hd] of this rank's tokens and all its heads
   // -> [N, H / S, hd] of every token and 1/S of the heads (all-to-all); and back for the output

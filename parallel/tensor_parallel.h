@@ -73,6 +73,7 @@ class TensorParallel final : public ModelParallel {
   Tensor reduce_input_grad(const Tensor& dx) override;
   Tensor reduce_output(const Tensor& y) override;
   Tensor gather_output_grad(const Tensor& dy) override;
+  bool reduces_output() const override { return tp_size_ > 1; }
 
   Tensor scatter_heads(const Tensor& x) override;
   Tensor gather_heads(const Tensor& x) override;

@@ -171,6 +171,16 @@ TEST_P(GpuMatmul, AllTransposesAlphaBetaAndSlices) {
   Tensor gc_s = gc.slice(1, 8, 8 + n);
   ops::matmul(gpu(wa, dt).slice(1, 16, 16 + k), false, gpu(wb, dt).slice(1, 8, 8 + k), true, gc_s);
   expect_close(std::string("matmul ") + dn(dt) + " column slices", host(gc), ref, tol(dt));
+  // matmul_add: D = A B^T + C with C a separate tensor, and in place (C = D).
+  Tensor a = rand({m, k}, 24), b = rand({n, k}, 25), c = rand({m, n}, 26);
+  Tensor rd = Tensor::empty({m, n}, DType::F32);
+  ops::matmul_add(seen(a, dt), false, seen(b, dt), true, seen(c, dt), rd);
+  Tensor gcin = gpu(c, dt), gd = Tensor::empty({m, n}, dt, Device::CUDA);
+  ops::matmul_add(gpu(a, dt), false, gpu(b, dt), true, gcin, gd);
+  expect_close(std::string("matmul_add ") + dn(dt), host(gd), rd, tol(dt));
+  expect_close(std::string("matmul_add keeps c ") + dn(dt), host(gcin), seen(c, dt), 0.0);
+  ops::matmul_add(gpu(a, dt), false, gpu(b, dt), true, gcin, gcin);
+  expect_close(std::string("matmul_add in place ") + dn(dt), host(gcin), rd, tol(dt));
 }
 
 INSTANTIATE_TEST_SUITE_P(Dtypes, GpuMatmul, ::testing::Values(DType::F32, DType::BF16),
@@ -281,9 +291,10 @@ TEST(GpuEmbedding, ForwardBackwardDeterministic) {
 // ---------------------------------------------------------------------------------------------
 TEST(GpuRmsNorm, ForwardBackwardDeterministic) {
   REQUIRE_GPU();
-  // 100: bf16 element path, f32 packs; 2048/3000: packed paths (1-4 packs per thread);
-  // 12000: element path with the dw partial in global scratch.
-  for (int64_t d : {int64_t{100}, int64_t{2048}, int64_t{3000}, int64_t{12000}}) {
+  // 100: bf16 element path, f32 packs; 768: one pack per thread in narrow blocks (96 threads for
+  // bf16); 2048/3000: packed paths (1-4 packs per thread); 12000: element path with the dw
+  // partial in global scratch.
+  for (int64_t d : {int64_t{100}, int64_t{768}, int64_t{2048}, int64_t{3000}, int64_t{12000}}) {
     const int64_t n = d > 4096 ? 9 : 37;
     for (DType dt : {DType::F32, DType::BF16}) {
       Tensor x = rand({n, d}, 61), w = rand({d}, 62, 0.5, 1.5), dy = rand({n, d}, 63);
@@ -307,6 +318,13 @@ TEST(GpuRmsNorm, ForwardBackwardDeterministic) {
       Tensor gdx2 = Tensor::empty({n, d}, dt, Device::CUDA), gdw2 = gdw_init.to(Device::CUDA);
       ops::rmsnorm_backward(gpu(dy, dt), gx, gw, grstd, gdx2, gdw2);
       EXPECT_TRUE(bit_equal(gdx, gdx2) && bit_equal(gdw, gdw2)) << "rmsnorm backward not deterministic";
+      // With the residual path's gradient added in the same pass.
+      Tensor res = rand({n, d}, 65), rdx = Tensor::empty({n, d}, DType::F32), rdw = gdw_init.clone();
+      ops::rmsnorm_backward(rdy, rx, rw, rstd, rdx, rdw, seen(res, dt));
+      Tensor gdx3 = Tensor::empty({n, d}, dt, Device::CUDA), gdw3 = gdw_init.to(Device::CUDA);
+      ops::rmsnorm_backward(gpu(dy, dt), gx, gw, grstd, gdx3, gdw3, gpu(res, dt));
+      expect_close("rmsnorm_backward dx + residual " + tag, host(gdx3), rdx, tol(dt));
+      expect_close("rmsnorm_backward dw (residual call) " + tag, host(gdw3), dw, tol(dt));
     }
   }
 }
@@ -375,8 +393,16 @@ void check_cross_entropy(int64_t n, int64_t v) {
     expect_close(std::string("cross_entropy_forward losses ") + dn(dt) + " V=" + std::to_string(v), host(glosses), losses, kTolF32);
     Tensor dl = Tensor::empty({n, v}, DType::F32);
     ops::cross_entropy_backward(rl, targets, 0.5, dl);
+    Tensor gl2 = gl.clone(), glosses2 = Tensor::empty({n}, DType::F32, Device::CUDA);
     ops::cross_entropy_backward(gl, gt, 0.5, gl);  // in place
     expect_close(std::string("cross_entropy_backward ") + dn(dt) + " V=" + std::to_string(v), host(gl), dl, tol(dt));
+    // Forward and backward in one pass, in place: the same sum, count, losses and gradient.
+    int64_t fcount = 0;
+    const double fsum = ops::cross_entropy_forward_backward(gl2, gt, 0.5, glosses2, &fcount, gl2);
+    EXPECT_EQ(fcount, count);
+    EXPECT_NEAR(fsum, sum, 1e-5 * sum);
+    expect_close(std::string("cross_entropy_forward_backward losses ") + dn(dt), host(glosses2), losses, kTolF32);
+    expect_close(std::string("cross_entropy_forward_backward grad ") + dn(dt), host(gl2), dl, tol(dt));
   }
 }
 
@@ -394,6 +420,7 @@ TEST(GpuCrossEntropy, BadTarget) {
   bad.data<int32_t>()[7] = 1000;
   Tensor gl = rand({n, v}, 93).to(Device::CUDA), gls = Tensor::empty({n}, DType::F32, Device::CUDA);
   EXPECT_THROW(ops::cross_entropy_forward(gl, bad.to(Device::CUDA), gls, nullptr), Error);
+  EXPECT_THROW(ops::cross_entropy_forward_backward(gl, bad.to(Device::CUDA), 1.0, gls, nullptr, gl), Error);
 }
 
 
@@ -459,8 +486,10 @@ class GpuAttention : public ::testing::TestWithParam<AttnCase> {
   void TearDown() override { ops::set_attention_backend(ops::AttentionBackend::Auto); }
 };
 
-// One layout of packed sequences: GPU forward/backward (device cu_seqlens for the forward, host
-// for the backward) against the CPU, then a bit-identical repeat of the backward.
+// One layout of packed sequences: GPU forward/backward (device cu_seqlens with its host mirror for
+// the forward, host cu_seqlens for the backward: cuDNN's dense graphs when all sequences have the
+// same length, else the ragged ones) against the CPU, then a bit-identical repeat of the
+// backward (device cu_seqlens, with the mirror for the uniform layouts, without for the others).
 void check_attention(const AttnCase& c, const std::vector<int32_t>& cu_v, const std::string& label) {
   const int64_t n = cu_v.back();
   int max_seqlen = 0;
@@ -481,7 +510,7 @@ void check_attention(const AttnCase& c, const std::vector<int32_t>& cu_v, const 
   Tensor gcu = cu.to(Device::CUDA);
   Tensor gout = Tensor::empty(q.shape(), c.dt, Device::CUDA);
   Tensor glse = Tensor::empty({c.hq, n}, DType::F32, Device::CUDA);
-  ops::attention_forward(gq, gk, gv, gcu, max_seqlen, gout, glse);
+  ops::attention_forward(gq, gk, gv, gcu, max_seqlen, gout, glse, cu);
   const std::string name = attn_name(c) + " " + label;
   const double t = tol(c.dt);
   expect_close("attention out " + name, host(gout), out, t);
@@ -501,8 +530,11 @@ void check_attention(const AttnCase& c, const std::vector<int32_t>& cu_v, const 
          c1 = Tensor::empty(v.shape(), c.dt, Device::CUDA);
   Tensor a2 = Tensor::empty(q.shape(), c.dt, Device::CUDA), b2 = Tensor::empty(k.shape(), c.dt, Device::CUDA),
          c2 = Tensor::empty(v.shape(), c.dt, Device::CUDA);
-  ops::attention_backward(gdo, gq, gk, gv, gout, glse, gcu, max_seqlen, a1, b1, c1);
-  ops::attention_backward(gdo, gq, gk, gv, gout, glse, gcu, max_seqlen, a2, b2, c2);
+  bool uniform = true;
+  for (size_t i = 2; i < cu_v.size(); ++i) uniform = uniform && cu_v[i] - cu_v[i - 1] == cu_v[1];
+  const Tensor mirror = uniform ? cu : Tensor();
+  ops::attention_backward(gdo, gq, gk, gv, gout, glse, gcu, max_seqlen, a1, b1, c1, mirror);
+  ops::attention_backward(gdo, gq, gk, gv, gout, glse, gcu, max_seqlen, a2, b2, c2, mirror);
 #ifdef IEVO_CUDA
   cuda::set_deterministic(false);
 #endif
@@ -511,9 +543,11 @@ void check_attention(const AttnCase& c, const std::vector<int32_t>& cu_v, const 
 }
 
 // Layouts: 3 sequences (37 < one tile, 150 = several tiles with a ragged end, 64 = one tile);
-// 5 with an empty and a short one; 6 (same cuDNN graph bucket as 5: reuses its graphs).
+// 5 with an empty and a short one; 6 (same cuDNN graph bucket as 5: reuses its graphs); then
+// uniform ones (cuDNN's dense graphs): 3 x 64, and 2 x 100 (not a multiple of a tile).
 const std::vector<std::vector<int32_t>> kLayouts = {
-    {0, 37, 187, 251}, {0, 37, 37, 187, 200, 251}, {0, 37, 37, 187, 200, 240, 251}};
+    {0, 37, 187, 251}, {0, 37, 37, 187, 200, 251}, {0, 37, 37, 187, 200, 240, 251},
+    {0, 64, 128, 192}, {0, 100, 200}};
 
 TEST_P(GpuAttention, MatchesCpuVarlen) {
   REQUIRE_GPU();
@@ -568,6 +602,12 @@ TEST(GpuAttentionErrors, SequenceLongerThanMaxSeqlen) {
   Tensor cu = Tensor::from_vector(std::vector<int32_t>{0, 5, 20}, {3});
   EXPECT_THROW(ops::attention_forward(q, k, k, cu.to(Device::CUDA), 10, out, lse), Error);
   EXPECT_THROW(ops::attention_forward(q, k, k, cu, 10, out, lse), Error);
+  // A host mirror is validated like host cu_seqlens, and must match the device tensor's size.
+  EXPECT_THROW(ops::attention_forward(q, k, k, cu.to(Device::CUDA), 10, out, lse, cu), Error);
+  Tensor good = Tensor::from_vector(std::vector<int32_t>{0, 10, 20}, {3});
+  EXPECT_THROW(ops::attention_forward(q, k, k, good.to(Device::CUDA), 10, out, lse,
+                                      Tensor::from_vector(std::vector<int32_t>{0, 20}, {2})),
+               Error);
 }
 
 

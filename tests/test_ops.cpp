@@ -108,6 +108,29 @@ TEST(Matmul, ForwardAllTransposesAlphaBeta) {
       }
 }
 
+TEST(Matmul, AddFoldsResidual) {
+  // D = A B^T + C equals matmul then add; C is left as it was; C = D works in place.
+  for (DType dt : kFloatTypes) {
+    Tensor a = random_tensor({5, 4}, dt, 7), b = random_tensor({3, 4}, dt, 8), c = random_tensor({5, 3}, dt, 9);
+    Tensor c0 = c.clone(), ref = Tensor::empty({5, 3}, dt), d = Tensor::empty({5, 3}, dt);
+    ops::matmul(a, false, b, true, ref);
+    ops::add(ref, c, ref);
+    ops::matmul_add(a, false, b, true, c, d);
+    EXPECT_LT(rel_l2(d, ref), fwd_tol(dt)) << dtype_name(dt);
+    EXPECT_EQ(max_abs_diff(c, c0), 0.0);
+    ops::matmul_add(a, false, b, true, c, c);
+    EXPECT_EQ(max_abs_diff(c, d), 0.0);
+  }
+  Tensor a = random_tensor({5, 4}, DType::F32, 7), b = random_tensor({3, 4}, DType::F32, 8);
+  Tensor c = random_tensor({5, 2}, DType::F32, 9), d = Tensor::empty({5, 3}, DType::F32);
+  try {
+    ops::matmul_add(a, false, b, true, c, d);
+    FAIL() << "a residual of the wrong shape was accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("'c'"), std::string::npos) << e.what();
+  }
+}
+
 TEST(Matmul, ColumnSlicesUseRowStride) {
   // A = columns [2, 6) of a [5, 9] matrix, C = columns [1, 4) of a [5, 7] matrix.
   for (DType dt : kFloatTypes) {
@@ -230,6 +253,12 @@ TEST(RMSNorm, BackwardFiniteDifferences) {
   ops::rmsnorm_backward(r, x, w, rstd, dx, dw);
   EXPECT_LT(rel_l2(dx, numeric_grad(x, loss)), kFdTol);
   EXPECT_LT(rel_l2(sub(dw, dw0), numeric_grad(w, loss)), kFdTol);
+  // With a residual gradient added in the same pass (and written in place over it).
+  Tensor res = random_tensor({N, D}, DType::F64, 36), dx2 = res.clone(), dw2 = dw0.clone();
+  ops::rmsnorm_backward(r, x, w, rstd, dx2, dw2, dx2);
+  ops::add(dx, res, dx);
+  EXPECT_LT(max_abs_diff(dx2, dx), 1e-14);
+  EXPECT_LT(max_abs_diff(dw2, dw), 1e-14);
 }
 
 TEST(RMSNorm, WrongWeightShapeNamesTensor) {
@@ -456,6 +485,15 @@ TEST(CrossEntropy, BackwardFiniteDifferences) {
   Tensor inplace = logits.clone();
   ops::cross_entropy_backward(inplace, t, scale, inplace);
   EXPECT_EQ(max_abs_diff(inplace, dl), 0.0);
+  // Both at once (in place): the forward's sum and count, the backward's gradient.
+  Tensor both = logits.clone(), losses2 = Tensor::empty({N}, DType::F64);
+  int64_t count = 0, count2 = 0;
+  const double sum = ops::cross_entropy_forward(logits, t, losses, &count);
+  const double sum2 = ops::cross_entropy_forward_backward(both, t, scale, losses2, &count2, both);
+  EXPECT_EQ(sum2, sum);
+  EXPECT_EQ(count2, count);
+  EXPECT_EQ(max_abs_diff(losses2, losses), 0.0);
+  EXPECT_EQ(max_abs_diff(both, dl), 0.0);
 }
 
 TEST(CrossEntropy, TargetOutOfRangeNamesIt) {

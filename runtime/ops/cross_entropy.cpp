@@ -115,6 +115,17 @@ void cross_entropy_backward(const Tensor& logits, const Tensor& targets, double 
   });
 }
 
+double cross_entropy_forward_backward(const Tensor& logits, const Tensor& targets, double grad_scale,
+                                      Tensor& losses, int64_t* count, Tensor& dlogits) {
+#ifdef IEVO_CUDA
+  if (!logits.is_cpu())
+    return cuda::cross_entropy_forward_backward(logits, targets, grad_scale, losses, count, dlogits);
+#endif
+  const double sum = cross_entropy_forward(logits, targets, losses, count);
+  cross_entropy_backward(logits, targets, grad_scale, dlogits);
+  return sum;
+}
+
 double lm_head_loss(const Tensor& h, const Tensor& w, const Tensor& targets, double grad_scale,
                     int64_t chunk_tokens, int64_t* count, Tensor* dh, Tensor* dw) {
   const char* op = "lm_head_loss";
@@ -138,10 +149,13 @@ double lm_head_loss(const Tensor& h, const Tensor& w, const Tensor& targets, dou
     Tensor lc = logits.slice(0, 0, e - s), lossc = losses.slice(0, 0, e - s);
     matmul(hc, false, w, true, lc);
     int64_t cnt = 0;
-    total += cross_entropy_forward(lc, tc, lossc, &cnt);
+    if (!grad) {
+      total += cross_entropy_forward(lc, tc, lossc, &cnt);
+      if (count) *count += cnt;
+      continue;
+    }
+    total += cross_entropy_forward_backward(lc, tc, grad_scale, lossc, &cnt, lc);
     if (count) *count += cnt;
-    if (!grad) continue;
-    cross_entropy_backward(lc, tc, grad_scale, lc);
     Tensor dhc = dh->slice(0, s, e);
     matmul(lc, false, w, false, dhc);
     if (dw && dw->defined()) matmul(lc, true, hc, false, *dw, 1.0f, 1.0f);

@@ -5,6 +5,7 @@
 // target is out of range (reported as an error, as on the CPU).
 // losses: f32 (or the logits' type); dlogits: the logits' type and may alias them.
 #include <climits>
+#include <type_traits>
 
 #include "runtime/cuda/kernels.cuh"
 #include "runtime/ops/cross_entropy.h"
@@ -165,17 +166,62 @@ bool packed_rows(const Tensor& a, const Tensor& b) {
             ") and is not the ignore index ", kIgnoreIndex);
 }
 
+// Forward and backward in one launch (the LM head's chunks): the loss as ce_fwd, then the gradient
+// as ce_bwd. dlogits may alias logits: thread 0 reads the target's logit before the barriers in
+// row_lse, and every write comes after them.
+template <typename T, typename L, int N>
+__global__ void ce_fwd_bwd(const T* logits, const int32_t* targets, int64_t v, float gs, L* losses,
+                           float* row_loss, T* dlogits, int* bad_row) {
+  const int64_t row = blockIdx.x;
+  const int32_t t = targets[row];
+  const T* x = logits + row * v;
+  T* g = dlogits + row * v;
+  if (t == kIgnoreIndex || bad_target(t, v)) {
+    if (threadIdx.x == 0) {
+      if (t != kIgnoreIndex) atomicMin(bad_row, static_cast<int>(row));
+      losses[row] = from_f<L>(0.f);
+      row_loss[row] = 0.f;
+    }
+    __syncthreads();
+    for (int64_t j = threadIdx.x; j < v; j += blockDim.x) g[j] = from_f<T>(0.f);
+    return;
+  }
+  const float xt = threadIdx.x == 0 ? to_f(x[t]) : 0.f;
+  const float lse = row_lse<T, N>(x, v);
+  if (threadIdx.x == 0) {
+    losses[row] = from_f<L>(lse - xt);
+    row_loss[row] = lse - xt;
+  }
+  for (int64_t c = threadIdx.x; c < v / N; c += blockDim.x) {
+    auto p = load_pack<T, N>(x + c * N);
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+      const int64_t j = c * N + k;
+      p.v[k] = from_f<T>(gs * (expf(to_f(p.v[k]) - lse) - (j == t ? 1.f : 0.f)));
+    }
+    store_pack<T, N>(g + c * N, p);
+  }
+}
+
 }  // namespace
 
-double cross_entropy_forward(const Tensor& logits, const Tensor& targets, Tensor& losses,
-                             int64_t* count) {
-  const char* op = "cross_entropy_forward";
+namespace {
+
+// The forward, or with dlogits the fused forward + backward: one launch, the totals summed on the
+// device and read back with the first bad row (one synchronisation).
+double ce_forward_impl(const Tensor& logits, const Tensor& targets, Tensor& losses, int64_t* count,
+                       double grad_scale, Tensor* dlogits, const char* op) {
   check_args(logits, targets, op);
   expect_cuda(losses, "losses", op);
   check_shape(losses, {logits.size(0)}, "losses");
   IEVO_CHECK(losses.dtype() == DType::F32 || losses.dtype() == logits.dtype(), op,
              ": tensor 'losses' has dtype ", dtype_name(losses.dtype()), ", expected f32 or ",
              dtype_name(logits.dtype()));
+  if (dlogits) {
+    expect_cuda(*dlogits, "dlogits", op);
+    check_shape(*dlogits, logits.shape(), "dlogits");
+    check_dtype(*dlogits, logits.dtype(), "dlogits");
+  }
   const int64_t n = logits.size(0), v = logits.size(1);
   if (n == 0) {
     if (count) *count = 0;
@@ -194,16 +240,22 @@ double cross_entropy_forward(const Tensor& logits, const Tensor& targets, Tensor
     using T = decltype(tag);
     auto launch = [&](auto nc) {
       constexpr int N = decltype(nc)::value;
-      if (losses.dtype() == DType::F32)
-        ce_fwd<T, float, N><<<n, kThreads, 0, s>>>(logits.data<T>(), targets.data<int32_t>(), v,
-                                                   losses.data<float>(), row_loss, bad.as<int>());
-      else
-        ce_fwd<T, T, N><<<n, kThreads, 0, s>>>(logits.data<T>(), targets.data<int32_t>(), v,
-                                               losses.data<T>(), row_loss, bad.as<int>());
+      auto run = [&](auto* loss_out) {
+        using L = std::remove_pointer_t<decltype(loss_out)>;
+        if (dlogits)
+          ce_fwd_bwd<T, L, N><<<n, kThreads, 0, s>>>(logits.data<T>(), targets.data<int32_t>(), v,
+                                                     static_cast<float>(grad_scale), loss_out,
+                                                     row_loss, dlogits->data<T>(), bad.as<int>());
+        else
+          ce_fwd<T, L, N><<<n, kThreads, 0, s>>>(logits.data<T>(), targets.data<int32_t>(), v,
+                                                 loss_out, row_loss, bad.as<int>());
+      };
+      if (losses.dtype() == DType::F32) run(losses.data<float>());
+      else run(losses.data<T>());
     };
-    if (packed_rows<T>(logits, logits)) launch(std::integral_constant<int, 16 / sizeof(T)>{});
+    if (packed_rows<T>(logits, dlogits ? *dlogits : logits)) launch(std::integral_constant<int, 16 / sizeof(T)>{});
     else launch(std::integral_constant<int, 1>{});
-    IEVO_CUDA_LAUNCH_CHECK("ce_fwd");
+    IEVO_CUDA_LAUNCH_CHECK(dlogits ? "ce_fwd_bwd" : "ce_fwd");
   });
   ce_total<<<1, 1024, 0, s>>>(row_loss, targets.data<int32_t>(), n, totals);
   IEVO_CUDA_LAUNCH_CHECK("ce_total");
@@ -215,6 +267,19 @@ double cross_entropy_forward(const Tensor& logits, const Tensor& targets, Tensor
   if (bad_row != INT_MAX) fail_target(targets, bad_row, v, op);
   if (count) *count = host.count;
   return host.sum;
+}
+
+}  // namespace
+
+double cross_entropy_forward(const Tensor& logits, const Tensor& targets, Tensor& losses,
+                             int64_t* count) {
+  return ce_forward_impl(logits, targets, losses, count, 0.0, nullptr, "cross_entropy_forward");
+}
+
+double cross_entropy_forward_backward(const Tensor& logits, const Tensor& targets, double grad_scale,
+                                      Tensor& losses, int64_t* count, Tensor& dlogits) {
+  return ce_forward_impl(logits, targets, losses, count, grad_scale, &dlogits,
+                         "cross_entropy_forward_backward");
 }
 
 void cross_entropy_backward(const Tensor& logits, const Tensor& targets, double grad_scale,

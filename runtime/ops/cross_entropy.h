@@ -20,6 +20,11 @@ double cross_entropy_forward(const Tensor& logits, const Tensor& targets, Tensor
                              int64_t* count);
 void cross_entropy_backward(const Tensor& logits, const Tensor& targets, double grad_scale,
                             Tensor& dlogits);
+// Both at once, as the LM head needs them: returns the forward's sum (and count, losses) and
+// writes the backward's dlogits (may alias logits). On CUDA one pass over the logits and one
+// synchronisation instead of two of each.
+double cross_entropy_forward_backward(const Tensor& logits, const Tensor& targets, double grad_scale,
+                                      Tensor& losses, int64_t* count, Tensor& dlogits);
 
 // Fused LM head + loss, forward and backward, over chunks of `chunk_tokens` tokens:
 //   h [N, D] (final-norm output), w [V, D], targets [N].

@@ -11,6 +11,8 @@ namespace ievo::ops::cuda {
 
 void matmul(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, Tensor& c, float alpha,
             float beta);
+void matmul_add(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, const Tensor& c,
+                Tensor& d);
 
 void fill(Tensor& x, double value);
 void axpy(double alpha, const Tensor& x, Tensor& y);
@@ -25,16 +27,17 @@ void embedding_backward(const Tensor& dout, const Tensor& ids, Tensor& dtable);
 
 void rmsnorm_forward(const Tensor& x, const Tensor& w, double eps, Tensor& y, Tensor& rstd);
 void rmsnorm_backward(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& rstd,
-                      Tensor& dx, Tensor& dw);
+                      Tensor& dx, Tensor& dw, const Tensor& residual);
 
 void rope_forward(const Tensor& x, const Tensor& pos, double theta, Tensor& y);
 void rope_backward(const Tensor& dy, const Tensor& pos, double theta, Tensor& dx);
 
 void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& cu_seqlens,
-                       int max_seqlen, Tensor& out, Tensor& lse);
+                       int max_seqlen, Tensor& out, Tensor& lse, const Tensor& cu_seqlens_host);
 void attention_backward(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
                         const Tensor& out, const Tensor& lse, const Tensor& cu_seqlens,
-                        int max_seqlen, Tensor& dq, Tensor& dk, Tensor& dv);
+                        int max_seqlen, Tensor& dq, Tensor& dk, Tensor& dv,
+                        const Tensor& cu_seqlens_host);
 
 void swiglu_forward(const Tensor& gate, const Tensor& up, Tensor& out);
 void swiglu_backward(const Tensor& dout, const Tensor& gate, const Tensor& up, Tensor& dgate,
@@ -44,6 +47,8 @@ double cross_entropy_forward(const Tensor& logits, const Tensor& targets, Tensor
                              int64_t* count);
 void cross_entropy_backward(const Tensor& logits, const Tensor& targets, double grad_scale,
                             Tensor& dlogits);
+double cross_entropy_forward_backward(const Tensor& logits, const Tensor& targets, double grad_scale,
+                                      Tensor& losses, int64_t* count, Tensor& dlogits);
 
 void adamw_step(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v, const AdamWHyper& h,
                 Tensor* param_lowp);

@@ -85,4 +85,19 @@ void matmul(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, Tensor
   });
 }
 
+void matmul_add(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, const Tensor& c,
+                Tensor& d) {
+  IEVO_CHECK(c.defined() && d.defined(), "matmul_add: tensor 'c' or 'd' is undefined");
+  IEVO_CHECK(c.device() == d.device() && c.dtype() == d.dtype() && c.shape() == d.shape() &&
+                 c.strides() == d.strides(),
+             "matmul_add: tensor 'c' (", shape_str(c.shape()), " ", dtype_name(c.dtype()), " on ",
+             device_name(c.device()), ") must match 'd' (", shape_str(d.shape()), " ",
+             dtype_name(d.dtype()), " on ", device_name(d.device()), "), strides included");
+#ifdef IEVO_CUDA
+  if (!d.is_cpu()) return cuda::matmul_add(a, trans_a, b, trans_b, c, d);
+#endif
+  if (c.raw() != d.raw()) d.copy_from(c);
+  matmul(a, trans_a, b, trans_b, d, 1.0f, 1.0f);
+}
+
 }  // namespace ievo::ops

@@ -182,14 +182,20 @@ Plan make_plan(Blas& b, const PlanKey& key, cudaDataType_t dt, const Operands& o
 
 }  // namespace
 
-void matmul(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, Tensor& c, float alpha,
-            float beta) {
+namespace {
+
+// c = alpha op(a) op(b) + beta cin, where cin (if given) has c's shape and strides; cin = nullptr
+// means cin = c. cuBLASLt's C and D.
+void gemm(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, const Tensor* cin, Tensor& c,
+          float alpha, float beta) {
   const MatmulDims d = ops::matmul_dims(a, trans_a, b, trans_b, c);
+  const void* c_in = cin ? cin->raw() : c.raw();
   const int64_t m = d.m, n = d.n, k = d.k, lda = d.lda, ldb = d.ldb, ldc = d.ldc;
   const cudaDataType_t dt = cuda_type(c.dtype());
   if (m == 0 || n == 0) return;
   if (k == 0) {  // op(A) op(B) = 0: C = beta C
     IEVO_CHECK(c.is_contiguous(), "matmul: K = 0 with a non-contiguous 'c' is not supported on cuda");
+    if (cin && cin->raw() != c.raw()) c.copy_from(*cin);
     if (beta == 0.0f) c.zero_();
     else ops::scale(c, beta);
     return;
@@ -200,7 +206,8 @@ void matmul(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, Tensor
   cudaStream_t stream = current_stream();
   std::lock_guard<std::mutex> lock(bl.mu);
   const PlanKey key{static_cast<int>(c.dtype()), trans_a, trans_b, m, n, k, lda, ldb, ldc,
-                    alignment(a.raw()), alignment(b.raw()), alignment(c.raw())};
+                    alignment(a.raw()), alignment(b.raw()),
+                    std::min(alignment(c.raw()), alignment(c_in))};
   auto it = bl.plans.find(key);
   if (it == bl.plans.end()) {
     const size_t esize = dtype_size(c.dtype());
@@ -221,15 +228,30 @@ void matmul(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, Tensor
   const cublasOperation_t opb = trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
   if (p.has_algo) {
     IEVO_CUBLAS_CHECK(cublasLtMatmul(bl.lt, p.desc, &alpha, b.raw(), p.la, a.raw(), p.lb, &beta,
-                                     c.raw(), p.lc, c.raw(), p.lc, &p.algo, workspace(bl, stream),
+                                     c_in, p.lc, c.raw(), p.lc, &p.algo, workspace(bl, stream),
                                      kWorkspace, stream));
   } else {
+    if (c_in != c.raw()) {  // cublasGemmEx has no separate C: copy it into D first
+      IEVO_CHECK(c.is_contiguous(), "matmul_add: the fallback GEMM needs a contiguous 'd'");
+      c.copy_from(*cin);
+    }
     IEVO_CUBLAS_CHECK(cublasSetStream(bl.blas, stream));
     IEVO_CUBLAS_CHECK(cublasGemmEx(bl.blas, opa, opb, static_cast<int>(n), static_cast<int>(m),
                                    static_cast<int>(k), &alpha, b.raw(), dt, static_cast<int>(ldb),
                                    a.raw(), dt, static_cast<int>(lda), &beta, c.raw(), dt,
                                    static_cast<int>(ldc), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
   }
+}
+
+}  // namespace
+
+void matmul(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, Tensor& c, float alpha,
+            float beta) {
+  gemm(a, trans_a, b, trans_b, nullptr, c, alpha, beta);
+}
+
+void matmul_add(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, const Tensor& c, Tensor& d) {
+  gemm(a, trans_a, b, trans_b, &c, d, 1.0f, 1.0f);
 }
 
 }  // namespace ievo::ops::cuda

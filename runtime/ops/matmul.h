@@ -12,6 +12,12 @@ namespace ievo::ops {
 void matmul(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, Tensor& c,
             float alpha = 1.0f, float beta = 0.0f);
 
+// D = op(A) @ op(B) + C, C and D [m, n] with the same strides (C may be D): a residual add folded
+// into the GEMM (cuBLASLt reads C in its epilogue, one pass over the activations instead of the
+// three of a separate add; the sum is rounded once).
+void matmul_add(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, const Tensor& c,
+                Tensor& d);
+
 // The sizes of a matmul call, validated for every backend: 2-D tensors on c's device with unit
 // column stride, one dtype, inner dimensions that agree, c of shape [m, n]; ld* = row strides.
 struct MatmulDims {

@@ -62,9 +62,9 @@ void rmsnorm_forward(const Tensor& x, const Tensor& w, double eps, Tensor& y, Te
 }
 
 void rmsnorm_backward(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& rstd,
-                      Tensor& dx, Tensor& dw) {
+                      Tensor& dx, Tensor& dw, const Tensor& residual) {
 #ifdef IEVO_CUDA
-  if (!x.is_cpu()) return cuda::rmsnorm_backward(dy, x, w, rstd, dx, dw);
+  if (!x.is_cpu()) return cuda::rmsnorm_backward(dy, x, w, rstd, dx, dw, residual);
 #endif
   const char* op = "rmsnorm_backward";
   check_args(x, w, rstd, op);
@@ -77,9 +77,15 @@ void rmsnorm_backward(const Tensor& dy, const Tensor& x, const Tensor& w, const 
   check_dtype(dy, x.dtype(), "dy");
   check_dtype(dx, x.dtype(), "dx");
   check_dtype(dw, x.dtype(), "dw");
+  if (residual.defined()) {
+    cpu::expect_float(residual, "residual", op);
+    check_shape(residual, x.shape(), "residual");
+    check_dtype(residual, x.dtype(), "residual");
+  }
   cpu::dispatch_float(x.dtype(), op, [&](auto tag) {
     using T = decltype(tag);
     const int64_t n = x.size(0), d = x.size(1);
+    const T* resp = residual.defined() ? residual.data<T>() : nullptr;
     const T* xp = x.data<T>();
     const T* wp = w.data<T>();
     const T* gp = dy.data<T>();
@@ -109,8 +115,10 @@ void rmsnorm_backward(const Tensor& dy, const Tensor& x, const Tensor& w, const 
       for (int64_t j = 0; j < d; ++j) dot += static_cast<double>(wp[j]) * gr[j] * xr[j];
       const double c = d > 0 ? r * r * r * dot / static_cast<double>(d) : 0.0;
       T* dxr = dxp + i * d;
+      const T* res = resp ? resp + i * d : nullptr;
       for (int64_t j = 0; j < d; ++j)
-        dxr[j] = static_cast<T>(r * (static_cast<double>(wp[j]) * gr[j]) - xr[j] * c);
+        dxr[j] = static_cast<T>(r * (static_cast<double>(wp[j]) * gr[j]) - xr[j] * c +
+                                (res ? static_cast<double>(res[j]) : 0.0));
     }
   });
 }

@@ -44,7 +44,7 @@ __global__ void rms_fwd(const T* x, const W* w, float eps, T* y, float* rstd, in
 
 // Block b handles rows b, b + gridDim.x, ...; writes dx and its dw partial row.
 template <typename T, typename W, bool kSmem>
-__global__ void rms_bwd(const T* dy, const T* x, const W* w, const float* rstd, T* dx,
+__global__ void rms_bwd(const T* dy, const T* x, const W* w, const float* rstd, const T* res, T* dx,
                         float* partial, int64_t n, int64_t d) {
   extern __shared__ float dw_s[];
   __shared__ float scratch[32];
@@ -63,7 +63,7 @@ __global__ void rms_bwd(const T* dy, const T* x, const W* w, const float* rstd, 
     for (int64_t j = threadIdx.x; j < d; j += blockDim.x) {
       const float g = to_f(gr[j]), xv = to_f(xr[j]);
       acc[j] += g * xv * r;  // each column belongs to one thread: no race
-      dxr[j] = from_f<T>(r * (to_f(w[j]) * g) - xv * c);
+      dxr[j] = from_f<T>(r * (to_f(w[j]) * g) - xv * c + (res ? to_f(res[row * d + j]) : 0.f));
     }
   }
   if (kSmem) {
@@ -111,8 +111,8 @@ __global__ void rms_fwd_vec(const T* x, const W* w, float eps, T* y, float* rstd
 // Backward: block b handles rows b, b + gridDim.x, ...; its threads own fixed column packs, so
 // w and the dw sums stay in registers; the block's dw partial row is written at the end.
 template <typename T, typename W, int N, int P>
-__global__ void rms_bwd_vec(const T* dy, const T* x, const W* w, const float* rstd, T* dx,
-                            float* partial, int64_t n, int64_t d) {
+__global__ void rms_bwd_vec(const T* dy, const T* x, const W* w, const float* rstd, const T* res,
+                            T* dx, float* partial, int64_t n, int64_t d) {
   __shared__ float scratch[32];
   const int64_t np = d / N;
   float wr[P][N], acc[P][N];
@@ -147,12 +147,13 @@ __global__ void rms_bwd_vec(const T* dy, const T* x, const W* w, const float* rs
     for (int p = 0; p < P; ++p) {
       const int64_t c = threadIdx.x + static_cast<int64_t>(p) * blockDim.x;
       if (c < np) {
-        Pack<T, N> pd;
+        Pack<T, N> pd, pr{};
+        if (res) pr = load_pack<T, N>(res + row * d + c * N);
 #pragma unroll
         for (int k = 0; k < N; ++k) {
           const float g = to_f(pg[p].v[k]), xv = to_f(px[p].v[k]);
           acc[p][k] += g * xv * r;
-          pd.v[k] = from_f<T>(r * (wr[p][k] * g) - xv * cc);
+          pd.v[k] = from_f<T>(r * (wr[p][k] * g) - xv * cc + (res ? to_f(pr.v[k]) : 0.f));
         }
         store_pack<T, N>(dx + row * d + c * N, pd);
       }
@@ -186,13 +187,31 @@ void dispatch_packs(int p, F&& f) {
   else f(std::integral_constant<int, 4>{});
 }
 
+// dw[j] += sum over the blocks' partial rows: 32 columns per block, 8 groups of rows each summed
+// by one thread, then the 8 sums in a fixed order (deterministic; coalesced reads).
 template <typename W>
 __global__ void sum_partials_dw(const float* partial, int blocks, int64_t d, W* dw) {
-  const int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (j >= d) return;
+  __shared__ float sm[8][33];
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * 32 + threadIdx.x;
   float s = 0.f;
-  for (int b = 0; b < blocks; ++b) s += partial[b * d + j];
-  dw[j] = from_f<W>(to_f(dw[j]) + s);
+  if (j < d)
+    for (int b = threadIdx.y; b < blocks; b += 8) s += partial[b * d + j];
+  sm[threadIdx.y][threadIdx.x] = s;
+  __syncthreads();
+  if (threadIdx.y == 0 && j < d) {
+    float t = 0.f;
+#pragma unroll
+    for (int y = 0; y < 8; ++y) t += sm[y][threadIdx.x];
+    dw[j] = from_f<W>(to_f(dw[j]) + t);
+  }
+}
+
+// Threads per block of the packed kernels: kThreads for wide rows; for rows of one pack per
+// thread, the row's packs rounded up to a warp (D = 768 in bf16: 96 threads, not 256 of which
+// 160 would idle and hold back occupancy).
+int pack_threads(int64_t d, int n, int packs) {
+  if (packs > 1) return kThreads;
+  return static_cast<int>(std::min<int64_t>(kThreads, (d / n + 31) / 32 * 32));
 }
 
 // Calls f(T{}, W{}) with W = f32 or T.
@@ -235,7 +254,7 @@ void rmsnorm_forward(const Tensor& x, const Tensor& w, double eps, Tensor& y, Te
     if (packs && aligned_to(w.raw(), sizeof(W) * (16 / sizeof(T)))) {
       dispatch_packs<0>(packs, [&](auto pc) {
         constexpr int P = decltype(pc)::value, N = 16 / sizeof(T);
-        rms_fwd_vec<T, W, N, P><<<n, kThreads, 0, s>>>(x.data<T>(), w.data<W>(), static_cast<float>(eps),
+        rms_fwd_vec<T, W, N, P><<<n, pack_threads(d, N, P), 0, s>>>(x.data<T>(), w.data<W>(), static_cast<float>(eps),
                                                        y.data<T>(), rstd.data<float>(), d);
       });
       IEVO_CUDA_LAUNCH_CHECK("rms_fwd_vec");
@@ -248,7 +267,7 @@ void rmsnorm_forward(const Tensor& x, const Tensor& w, double eps, Tensor& y, Te
 }
 
 void rmsnorm_backward(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& rstd,
-                      Tensor& dx, Tensor& dw) {
+                      Tensor& dx, Tensor& dw, const Tensor& residual) {
   const char* op = "rmsnorm_backward";
   check_common(x, w, rstd, op);
   expect_cuda(dy, "dy", op);
@@ -259,6 +278,12 @@ void rmsnorm_backward(const Tensor& dy, const Tensor& x, const Tensor& w, const 
   check_shape(dw, w.shape(), "dw");
   check_dtype(dy, x.dtype(), "dy");
   check_dtype(dx, x.dtype(), "dx");
+  if (residual.defined()) {
+    expect_cuda(residual, "residual", op);
+    check_shape(residual, x.shape(), "residual");
+    check_dtype(residual, x.dtype(), "residual");
+    IEVO_CHECK(residual.is_contiguous(), op, ": tensor 'residual' must be contiguous");
+  }
   const int64_t n = x.size(0), d = x.size(1);
   if (n == 0 || d == 0) return;
   cudaStream_t s = current_stream();
@@ -268,34 +293,37 @@ void rmsnorm_backward(const Tensor& dy, const Tensor& x, const Tensor& w, const 
     using T = decltype(ttag);
     using W = decltype(wtag);
     constexpr int N = 16 / sizeof(T);
-    const int packs = fast_packs<T, W>(d, {dy.raw(), x.raw(), dx.raw()});
+    const T* res = residual.defined() ? residual.data<T>() : nullptr;
+    const int packs = fast_packs<T, W>(d, {dy.raw(), x.raw(), dx.raw(), res ? residual.raw() : dx.raw()});
     const bool fast = packs && aligned_to(w.raw(), sizeof(W) * N);
-    blocks = static_cast<int>(std::min<int64_t>(n, fast ? kFastBlocks : kMaxPartialBlocks));
+    const int threads = fast ? pack_threads(d, N, packs) : kThreads;
+    // Narrow blocks: proportionally more of them (the same threads in flight).
+    blocks = static_cast<int>(std::min<int64_t>(n, fast ? kFastBlocks * (kThreads / threads) : kMaxPartialBlocks));
     partial = DeviceBuffer(static_cast<size_t>(blocks) * d * sizeof(float));
     if (fast) {
       dispatch_packs<0>(packs, [&](auto pc) {
         constexpr int P = decltype(pc)::value;
-        rms_bwd_vec<T, W, N, P><<<blocks, kThreads, 0, s>>>(dy.data<T>(), x.data<T>(), w.data<W>(),
-                                                            rstd.data<float>(), dx.data<T>(),
+        rms_bwd_vec<T, W, N, P><<<blocks, threads, 0, s>>>(dy.data<T>(), x.data<T>(), w.data<W>(),
+                                                            rstd.data<float>(), res, dx.data<T>(),
                                                             partial.as<float>(), n, d);
       });
       IEVO_CUDA_LAUNCH_CHECK("rms_bwd_vec");
     } else if (d <= kSmemCols) {
       rms_bwd<T, W, true><<<blocks, kThreads, d * sizeof(float), s>>>(
-          dy.data<T>(), x.data<T>(), w.data<W>(), rstd.data<float>(), dx.data<T>(),
+          dy.data<T>(), x.data<T>(), w.data<W>(), rstd.data<float>(), res, dx.data<T>(),
           partial.as<float>(), n, d);
       IEVO_CUDA_LAUNCH_CHECK("rms_bwd");
     } else {
       rms_bwd<T, W, false><<<blocks, kThreads, 0, s>>>(dy.data<T>(), x.data<T>(), w.data<W>(),
-                                                       rstd.data<float>(), dx.data<T>(),
+                                                       rstd.data<float>(), res, dx.data<T>(),
                                                        partial.as<float>(), n, d);
       IEVO_CUDA_LAUNCH_CHECK("rms_bwd");
     }
   });
   dispatch_fp(dw.dtype(), op, [&](auto wtag) {
     using W = decltype(wtag);
-    sum_partials_dw<W><<<grid_for(d, 256, 1 << 20), 256, 0, s>>>(partial.as<float>(), blocks, d,
-                                                                  dw.data<W>());
+    sum_partials_dw<W><<<static_cast<unsigned>((d + 31) / 32), dim3(32, 8), 0, s>>>(
+        partial.as<float>(), blocks, d, dw.data<W>());
     IEVO_CUDA_LAUNCH_CHECK("sum_partials_dw");
   });
 }
