@@ -16,7 +16,8 @@
 # Environment: MODELS (config names under configs/), STEPS (10), WARMUP (5), PEER_COMPILE
 # (blocks|full|none), PEER_SDPA (flash|cudnn|default), CKPT_VARIANTS ("full selective") on
 # CKPT_MODELS (tinyllama-1.1b), AUTOTUNE_OFF_MODELS (ievo with IEVO_GEMM_AUTOTUNE=0), WHEEL_BLAS_MODELS
-# (ievo with the cuBLAS of PyTorch's wheel), PEER_CUDNN_MODELS (the peer with cuDNN SDPA), IEVO_TIMEOUT / PEER_TIMEOUT (seconds per run), OUT.
+# (ievo with the cuBLAS of PyTorch's wheel), PEER_CUDNN_MODELS (the peer with cuDNN SDPA),
+# DENSE_OFF_MODELS (ievo with IEVO_CUDNN_ATTN_DENSE=0), IEVO_TIMEOUT / PEER_TIMEOUT (seconds per run), OUT.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/ievo_compare}
@@ -97,6 +98,8 @@ for v in $CKPT_VARIANTS; do
     variant "ckpt_$v" "$m" -- --set "model.checkpointing=$v"
   done
 done
+# cuDNN attention's ragged graphs instead of its dense ones (runtime/cuda/cudnn_attention.cpp).
+for m in ${DENSE_OFF_MODELS-}; do variant dense_off "$m" IEVO_CUDNN_ATTN_DENSE=0 --; done
 # The peer with PyTorch's cuDNN SDPA backend instead of flash (a stronger yardstick).
 for m in ${PEER_CUDNN_MODELS-}; do
   run "peer_${m}_sdpa_cudnn" "${PEER_TIMEOUT:-300}" python3 bench/peer/llama_peer.py --config "configs/$m.yaml" \

@@ -218,8 +218,12 @@ def train_bench(args):
     ev = {k: torch.cuda.Event(enable_timing=True) for k in ("start", "fwd", "bwd", "opt")}
     steps, phases, losses, compile_s = [], [], [], None
     torch.cuda.reset_peak_memory_stats()
-    total = args.warmup + args.steps
+    total = args.warmup + args.steps + (1 if args.profile else 0)
+    prof = None
     for step in range(total):
+        if args.profile and step == total - 1:  # the last step under torch.profiler (not timed)
+            prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+            prof.__enter__()
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         ev["start"].record()
@@ -255,6 +259,12 @@ def train_bench(args):
             phases.append({"forward": fwd_ms / 1e3, "backward": bwd_ms / 1e3,
                            "optimizer": ev["bwd"].elapsed_time(ev["opt"]) / 1e3})
         print(f"peer step {step + 1}/{total} | loss {losses[-1]:.4f} | {dt * 1e3:.1f} ms", file=sys.stderr)
+        if prof is not None:
+            prof.__exit__(None, None, None)
+            steps.pop()  # the profiled step's time is not a measurement
+            phases.pop()
+            with open(args.profile, "w") as f:
+                f.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=90))
 
     tokens_per_step = c["batch"] * c["seq"]
     tps = tokens_per_step * len(steps) / sum(steps)
@@ -343,6 +353,7 @@ def main():
     ap.add_argument("--attn-shape", type=int, nargs=4, default=[4, 16, 4096, 128], metavar=("B", "H", "T", "HD"))
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--profile", help="run one more step under torch.profiler; its kernel table goes here")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("peer: no CUDA device")

@@ -101,13 +101,14 @@ def main(d):
             if "hd128_cudnn" in b["name"] and not b.get("error_occurred"):
                 name = b["name"].split("/")[1].replace("cudnn", "cudnn (PyTorch's cuDNN library)")
                 ms[name] = (b["real_time"] * {"ms": 1.0, "us": 1e-3}[b.get("time_unit", "ms")], b.get("TFLOP/s"))
-        for impl in ("flash", "cudnn", "cudnn (PyTorch's cuDNN library)"):
+        labels = {"cudnnragged": "cudnn, ragged layout (packed documents)"}
+        for impl in ("flash", "cudnn", "cudnnragged", "cudnn (PyTorch's cuDNN library)"):
             f, bw = ms.get(f"hd128_{impl}_fwd"), ms.get(f"hd128_{impl}_bwd")
             if f and bw:
                 fwd_tf = f[1] / 1e12 if f[1] and f[1] > 1e6 else f[1]
                 bwd_tf = bw[1] / 1e12 if bw[1] and bw[1] > 1e6 else bw[1]
                 both = 3.5 * fwd_tf * f[0] / (f[0] + bw[0]) if fwd_tf else None
-                lines.append(f"| ievo {impl} | {fmt(fwd_tf, '.0f')} | {fmt(bwd_tf, '.0f')} | {fmt(both, '.0f')} |")
+                lines.append(f"| ievo {labels.get(impl, impl)} | {fmt(fwd_tf, '.0f')} | {fmt(bwd_tf, '.0f')} | {fmt(both, '.0f')} |")
         for impl, r in (sdpa or {}).get("sdpa", {}).items():
             if "error" in r:
                 lines.append(f"| PyTorch SDPA {impl} | error: {r['error'][:60]} | | |")
