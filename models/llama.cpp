@@ -34,6 +34,15 @@ void linear_backward(const Tensor& dy, const Tensor& x, const Tensor& w, Tensor&
   matmul(dy, true, x, false, dw, 1.0f, 1.0f);
 }
 
+// Backward of y = x W^T where x is not needed afterwards: dW += dy^T x, then dx = dy W written
+// over x's buffer (returned).
+Tensor weight_grad_then_input_grad(const Tensor& dy, const Tensor& x, const Tensor& w, Tensor& dw) {
+  matmul(dy, true, x, false, dw, 1.0f, 1.0f);
+  Tensor dx = x;
+  matmul(dy, false, w, false, dx);
+  return dx;
+}
+
 Tensor rmsnorm(const Tensor& x, const Tensor& w, double eps, Tensor& rstd) {
   Tensor y = Tensor::empty(x.shape(), x.dtype(), x.device());
   rstd = Tensor::empty({x.size(0)}, stat_dtype(x.dtype()), x.device());
@@ -149,17 +158,21 @@ Tensor Llama::block_backward(const ParamStore& p, int layer, const Batch& b, con
   const LayerIdx& L = layers_[layer];
   const DType dt = dy.dtype();
   const Device dev = dy.device();
-  const int64_t n = dy.size(0), d = c_.hidden_size, N = a.n2.size(0), F = a.h.size(1);
+  const int64_t n = dy.size(0), d = c_.hidden_size, N = a.n2.size(0);
+  // Each activation is dead once its weight gradient is taken, so the gradient flowing back is
+  // written over it (h -> dh, gate/up -> dgate/dup, n2 -> dn2, a -> da, n1 -> dn1): a block's
+  // backward allocates only dout and dq/dk/dv, none of the [N, F] buffers (peak memory).
   // out = a + Wd h: da = dy + (norm-backward of the MLP branch)
   Tensor dyg = mp_->gather_output_grad(dy);
-  Tensor dh = Tensor::empty({N, F}, dt, dev);
-  linear_backward(dyg, a.h, p[L.wd], dh, false, g[L.wd]);
-  Tensor dgate = Tensor::empty({N, F}, dt, dev), dup = Tensor::empty({N, F}, dt, dev);
+  Tensor dh = weight_grad_then_input_grad(dyg, a.h, p[L.wd], g[L.wd]);
+  Tensor dgate = a.gate, dup = a.up;
   swiglu_backward(dh, a.gate, a.up, dgate, dup);
-  Tensor dn2 = Tensor::empty({N, d}, dt, dev);
-  linear_backward(dgate, a.n2, p[L.wg], dn2, false, g[L.wg]);
-  linear_backward(dup, a.n2, p[L.wu], dn2, true, g[L.wu]);
-  Tensor da = Tensor::empty({n, d}, dt, dev);  // the norm's backward + dy (the residual path)
+  matmul(dgate, true, a.n2, false, g[L.wg], 1.0f, 1.0f);
+  matmul(dup, true, a.n2, false, g[L.wu], 1.0f, 1.0f);
+  Tensor dn2 = a.n2;
+  matmul(dgate, false, p[L.wg], false, dn2);
+  matmul(dup, false, p[L.wu], false, dn2, 1.0f, 1.0f);
+  Tensor da = a.a;  // the norm's backward + dy (the residual path)
   rmsnorm_backward(mp_->reduce_input_grad(dn2), a.a, p[L.ln2], a.rstd2, da, g[L.ln2], dy);
   // a = x + Wo attn
   Tensor dag = mp_->gather_output_grad(da);
@@ -177,10 +190,13 @@ Tensor Llama::block_backward(const ParamStore& p, int layer, const Batch& b, con
   dv = mp_->gather_heads(dv);
   rope_backward(dq, b.positions, c_.rope_theta, dq);
   rope_backward(dk, b.positions, c_.rope_theta, dk);
-  Tensor dn1 = Tensor::empty({N, d}, dt, dev);
-  linear_backward(dq.view({N, -1}), a.n1, p[L.wq], dn1, false, g[L.wq]);
-  linear_backward(dk.view({N, -1}), a.n1, p[L.wk], dn1, true, g[L.wk]);
-  linear_backward(dv.view({N, -1}), a.n1, p[L.wv], dn1, true, g[L.wv]);
+  matmul(dq.view({N, -1}), true, a.n1, false, g[L.wq], 1.0f, 1.0f);
+  matmul(dk.view({N, -1}), true, a.n1, false, g[L.wk], 1.0f, 1.0f);
+  matmul(dv.view({N, -1}), true, a.n1, false, g[L.wv], 1.0f, 1.0f);
+  Tensor dn1 = a.n1;
+  matmul(dq.view({N, -1}), false, p[L.wq], false, dn1);
+  matmul(dk.view({N, -1}), false, p[L.wk], false, dn1, 1.0f, 1.0f);
+  matmul(dv.view({N, -1}), false, p[L.wv], false, dn1, 1.0f, 1.0f);
   Tensor dx = Tensor::empty({n, d}, dt, dev);
   rmsnorm_backward(mp_->reduce_input_grad(dn1), a.x, p[L.ln1], a.rstd1, dx, g[L.ln1], da);
   return dx;

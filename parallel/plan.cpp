@@ -57,9 +57,13 @@ int64_t activation_bytes(const PlanInput& in, int64_t block_sets, bool with_head
   const int64_t kept = in.recompute == Recompute::Full        ? block_sets * n * d * b + block
                        : in.recompute == Recompute::Selective ? block_sets * (block - dropped) + dropped
                                                               : block_sets * block;
-  const int64_t backward_tmp = Nr * (3 * F + 4 * d + 2 * q + 2 * kv) * b;
+  // A block's backward: dout, dq, dk, dv and dx (dh, dgate/dup, dn2, da and dn1 are written over
+  // the activations they replace, models/llama.cpp).
+  const int64_t backward_tmp = Nr * (2 * q + 2 * kv) * b + n * d * b;
   const int64_t head = with_head ? (2 * Nr + n) * d * b + 2 * std::min<int64_t>(Nr, 1024) * V * 4 : 0;
-  return kept + backward_tmp + head + Nr * d * b;
+  // The head's temporaries (before the blocks' backward) and a block's backward temporaries are
+  // never alive at once.
+  return kept + std::max(backward_tmp, head) + Nr * d * b;
 }
 
 // Stage 3: the most weight bytes gathered at once (one hook layer at a time, no prefetch).

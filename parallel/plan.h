@@ -18,8 +18,10 @@
 //   checkpointing none: L blocks' worth; full: L·n·d·b (block inputs) + one block's worth;
 //   selective (models/llama.h: the two RMSNorm outputs and the SwiGLU product are dropped):
 //   L·(block − n·(2d + F)·b) + n·(2d + F)·b (the block whose backward runs has them back);
-//   plus the backward's temporaries of one block n·(3F + 4d + 2q + 2kv)·b, the head
-//   3·n·d·b + 2·min(n, 1024)·V·4 (one chunk of fp32 logits and their gradient), the embedding n·d·b.
+//   plus the larger of the backward's temporaries of one block n·(2q + 2kv + d)·b (dout, dq, dk,
+//   dv, dx; the other gradients are written over the activations they replace) and the head's
+//   3·n·d·b + 2·min(n, 1024)·V·4 (one chunk of fp32 logits and their gradient; the head runs
+//   before the blocks' backward), and the embedding n·d·b.
 // Transient: stage 3 gathers one layer's weights at a time (the largest counts); stages 2-3 hold
 // the gradient buckets of the layers whose backward is running.
 //
@@ -32,8 +34,8 @@
 // under Megatron SP, N/S under Ulysses):
 //   block  (2·n·d + 2·Nr·d + Nr·(2q/T + 2kv_T + 3F/T) [+ Nr·q/T Ulysses' gathered output])·b
 //          + (2·n + Nr·H/T)·4;   selective drops Nr·(2d + F/T)·b;   full keeps n·d·b per layer;
-//   backward temporaries Nr·(3F/T + 4d + 2q/T + 2kv_T)·b; head (2·Nr + n)·d·b + 2·min(Nr, 1024)·(V/T)·4;
-//   embedding Nr·d·b.   (T = S = 1: the formulas above.)
+//   the larger of the backward temporaries Nr·(2q/T + 2kv_T)·b + n·d·b and the head
+//   (2·Nr + n)·d·b + 2·min(Nr, 1024)·(V/T)·4; embedding Nr·d·b.   (T = S = 1: the formulas above.)
 //
 // Inference: weights Ψ·w bytes; KV cache per token 2·L·kv_heads·head_dim·c bytes (K and V of every
 // layer), the arithmetic LMDeploy and vLLM users do to size a server.
