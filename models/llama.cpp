@@ -281,7 +281,7 @@ Tensor Llama::stage_forward(const ParamStore& p, int chunk, const Batch& b, cons
   Tensor rstd;
   Tensor xg = mp_->gather_input(rmsnorm(x, p[norm_], c_.norm_eps, rstd));
   if (acts) {
-    Tensor dxg = Tensor::empty(xg.shape(), xg.dtype(), xg.device());
+    Tensor dxg = xg;  // the head's input gradient over its input (peak memory)
     loss->sum += mp_->head_loss(xg, head_weight(p), b.targets, grad_scale, head_chunk_tokens,
                                 &loss->count, &dxg, &(*g)[head_]);
     acts->head_dx = Tensor::empty(x.shape(), x.dtype(), x.device());

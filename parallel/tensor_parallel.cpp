@@ -198,9 +198,9 @@ double TensorParallel::head_loss(const Tensor& h, const Tensor& w, const Tensor&
     if (count) *count += cnt;
     if (!grad) continue;
     ops::vocab_ce_backward(lc, tc, begin, lse, grad_scale, lc);
-    Tensor dhc = dh->slice(0, s, e);
-    ops::matmul(lc, false, w, false, dhc);
     if (dw && dw->defined()) ops::matmul(lc, true, hc, false, *dw, 1.0f, 1.0f);
+    Tensor dhc = dh->slice(0, s, e);  // after dw: dh may alias h
+    ops::matmul(lc, false, w, false, dhc);
   }
   return total;
 }

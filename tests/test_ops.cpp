@@ -527,6 +527,11 @@ TEST(LMHeadLoss, ChunkedMatchesFullAndGradients) {
   auto f = [&] { return scale * ops::lm_head_loss(h, w, t, 1.0, chunk, nullptr, nullptr, nullptr); };
   EXPECT_LT(rel_l2(dh, numeric_grad(h, f)), kFdTol);
   EXPECT_LT(rel_l2(sub(dw, dw0), numeric_grad(w, f)), kFdTol);
+  // dh written over h: the same gradients.
+  Tensor h2 = h.clone(), dw2 = dw0.clone();
+  ops::lm_head_loss(h2, w, t, scale, chunk, nullptr, &h2, &dw2);
+  EXPECT_EQ(max_abs_diff(h2, dh), 0.0);
+  EXPECT_EQ(max_abs_diff(dw2, dw), 0.0);
 }
 
 // ---------------------------------------------------------------------------------------- adamw

@@ -156,9 +156,9 @@ double lm_head_loss(const Tensor& h, const Tensor& w, const Tensor& targets, dou
     }
     total += cross_entropy_forward_backward(lc, tc, grad_scale, lossc, &cnt, lc);
     if (count) *count += cnt;
-    Tensor dhc = dh->slice(0, s, e);
-    matmul(lc, false, w, false, dhc);
     if (dw && dw->defined()) matmul(lc, true, hc, false, *dw, 1.0f, 1.0f);
+    Tensor dhc = dh->slice(0, s, e);  // after dw: dh may alias h
+    matmul(lc, false, w, false, dhc);
   }
   return total;
 }
