@@ -332,23 +332,25 @@ TEST(GpuRmsNorm, ForwardBackwardDeterministic) {
 // ---------------------------------------------------------------------------------------------
 TEST(GpuRope, ForwardBackwardInPlace) {
   REQUIRE_GPU();
-  const int64_t n = 37, h = 3, hd = 64;
+  const int64_t n = 37, h = 3;
   std::vector<int32_t> pv(n);
   for (int64_t i = 0; i < n; ++i) pv[i] = static_cast<int32_t>((i * 97) % 2048);
   Tensor pos = Tensor::from_vector(pv, {n});
   Tensor gpos = pos.to(Device::CUDA);
+  // hd 64: 4 pairs a thread in bf16; hd 12 (6 pairs): one pair a thread.
+  for (int64_t hd : {int64_t{64}, int64_t{12}})
   for (DType dt : {DType::F32, DType::BF16}) {
     Tensor x = rand({n, h, hd}, 71);
     Tensor y = Tensor::empty({n, h, hd}, DType::F32);
     ops::rope_forward(seen(x, dt), pos, 10000.0, y);
     Tensor gy = gpu(x, dt);
     ops::rope_forward(gy, gpos, 10000.0, gy);  // in place
-    expect_close(std::string("rope_forward ") + dn(dt), host(gy), y, tol(dt));
+    expect_close(std::string("rope_forward ") + dn(dt) + " hd " + std::to_string(hd), host(gy), y, tol(dt));
     Tensor dx = Tensor::empty({n, h, hd}, DType::F32);
     ops::rope_backward(seen(x, dt), pos, 10000.0, dx);
     Tensor gdx = Tensor::empty({n, h, hd}, dt, Device::CUDA);
     ops::rope_backward(gpu(x, dt), gpos, 10000.0, gdx);
-    expect_close(std::string("rope_backward ") + dn(dt), host(gdx), dx, tol(dt));
+    expect_close(std::string("rope_backward ") + dn(dt) + " hd " + std::to_string(hd), host(gdx), dx, tol(dt));
   }
 }
 
@@ -408,7 +410,8 @@ void check_cross_entropy(int64_t n, int64_t v) {
 
 TEST(GpuCrossEntropy, ForwardBackwardIgnoreIndex) {
   REQUIRE_GPU();
-  for (int64_t v : {int64_t{1000}, int64_t{1001}})  // packed rows, element rows
+  // packed rows (1000, and a vocabulary of real size), element rows
+  for (int64_t v : {int64_t{1000}, int64_t{1001}, int64_t{32000}})
     check_cross_entropy(37, v);
 }
 

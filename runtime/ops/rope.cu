@@ -1,7 +1,8 @@
 // Rotary position embedding on the GPU (see rope.h), HF convention, angles in fp32 as the CPU op:
 //   inv_freq[i] = 1 / theta^(float(2i) / hd), angle = float(pos) * inv_freq[i]
 // One thread per (token, i < hd/2) computes cos/sin once and rotates the pair (i, i + hd/2) of
-// every head; each pair is read before it is written, so y may alias x.
+// every head (bf16/f16: 4 consecutive pairs per thread, 8-byte loads); each pair is read before
+// it is written, so y may alias x.
 #include "runtime/cuda/kernels.cuh"
 #include "runtime/ops/cuda_ops.h"
 
@@ -24,10 +25,49 @@ __global__ void rope_kernel(const T* x, const int32_t* pos, float theta, T* y, i
     const float angle = static_cast<float>(pos[t]) * inv_freq;
     const float c = cosf(angle), s = sign * sinf(angle);
     for (int h = 0; h < heads; ++h) {
-      const int64_t base = (t * heads + h) * hd;
-      const float a = to_f(x[base + i]), b = to_f(x[base + i + half]);
-      y[base + i] = from_f<T>(a * c - b * s);
-      y[base + i + half] = from_f<T>(b * c + a * s);
+      const T* xr = x + (t * heads + h) * hd;
+      T* yr = y + (t * heads + h) * hd;
+      const float a = to_f(xr[i]), b = to_f(xr[i + half]);
+      yr[i] = from_f<T>(a * c - b * s);
+      yr[i + half] = from_f<T>(b * c + a * s);
+    }
+  }
+}
+
+// The same with K consecutive pairs per thread (8-byte loads for 2-byte types): idx runs over
+// (token, i / K); the angles are computed as above, element by element.
+template <typename T, int K>
+__global__ void rope_kernel_vec(const T* x, const int32_t* pos, float theta, T* y, int64_t n,
+                                int heads, int hd, float sign) {
+  const int half = hd / 2, groups = half / K;
+  const int64_t total = n * groups;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
+       idx += stride) {
+    const int64_t t = idx / groups;
+    const int i0 = static_cast<int>(idx % groups) * K;
+    float c[K], sn[K];
+    const float p = static_cast<float>(pos[t]);
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const float inv_freq = 1.0f / powf(theta, static_cast<float>(2 * (i0 + k)) / static_cast<float>(hd));
+      const float angle = p * inv_freq;
+      c[k] = cosf(angle);
+      sn[k] = sign * sinf(angle);
+    }
+    for (int h = 0; h < heads; ++h) {
+      const T* xr = x + (t * heads + h) * hd + i0;
+      T* yr = y + (t * heads + h) * hd + i0;
+      const auto pa = load_pack<T, K>(xr), pb = load_pack<T, K>(xr + half);
+      Pack<T, K> ra, rb;
+#pragma unroll
+      for (int k = 0; k < K; ++k) {
+        const float a = to_f(pa.v[k]), b = to_f(pb.v[k]);
+        ra.v[k] = from_f<T>(a * c[k] - b * sn[k]);
+        rb.v[k] = from_f<T>(b * c[k] + a * sn[k]);
+      }
+      store_pack<T, K>(yr, ra);
+      store_pack<T, K>(yr + half, rb);
     }
   }
 }
@@ -50,6 +90,14 @@ void rope_apply(const Tensor& x, const Tensor& pos, double theta, Tensor& y, flo
   cudaStream_t s = current_stream();
   dispatch_fp(x.dtype(), op, [&](auto tag) {
     using T = decltype(tag);
+    constexpr int K = 8 / sizeof(T);  // 8-byte packs
+    if (sizeof(T) == 2 && (hd / 2) % K == 0 && aligned_to(x.raw(), 8) && aligned_to(y.raw(), 8)) {
+      rope_kernel_vec<T, K><<<grid_for(n * hd / 2 / K, 256), 256, 0, s>>>(
+          x.data<T>(), pos.data<int32_t>(), static_cast<float>(theta), y.data<T>(), n,
+          static_cast<int>(heads), static_cast<int>(hd), sign);
+      IEVO_CUDA_LAUNCH_CHECK("rope_kernel_vec");
+      return;
+    }
     rope_kernel<T><<<grid_for(n * hd / 2, 256), 256, 0, s>>>(
         x.data<T>(), pos.data<int32_t>(), static_cast<float>(theta), y.data<T>(), n,
         static_cast<int>(heads), static_cast<int>(hd), sign);
