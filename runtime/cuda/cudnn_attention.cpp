@@ -134,6 +134,22 @@ void finish_build(fe::graph::Graph& g, cudnnHandle_t h, Entry& e) {
   IEVO_FE_CHECK(g.get_workspace_size(e.workspace));
 }
 
+// The ragged offsets of Q, K, V, O (none for a dense graph); a ragged graph's sequence lengths
+// and padding mask go on the forward or backward attributes.
+struct Offsets {
+  TensorPtr q, k, v, o;
+};
+template <typename Attributes>
+Offsets ragged_inputs(fe::graph::Graph& g, const Key& k, Attributes& opts) {
+  if (k.dense) return {};
+  const bool i64 = offsets_64();
+  opts.set_padding_mask(true)
+      .set_seq_len_q(index_tensor(g, "seq_q", kSeqQ, k.b, false))
+      .set_seq_len_kv(index_tensor(g, "seq_kv", kSeqKV, k.b, false));
+  return {index_tensor(g, "off_q", kOffQ, k.b + 1, i64), index_tensor(g, "off_k", kOffK, k.b + 1, i64),
+          index_tensor(g, "off_v", kOffV, k.b + 1, i64), index_tensor(g, "off_o", kOffO, k.b + 1, i64)};
+}
+
 Entry build_forward(const Key& k, cudnnHandle_t h, float scale) {
   Entry e;
   e.graph = std::make_shared<fe::graph::Graph>();
@@ -141,23 +157,13 @@ Entry build_forward(const Key& k, cudnnHandle_t h, float scale) {
   g.set_io_data_type(k.f16 ? fe::DataType_t::HALF : fe::DataType_t::BFLOAT16)
       .set_intermediate_data_type(fe::DataType_t::FLOAT)
       .set_compute_data_type(fe::DataType_t::FLOAT);
-  const bool i64 = offsets_64();
-  TensorPtr off_q, off_k, off_v, off_o;
   auto opts = fe::graph::SDPA_attributes()
                   .set_name("ievo_sdpa")
                   .set_generate_stats(true)
                   .set_attn_scale(scale)
                   .set_diagonal_alignment(fe::DiagonalAlignment_t::TOP_LEFT)
                   .set_diagonal_band_right_bound(0);
-  if (!k.dense) {
-    off_q = index_tensor(g, "off_q", kOffQ, k.b + 1, i64);
-    off_k = index_tensor(g, "off_k", kOffK, k.b + 1, i64);
-    off_v = index_tensor(g, "off_v", kOffV, k.b + 1, i64);
-    off_o = index_tensor(g, "off_o", kOffO, k.b + 1, i64);
-    opts.set_padding_mask(true)
-        .set_seq_len_q(index_tensor(g, "seq_q", kSeqQ, k.b, false))
-        .set_seq_len_kv(index_tensor(g, "seq_kv", kSeqKV, k.b, false));
-  }
+  const auto [off_q, off_k, off_v, off_o] = ragged_inputs(g, k, opts);
   auto q = thd_tensor(g, "Q", kQ, k.b, k.hq, k.smax, k.hd, off_q);
   auto kk = thd_tensor(g, "K", kK, k.b, k.hkv, k.smax, k.hd, off_k);
   auto v = thd_tensor(g, "V", kV, k.b, k.hkv, k.smax, k.hd, off_v);
@@ -183,23 +189,13 @@ Entry build_backward(const Key& k, cudnnHandle_t h, float scale) {
   g.set_io_data_type(k.f16 ? fe::DataType_t::HALF : fe::DataType_t::BFLOAT16)
       .set_intermediate_data_type(fe::DataType_t::FLOAT)
       .set_compute_data_type(fe::DataType_t::FLOAT);
-  const bool i64 = offsets_64();
-  TensorPtr off_q, off_k, off_v, off_o;
   auto opts = fe::graph::SDPA_backward_attributes()
                   .set_name("ievo_sdpa_backward")
                   .set_attn_scale(scale)
                   .set_diagonal_alignment(fe::DiagonalAlignment_t::TOP_LEFT)
                   .set_diagonal_band_right_bound(0)
                   .set_deterministic_algorithm(k.det);
-  if (!k.dense) {
-    off_q = index_tensor(g, "off_q", kOffQ, k.b + 1, i64);
-    off_k = index_tensor(g, "off_k", kOffK, k.b + 1, i64);
-    off_v = index_tensor(g, "off_v", kOffV, k.b + 1, i64);
-    off_o = index_tensor(g, "off_o", kOffO, k.b + 1, i64);
-    opts.set_padding_mask(true)
-        .set_seq_len_q(index_tensor(g, "seq_q", kSeqQ, k.b, false))
-        .set_seq_len_kv(index_tensor(g, "seq_kv", kSeqKV, k.b, false));
-  }
+  const auto [off_q, off_k, off_v, off_o] = ragged_inputs(g, k, opts);
   auto q = thd_tensor(g, "Q", kQ, k.b, k.hq, k.smax, k.hd, off_q);
   auto kk = thd_tensor(g, "K", kK, k.b, k.hkv, k.smax, k.hd, off_k);
   auto v = thd_tensor(g, "V", kV, k.b, k.hkv, k.smax, k.hd, off_v);

@@ -115,6 +115,21 @@ __global__ void ce_total(const float* row_loss, const int32_t* targets, int64_t 
   if (threadIdx.x == 0) *out = Totals{s, c};
 }
 
+// g = gs * (softmax(x) - onehot(t)) for one row, given its lse. Same element-to-thread map as
+// row_lse: element j is read and written by one thread only, so g may alias x.
+template <typename T, int N>
+__device__ void row_grad(const T* x, int64_t v, int32_t t, float lse, float gs, T* g) {
+  for (int64_t c = threadIdx.x; c < v / N; c += blockDim.x) {
+    auto p = load_pack<T, N>(x + c * N);
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+      const int64_t j = c * N + k;
+      p.v[k] = from_f<T>(gs * (expf(to_f(p.v[k]) - lse) - (j == t ? 1.f : 0.f)));
+    }
+    store_pack<T, N>(g + c * N, p);
+  }
+}
+
 template <typename T, int N>
 __global__ void ce_bwd(const T* logits, const int32_t* targets, int64_t v, float gs, T* dlogits,
                        int* bad_row) {
@@ -128,16 +143,7 @@ __global__ void ce_bwd(const T* logits, const int32_t* targets, int64_t v, float
     return;
   }
   const float lse = row_lse<T, N>(x, v);
-  // Same element-to-thread map as row_lse: element j is read and written by one thread only.
-  for (int64_t c = threadIdx.x; c < v / N; c += blockDim.x) {
-    auto p = load_pack<T, N>(x + c * N);
-#pragma unroll
-    for (int k = 0; k < N; ++k) {
-      const int64_t j = c * N + k;
-      p.v[k] = from_f<T>(gs * (expf(to_f(p.v[k]) - lse) - (j == t ? 1.f : 0.f)));
-    }
-    store_pack<T, N>(g + c * N, p);
-  }
+  row_grad<T, N>(x, v, t, lse, gs, g);
 }
 
 void check_args(const Tensor& logits, const Tensor& targets, const char* op) {
@@ -192,15 +198,7 @@ __global__ void ce_fwd_bwd(const T* logits, const int32_t* targets, int64_t v, f
     losses[row] = from_f<L>(lse - xt);
     row_loss[row] = lse - xt;
   }
-  for (int64_t c = threadIdx.x; c < v / N; c += blockDim.x) {
-    auto p = load_pack<T, N>(x + c * N);
-#pragma unroll
-    for (int k = 0; k < N; ++k) {
-      const int64_t j = c * N + k;
-      p.v[k] = from_f<T>(gs * (expf(to_f(p.v[k]) - lse) - (j == t ? 1.f : 0.f)));
-    }
-    store_pack<T, N>(g + c * N, p);
-  }
+  row_grad<T, N>(x, v, t, lse, gs, g);
 }
 
 }  // namespace
