@@ -240,10 +240,9 @@ Tensor Llama::run_blocks(const ParamStore& p, const LayerRange& r, const Batch& 
     block_forward(p, static_cast<int>(l), b, x, a);
     Tensor out;
     if (!mp_->reduces_output()) {  // out = a + Wd h, the add in the GEMM's epilogue
-      out = Tensor::empty(a.a.shape(), a.a.dtype(), a.a.device());
-      matmul_add(a.h, false, p[layers_[l].wd], true, a.a, out);
+      out = residual_linear(a.h, p[layers_[l].wd], a.a);
       after(hl, P::Forward);
-    } else {
+    } else {  // the reduction after the layer's hooks, then the add
       out = linear(a.h, p[layers_[l].wd]);
       after(hl, P::Forward);
       out = mp_->reduce_output(out);

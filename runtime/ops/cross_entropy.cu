@@ -188,7 +188,6 @@ __global__ void ce_fwd_bwd(const T* logits, const int32_t* targets, int64_t v, f
       losses[row] = from_f<L>(0.f);
       row_loss[row] = 0.f;
     }
-    __syncthreads();
     for (int64_t j = threadIdx.x; j < v; j += blockDim.x) g[j] = from_f<T>(0.f);
     return;
   }
