@@ -80,10 +80,12 @@ constexpr AttnShape kHd128{4, 4096, 16, 16, 128};
 
 // ragged: without the host copy of cu_seqlens (as for packed documents): cuDNN's ragged graphs;
 // with it (the trainer's batches of equal rows), its dense ones.
+// deterministic: cuda::set_deterministic (flash: the separate dq and dk/dv kernels, no atomics).
 void BM_attention(benchmark::State& state, ops::AttentionBackend be, bool backward, AttnShape sh,
-                  bool ragged = false) {
+                  bool ragged = false, bool deterministic = false) {
   if (skip(state)) return;
   ops::set_attention_backend(be);
+  cuda::set_deterministic(deterministic);
   const int64_t kB = sh.B, kT = sh.T, kN = sh.B * sh.T, kHq = sh.Hq, kHkv = sh.Hkv, kHd = sh.hd;
   Tensor q = rnd({kN, kHq, kHd}, DType::BF16), k = rnd({kN, kHkv, kHd}, DType::BF16),
          v = rnd({kN, kHkv, kHd}, DType::BF16), dout = rnd({kN, kHq, kHd}, DType::BF16);
@@ -108,6 +110,7 @@ void BM_attention(benchmark::State& state, ops::AttentionBackend be, bool backwa
     state.SkipWithError(e.what());
   }
   ops::set_attention_backend(ops::AttentionBackend::Auto);
+  cuda::set_deterministic(false);
   const double fwd = 4.0 * kB * kHq * kHd * (kT * kT / 2.0);
   state.counters["TFLOP/s"] = benchmark::Counter((backward ? 2.5 : 1.0) * fwd / 1e12,
                                                  benchmark::Counter::kIsIterationInvariantRate);
@@ -156,6 +159,7 @@ BENCHMARK_CAPTURE(BM_attention, cudnn_fwd, B::Cudnn, false, kTinyLlama)->UseManu
 BENCHMARK_CAPTURE(BM_attention, cudnn_bwd, B::Cudnn, true, kTinyLlama)->UseManualTime()->Unit(benchmark::kMillisecond);
 BENCHMARK_CAPTURE(BM_attention, hd128_flash_fwd, B::Flash, false, kHd128)->UseManualTime()->Unit(benchmark::kMillisecond);
 BENCHMARK_CAPTURE(BM_attention, hd128_flash_bwd, B::Flash, true, kHd128)->UseManualTime()->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(BM_attention, hd128_flash_bwd_deterministic, B::Flash, true, kHd128, false, true)->UseManualTime()->Unit(benchmark::kMillisecond);
 BENCHMARK_CAPTURE(BM_attention, hd128_cudnn_fwd, B::Cudnn, false, kHd128)->UseManualTime()->Unit(benchmark::kMillisecond);
 BENCHMARK_CAPTURE(BM_attention, hd128_cudnn_bwd, B::Cudnn, true, kHd128)->UseManualTime()->Unit(benchmark::kMillisecond);
 BENCHMARK_CAPTURE(BM_attention, hd128_cudnnragged_fwd, B::Cudnn, false, kHd128, true)->UseManualTime()->Unit(benchmark::kMillisecond);

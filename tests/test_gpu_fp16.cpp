@@ -225,6 +225,13 @@ TEST_P(GpuF16Attention, MatchesCpuVarlen) {
   Tensor dq = Tensor::empty(q.shape(), DType::F32), dk = Tensor::empty(k.shape(), DType::F32),
          dv = Tensor::empty(v.shape(), DType::F32);
   ops::attention_backward(seen(dout), seen(q), seen(k), seen(v), out, lse, cu, max_seqlen, dq, dk, dv);
+  {  // the default path (flash: the fused kernel with atomic dQ)
+    Tensor f1 = gempty(q.shape()), f2 = gempty(k.shape()), f3 = gempty(v.shape());
+    ops::attention_backward(gdo, gq, gk, gv, gout, glse, gcu, max_seqlen, f1, f2, f3);
+    expect_close("attention dq (default) " + name, host(f1), dq);
+    expect_close("attention dk (default) " + name, host(f2), dk);
+    expect_close("attention dv (default) " + name, host(f3), dv);
+  }
 #ifdef IEVO_CUDA
   cuda::set_deterministic(true);
 #endif

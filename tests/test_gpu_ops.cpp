@@ -543,14 +543,19 @@ void check_attention(const AttnCase& c, const std::vector<int32_t>& cu_v, const 
 #endif
   EXPECT_TRUE(bit_equal(a1, a2) && bit_equal(b1, b2) && bit_equal(c1, c2))
       << "attention backward not bit-identical across runs (" << name << ")";
+  // The deterministic kernels (flash: separate dq and dk/dv kernels, no atomics) against the CPU.
+  expect_close("attention dq (deterministic) " + name, host(a1), dq, t);
+  expect_close("attention dk (deterministic) " + name, host(b1), dk, t);
+  expect_close("attention dv (deterministic) " + name, host(c1), dv, t);
 }
 
 // Layouts: 3 sequences (37 < one tile, 150 = several tiles with a ragged end, 64 = one tile);
 // 5 with an empty and a short one; 6 (same cuDNN graph bucket as 5: reuses its graphs); then
-// uniform ones (cuDNN's dense graphs): 3 x 64, and 2 x 100 (not a multiple of a tile).
+// uniform ones (cuDNN's dense graphs): 3 x 64, and 2 x 100 (not a multiple of a tile); last, a
+// 600-token sequence (many tiles: the kernels' double-buffered loops) after a 129-token one.
 const std::vector<std::vector<int32_t>> kLayouts = {
     {0, 37, 187, 251}, {0, 37, 37, 187, 200, 251}, {0, 37, 37, 187, 200, 240, 251},
-    {0, 64, 128, 192}, {0, 100, 200}};
+    {0, 64, 128, 192}, {0, 100, 200}, {0, 129, 729}};
 
 TEST_P(GpuAttention, MatchesCpuVarlen) {
   REQUIRE_GPU();
@@ -567,7 +572,8 @@ TEST_P(GpuAttention, MatchesCpuVarlen) {
     }
   }
   for (size_t i = 0; i < kLayouts.size(); ++i)
-    check_attention(c, kLayouts[i], "S=" + std::to_string(kLayouts[i].size() - 1));
+    check_attention(c, kLayouts[i],
+                    "S=" + std::to_string(kLayouts[i].size() - 1) + " N=" + std::to_string(kLayouts[i].back()));
   if (c.backend == ops::AttentionBackend::Cudnn) {
     // Exact graph shapes (no rounding of S and max_seqlen) give the same results.
     setenv("IEVO_CUDNN_ATTN_EXACT", "1", 1);

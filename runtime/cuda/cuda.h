@@ -39,8 +39,9 @@ void set_current_stream(cudaStream_t s);
 cudaStream_t compute_stream();
 void synchronize();  // the current stream
 
-// Deterministic mode: library paths that may use atomics (cuDNN attention backward) pick their
-// deterministic algorithms. ievo's own kernels are always deterministic. Default off.
+// Deterministic mode: paths that may use atomics pick their deterministic algorithms (cuDNN's
+// attention backward; ievo's flash attention backward: its two-kernel form instead of the fused
+// one with atomic dQ). ievo's other kernels are always deterministic. Default off.
 void set_deterministic(bool on);
 bool deterministic();
 

@@ -1,12 +1,18 @@
 // ievo's FlashAttention-2-style kernels for bf16 and fp16 with head dim 64 or 128 (tensor cores through
 // mma.sync m16n8k16, fp32 accumulation), causal, grouped-query, over packed sequences.
 // Layouts as in ops/attention.h: q/out [N, Hq, hd], k/v [N, Hkv, hd], lse [Hq, N] f32.
-//   forward: one block (4 warps x 16 query rows) per (64-query tile, sequence, query head); key
-//     tiles of 64 up to the diagonal, online softmax in registers (base-2 exponentials), lse saved.
-//   backward (deterministic, no atomics): D = rowsum(dO * O) is given;
-//     dq: one block per (64-query tile, sequence, query head), key tiles of 32 up to the diagonal;
-//     dk/dv: one block per (64-key tile, sequence, kv head), looping over the group's query heads
-//     and 32-query tiles from the diagonal to the end of the sequence, in a fixed order.
+//   forward: one block (4 warps x 32 query rows) per (128-query tile, sequence, query head); key
+//     tiles of 64 up to the diagonal, double-buffered with cp.async, online softmax in registers
+//     (base-2 exponentials), the mask only on tiles that cross the diagonal; lse saved.
+//   backward: D = rowsum(dO * O) is given.
+//     fused (the default): one block (8 warps x 16 keys) per (128-key tile, sequence, kv head),
+//       looping over the group's query heads and 64-query tiles from the diagonal to the end;
+//       dK, dV in registers, dQ added into an fp32 workspace with atomics (then scaled and
+//       rounded by a small kernel): FlashAttention-2's design, not bit-reproducible run to run.
+//     deterministic (cuda::deterministic(), or no workspace given): no atomics, two kernels:
+//       dq: one block per (64-query tile, sequence, query head), key tiles of 32 up to the diagonal;
+//       dk/dv: one block per (64-key tile, sequence, kv head), looping over the group's query heads
+//       and 32-query tiles from the diagonal to the end of the sequence, in a fixed order.
 //   P and dS are rounded to the element type for the second matrix product of each pair, as in
 //   FA2 (fp16: P in [0, 1] keeps 11 bits; dS, like the gradients, relies on the loss scale).
 #pragma once
@@ -28,7 +34,10 @@ struct Params {
 
 bool supported(int hd);  // 64 or 128 (bf16 or f16)
 void forward(const Params& p, void* out, float* lse, cudaStream_t s);
+// dq_acc: an fp32 workspace of n_tokens * hq * hd floats selects the fused kernel (dQ added with
+// atomics: fast, not bit-reproducible); nullptr selects the deterministic dq and dk/dv kernels.
 void backward(const Params& p, const void* dout, const float* lse, const float* delta, void* dq,
-              void* dk, void* dv, cudaStream_t s);
+              void* dk, void* dv, float* dq_acc, cudaStream_t s);
+size_t backward_workspace(const Params& p);  // bytes of dq_acc
 
 }  // namespace ievo::cuda::flash

@@ -496,9 +496,13 @@ void attention_backward(const Tensor& dout, const Tensor& q, const Tensor& k, co
     };
     dispatch_fp(q.dtype(), op, run);
   });
-  if (impl == Impl::Flash)
-    flash::backward(flash_params(q, k, v, cu, max_seqlen, d), dout.raw(), lse.data<float>(),
-                    delta.as<float>(), dq.raw(), dk.raw(), dv.raw(), s);
+  if (impl == Impl::Flash) {
+    const flash::Params fp = flash_params(q, k, v, cu, max_seqlen, d);
+    DeviceBuffer dq_acc = ievo::cuda::deterministic() ? DeviceBuffer()
+                                                       : DeviceBuffer(flash::backward_workspace(fp));
+    flash::backward(fp, dout.raw(), lse.data<float>(), delta.as<float>(), dq.raw(), dk.raw(),
+                    dv.raw(), dq_acc.as<float>(), s);
+  }
 }
 
 }  // namespace ievo::ops::cuda
