@@ -17,6 +17,7 @@
 #include "runtime/tensor.h"
 #ifdef IEVO_CUDA
 #include "runtime/cuda/cuda.h"
+#include "runtime/cuda/flash_attn.h"
 #endif
 
 using namespace ievo;
@@ -81,11 +82,13 @@ constexpr AttnShape kHd128{4, 4096, 16, 16, 128};
 // ragged: without the host copy of cu_seqlens (as for packed documents): cuDNN's ragged graphs;
 // with it (the trainer's batches of equal rows), its dense ones.
 // deterministic: cuda::set_deterministic (flash: the separate dq and dk/dv kernels, no atomics).
+// mma_sync: the flash forward's mma.sync kernel where the wgmma one would run.
 void BM_attention(benchmark::State& state, ops::AttentionBackend be, bool backward, AttnShape sh,
-                  bool ragged = false, bool deterministic = false) {
+                  bool ragged = false, bool deterministic = false, bool mma_sync = false) {
   if (skip(state)) return;
   ops::set_attention_backend(be);
   cuda::set_deterministic(deterministic);
+  cuda::flash::set_use_wgmma(!mma_sync);
   const int64_t kB = sh.B, kT = sh.T, kN = sh.B * sh.T, kHq = sh.Hq, kHkv = sh.Hkv, kHd = sh.hd;
   Tensor q = rnd({kN, kHq, kHd}, DType::BF16), k = rnd({kN, kHkv, kHd}, DType::BF16),
          v = rnd({kN, kHkv, kHd}, DType::BF16), dout = rnd({kN, kHq, kHd}, DType::BF16);
@@ -111,6 +114,7 @@ void BM_attention(benchmark::State& state, ops::AttentionBackend be, bool backwa
   }
   ops::set_attention_backend(ops::AttentionBackend::Auto);
   cuda::set_deterministic(false);
+  cuda::flash::set_use_wgmma(true);
   const double fwd = 4.0 * kB * kHq * kHd * (kT * kT / 2.0);
   state.counters["TFLOP/s"] = benchmark::Counter((backward ? 2.5 : 1.0) * fwd / 1e12,
                                                  benchmark::Counter::kIsIterationInvariantRate);
@@ -154,10 +158,12 @@ BENCHMARK_CAPTURE(BM_matmul, mlp_up, kN, 2 * kF, kD, true)->UseManualTime()->Uni
 BENCHMARK_CAPTURE(BM_matmul, lm_head_chunk, 4096, kV, kD, true)->UseManualTime()->Unit(benchmark::kMillisecond);
 BENCHMARK_CAPTURE(BM_matmul, square8192, 8192, 8192, 8192, true)->UseManualTime()->Unit(benchmark::kMillisecond);
 BENCHMARK_CAPTURE(BM_attention, flash_fwd, B::Flash, false, kTinyLlama)->UseManualTime()->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(BM_attention, flash_fwd_mma_sync, B::Flash, false, kTinyLlama, false, false, true)->UseManualTime()->Unit(benchmark::kMillisecond);
 BENCHMARK_CAPTURE(BM_attention, flash_bwd, B::Flash, true, kTinyLlama)->UseManualTime()->Unit(benchmark::kMillisecond);
 BENCHMARK_CAPTURE(BM_attention, cudnn_fwd, B::Cudnn, false, kTinyLlama)->UseManualTime()->Unit(benchmark::kMillisecond);
 BENCHMARK_CAPTURE(BM_attention, cudnn_bwd, B::Cudnn, true, kTinyLlama)->UseManualTime()->Unit(benchmark::kMillisecond);
 BENCHMARK_CAPTURE(BM_attention, hd128_flash_fwd, B::Flash, false, kHd128)->UseManualTime()->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(BM_attention, hd128_flash_fwd_mma_sync, B::Flash, false, kHd128, false, false, true)->UseManualTime()->Unit(benchmark::kMillisecond);
 BENCHMARK_CAPTURE(BM_attention, hd128_flash_bwd, B::Flash, true, kHd128)->UseManualTime()->Unit(benchmark::kMillisecond);
 BENCHMARK_CAPTURE(BM_attention, hd128_flash_bwd_deterministic, B::Flash, true, kHd128, false, true)->UseManualTime()->Unit(benchmark::kMillisecond);
 BENCHMARK_CAPTURE(BM_attention, hd128_cudnn_fwd, B::Cudnn, false, kHd128)->UseManualTime()->Unit(benchmark::kMillisecond);

@@ -28,6 +28,7 @@
 #include "util.h"
 #ifdef IEVO_CUDA
 #include "runtime/cuda/cuda.h"
+#include "runtime/cuda/flash_attn.h"
 #endif
 
 namespace ievo {
@@ -518,6 +519,17 @@ void check_attention(const AttnCase& c, const std::vector<int32_t>& cu_v, const 
   const double t = tol(c.dt);
   expect_close("attention out " + name, host(gout), out, t);
   expect_close("attention lse " + name, host(glse), lse, c.dt == DType::F32 ? kTolF32 : 1e-3);
+#ifdef IEVO_CUDA
+  // On Hopper the flash forward is the wgmma kernel: its mma.sync sibling against the CPU too.
+  if (c.backend == ops::AttentionBackend::Flash && c.dt != DType::F32 && cuda::flash::use_wgmma()) {
+    cuda::flash::set_use_wgmma(false);
+    Tensor o2 = Tensor::empty(q.shape(), c.dt, Device::CUDA), l2 = Tensor::empty({c.hq, n}, DType::F32, Device::CUDA);
+    ops::attention_forward(gq, gk, gv, gcu, max_seqlen, o2, l2, cu);
+    cuda::flash::set_use_wgmma(true);
+    expect_close("attention out (mma.sync kernel) " + name, host(o2), out, t);
+    expect_close("attention lse (mma.sync kernel) " + name, host(l2), lse, 1e-3);
+  }
+#endif
   Tensor gdq = Tensor::empty(q.shape(), c.dt, Device::CUDA), gdk = Tensor::empty(k.shape(), c.dt, Device::CUDA),
          gdv = Tensor::empty(v.shape(), c.dt, Device::CUDA);
   ops::attention_backward(gdo, gq, gk, gv, gout, glse, cu /* host cu_seqlens */, max_seqlen, gdq, gdk, gdv);
@@ -560,6 +572,10 @@ const std::vector<std::vector<int32_t>> kLayouts = {
 TEST_P(GpuAttention, MatchesCpuVarlen) {
   REQUIRE_GPU();
   const AttnCase c = GetParam();
+#ifdef IEVO_CUDA
+  if (c.backend == ops::AttentionBackend::Flash)
+    std::printf("[gpu] flash forward: %s\n", cuda::flash::use_wgmma() ? "wgmma (sm_90a) and mma.sync" : "mma.sync");
+#endif
   ops::set_attention_backend(c.backend);
   if (c.backend == ops::AttentionBackend::Cudnn) {
     try {  // skip cleanly where cuDNN attention is not built in or not usable

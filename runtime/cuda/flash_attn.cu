@@ -17,10 +17,12 @@
 #include <cuda_fp16.h>
 
 #include <algorithm>
+#include <atomic>
 #include <type_traits>
 
 #include "runtime/cuda/check.h"
 #include "runtime/cuda/flash_attn.h"
+#include "runtime/cuda/wgmma.cuh"
 
 namespace ievo::cuda::flash {
 namespace {
@@ -391,6 +393,269 @@ __global__ void __launch_bounds__(kThreads, 2) fwd_kernel(Params p, T* out, floa
       *reinterpret_cast<uint4*>(out + ((b + static_cast<int64_t>(q0 + r)) * p.hq + h) * HD + c * 8) =
           *reinterpret_cast<const uint4*>(Qs + r * LD + c * 8);
   }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward with Hopper's warpgroup MMA (sm_90a): one block of 2 warpgroups per (128-query tile,
+// sequence, query head), warpgroup w owning query rows 64w..64w+63. Q, K and V tiles sit in
+// shared memory in wgmma's 128-byte-swizzled layout ([HD / 64][rows][64] elements, the 16-byte
+// chunk c of row r stored at chunk c ^ (r % 8)); K/V tiles of 128 keys are double-buffered with
+// cp.async. S = Q K^T is one m64n128k16 wgmma per 16 of the head dim (both operands from shared
+// memory, K-major); P, rounded to T in registers, is the A operand of O += P V (V read N-major
+// from shared memory). Softmax, masking and the output as in fwd_kernel.
+template <int HD>
+struct WgTile {
+  static constexpr int BR = 128, BC = 128, kNT = 256;
+  static constexpr int kQBytes = BR * HD * 2, kKVBytes = BC * HD * 2;
+  static constexpr int kSmem = kQBytes + 4 * kKVBytes + 1024;  // + alignment slack
+};
+
+// 16-byte chunks of rows [0, R) (token tok0 + r, head h of a [N, H, HD] tensor) into the swizzled
+// layout at dst (1024-byte aligned); rows >= valid are zero-filled.
+template <int HD, int R, int NT, typename T>
+__device__ __forceinline__ void load_tile_sw128(unsigned char* dst, const T* src, int64_t tok0,
+                                                int valid, int heads, int h) {
+  constexpr int kChunks = HD / 8;
+#pragma unroll
+  for (int idx = threadIdx.x; idx < R * kChunks; idx += NT) {
+    const int r = idx / kChunks, c = idx % kChunks;
+    const bool ok = r < valid;
+    unsigned char* d = dst + (c >> 3) * (R * 128) + r * 128 + (((c & 7) ^ (r & 7)) << 4);
+    cp_async16(d, ok ? src + ((tok0 + r) * heads + h) * HD + c * 8 : src, ok);
+  }
+}
+
+// Shared-memory matrix descriptor, 128-byte swizzle: lbo / sbo in bytes (see the PTX ISA's
+// wgmma matrix descriptor: start address, leading and stride byte offsets in 16-byte units).
+__device__ __forceinline__ uint64_t sw128_desc(const void* p, uint32_t lbo, uint32_t sbo) {
+  return (static_cast<uint64_t>(smem_u32(p) & 0x3FFFF) >> 4) |
+         (static_cast<uint64_t>((lbo >> 4) & 0x3FFF) << 16) |
+         (static_cast<uint64_t>((sbo >> 4) & 0x3FFF) << 32) | (1ull << 62);
+}
+
+// Pins registers that an in-flight wgmma reads or writes: an empty asm that "uses and redefines"
+// them, placed after the wgmma.wait that retires the operation, so the compiler keeps them live
+// (and does not give them to other values) until then.
+template <int N>
+__device__ __forceinline__ void keep(float (&r)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
+}
+template <int N>
+__device__ __forceinline__ void keep(uint32_t (&r)[N][4]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) asm volatile("" : "+r"(r[i][j])::"memory");
+}
+
+__device__ __forceinline__ void fence_proxy_async() {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+
+// One warpgroup's online-softmax step on a tile of scores s (its 64 rows x BC keys, accumulator
+// layout): masks keys > row or >= len when `mask`, updates the running max m_r and sum l_r, and
+// returns P rounded to T as the A fragments of the next P V product, and in corr the factor the
+// output accumulators must be multiplied by.
+template <typename T, int BC>
+__device__ __forceinline__ void wg_softmax(float (&s)[BC / 2], uint32_t (&pa)[BC / 16][4], float (&m_r)[2],
+                                           float (&l_r)[2], float (&corr)[2], bool mask, int k0,
+                                           const int (&row)[2], int len, int t, float sl2) {
+  if (mask) {
+#pragma unroll
+    for (int j = 0; j < BC / 8; ++j)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        const int key = k0 + j * 8 + 2 * t + (r & 1);
+        if (key > row[r >> 1] || key >= len) s[4 * j + r] = -INFINITY;
+      }
+  }
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    float mx = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < BC / 8; ++j) mx = fmaxf(mx, fmaxf(s[4 * j + 2 * i], s[4 * j + 2 * i + 1]));
+    const float mnew = fmaxf(m_r[i], quad_max(mx));
+    const float bse = mnew == -INFINITY ? 0.f : mnew * sl2;
+    corr[i] = fast_exp2(m_r[i] * sl2 - bse);
+    m_r[i] = mnew;
+    float sum = 0.f;
+#pragma unroll
+    for (int j = 0; j < BC / 8; ++j) {
+      s[4 * j + 2 * i] = fast_exp2(fmaf(s[4 * j + 2 * i], sl2, -bse));
+      s[4 * j + 2 * i + 1] = fast_exp2(fmaf(s[4 * j + 2 * i + 1], sl2, -bse));
+      sum += s[4 * j + 2 * i] + s[4 * j + 2 * i + 1];
+    }
+    l_r[i] = l_r[i] * corr[i] + sum;
+  }
+#pragma unroll
+  for (int kk = 0; kk < BC / 16; ++kk) {
+    pa[kk][0] = pack2<T>(s[8 * kk + 0], s[8 * kk + 1]);
+    pa[kk][1] = pack2<T>(s[8 * kk + 2], s[8 * kk + 3]);
+    pa[kk][2] = pack2<T>(s[8 * kk + 4], s[8 * kk + 5]);
+    pa[kk][3] = pack2<T>(s[8 * kk + 6], s[8 * kk + 7]);
+  }
+}
+
+// Software pipeline (FlashAttention-3's intra-warpgroup overlap): iteration j issues S_j = Q K_j^T
+// and O += P_{j-1} V_{j-1} back to back, then runs the softmax of S_j while the second product is
+// still on the tensor cores. K runs one tile ahead of V: the copies issued at the top of iteration
+// j (K_{j+1}, V_j) land by the top of iteration j + 1; two stages each.
+template <typename T, int HD>
+__global__ void __launch_bounds__(256, 1) fwd_wgmma_kernel(Params p, T* out, float* lse) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using Cfg = WgTile<HD>;
+  constexpr int BR = Cfg::BR, BC = Cfg::BC, NT = Cfg::kNT;
+  constexpr bool kF16 = std::is_same_v<T, f16>;
+  extern __shared__ unsigned char smem_raw[];
+  unsigned char* base = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
+  unsigned char* Qs = base;
+  unsigned char* Ks = Qs + Cfg::kQBytes;       // [2] stages
+  unsigned char* Vs = Ks + 2 * Cfg::kKVBytes;  // [2] stages
+  const int tile = gridDim.x - 1 - blockIdx.x;  // longest (diagonal-most) tiles first
+  const int seq = blockIdx.y, h = blockIdx.z;
+  const int b = p.cu[seq], len = p.cu[seq + 1] - b;
+  const int q0 = tile * BR;
+  if (q0 >= len) return;
+  const int kvh = h / (p.hq / p.hkv);
+  const int wg = threadIdx.x >> 7, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
+  const int g = lane >> 2, t = lane & 3;
+  const T* K = static_cast<const T*>(p.k);
+  const T* V = static_cast<const T*>(p.v);
+  // BR == BC and q0 % BR == 0: every tile k0 <= q0 is visible to both warpgroups' rows; only the
+  // last one (the diagonal) or one crossing the sequence end needs the mask.
+  const int n_kt = (min(len, q0 + BR) + BC - 1) / BC;
+  const int wrow0 = q0 + wg * 64;
+  const bool active = wrow0 < len;  // the second warpgroup may lie past the sequence end
+  const int row[2] = {wrow0 + warp * 16 + g, wrow0 + warp * 16 + g + 8};
+  const float sl2 = p.scale * kLog2e;
+  auto kv_tile = [&](unsigned char* dst, const T* src, int kt) {
+    const int k0 = kt * BC;
+    load_tile_sw128<HD, BC, NT>(dst, src, b + k0, min(BC, len - k0), p.hkv, kvh);
+  };
+  auto s_product = [&](float (&s)[BC / 2], const unsigned char* Kt) {
+#pragma unroll
+    for (int kk = 0; kk < HD / 16; ++kk) {
+      const uint64_t da = sw128_desc(Qs + (kk >> 2) * (BR * 128) + wg * 64 * 128 + (kk & 3) * 32, 16, 1024);
+      const uint64_t db = sw128_desc(Kt + (kk >> 2) * (BC * 128) + (kk & 3) * 32, 16, 1024);
+      if constexpr (kF16) wgmma::ss_f16_n128(s, da, db, kk > 0);
+      else wgmma::ss_bf16_n128(s, da, db, kk > 0);
+    }
+  };
+  auto pv_product = [&](float (&o)[HD / 2], const uint32_t (&pa)[BC / 16][4], const unsigned char* Vt) {
+#pragma unroll
+    for (int kk = 0; kk < BC / 16; ++kk) {
+      const uint64_t db = sw128_desc(Vt + kk * 16 * 128, BC * 128, 1024);
+      if constexpr (HD == 128) {
+        if constexpr (kF16) wgmma::rs_f16_n128_tb(o, pa[kk], db);
+        else wgmma::rs_bf16_n128_tb(o, pa[kk], db);
+      } else {
+        if constexpr (kF16) wgmma::rs_f16_n64_tb(o, pa[kk], db);
+        else wgmma::rs_bf16_n64_tb(o, pa[kk], db);
+      }
+    }
+  };
+  auto tile_ready = [] {  // the copies issued so far have landed and are visible to the tensor cores
+    cp_async_wait<0>();
+    fence_proxy_async();
+    __syncthreads();
+  };
+
+  load_tile_sw128<HD, BR, NT>(Qs, static_cast<const T*>(p.q), b + q0, min(BR, len - q0), p.hq, h);
+  kv_tile(Ks, K, 0);
+  cp_async_commit();
+  tile_ready();
+  if (n_kt > 1) kv_tile(Ks + Cfg::kKVBytes, K, 1);
+  kv_tile(Vs, V, 0);
+  cp_async_commit();
+
+  float o[HD / 2];
+#pragma unroll
+  for (int i = 0; i < HD / 2; ++i) o[i] = 0.f;
+  float m_r[2] = {-INFINITY, -INFINITY}, l_r[2] = {0.f, 0.f}, corr[2];
+  // P of the previous tile, in two arrays used alternately (the loop is unrolled by two): a plain
+  // copy from the new P into the one an in-flight wgmma reads lets the compiler merge the two,
+  // and ptxas then serializes the wgmmas (C7513).
+  uint32_t pa0[BC / 16][4], pa1[BC / 16][4];
+  if (active) {
+    float s[BC / 2];
+    wgmma::fence();
+    s_product(s, Ks);
+    wgmma::commit();
+    wgmma::wait<0>();
+    keep(s);
+    wg_softmax<T, BC>(s, pa0, m_r, l_r, corr, n_kt == 1 || BC > len, 0, row, len, t, sl2);
+  }
+  // Iteration kt: P_{kt-1} in pcur, P_kt into pnext.
+  auto step = [&](int kt, uint32_t (&pcur)[BC / 16][4], uint32_t (&pnext)[BC / 16][4]) {
+    tile_ready();  // K_kt and V_{kt-1}; every warpgroup is done with iteration kt - 1
+    if (kt + 1 < n_kt) kv_tile(Ks + ((kt + 1) & 1) * Cfg::kKVBytes, K, kt + 1);
+    kv_tile(Vs + (kt & 1) * Cfg::kKVBytes, V, kt);
+    cp_async_commit();
+    if (!active) return;
+    float s[BC / 2];
+    keep(o);
+    wgmma::fence();
+    s_product(s, Ks + (kt & 1) * Cfg::kKVBytes);
+    wgmma::commit();
+    pv_product(o, pcur, Vs + ((kt - 1) & 1) * Cfg::kKVBytes);
+    wgmma::commit();
+    wgmma::wait<1>();  // S_kt
+    keep(s);
+    const int k0 = kt * BC;
+    wg_softmax<T, BC>(s, pnext, m_r, l_r, corr, k0 + BC - 1 > wrow0 || k0 + BC > len, k0, row, len, t, sl2);
+    wgmma::wait<0>();  // O += P_{kt-1} V_{kt-1}
+    keep(o);
+    keep(pcur);
+#pragma unroll
+    for (int j = 0; j < HD / 8; ++j) {
+      o[4 * j + 0] *= corr[0];
+      o[4 * j + 1] *= corr[0];
+      o[4 * j + 2] *= corr[1];
+      o[4 * j + 3] *= corr[1];
+    }
+  };
+  int kt = 1;
+  for (; kt + 1 < n_kt; kt += 2) {
+    step(kt, pa0, pa1);
+    step(kt + 1, pa1, pa0);
+  }
+  if (kt < n_kt) step(kt++, pa0, pa1);
+  tile_ready();  // V_{n-1}
+  if (active) {
+    keep(o);
+    wgmma::fence();
+    const unsigned char* Vt = Vs + ((n_kt - 1) & 1) * Cfg::kKVBytes;
+    if (n_kt & 1) pv_product(o, pa0, Vt);  // branches, not a run-time choice of array (local memory)
+    else pv_product(o, pa1, Vt);
+    wgmma::commit();
+    wgmma::wait<0>();
+    keep(o);
+  }
+
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const float l = quad_sum(l_r[i]);
+    if (row[i] >= len) continue;
+    const float inv = 1.f / l;
+    T* orow = out + ((b + static_cast<int64_t>(row[i])) * p.hq + h) * HD;
+#pragma unroll
+    for (int j = 0; j < HD / 8; ++j)
+      *reinterpret_cast<uint32_t*>(orow + j * 8 + 2 * t) = pack2<T>(o[4 * j + 2 * i] * inv, o[4 * j + 2 * i + 1] * inv);
+    if (t == 0) lse[static_cast<int64_t>(h) * p.n_tokens + b + row[i]] = m_r[i] * p.scale + logf(l);
+  }
+#else
+  (void)p, (void)out, (void)lse;
+  __trap();  // run_forward launches this only where the sm_90a image is present
+#endif
+}
+
+__global__ void wgmma_probe_kernel(int* flag) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  *flag = 1;
+#else
+  *flag = 0;
+#endif
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -796,8 +1061,40 @@ void allow_smem(Kernel k, int bytes) {
     IEVO_CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
 }
 
+// Whether this binary has an sm_90a image for the current GPU (wgmma): probed once.
+bool wgmma_image() {
+  static const bool ok = [] {
+    int major = 0, dev = 0;
+    IEVO_CUDA_CHECK(cudaGetDevice(&dev));
+    IEVO_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+    if (major != 9) return false;
+    int* d = nullptr;
+    int h = 0;
+    IEVO_CUDA_CHECK(cudaMalloc(&d, sizeof(int)));
+    wgmma_probe_kernel<<<1, 1>>>(d);
+    IEVO_CUDA_CHECK(cudaMemcpy(&h, d, sizeof(int), cudaMemcpyDeviceToHost));
+    IEVO_CUDA_CHECK(cudaFree(d));
+    return h == 1;
+  }();
+  return ok;
+}
+
+std::atomic<bool> g_use_wgmma{true};
+
 template <typename T, int HD>
 void run_forward(const Params& p, void* out, float* lse, cudaStream_t s) {
+  if (g_use_wgmma.load() && wgmma_image()) {
+    using W = WgTile<HD>;
+    static const bool wattrs = [] {
+      allow_smem(fwd_wgmma_kernel<T, HD>, W::kSmem);
+      return true;
+    }();
+    (void)wattrs;
+    const dim3 grid((p.max_seqlen + W::BR - 1) / W::BR, p.num_seqs, p.hq);
+    fwd_wgmma_kernel<T, HD><<<grid, W::kNT, W::kSmem, s>>>(p, static_cast<T*>(out), lse);
+    IEVO_CUDA_LAUNCH_CHECK("flash fwd_wgmma_kernel");
+    return;
+  }
   using F = FwdTile<HD, 64>;
   static const bool attrs = [] {
     allow_smem(fwd_kernel<T, HD, F::BC>, F::kSmem);
@@ -864,6 +1161,10 @@ void dispatch(const Params& p, F&& f) {
 }  // namespace
 
 bool supported(int hd) { return hd == 64 || hd == 128; }
+
+bool wgmma_available() { return wgmma_image(); }
+void set_use_wgmma(bool on) { g_use_wgmma.store(on); }
+bool use_wgmma() { return g_use_wgmma.load() && wgmma_image(); }
 
 size_t backward_workspace(const Params& p) {
   return static_cast<size_t>(p.n_tokens) * p.hq * p.hd * sizeof(float);

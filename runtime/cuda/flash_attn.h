@@ -33,6 +33,11 @@ struct Params {
 };
 
 bool supported(int hd);  // 64 or 128 (bf16 or f16)
+// The forward's Hopper kernel (wgmma, used when this binary has an sm_90a image for the GPU);
+// set_use_wgmma(false) selects the mma.sync kernel (tests compare both with the CPU).
+bool wgmma_available();
+void set_use_wgmma(bool on);
+bool use_wgmma();
 void forward(const Params& p, void* out, float* lse, cudaStream_t s);
 // dq_acc: an fp32 workspace of n_tokens * hq * hd floats selects the fused kernel (dQ added with
 // atomics: fast, not bit-reproducible); nullptr selects the deterministic dq and dk/dv kernels.
