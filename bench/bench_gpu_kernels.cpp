@@ -82,7 +82,7 @@ constexpr AttnShape kHd128{4, 4096, 16, 16, 128};
 // ragged: without the host copy of cu_seqlens (as for packed documents): cuDNN's ragged graphs;
 // with it (the trainer's batches of equal rows), its dense ones.
 // deterministic: cuda::set_deterministic (flash: the separate dq and dk/dv kernels, no atomics).
-// mma_sync: the flash forward's mma.sync kernel where the wgmma one would run.
+// mma_sync: the flash kernels on mma.sync where the wgmma ones would run.
 void BM_attention(benchmark::State& state, ops::AttentionBackend be, bool backward, AttnShape sh,
                   bool ragged = false, bool deterministic = false, bool mma_sync = false) {
   if (skip(state)) return;
@@ -165,6 +165,7 @@ BENCHMARK_CAPTURE(BM_attention, cudnn_bwd, B::Cudnn, true, kTinyLlama)->UseManua
 BENCHMARK_CAPTURE(BM_attention, hd128_flash_fwd, B::Flash, false, kHd128)->UseManualTime()->Unit(benchmark::kMillisecond);
 BENCHMARK_CAPTURE(BM_attention, hd128_flash_fwd_mma_sync, B::Flash, false, kHd128, false, false, true)->UseManualTime()->Unit(benchmark::kMillisecond);
 BENCHMARK_CAPTURE(BM_attention, hd128_flash_bwd, B::Flash, true, kHd128)->UseManualTime()->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(BM_attention, hd128_flash_bwd_mma_sync, B::Flash, true, kHd128, false, false, true)->UseManualTime()->Unit(benchmark::kMillisecond);
 BENCHMARK_CAPTURE(BM_attention, hd128_flash_bwd_deterministic, B::Flash, true, kHd128, false, true)->UseManualTime()->Unit(benchmark::kMillisecond);
 BENCHMARK_CAPTURE(BM_attention, hd128_cudnn_fwd, B::Cudnn, false, kHd128)->UseManualTime()->Unit(benchmark::kMillisecond);
 BENCHMARK_CAPTURE(BM_attention, hd128_cudnn_bwd, B::Cudnn, true, kHd128)->UseManualTime()->Unit(benchmark::kMillisecond);

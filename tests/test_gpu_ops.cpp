@@ -536,6 +536,19 @@ void check_attention(const AttnCase& c, const std::vector<int32_t>& cu_v, const 
   expect_close("attention dq " + name, host(gdq), dq, t);
   expect_close("attention dk " + name, host(gdk), dk, t);
   expect_close("attention dv " + name, host(gdv), dv, t);
+#ifdef IEVO_CUDA
+  // On Hopper the fused flash backward is the wgmma kernel: its mma.sync sibling too.
+  if (c.backend == ops::AttentionBackend::Flash && c.dt != DType::F32 && cuda::flash::use_wgmma()) {
+    cuda::flash::set_use_wgmma(false);
+    Tensor q2 = Tensor::empty(q.shape(), c.dt, Device::CUDA), k2 = Tensor::empty(k.shape(), c.dt, Device::CUDA),
+           v2 = Tensor::empty(v.shape(), c.dt, Device::CUDA);
+    ops::attention_backward(gdo, gq, gk, gv, gout, glse, cu, max_seqlen, q2, k2, v2);
+    cuda::flash::set_use_wgmma(true);
+    expect_close("attention dq (mma.sync kernel) " + name, host(q2), dq, t);
+    expect_close("attention dk (mma.sync kernel) " + name, host(k2), dk, t);
+    expect_close("attention dv (mma.sync kernel) " + name, host(v2), dv, t);
+  }
+#endif
 
   // Determinism of the backward (cuDNN in its deterministic mode).
 #ifdef IEVO_CUDA

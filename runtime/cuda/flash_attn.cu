@@ -416,9 +416,10 @@ template <int HD, int R, int NT, typename T>
 __device__ __forceinline__ void load_tile_sw128(unsigned char* dst, const T* src, int64_t tok0,
                                                 int valid, int heads, int h) {
   constexpr int kChunks = HD / 8;
+  static_assert(R * kChunks % NT == 0, "whole passes over the tile");
 #pragma unroll
-  for (int idx = threadIdx.x; idx < R * kChunks; idx += NT) {
-    const int r = idx / kChunks, c = idx % kChunks;
+  for (int i = 0; i < R * kChunks / NT; ++i) {
+    const int idx = threadIdx.x + i * NT, r = idx / kChunks, c = idx % kChunks;
     const bool ok = r < valid;
     unsigned char* d = dst + (c >> 3) * (R * 128) + r * 128 + (((c & 7) ^ (r & 7)) << 4);
     cp_async16(d, ok ? src + ((tok0 + r) * heads + h) * HD + c * 8 : src, ok);
@@ -604,6 +605,9 @@ __global__ void __launch_bounds__(256, 1) fwd_wgmma_kernel(Params p, T* out, flo
     keep(s);
     const int k0 = kt * BC;
     wg_softmax<T, BC>(s, pnext, m_r, l_r, corr, k0 + BC - 1 > wrow0 || k0 + BC > len, k0, row, len, t, sl2);
+    keep(pnext);  // the softmax runs before the wait below, not after it (while P V is in flight)
+    keep(corr);
+    keep(l_r);
     wgmma::wait<0>();  // O += P_{kt-1} V_{kt-1}
     keep(o);
     keep(pcur);
@@ -647,6 +651,224 @@ __global__ void __launch_bounds__(256, 1) fwd_wgmma_kernel(Params p, T* out, flo
 #else
   (void)p, (void)out, (void)lse;
   __trap();  // run_forward launches this only where the sm_90a image is present
+#endif
+}
+
+// Backward with Hopper's warpgroup MMA (sm_90a), FlashAttention-2's fused design (see
+// bwd_fused_kernel) on wgmma: one block of 2 warpgroups per (128-key tile, sequence, kv head),
+// warpgroup w owning keys 64w..64w+63, looping over the group's query heads and 64-query tiles
+// from the diagonal to the end (Q, dO, lse and D double-buffered with cp.async). All tiles use
+// wgmma's 128B-swizzled layout ([HD / 64][rows][64]), read K-major or MN-major as each product
+// needs:  S^T = K Q^T and dP^T = V dO^T (both operands from shared memory);  dV += P^T dO and
+// dK += dS^T Q (P^T, dS^T in registers);  dQ_w = dS_w K_w over the warpgroup's own keys (dS^T
+// stored M-major to shared memory), added into the fp32 workspace with atomics.
+template <int HD>
+struct WgBwdTile {
+  static constexpr int BC = 128, BQ = 64, kNT = 256;
+  static constexpr int kKBytes = BC * HD * 2, kQBytes = BQ * HD * 2, kSBytes = BC * BQ * 2;
+  static constexpr int kSmem = 2 * kKBytes + 4 * kQBytes + kSBytes + 4 * BQ * 4 + 1024;
+};
+
+template <typename T, int HD>
+__global__ void __launch_bounds__(256, 1)
+    bwd_wgmma_kernel(Params p, const T* dout, const float* lse, const float* delta, float* dq_acc,
+                     T* dk, T* dv) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using Cfg = WgBwdTile<HD>;
+  constexpr int BC = Cfg::BC, BQ = Cfg::BQ, NT = Cfg::kNT;
+  constexpr bool kF16 = std::is_same_v<T, f16>;
+  extern __shared__ unsigned char smem_raw[];
+  unsigned char* base = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
+  unsigned char* Ks = base;
+  unsigned char* Vs = Ks + Cfg::kKBytes;
+  unsigned char* Qs = Vs + Cfg::kKBytes;      // [2] stages
+  unsigned char* dOs = Qs + 2 * Cfg::kQBytes;  // [2] stages
+  unsigned char* dSs = dOs + 2 * Cfg::kQBytes;  // dS^T [BC keys][BQ queries], M-major for dQ
+  float* lse_s = reinterpret_cast<float*>(dSs + Cfg::kSBytes);  // [2][BQ]
+  float* d_s = lse_s + 2 * BQ;                                  // [2][BQ]
+  const int tile = blockIdx.x;  // tile 0 has the most work: first
+  const int seq = blockIdx.y, kvh = blockIdx.z;
+  const int b = p.cu[seq], len = p.cu[seq + 1] - b;
+  const int k0 = tile * BC;
+  if (k0 >= len) return;
+  const int wg = threadIdx.x >> 7, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
+  const int g = lane >> 2, t = lane & 3;
+  const T* Q = static_cast<const T*>(p.q);
+  const int rep = p.hq / p.hkv;
+  const int n_qt = (len - k0 + BQ - 1) / BQ;  // query tiles k0, k0 + BQ, ...
+  const int n_iter = rep * n_qt;
+  const int kw = k0 + wg * 64;  // the warpgroup's first key
+  const int key[2] = {kw + warp * 16 + g, kw + warp * 16 + g + 8};
+  const float sl2 = p.scale * kLog2e;
+
+  auto issue = [&](int it) {  // iteration it's (head, query tile) into stage it & 1
+    const int hh = kvh * rep + it / n_qt, qs = k0 + (it % n_qt) * BQ, st = it & 1;
+    load_tile_sw128<HD, BQ, NT>(Qs + st * Cfg::kQBytes, Q, b + qs, min(BQ, len - qs), p.hq, hh);
+    load_tile_sw128<HD, BQ, NT>(dOs + st * Cfg::kQBytes, dout, b + qs, min(BQ, len - qs), p.hq, hh);
+    if (threadIdx.x < 2 * BQ) {  // lse on the first BQ threads, D on the next BQ
+      const int r = threadIdx.x % BQ;
+      const bool ok = qs + r < len;
+      const float* src = threadIdx.x < BQ ? lse : delta;
+      float* dst = (threadIdx.x < BQ ? lse_s : d_s) + st * BQ + r;
+      cp_async4(dst, ok ? src + static_cast<int64_t>(hh) * p.n_tokens + b + qs + r : src, ok);
+    }
+    cp_async_commit();
+  };
+  load_tile_sw128<HD, BC, NT>(Ks, static_cast<const T*>(p.k), b + k0, min(BC, len - k0), p.hkv, kvh);
+  load_tile_sw128<HD, BC, NT>(Vs, static_cast<const T*>(p.v), b + k0, min(BC, len - k0), p.hkv, kvh);
+  issue(0);  // commits K and V with iteration 0's loads
+
+  float dka[HD / 2], dva[HD / 2];
+#pragma unroll
+  for (int i = 0; i < HD / 2; ++i) dka[i] = dva[i] = 0.f;
+
+  for (int it = 0; it < n_iter; ++it) {
+    const int hh = kvh * rep + it / n_qt, qs = k0 + (it % n_qt) * BQ, st = it & 1;
+    cp_async_wait<0>();
+    fence_proxy_async();
+    __syncthreads();  // this stage landed; every warpgroup is done with the other one
+    if (it + 1 < n_iter) issue(it + 1);
+    const unsigned char* Qt = Qs + st * Cfg::kQBytes;
+    const unsigned char* dOt = dOs + st * Cfg::kQBytes;
+    // Keys of a warpgroup all after the tile's last query, or past the end: nothing to add. The
+    // first warpgroup's keys are never (qs >= k0); the second's are on the diagonal tile.
+    const bool second_active = !(k0 + 64 > qs + BQ - 1 || k0 + 64 >= len);
+    const bool active = wg == 0 || second_active;
+    if (active) {
+      const float* lse_t = lse_s + st * BQ;
+      const float* d_t = d_s + st * BQ;
+      float sp[BQ / 2], dp[BQ / 2];
+      wgmma::fence();
+#pragma unroll
+      for (int kk = 0; kk < HD / 16; ++kk) {
+        const int off = (kk >> 2) * (BC * 128) + wg * 64 * 128 + (kk & 3) * 32;
+        const int qoff = (kk >> 2) * (BQ * 128) + (kk & 3) * 32;
+        if constexpr (kF16) {
+          wgmma::ss_f16_n64(sp, sw128_desc(Ks + off, 16, 1024), sw128_desc(Qt + qoff, 16, 1024), kk > 0);
+          wgmma::ss_f16_n64(dp, sw128_desc(Vs + off, 16, 1024), sw128_desc(dOt + qoff, 16, 1024), kk > 0);
+        } else {
+          wgmma::ss_bf16_n64(sp, sw128_desc(Ks + off, 16, 1024), sw128_desc(Qt + qoff, 16, 1024), kk > 0);
+          wgmma::ss_bf16_n64(dp, sw128_desc(Vs + off, 16, 1024), sw128_desc(dOt + qoff, 16, 1024), kk > 0);
+        }
+      }
+      wgmma::commit();
+      wgmma::wait<0>();
+      keep(sp);
+      keep(dp);
+      const bool edge = qs < kw + 64 || qs + BQ > len || kw + 64 > len;  // diagonal or sequence end
+      uint32_t pt[BQ / 16][4], dst[BQ / 16][4];
+#pragma unroll
+      for (int j = 0; j < BQ / 8; ++j) {
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          const int ql = j * 8 + 2 * t + (r & 1), qr = qs + ql, kr = key[r >> 1];
+          float pv = fast_exp2(fmaf(sp[4 * j + r], sl2, -lse_t[ql] * kLog2e));
+          if (edge && !(kr <= qr && qr < len && kr < len)) pv = 0.f;
+          sp[4 * j + r] = pv;                               // P^T
+          dp[4 * j + r] = pv * (dp[4 * j + r] - d_t[ql]);  // dS^T
+        }
+        // dS^T (key row R, query columns 8j + 2t, +1) into dSs: 128B-swizzled rows of 64 queries.
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          const int R = wg * 64 + warp * 16 + g + 8 * i;
+          *reinterpret_cast<uint32_t*>(dSs + R * 128 + ((j ^ (R & 7)) << 4) + 4 * t) =
+              pack2<T>(dp[4 * j + 2 * i], dp[4 * j + 2 * i + 1]);
+        }
+      }
+#pragma unroll
+      for (int kk = 0; kk < BQ / 16; ++kk) {
+        pt[kk][0] = pack2<T>(sp[8 * kk + 0], sp[8 * kk + 1]);
+        pt[kk][1] = pack2<T>(sp[8 * kk + 2], sp[8 * kk + 3]);
+        pt[kk][2] = pack2<T>(sp[8 * kk + 4], sp[8 * kk + 5]);
+        pt[kk][3] = pack2<T>(sp[8 * kk + 6], sp[8 * kk + 7]);
+        dst[kk][0] = pack2<T>(dp[8 * kk + 0], dp[8 * kk + 1]);
+        dst[kk][1] = pack2<T>(dp[8 * kk + 2], dp[8 * kk + 3]);
+        dst[kk][2] = pack2<T>(dp[8 * kk + 4], dp[8 * kk + 5]);
+        dst[kk][3] = pack2<T>(dp[8 * kk + 6], dp[8 * kk + 7]);
+      }
+      fence_proxy_async();  // dS^T (ordinary stores) is read by the tensor cores below
+      keep(dka);
+      keep(dva);
+      wgmma::fence();
+#pragma unroll
+      for (int kk = 0; kk < BQ / 16; ++kk) {
+        // B = dO / Q with k = query, n = head dim: N-major reads of the same tiles.
+        const uint64_t bo = sw128_desc(dOt + kk * 16 * 128, BQ * 128, 1024);
+        const uint64_t bq = sw128_desc(Qt + kk * 16 * 128, BQ * 128, 1024);
+        if constexpr (HD == 128) {
+          if constexpr (kF16) {
+            wgmma::rs_f16_n128_tb(dva, pt[kk], bo);
+            wgmma::rs_f16_n128_tb(dka, dst[kk], bq);
+          } else {
+            wgmma::rs_bf16_n128_tb(dva, pt[kk], bo);
+            wgmma::rs_bf16_n128_tb(dka, dst[kk], bq);
+          }
+        } else {
+          if constexpr (kF16) {
+            wgmma::rs_f16_n64_tb(dva, pt[kk], bo);
+            wgmma::rs_f16_n64_tb(dka, dst[kk], bq);
+          } else {
+            wgmma::rs_bf16_n64_tb(dva, pt[kk], bo);
+            wgmma::rs_bf16_n64_tb(dka, dst[kk], bq);
+          }
+        }
+      }
+      wgmma::commit();
+      wgmma::wait<0>();
+      keep(dka);
+      keep(dva);
+      keep(pt);
+      keep(dst);
+    }
+    // dQ = dS K, added to dq_acc. hd 128: warpgroup w takes head-dim columns 64w.. over the
+    // block's active keys (both warpgroups' dS^T rows: a block barrier); hd 64: each warpgroup
+    // its own keys over all columns (a warpgroup barrier; twice the atomics).
+    constexpr bool kSplitN = HD == 128;
+    constexpr int kN = kSplitN ? 64 : HD;
+    if constexpr (kSplitN) __syncthreads();
+    else asm volatile("bar.sync %0, 128;\n" ::"r"(1 + wg) : "memory");
+    if (!kSplitN && !active) continue;
+    const int key0 = kSplitN ? 0 : wg * 64;                    // first dS^T row summed
+    const int n_kk = kSplitN ? (second_active ? 8 : 4) : 4;  // 16-key steps
+    const int col0 = kSplitN ? wg * 64 : 0;
+    float dqa[kN / 2];
+    wgmma::fence();
+#pragma unroll
+    for (int kk = 0; kk < 8; ++kk) {
+      if (kk >= n_kk) break;
+      const uint64_t da = sw128_desc(dSs + (key0 + kk * 16) * 128, 1024, 1024);
+      const uint64_t db = sw128_desc(Ks + (col0 / 64) * (BC * 128) + (key0 + kk * 16) * 128, BC * 128, 1024);
+      if constexpr (kF16) wgmma::ss_f16_n64_tt(dqa, da, db, kk > 0);
+      else wgmma::ss_bf16_n64_tt(dqa, da, db, kk > 0);
+    }
+    wgmma::commit();
+    wgmma::wait<0>();
+    keep(dqa);
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int qr = qs + warp * 16 + g + 8 * i;
+      if (qr >= len) continue;
+      float* dstp = dq_acc + ((b + static_cast<int64_t>(qr)) * p.hq + hh) * HD + col0 + 2 * t;
+#pragma unroll
+      for (int j = 0; j < kN / 8; ++j)
+        atomicAdd(reinterpret_cast<float2*>(dstp + j * 8), make_float2(dqa[4 * j + 2 * i], dqa[4 * j + 2 * i + 1]));
+    }
+  }
+
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    if (key[i] >= len) continue;
+    const int64_t off = ((b + static_cast<int64_t>(key[i])) * p.hkv + kvh) * HD;
+#pragma unroll
+    for (int j = 0; j < HD / 8; ++j) {
+      *reinterpret_cast<uint32_t*>(dk + off + j * 8 + 2 * t) =
+          pack2<T>(dka[4 * j + 2 * i] * p.scale, dka[4 * j + 2 * i + 1] * p.scale);
+      *reinterpret_cast<uint32_t*>(dv + off + j * 8 + 2 * t) = pack2<T>(dva[4 * j + 2 * i], dva[4 * j + 2 * i + 1]);
+    }
+  }
+#else
+  (void)p, (void)dout, (void)lse, (void)delta, (void)dq_acc, (void)dk, (void)dv;
+  __trap();  // run_backward launches this only where the sm_90a image is present
 #endif
 }
 
@@ -1126,13 +1348,26 @@ void run_backward(const Params& p, const void* dout, const float* lse, const flo
   const T* g = static_cast<const T*>(dout);
   const dim3 grid_k((p.max_seqlen + 63) / 64, p.num_seqs, p.hkv);
   if (dq_acc) {
-    using F = BwdTile<HD, kBwdWarps>;
     const int64_t n = static_cast<int64_t>(p.n_tokens) * p.hq * HD;
     IEVO_CUDA_CHECK(cudaMemsetAsync(dq_acc, 0, n * sizeof(float), s));
-    const dim3 grid_f((p.max_seqlen + F::BC - 1) / F::BC, p.num_seqs, p.hkv);
-    bwd_fused_kernel<T, HD, kBwdWarps><<<grid_f, F::kNT, F::kSmem, s>>>(
-        p, g, lse, delta, dq_acc, static_cast<T*>(dk), static_cast<T*>(dv));
-    IEVO_CUDA_LAUNCH_CHECK("flash bwd_fused_kernel");
+    if (g_use_wgmma.load() && wgmma_image()) {
+      using W = WgBwdTile<HD>;
+      static const bool wattrs = [] {
+        allow_smem(bwd_wgmma_kernel<T, HD>, W::kSmem);
+        return true;
+      }();
+      (void)wattrs;
+      const dim3 grid_w((p.max_seqlen + W::BC - 1) / W::BC, p.num_seqs, p.hkv);
+      bwd_wgmma_kernel<T, HD><<<grid_w, W::kNT, W::kSmem, s>>>(
+          p, g, lse, delta, dq_acc, static_cast<T*>(dk), static_cast<T*>(dv));
+      IEVO_CUDA_LAUNCH_CHECK("flash bwd_wgmma_kernel");
+    } else {
+      using F = BwdTile<HD, kBwdWarps>;
+      const dim3 grid_f((p.max_seqlen + F::BC - 1) / F::BC, p.num_seqs, p.hkv);
+      bwd_fused_kernel<T, HD, kBwdWarps><<<grid_f, F::kNT, F::kSmem, s>>>(
+          p, g, lse, delta, dq_acc, static_cast<T*>(dk), static_cast<T*>(dv));
+      IEVO_CUDA_LAUNCH_CHECK("flash bwd_fused_kernel");
+    }
     dq_convert_kernel<T><<<static_cast<unsigned>((n / 8 + 255) / 256), 256, 0, s>>>(
         dq_acc, static_cast<T*>(dq), n, p.scale);
     IEVO_CUDA_LAUNCH_CHECK("flash dq_convert_kernel");
