@@ -29,9 +29,9 @@ def main(d):
                  f"PyTorch {meta.get('torch', '?')}; ievo commit {meta.get('commit', '?')}; "
                  f"{meta.get('steps', '?')} timed steps after {meta.get('warmup', '?')} warm-up steps.")
     lines.append("")
-    lines.append("| model | ievo tok/s | peer tok/s | ratio (goal) | ievo MFU | peer MFU | "
-                 "ievo peak GiB | peer peak GiB |")
-    lines.append("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    lines.append("| model | ievo tok/s | peer tok/s | ratio (goal) | ratio of median steps | ievo MFU | "
+                 "peer MFU | ievo peak GiB | peer peak GiB |")
+    lines.append("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     models = meta.get("models") or sorted({os.path.basename(p)[5:-5] for p in glob.glob(os.path.join(d, "ievo_*.json"))
                                            if "_ckpt_" not in p and "_var_" not in p})
     for m in models:
@@ -41,8 +41,13 @@ def main(d):
         ratio = f"{it / pt:.2f}x" if it and pt else "—"
         goal = GOALS.get(m)
         ratio += f" ({goal:.2f}x)" if goal else ""
+        # tok/s come from the mean step time; a few slow steps on either side (host jitter, a
+        # collection) move the mean, the median of the timed steps shows whether they did.
+        im = i.get("step_time_median_s") if i else None
+        pm = p.get("step_time_median_s") if p else None
+        mratio = f"{pm / im:.2f}x" if im and pm else "—"
         lines.append(" | ".join([
-            f"| {m}", fmt(it, ",.0f"), fmt(pt, ",.0f"), ratio,
+            f"| {m}", fmt(it, ",.0f"), fmt(pt, ",.0f"), ratio, mratio,
             fmt(100 * i["mfu"], ".1f") + "%" if i else "—", fmt(100 * p["mfu"], ".1f") + "%" if p else "—",
             fmt(i["peak_mem_bytes"] / GIB, ".1f") if i else "—",
             fmt(p["peak_mem_bytes"] / GIB, ".1f") if p else "—"]) + " |")

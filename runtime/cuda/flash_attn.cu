@@ -49,6 +49,20 @@ __device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], 
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+template <int N>
+__device__ __forceinline__ void zero(float (&c)[N][4]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) c[i][0] = c[i][1] = c[i][2] = c[i][3] = 0.f;
+}
+
+// Two MMAs sharing A: c0 += A B(b[0], b[1]), c1 += A B(b[2], b[3]) (a b_pair_* fragment pair).
+template <typename T>
+__device__ __forceinline__ void mma_x2(float (&c0)[4], float (&c1)[4], const uint32_t (&a)[4],
+                                       const uint32_t (&b)[4]) {
+  mma16816<T>(c0, a, b[0], b[1]);
+  mma16816<T>(c1, a, b[2], b[3]);
+}
+
 template <typename T>
 __device__ __forceinline__ uint32_t ld32(const T* p) {
   return *reinterpret_cast<const uint32_t*>(p);
@@ -210,6 +224,37 @@ __device__ __forceinline__ void load_tile_async(T* dst, const T* src, int64_t to
   }
 }
 
+// The backward's per-query-tile lse and D (BQ entries each from [H, N] arrays at offset off;
+// entries >= valid zero-filled): lse by threads 0..BQ-1, D by threads BQ..2BQ-1.
+template <int BQ>
+__device__ __forceinline__ void load_lse_delta(float* lse_dst, float* d_dst, const float* lse,
+                                               const float* delta, int64_t off, int valid) {
+  if (threadIdx.x >= 2 * BQ) return;
+  const int r = threadIdx.x % BQ;
+  const bool ok = r < valid;
+  const float* src = threadIdx.x < BQ ? lse : delta;
+  cp_async4((threadIdx.x < BQ ? lse_dst : d_dst) + r, ok ? src + off + r : src, ok);
+}
+
+// A warp's dK (times scale) and dV rows key[0], key[1] (C fragments over HD / 8 column tiles)
+// to [N, Hkv, HD] tensors; keys >= len are skipped.
+template <typename T, int HD>
+__device__ __forceinline__ void store_dk_dv(T* dk, T* dv, const float (&dka)[HD / 8][4],
+                                            const float (&dva)[HD / 8][4], const int (&key)[2],
+                                            int len, int b, int hkv, int kvh, float scale, int t) {
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    if (key[i] >= len) continue;
+    const int64_t off = ((b + static_cast<int64_t>(key[i])) * hkv + kvh) * HD;
+#pragma unroll
+    for (int dt = 0; dt < HD / 8; ++dt) {
+      *reinterpret_cast<uint32_t*>(dk + off + dt * 8 + 2 * t) =
+          pack2<T>(dka[dt][2 * i] * scale, dka[dt][2 * i + 1] * scale);
+      *reinterpret_cast<uint32_t*>(dv + off + dt * 8 + 2 * t) = pack2<T>(dva[dt][2 * i], dva[dt][2 * i + 1]);
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Forward: one block of 4 warps per (128-query tile, sequence, query head); warp w owns query
 // rows 32w..32w+31 (two 16-row MMA tiles, so every K/V fragment read from shared memory feeds
@@ -306,8 +351,7 @@ __global__ void __launch_bounds__(kThreads, 2) fwd_kernel(Params p, T* out, floa
           b_pair_nk(kb, Kt, LD, np * 16, kk * 16, lane);
 #pragma unroll
           for (int mi = 0; mi < 2; ++mi) {
-            mma16816<T>(s[mi][2 * np], qa[mi], kb[0], kb[1]);
-            mma16816<T>(s[mi][2 * np + 1], qa[mi], kb[2], kb[3]);
+            mma_x2<T>(s[mi][2 * np], s[mi][2 * np + 1], qa[mi], kb);
           }
         }
       }
@@ -360,8 +404,7 @@ __global__ void __launch_bounds__(kThreads, 2) fwd_kernel(Params p, T* out, floa
           b_pair_kn(vb, Vt, LD, kk * 16, dp * 16, lane);
 #pragma unroll
           for (int mi = 0; mi < 2; ++mi) {
-            mma16816<T>(o[mi][2 * dp], pa[mi], vb[0], vb[1]);
-            mma16816<T>(o[mi][2 * dp + 1], pa[mi], vb[2], vb[3]);
+            mma_x2<T>(o[mi][2 * dp], o[mi][2 * dp + 1], pa[mi], vb);
           }
         }
       }
@@ -705,13 +748,8 @@ __global__ void __launch_bounds__(256, 1)
     const int hh = kvh * rep + it / n_qt, qs = k0 + (it % n_qt) * BQ, st = it & 1;
     load_tile_sw128<HD, BQ, NT>(Qs + st * Cfg::kQBytes, Q, b + qs, min(BQ, len - qs), p.hq, hh);
     load_tile_sw128<HD, BQ, NT>(dOs + st * Cfg::kQBytes, dout, b + qs, min(BQ, len - qs), p.hq, hh);
-    if (threadIdx.x < 2 * BQ) {  // lse on the first BQ threads, D on the next BQ
-      const int r = threadIdx.x % BQ;
-      const bool ok = qs + r < len;
-      const float* src = threadIdx.x < BQ ? lse : delta;
-      float* dst = (threadIdx.x < BQ ? lse_s : d_s) + st * BQ + r;
-      cp_async4(dst, ok ? src + static_cast<int64_t>(hh) * p.n_tokens + b + qs + r : src, ok);
-    }
+    load_lse_delta<BQ>(lse_s + st * BQ, d_s + st * BQ, lse, delta,
+                       static_cast<int64_t>(hh) * p.n_tokens + b + qs, len - qs);
     cp_async_commit();
   };
   load_tile_sw128<HD, BC, NT>(Ks, static_cast<const T*>(p.k), b + k0, min(BC, len - k0), p.hkv, kvh);
@@ -925,10 +963,8 @@ __global__ void __launch_bounds__(kThreads) bwd_dq_kernel(Params p, const T* dou
     load_tile<HD, BC>(Vs, V, b + k0, min(BC, len - k0), p.hkv, kvh);
     __syncthreads();
     float s[BC / 8][4], dp[BC / 8][4];
-#pragma unroll
-    for (int nt = 0; nt < BC / 8; ++nt)
-#pragma unroll
-      for (int r = 0; r < 4; ++r) s[nt][r] = dp[nt][r] = 0.f;
+    zero(s);
+    zero(dp);
 #pragma unroll
     for (int kk = 0; kk < HD / 16; ++kk) {
       uint32_t aq[4], ad[4];
@@ -1023,10 +1059,8 @@ __global__ void __launch_bounds__(kThreads) bwd_dkdv_kernel(Params p, const T* d
       }
       __syncthreads();
       float st[BQ / 8][4], dpt[BQ / 8][4];
-#pragma unroll
-      for (int nt = 0; nt < BQ / 8; ++nt)
-#pragma unroll
-        for (int r = 0; r < 4; ++r) st[nt][r] = dpt[nt][r] = 0.f;
+      zero(st);
+      zero(dpt);
 #pragma unroll
       for (int kk = 0; kk < HD / 16; ++kk) {
         uint32_t ak[4], av[4];
@@ -1070,17 +1104,7 @@ __global__ void __launch_bounds__(kThreads) bwd_dkdv_kernel(Params p, const T* d
     }
   }
 
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    if (key[i] >= len) continue;
-    const int64_t off = ((b + static_cast<int64_t>(key[i])) * p.hkv + kvh) * HD;
-#pragma unroll
-    for (int dt = 0; dt < HD / 8; ++dt) {
-      *reinterpret_cast<uint32_t*>(dk + off + dt * 8 + 2 * t) =
-          pack2<T>(dka[dt][2 * i] * p.scale, dka[dt][2 * i + 1] * p.scale);
-      *reinterpret_cast<uint32_t*>(dv + off + dt * 8 + 2 * t) = pack2<T>(dva[dt][2 * i], dva[dt][2 * i + 1]);
-    }
-  }
+  store_dk_dv<T, HD>(dk, dv, dka, dva, key, len, b, p.hkv, kvh, p.scale, t);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1127,13 +1151,8 @@ __global__ void __launch_bounds__(32 * W, 8 / W)
     const int hh = kvh * rep + it / n_qt, qs = k0 + (it % n_qt) * BQ, st = it & 1;
     load_tile_async<HD, BQ, T, NT>(Qs + st * BQ * LD, Q, b + qs, min(BQ, len - qs), p.hq, hh);
     load_tile_async<HD, BQ, T, NT>(dOs + st * BQ * LD, dout, b + qs, min(BQ, len - qs), p.hq, hh);
-    if (threadIdx.x < 2 * BQ) {  // lse on the first BQ threads, D on the next BQ
-      const int r = threadIdx.x % BQ;
-      const bool ok = qs + r < len;
-      const float* src = threadIdx.x < BQ ? lse : delta;
-      float* dst = (threadIdx.x < BQ ? lse_s : d_s) + st * BQ + r;
-      cp_async4(dst, ok ? src + static_cast<int64_t>(hh) * p.n_tokens + b + qs + r : src, ok);
-    }
+    load_lse_delta<BQ>(lse_s + st * BQ, d_s + st * BQ, lse, delta,
+                       static_cast<int64_t>(hh) * p.n_tokens + b + qs, len - qs);
     cp_async_commit();
   };
   load_tile_async<HD, BC, T, NT>(Ks, static_cast<const T*>(p.k), b + k0, min(BC, len - k0), p.hkv, kvh);
@@ -1163,10 +1182,8 @@ __global__ void __launch_bounds__(32 * W, 8 / W)
     const float* lse_t = lse_s + st * BQ;
     const float* d_t = d_s + st * BQ;
     float sp[BQ / 8][4], dp[BQ / 8][4];
-#pragma unroll
-    for (int nt = 0; nt < BQ / 8; ++nt)
-#pragma unroll
-      for (int r = 0; r < 4; ++r) sp[nt][r] = dp[nt][r] = 0.f;
+    zero(sp);
+    zero(dp);
 #pragma unroll
     for (int kk = 0; kk < HD / 16; ++kk) {
       uint32_t ak[4], av[4];
@@ -1176,11 +1193,9 @@ __global__ void __launch_bounds__(32 * W, 8 / W)
       for (int np = 0; np < BQ / 16; ++np) {
         uint32_t qb[4], ob[4];
         b_pair_nk(qb, Qt, LD, np * 16, kk * 16, lane);
-        mma16816<T>(sp[2 * np], ak, qb[0], qb[1]);  // S^T = K Q^T
-        mma16816<T>(sp[2 * np + 1], ak, qb[2], qb[3]);
+        mma_x2<T>(sp[2 * np], sp[2 * np + 1], ak, qb);  // S^T = K Q^T
         b_pair_nk(ob, dOt, LD, np * 16, kk * 16, lane);
-        mma16816<T>(dp[2 * np], av, ob[0], ob[1]);  // dP^T = V dO^T
-        mma16816<T>(dp[2 * np + 1], av, ob[2], ob[3]);
+        mma_x2<T>(dp[2 * np], dp[2 * np + 1], av, ob);  // dP^T = V dO^T
       }
     }
     const bool edge = qs < k0 + BC || qs + BQ > len || k0 + BC > len;  // diagonal or sequence end
@@ -1210,11 +1225,9 @@ __global__ void __launch_bounds__(32 * W, 8 / W)
       for (int dq2 = 0; dq2 < HD / 16; ++dq2) {
         uint32_t ob[4], qb[4];
         b_pair_kn(ob, dOt, LD, kk * 16, dq2 * 16, lane);
-        mma16816<T>(dva[2 * dq2], ap, ob[0], ob[1]);  // dV += P^T dO
-        mma16816<T>(dva[2 * dq2 + 1], ap, ob[2], ob[3]);
+        mma_x2<T>(dva[2 * dq2], dva[2 * dq2 + 1], ap, ob);  // dV += P^T dO
         b_pair_kn(qb, Qt, LD, kk * 16, dq2 * 16, lane);
-        mma16816<T>(dka[2 * dq2], ads, qb[0], qb[1]);  // dK += dS^T Q
-        mma16816<T>(dka[2 * dq2 + 1], ads, qb[2], qb[3]);
+        mma_x2<T>(dka[2 * dq2], dka[2 * dq2 + 1], ads, qb);  // dK += dS^T Q
       }
     }
     __syncthreads();  // dS^T complete
@@ -1233,8 +1246,7 @@ __global__ void __launch_bounds__(32 * W, 8 / W)
       for (int dq2 = 0; dq2 < kCols / 16; ++dq2) {
         uint32_t kb[4];
         b_pair_kn(kb, Ks, LD, kk * 16, dc + dq2 * 16, lane);
-        mma16816<T>(dqa[2 * dq2], a, kb[0], kb[1]);
-        mma16816<T>(dqa[2 * dq2 + 1], a, kb[2], kb[3]);
+        mma_x2<T>(dqa[2 * dq2], dqa[2 * dq2 + 1], a, kb);
       }
     }
 #pragma unroll
@@ -1249,17 +1261,7 @@ __global__ void __launch_bounds__(32 * W, 8 / W)
     __syncthreads();  // stage st and dS^T are rewritten next
   }
 
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    if (key[i] >= len) continue;
-    const int64_t off = ((b + static_cast<int64_t>(key[i])) * p.hkv + kvh) * HD;
-#pragma unroll
-    for (int dt = 0; dt < HD / 8; ++dt) {
-      *reinterpret_cast<uint32_t*>(dk + off + dt * 8 + 2 * t) =
-          pack2<T>(dka[dt][2 * i] * p.scale, dka[dt][2 * i + 1] * p.scale);
-      *reinterpret_cast<uint32_t*>(dv + off + dt * 8 + 2 * t) = pack2<T>(dva[dt][2 * i], dva[dt][2 * i + 1]);
-    }
-  }
+  store_dk_dv<T, HD>(dk, dv, dka, dva, key, len, b, p.hkv, kvh, p.scale, t);
 }
 
 // dq = scale * dq_acc, rounded to T (8 elements a thread).
@@ -1283,6 +1285,13 @@ void allow_smem(Kernel k, int bytes) {
     IEVO_CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
 }
 
+// allow_smem once per kernel (the first launch's).
+template <auto Kernel>
+void allow_smem_once(int bytes) {
+  static const bool done = (allow_smem(Kernel, bytes), true);
+  (void)done;
+}
+
 // Whether this binary has an sm_90a image for the current GPU (wgmma): probed once.
 bool wgmma_image() {
   static const bool ok = [] {
@@ -1302,27 +1311,20 @@ bool wgmma_image() {
 }
 
 std::atomic<bool> g_use_wgmma{true};
+bool use_wgmma_now() { return g_use_wgmma.load() && wgmma_image(); }
 
 template <typename T, int HD>
 void run_forward(const Params& p, void* out, float* lse, cudaStream_t s) {
-  if (g_use_wgmma.load() && wgmma_image()) {
+  if (use_wgmma_now()) {
     using W = WgTile<HD>;
-    static const bool wattrs = [] {
-      allow_smem(fwd_wgmma_kernel<T, HD>, W::kSmem);
-      return true;
-    }();
-    (void)wattrs;
+    allow_smem_once<fwd_wgmma_kernel<T, HD>>(W::kSmem);
     const dim3 grid((p.max_seqlen + W::BR - 1) / W::BR, p.num_seqs, p.hq);
     fwd_wgmma_kernel<T, HD><<<grid, W::kNT, W::kSmem, s>>>(p, static_cast<T*>(out), lse);
     IEVO_CUDA_LAUNCH_CHECK("flash fwd_wgmma_kernel");
     return;
   }
   using F = FwdTile<HD, 64>;
-  static const bool attrs = [] {
-    allow_smem(fwd_kernel<T, HD, F::BC>, F::kSmem);
-    return true;
-  }();
-  (void)attrs;
+  allow_smem_once<fwd_kernel<T, HD, F::BC>>(F::kSmem);
   const dim3 grid((p.max_seqlen + F::BR - 1) / F::BR, p.num_seqs, p.hq);
   fwd_kernel<T, HD, F::BC><<<grid, kThreads, F::kSmem, s>>>(p, static_cast<T*>(out), lse);
   IEVO_CUDA_LAUNCH_CHECK("flash fwd_kernel");
@@ -1338,31 +1340,21 @@ void run_backward(const Params& p, const void* dout, const float* lse, const flo
   constexpr int LD = HD + 8;
   constexpr int smem_dq = (2 * 64 + 2 * 32) * LD * 2;
   constexpr int smem_kv = (2 * 64 + 2 * 32) * LD * 2 + 2 * 32 * 4;
-  static const bool attrs = [] {
-    allow_smem(bwd_dq_kernel<T, HD>, smem_dq);
-    allow_smem(bwd_dkdv_kernel<T, HD>, smem_kv);
-    allow_smem(bwd_fused_kernel<T, HD, kBwdWarps>, BwdTile<HD, kBwdWarps>::kSmem);
-    return true;
-  }();
-  (void)attrs;
   const T* g = static_cast<const T*>(dout);
   const dim3 grid_k((p.max_seqlen + 63) / 64, p.num_seqs, p.hkv);
   if (dq_acc) {
     const int64_t n = static_cast<int64_t>(p.n_tokens) * p.hq * HD;
     IEVO_CUDA_CHECK(cudaMemsetAsync(dq_acc, 0, n * sizeof(float), s));
-    if (g_use_wgmma.load() && wgmma_image()) {
+    if (use_wgmma_now()) {
       using W = WgBwdTile<HD>;
-      static const bool wattrs = [] {
-        allow_smem(bwd_wgmma_kernel<T, HD>, W::kSmem);
-        return true;
-      }();
-      (void)wattrs;
+      allow_smem_once<bwd_wgmma_kernel<T, HD>>(W::kSmem);
       const dim3 grid_w((p.max_seqlen + W::BC - 1) / W::BC, p.num_seqs, p.hkv);
       bwd_wgmma_kernel<T, HD><<<grid_w, W::kNT, W::kSmem, s>>>(
           p, g, lse, delta, dq_acc, static_cast<T*>(dk), static_cast<T*>(dv));
       IEVO_CUDA_LAUNCH_CHECK("flash bwd_wgmma_kernel");
     } else {
       using F = BwdTile<HD, kBwdWarps>;
+      allow_smem_once<bwd_fused_kernel<T, HD, kBwdWarps>>(F::kSmem);
       const dim3 grid_f((p.max_seqlen + F::BC - 1) / F::BC, p.num_seqs, p.hkv);
       bwd_fused_kernel<T, HD, kBwdWarps><<<grid_f, F::kNT, F::kSmem, s>>>(
           p, g, lse, delta, dq_acc, static_cast<T*>(dk), static_cast<T*>(dv));
@@ -1373,6 +1365,8 @@ void run_backward(const Params& p, const void* dout, const float* lse, const flo
     IEVO_CUDA_LAUNCH_CHECK("flash dq_convert_kernel");
     return;
   }
+  allow_smem_once<bwd_dq_kernel<T, HD>>(smem_dq);
+  allow_smem_once<bwd_dkdv_kernel<T, HD>>(smem_kv);
   const dim3 grid_q((p.max_seqlen + 63) / 64, p.num_seqs, p.hq);
   bwd_dq_kernel<T, HD><<<grid_q, kThreads, smem_dq, s>>>(p, g, lse, delta, static_cast<T*>(dq));
   IEVO_CUDA_LAUNCH_CHECK("flash bwd_dq_kernel");
@@ -1399,7 +1393,7 @@ bool supported(int hd) { return hd == 64 || hd == 128; }
 
 bool wgmma_available() { return wgmma_image(); }
 void set_use_wgmma(bool on) { g_use_wgmma.store(on); }
-bool use_wgmma() { return g_use_wgmma.load() && wgmma_image(); }
+bool use_wgmma() { return use_wgmma_now(); }
 
 size_t backward_workspace(const Params& p) {
   return static_cast<size_t>(p.n_tokens) * p.hq * p.hd * sizeof(float);
