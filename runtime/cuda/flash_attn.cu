@@ -55,6 +55,16 @@ __device__ __forceinline__ void zero(float (&c)[N][4]) {
   for (int i = 0; i < N; ++i) c[i][0] = c[i][1] = c[i][2] = c[i][3] = 0.f;
 }
 
+// p[0] += a, p[1] += b (one 8-byte atomic on sm_90, two 4-byte ones before it).
+__device__ __forceinline__ void atomic_add2(float* p, float a, float b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  atomicAdd(reinterpret_cast<float2*>(p), make_float2(a, b));
+#else
+  atomicAdd(p, a);
+  atomicAdd(p + 1, b);
+#endif
+}
+
 // Two MMAs sharing A: c0 += A B(b[0], b[1]), c1 += A B(b[2], b[3]) (a b_pair_* fragment pair).
 template <typename T>
 __device__ __forceinline__ void mma_x2(float (&c0)[4], float (&c1)[4], const uint32_t (&a)[4],
@@ -469,6 +479,7 @@ __device__ __forceinline__ void load_tile_sw128(unsigned char* dst, const T* src
   }
 }
 
+#if !defined(__CUDA_ARCH__) || defined(__CUDA_ARCH_FEAT_SM90_ALL)  // used by the wgmma kernels only
 // Shared-memory matrix descriptor, 128-byte swizzle: lbo / sbo in bytes (see the PTX ISA's
 // wgmma matrix descriptor: start address, leading and stride byte offsets in 16-byte units).
 __device__ __forceinline__ uint64_t sw128_desc(const void* p, uint32_t lbo, uint32_t sbo) {
@@ -496,6 +507,7 @@ __device__ __forceinline__ void keep(uint32_t (&r)[N][4]) {
 __device__ __forceinline__ void fence_proxy_async() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
+#endif
 
 // One warpgroup's online-softmax step on a tile of scores s (its 64 rows x BC keys, accumulator
 // layout): masks keys > row or >= len when `mask`, updates the running max m_r and sum l_r, and
@@ -889,7 +901,7 @@ __global__ void __launch_bounds__(256, 1)
       float* dstp = dq_acc + ((b + static_cast<int64_t>(qr)) * p.hq + hh) * HD + col0 + 2 * t;
 #pragma unroll
       for (int j = 0; j < kN / 8; ++j)
-        atomicAdd(reinterpret_cast<float2*>(dstp + j * 8), make_float2(dqa[4 * j + 2 * i], dqa[4 * j + 2 * i + 1]));
+        atomic_add2(dstp + j * 8, dqa[4 * j + 2 * i], dqa[4 * j + 2 * i + 1]);
     }
   }
 
@@ -1256,7 +1268,7 @@ __global__ void __launch_bounds__(32 * W, 8 / W)
       float* dst = dq_acc + ((b + static_cast<int64_t>(qr)) * p.hq + hh) * HD + dc + 2 * t;
 #pragma unroll
       for (int dt = 0; dt < kCols / 8; ++dt)
-        atomicAdd(reinterpret_cast<float2*>(dst + dt * 8), make_float2(dqa[dt][2 * i], dqa[dt][2 * i + 1]));
+        atomic_add2(dst + dt * 8, dqa[dt][2 * i], dqa[dt][2 * i + 1]);
     }
     __syncthreads();  // stage st and dS^T are rewritten next
   }
