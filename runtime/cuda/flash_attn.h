@@ -1,5 +1,6 @@
-// ievo's FlashAttention-2-style kernels for bf16 and fp16 with head dim 64 or 128 (tensor cores through
-// mma.sync m16n8k16, fp32 accumulation), causal, grouped-query, over packed sequences.
+// ievo's flash attention kernels for bf16 and fp16 with head dim 64 or 128 (tensor cores through
+// mma.sync m16n8k16 or, on Hopper, wgmma; fp32 accumulation), causal, grouped-query, over packed
+// sequences.
 // Layouts as in ops/attention.h: q/out [N, Hq, hd], k/v [N, Hkv, hd], lse [Hq, N] f32.
 //   forward: one block (4 warps x 32 query rows) per (128-query tile, sequence, query head); key
 //     tiles of 64 up to the diagonal, double-buffered with cp.async, online softmax in registers
@@ -13,6 +14,14 @@
 //       dq: one block per (64-query tile, sequence, query head), key tiles of 32 up to the diagonal;
 //       dk/dv: one block per (64-key tile, sequence, kv head), looping over the group's query heads
 //       and 32-query tiles from the diagonal to the end of the sequence, in a fixed order.
+//   On Hopper (a binary with an sm_90a image; see use_wgmma) the forward and the fused backward
+//   run as warpgroup-MMA (wgmma) kernels instead, same tiling by 128 queries / 128 keys:
+//     forward: 2 warpgroups x 64 query rows, K/V tiles of 128 in wgmma's 128B-swizzled layout,
+//       S = Q K^T from shared memory, P from registers for P V, the softmax of one tile overlapped
+//       with the previous tile's P V (FlashAttention-3's intra-warpgroup pipelining);
+//     backward: 2 warpgroups x 64 keys; S^T, dP^T from shared memory, dV += P^T dO and
+//       dK += dS^T Q with P^T, dS^T in registers, dQ = dS K (dS^T through shared memory) added
+//       with atomics, split between the warpgroups by head-dim columns at hd 128.
 //   P and dS are rounded to the element type for the second matrix product of each pair, as in
 //   FA2 (fp16: P in [0, 1] keeps 11 bits; dS, like the gradients, relies on the loss scale).
 #pragma once
