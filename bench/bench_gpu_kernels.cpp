@@ -7,6 +7,7 @@
 // read + written once). Skips everything without a GPU.
 #include <benchmark/benchmark.h>
 
+#include <chrono>
 #include <vector>
 
 #include "runtime/ops/attention.h"
@@ -33,9 +34,12 @@ bool skip(benchmark::State& state) {
   return false;
 }
 
+// Uniform in [-0.5, 0.5); every call draws a new stream (q, k, v and dO must differ: the same
+// values in all four make S = Q Q^T, not a model's attention).
 Tensor rnd(const Shape& s, DType dt) {
+  static uint32_t calls = 0;
   Tensor t = Tensor::empty(s, DType::F32);
-  uint32_t x = 12345;
+  uint32_t x = 12345u + 7919u * ++calls;
   for (int64_t i = 0; i < t.numel(); ++i) {
     x = x * 1664525u + 1013904223u;
     t.data<float>()[i] = static_cast<float>(x >> 8) / static_cast<float>(1u << 24) - 0.5f;
@@ -53,13 +57,18 @@ void timed(benchmark::State& state, F&& body) {
   body();  // warm-up (plan/graph building)
   cuda::synchronize();
   cuda::Event a(true), b(true);
+  double host_s = 0;
   for (auto _ : state) {
     a.record();
+    const auto t0 = std::chrono::steady_clock::now();
     for (int r = 0; r < kReps; ++r) body();
+    host_s += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     b.record();
     b.synchronize();
     state.SetIterationTime(b.elapsed_ms(a) / 1e3 / kReps);
   }
+  // The host's time to issue one call (checks, descriptors, launches), beside the device time.
+  state.counters["host_us"] = benchmark::Counter(1e6 * host_s / kReps / static_cast<double>(state.iterations()));
 }
 
 constexpr int64_t kT = 2048, kB = 8, kN = kT * kB, kD = 2048, kHq = 32, kHkv = 4, kHd = 64,

@@ -354,7 +354,9 @@ def main():
     ap.add_argument("--sdpa", choices=["flash", "cudnn", "efficient", "default"], default="flash")
     ap.add_argument("--attention", action="store_true", help="time the SDPA kernels alone")
     ap.add_argument("--attn-shape", type=int, nargs=4, default=[4, 16, 4096, 128], metavar=("B", "H", "T", "HD"))
-    ap.add_argument("--iters", type=int, default=30)
+    ap.add_argument("--iters", type=int, default=200,
+                    help="--attention: samples per kernel (5 calls each); 200 keep each kernel busy for "
+                         "0.5-3 s as bench_gpu_kernels does (a short burst runs at higher clocks)")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--profile", help="run one more step under torch.profiler; its kernel table goes here")
     args = ap.parse_args()
