@@ -2,6 +2,7 @@
 
 #include <cmath>
 #include <exception>
+#include <initializer_list>
 
 #include "runtime/ops/attention.h"
 #include "runtime/ops/cross_entropy.h"
@@ -34,12 +35,23 @@ void linear_backward(const Tensor& dy, const Tensor& x, const Tensor& w, Tensor&
   matmul(dy, true, x, false, dw, 1.0f, 1.0f);
 }
 
-// Backward of y = x W^T where x is not needed afterwards: dW += dy^T x, then dx = dy W written
-// over x's buffer (returned).
-Tensor weight_grad_then_input_grad(const Tensor& dy, const Tensor& x, const Tensor& w, Tensor& dw) {
-  matmul(dy, true, x, false, dw, 1.0f, 1.0f);
+// One projection y = x W^T of a shared input x: its output gradient, weight and weight gradient.
+struct LinearGrad {
+  const Tensor& dy;
+  const Tensor& w;
+  Tensor& dw;
+};
+
+// Backward of projections y_i = x W_i^T of one input x that is not needed afterwards: every
+// dW_i += dy_i^T x first (they read x), then dx = sum_i dy_i W_i written over x's buffer (returned).
+Tensor weight_grads_then_input_grad(const Tensor& x, std::initializer_list<LinearGrad> ps) {
+  for (const LinearGrad& p : ps) matmul(p.dy, true, x, false, p.dw, 1.0f, 1.0f);
   Tensor dx = x;
-  matmul(dy, false, w, false, dx);
+  float beta = 0.0f;
+  for (const LinearGrad& p : ps) {
+    matmul(p.dy, false, p.w, false, dx, 1.0f, beta);
+    beta = 1.0f;
+  }
   return dx;
 }
 
@@ -164,14 +176,10 @@ Tensor Llama::block_backward(const ParamStore& p, int layer, const Batch& b, con
   // backward allocates only dout and dq/dk/dv, none of the [N, F] buffers (peak memory).
   // out = a + Wd h: da = dy + (norm-backward of the MLP branch)
   Tensor dyg = mp_->gather_output_grad(dy);
-  Tensor dh = weight_grad_then_input_grad(dyg, a.h, p[L.wd], g[L.wd]);
+  Tensor dh = weight_grads_then_input_grad(a.h, {{dyg, p[L.wd], g[L.wd]}});
   Tensor dgate = a.gate, dup = a.up;
   swiglu_backward(dh, a.gate, a.up, dgate, dup);
-  matmul(dgate, true, a.n2, false, g[L.wg], 1.0f, 1.0f);
-  matmul(dup, true, a.n2, false, g[L.wu], 1.0f, 1.0f);
-  Tensor dn2 = a.n2;
-  matmul(dgate, false, p[L.wg], false, dn2);
-  matmul(dup, false, p[L.wu], false, dn2, 1.0f, 1.0f);
+  Tensor dn2 = weight_grads_then_input_grad(a.n2, {{dgate, p[L.wg], g[L.wg]}, {dup, p[L.wu], g[L.wu]}});
   Tensor da = a.a;  // the norm's backward + dy (the residual path)
   rmsnorm_backward(mp_->reduce_input_grad(dn2), a.a, p[L.ln2], a.rstd2, da, g[L.ln2], dy);
   // a = x + Wo attn
@@ -190,13 +198,9 @@ Tensor Llama::block_backward(const ParamStore& p, int layer, const Batch& b, con
   dv = mp_->gather_heads(dv);
   rope_backward(dq, b.positions, c_.rope_theta, dq);
   rope_backward(dk, b.positions, c_.rope_theta, dk);
-  matmul(dq.view({N, -1}), true, a.n1, false, g[L.wq], 1.0f, 1.0f);
-  matmul(dk.view({N, -1}), true, a.n1, false, g[L.wk], 1.0f, 1.0f);
-  matmul(dv.view({N, -1}), true, a.n1, false, g[L.wv], 1.0f, 1.0f);
-  Tensor dn1 = a.n1;
-  matmul(dq.view({N, -1}), false, p[L.wq], false, dn1);
-  matmul(dk.view({N, -1}), false, p[L.wk], false, dn1, 1.0f, 1.0f);
-  matmul(dv.view({N, -1}), false, p[L.wv], false, dn1, 1.0f, 1.0f);
+  Tensor dn1 = weight_grads_then_input_grad(a.n1, {{dq.view({N, -1}), p[L.wq], g[L.wq]},
+                                                  {dk.view({N, -1}), p[L.wk], g[L.wk]},
+                                                  {dv.view({N, -1}), p[L.wv], g[L.wv]}});
   Tensor dx = Tensor::empty({n, d}, dt, dev);
   rmsnorm_backward(mp_->reduce_input_grad(dn1), a.x, p[L.ln1], a.rstd1, dx, g[L.ln1], da);
   return dx;
