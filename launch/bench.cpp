@@ -10,8 +10,10 @@
 
 #include <CLI/CLI.hpp>
 
+#include "launch/bench_comm.h"
 #include "launch/config.h"
 #include "launch/trainer.h"
+#include "parallel/topology.h"
 #include "runtime/allocator.h"
 #include "runtime/error.h"
 #ifdef IEVO_CUDA
@@ -98,7 +100,19 @@ BenchResult run_bench(const BenchOptions& o) {
   r.device = device_string(cfg);
   r.precision = cfg.train.precision;
   r.checkpointing = cfg.model.checkpointing;
+  {
+    const auto& P = cfg.parallel;
+    const int64_t world = world_size(), dp = world / std::max<int64_t>(1, P.tensor * P.pipeline);
+    char buf[160];
+    std::snprintf(buf, sizeof buf, "dp %lld x tp %lld x pp %lld, zero %lld%s%s", static_cast<long long>(dp),
+                  static_cast<long long>(P.tensor), static_cast<long long>(P.pipeline), static_cast<long long>(P.zero),
+                  P.sequence == "none" ? "" : ", sequence ", P.sequence == "none" ? "" : P.sequence.c_str());
+    r.layout = buf;
+  }
   r.model = describe_model(m);
+  r.model_shape = {{"hidden_size", m.hidden_size},         {"num_layers", m.num_layers},
+                   {"num_heads", m.num_heads},             {"num_kv_heads", m.num_kv_heads},
+                   {"ffn_hidden_size", m.ffn_hidden_size}, {"vocab_size", m.vocab_size}};
   r.params = m.num_params();
   r.seq_len = cfg.data.seq_len;
   r.global_batch = cfg.train.global_batch_size;
@@ -125,8 +139,10 @@ BenchResult run_bench(const BenchOptions& o) {
   const size_t n = times.size();
   r.step_time_median_s = n % 2 ? times[n / 2] : 0.5 * (times[n / 2 - 1] + times[n / 2]);
   r.tokens_per_s = static_cast<double>(tokens) / seconds;
-  r.mfu = dev == Device::CUDA ? m.flops_per_token(cfg.data.seq_len) * r.tokens_per_s / kH100PeakBf16Flops
-                              : 0.0;
+  r.gpus = world_size();
+  r.mfu = dev == Device::CUDA
+              ? m.flops_per_token(cfg.data.seq_len) * r.tokens_per_s / (kH100PeakBf16Flops * r.gpus)
+              : 0.0;
   const MemoryStats ms = memory_stats(dev);
   r.peak_bytes = ms.peak_bytes;
   r.reserved_bytes = ms.reserved_bytes;
@@ -146,6 +162,7 @@ nlohmann::json bench_to_json(const BenchResult& r) {
           {"device", r.device},
           {"model", r.model},
           {"params", r.params},
+          {"model_shape", r.model_shape},
           {"precision", r.precision},
           {"checkpointing", r.checkpointing},
           {"seq_len", r.seq_len},
@@ -153,7 +170,10 @@ nlohmann::json bench_to_json(const BenchResult& r) {
           {"micro_batch", r.micro_batch},
           {"steps", r.steps},
           {"warmup", r.warmup},
+          {"ranks", r.gpus},
+          {"layout", r.layout},
           {"tokens_per_s", r.tokens_per_s},
+          {"tokens_per_s_per_rank", r.tokens_per_s / r.gpus},
           {"mfu", r.mfu},
           {"step_time_s", r.step_time_s},
           {"step_time_median_s", r.step_time_median_s},
@@ -176,11 +196,15 @@ std::string format_bench(const BenchResult& r) {
   add("ievo bench %s: %s, %.1fM params, %s, checkpointing %s\n", r.config.c_str(), r.model.c_str(),
       static_cast<double>(r.params) / 1e6, r.precision.c_str(), r.checkpointing.c_str());
   add("  device      %s\n", r.device.c_str());
+  if (r.gpus > 1) add("  layout      %d ranks: %s\n", r.gpus, r.layout.c_str());
   add("  batch       %lld x %lld tokens (micro-batch %lld), %lld warm-up + %lld timed steps\n",
       static_cast<long long>(r.global_batch), static_cast<long long>(r.seq_len),
       static_cast<long long>(r.micro_batch), static_cast<long long>(r.warmup),
       static_cast<long long>(r.steps));
-  add("  tokens/s    %.0f\n", r.tokens_per_s);
+  if (r.gpus > 1)
+    add("  tokens/s    %.0f (%.0f per rank)\n", r.tokens_per_s, r.tokens_per_s / r.gpus);
+  else
+    add("  tokens/s    %.0f\n", r.tokens_per_s);
   add("  MFU         %.1f%%\n", 100.0 * r.mfu);
   add("  step        %.2f ms mean, %.2f ms median\n", 1e3 * r.step_time_s, 1e3 * r.step_time_median_s);
   add("  memory      %.2f GiB peak allocated, %.2f GiB reserved\n", r.peak_bytes / gib,
@@ -199,25 +223,56 @@ std::string format_bench(const BenchResult& r) {
 
 std::pair<CLI::App*, std::function<void()>> add_bench_command(CLI::App& app) {
   auto o = std::make_shared<BenchOptions>();
+  struct Comm {
+    bool on = false;
+    CommBenchOptions o;
+    std::string dtype = "bf16";
+    double min_mib = 1, max_mib = 1024;
+  };
+  auto c = std::make_shared<Comm>();
   auto* cmd = app.add_subcommand("bench", "Training-step speed of a config on synthetic tokens: "
-                                          "tokens/s, MFU, peak memory, time per phase");
-  cmd->add_option("config", o->config, "YAML config file")->required()->check(CLI::ExistingFile);
+                                          "tokens/s, MFU, peak memory, time per phase; or (--comm) "
+                                          "the bus bandwidth of the collectives");
+  cmd->add_option("config", o->config, "YAML config file")->check(CLI::ExistingFile);
   cmd->add_option("--set", o->overrides, "Override a config key: --set train.micro_batch_size=4")
       ->allow_extra_args(false);
   cmd->add_option("--steps", o->steps, "timed steps (default 10)")->check(CLI::PositiveNumber);
   cmd->add_option("--warmup", o->warmup, "untimed warm-up steps first (default 3)")
       ->check(CLI::NonNegativeNumber);
   cmd->add_option("--json", o->json, "also write the results as one JSON object to this file");
-  auto run = [o] {
-    const BenchResult r = run_bench(*o);
-    std::printf("%s", format_bench(r).c_str());
-    std::fflush(stdout);
-    if (!o->json.empty()) {
-      std::ofstream f(o->json);
-      IEVO_CHECK(f.good(), "ievo bench: cannot write --json ", o->json);
-      f << bench_to_json(r).dump(2) << "\n";
-      IEVO_CHECK(f.good(), "ievo bench: writing --json ", o->json, " failed");
+  const char* g = "Collectives (--comm, launch/bench_comm.h)";
+  cmd->add_flag("--comm", c->on, "all-reduce / reduce-scatter / all-gather bus bandwidth over all ranks "
+                                 "(under mpirun) instead of a config")->group(g);
+  cmd->add_option("--device", c->o.device, "cuda (NCCL, default) or cpu (MPI)")->group(g);
+  cmd->add_option("--dtype", c->dtype, "element type (bf16)")->group(g);
+  cmd->add_option("--comm-min-mib", c->min_mib, "smallest buffer in MiB (1)")->group(g)->check(CLI::PositiveNumber);
+  cmd->add_option("--comm-max-mib", c->max_mib, "largest buffer in MiB (1024); sizes go up by 4x")
+      ->group(g)->check(CLI::PositiveNumber);
+  cmd->add_option("--comm-iters", c->o.iters, "timed calls per size (20)")->group(g)->check(CLI::PositiveNumber);
+  auto write_json = [](const std::string& path, const nlohmann::json& j) {
+    if (path.empty() || world_rank() != 0) return;
+    std::ofstream f(path);
+    IEVO_CHECK(f.good(), "ievo bench: cannot write --json ", path);
+    f << j.dump(2) << "\n";
+    IEVO_CHECK(f.good(), "ievo bench: writing --json ", path, " failed");
+  };
+  auto run = [o, c, write_json] {
+    if (c->on) {
+      IEVO_CHECK(o->config.empty(), "ievo bench: --comm takes no config (got ", o->config, ")");
+      c->o.dtype = dtype_from_name(c->dtype);
+      c->o.min_bytes = static_cast<int64_t>(c->min_mib * (1 << 20));
+      c->o.max_bytes = static_cast<int64_t>(c->max_mib * (1 << 20));
+      const CommBenchResult r = run_comm_bench(c->o);
+      if (world_rank() == 0) std::printf("%s", format_comm_bench(r).c_str());
+      std::fflush(stdout);
+      write_json(o->json, comm_bench_to_json(r));
+      return;
     }
+    IEVO_CHECK(!o->config.empty(), "ievo bench: a config file is required (or --comm)");
+    const BenchResult r = run_bench(*o);
+    if (world_rank() == 0) std::printf("%s", format_bench(r).c_str());
+    std::fflush(stdout);
+    write_json(o->json, bench_to_json(r));
   };
   return {cmd, run};
 }

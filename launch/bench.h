@@ -6,8 +6,10 @@
 // directory. Reports over the timed steps:
 //   tokens/s      global_batch_size * seq_len * N / (sum of the N step times; host clock, each step
 //                 ends with a device synchronisation)
-//   MFU           ModelConfig::flops_per_token(T) * tokens/s / 989e12 (H100 SXM dense bf16), the
-//                 formula of the CUDA issue: (6 N_matmul + 6 L d T) per token
+//   MFU           ModelConfig::flops_per_token(T) * tokens/s / (989e12 * ranks) (H100 SXM dense
+//                 bf16), the formula of the CUDA issue: (6 N_matmul + 6 L d T) per token
+// Under mpirun the run is the config's layout over all ranks (parallel.*); tokens/s is the whole
+// job's, rank 0 prints and writes --json, and the memory is rank 0's.
 //   memory        the device allocator's peak of live bytes over the whole run (warm-up included;
 //                 compare torch.cuda.max_memory_allocated) and the bytes it reserved from CUDA
 //   phases        mean device time per step of data, forward, backward, reduce (dp gradient
@@ -44,7 +46,10 @@ struct BenchOptions {
 struct BenchResult {
   std::string config, device, precision, checkpointing;
   std::string model;  // "llama d2048 L22 h32/4 ffn5632 V32000"
+  std::string layout;  // "dp 2 x tp 2 x pp 1, zero 1"
+  nlohmann::json model_shape;  // sizes (ievo plan --bench-json checks them against its config)
   int64_t params = 0, seq_len = 0, global_batch = 0, micro_batch = 0, steps = 0, warmup = 0;
+  int gpus = 1;  // ranks of the job (GPUs with run.device: cuda)
   double tokens_per_s = 0, mfu = 0;
   double step_time_s = 0, step_time_median_s = 0;  // timed steps: mean and median
   int64_t peak_bytes = 0, reserved_bytes = 0;

@@ -21,12 +21,13 @@ std::shared_ptr<PerfOptions> add_perf_options(CLI::App& cmd) {
   cmd.add_option("--intra-bw-gbs", o->intra_bw_gbs, "collective GB/s per GPU in a node (360)")->group(g)->check(CLI::PositiveNumber);
   cmd.add_option("--inter-bw-gbs", o->inter_bw_gbs, "collective GB/s per GPU across nodes (45)")->group(g)->check(CLI::PositiveNumber);
   cmd.add_option("--gpus-per-node", o->gpus_per_node, "GPUs per node (8)")->group(g)->check(CLI::PositiveNumber);
-  cmd.add_option("--comm-overlap", o->comm_overlap, "fraction of the backward hiding dp collectives (0)")->group(g)->check(CLI::Range(0.0, 1.0));
+  cmd.add_option("--comm-overlap", o->comm_overlap, "fraction of the compute hiding dp collectives (1 on CUDA, 0 on CPU)")->group(g)->check(CLI::Range(0.0, 1.0));
   cmd.add_option("--tp", o->tp, "tensor-parallel size (default: parallel.tensor)")->group(g)->check(CLI::PositiveNumber);
   cmd.add_option("--pp", o->pp, "pipeline-parallel size (default: parallel.pipeline)")->group(g)->check(CLI::PositiveNumber);
   cmd.add_option("--vpp", o->vpp, "virtual pipeline stages per rank (1)")->group(g)->check(CLI::PositiveNumber);
   cmd.add_option("--bench-json", o->bench_json, "calibrate from `ievo bench --json` of this model on one GPU")
       ->group(g)->check(CLI::ExistingFile);
+  cmd.add_option("--json", o->json, "also write the step-time estimate as one JSON object to this file")->group(g);
   cmd.add_option("--kernels-json", o->kernels_json,
                  "kernel throughputs from bench_gpu_kernels --benchmark_out=FILE (JSON) instead of peak x efficiency")
       ->group(g)->check(CLI::ExistingFile);
@@ -47,6 +48,7 @@ PerfInput perf_input(const Config& cfg, int dp, const PerfOptions& o) {
   const std::string& p = cfg.train.precision;
   in.compute = p == "bf16" ? DType::BF16 : p == "fp16" ? DType::F16 : DType::F32;
   in.recompute = cfg.model.checkpointing;
+  in.cuda = cfg.run.device == "cuda";
   return in;
 }
 
@@ -63,7 +65,7 @@ PerfHardware perf_hardware(const PerfInput& in, const PerfOptions& o) {
   hw.intra_bw = o.intra_bw_gbs * 1e9;
   hw.inter_bw = o.inter_bw_gbs * 1e9;
   hw.gpus_per_node = o.gpus_per_node;
-  hw.comm_overlap = o.comm_overlap;
+  hw.comm_overlap = o.comm_overlap >= 0 ? o.comm_overlap : in.cuda ? 1.0 : 0.0;
   if (!o.kernels_json.empty()) {
     try {
       std::ifstream f(o.kernels_json);
@@ -82,6 +84,18 @@ PerfHardware perf_hardware(const PerfInput& in, const PerfOptions& o) {
       j = nlohmann::json::parse(f);
       PerfInput b = in;
       b.dp = b.tp = b.pp = 1;
+      // A bench of the same shape with fewer layers (a model too big for one GPU) calibrates too.
+      if (j.contains("model_shape")) {
+        const auto& ms = j.at("model_shape");
+        const ModelConfig& m = in.model;
+        const std::pair<const char*, int64_t> same[] = {
+            {"hidden_size", m.hidden_size},         {"num_heads", m.num_heads}, {"num_kv_heads", m.num_kv_heads},
+            {"ffn_hidden_size", m.ffn_hidden_size}, {"vocab_size", m.vocab_size}};
+        for (const auto& [key, want] : same)
+          IEVO_CHECK(ms.at(key).get<int64_t>() == want, "a bench of another model: model_shape.", key, " ",
+                     ms.at(key).get<int64_t>(), ", the config's ", want);
+        b.model.num_layers = ms.at("num_layers").get<int64_t>();
+      }
       b.zero_stage = 0;
       b.seq_len = j.at("seq_len").get<int64_t>();
       b.micro_batch = j.at("micro_batch").get<int64_t>();
@@ -94,7 +108,7 @@ PerfHardware perf_hardware(const PerfInput& in, const PerfOptions& o) {
       const PerfEstimate eb = estimate_step(b, plain);
       hw.measured_flops_per_s = eb.executed_flops_gpu / fb;
       hw.measured_optimizer_s = ph.at("optimizer").get<double>();
-      hw.measured_params_per_rank = in.model.num_params();
+      hw.measured_params_per_rank = j.contains("params") ? j.at("params").get<int64_t>() : in.model.num_params();
       hw.name += ", calibrated by " + o.bench_json;
     } catch (const std::exception& e) {
       IEVO_FAIL("--bench-json ", o.bench_json, ": ", e.what());
@@ -173,6 +187,31 @@ std::string perf_report(const Config& cfg, int dp, const PerfOptions& o) {
     e = estimate_step(in, hw);
   } catch (const Error& err) {  // e.g. a batch that does not split over dp
     return std::string("step time (estimate): n/a: ") + err.what() + "\n";
+  }
+  if (!o.json.empty()) {
+    const int64_t gpus = static_cast<int64_t>(in.dp) * in.tp * in.pp;
+    const nlohmann::json j = {{"hardware", hw.name},
+                              {"dp", in.dp},
+                              {"tp", in.tp},
+                              {"pp", in.pp},
+                              {"zero", in.zero_stage},
+                              {"gpus", gpus},
+                              {"micro_batches", e.micro_batches},
+                              {"compute_s", e.compute_s},
+                              {"tp_s", e.tp_s},
+                              {"p2p_s", e.p2p_s},
+                              {"bubble_s", e.bubble_s},
+                              {"dp_s", e.dp_s},
+                              {"dp_exposed_s", e.dp_exposed_s},
+                              {"optimizer_s", e.optimizer_s},
+                              {"step_s", e.step_s},
+                              {"tokens_per_s", e.tokens_per_s},
+                              {"tokens_per_s_per_gpu", e.tokens_per_s / static_cast<double>(gpus)},
+                              {"mfu", e.mfu}};
+    std::ofstream f(o.json);
+    IEVO_CHECK(f.good(), "--json: cannot write ", o.json);
+    f << j.dump(2) << "\n";
+    IEVO_CHECK(f.good(), "--json: writing ", o.json, " failed");
   }
   return format_estimate(in, hw, e);
 }

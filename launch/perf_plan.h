@@ -6,10 +6,13 @@
 //   --mem-bw-gbs X       device memory bandwidth (3350)      --mem-eff E    achieved/peak (0.7)
 //   --intra-bw-gbs X     collective bandwidth inside a node per GPU (360)
 //   --inter-bw-gbs X     across nodes per GPU (45)           --gpus-per-node N (8)
-//   --comm-overlap F     fraction of the backward that hides dp collectives (0)
+//   --comm-overlap F     fraction of the compute that hides dp collectives (1: ievo on CUDA, whose
+//                        collectives run beside the backward; 0 for run.device: cpu)
 //   --tp N --pp N --vpp V  layout to estimate besides --dp (defaults: parallel.tensor/pipeline, 1)
 //   --bench-json FILE    calibrate the FLOP rate and the optimizer from `ievo bench --json` of the
-//                        same model on one GPU
+//                        same model on one GPU, or of the same shape with fewer layers (a model too
+//                        big for one GPU: --set model.num_layers=4)
+//   --json FILE          also write the estimate as one JSON object (tools/multi_gpu_run.sh)
 //   --kernels-json FILE  the GEMM, attention and memory-bound throughputs measured on this GPU by
 //                        `bench/bench_gpu_kernels --benchmark_out=FILE --benchmark_out_format=json`
 //                        (Google Benchmark JSON) instead of peak x efficiency: the GEMM rate is the
@@ -37,10 +40,11 @@ namespace ievo {
 struct PerfOptions {
   double peak_tflops = 0;  // 0: by precision
   double gemm_eff = 0.6, attn_eff = 0.4, mem_bw_gbs = 3350, mem_eff = 0.7;
-  double intra_bw_gbs = 360, inter_bw_gbs = 45, comm_overlap = 0;
+  double intra_bw_gbs = 360, inter_bw_gbs = 45, comm_overlap = -1;  // -1: by run.device
   int gpus_per_node = 8, tp = 0, pp = 0, vpp = 1;  // tp/pp 0: from the config
   std::string bench_json;
   std::string kernels_json;
+  std::string json;  // --json FILE: the estimate (step, its parts, tokens/s, MFU) as one object
 };
 
 // Adds the options above to `cmd`; the returned options are filled when it is parsed.

@@ -83,19 +83,25 @@ PerfEstimate estimate_step(const PerfInput& in, const PerfHardware& hw) {
   // Data parallelism (ZeRO).
   const double psi = static_cast<double>(m.num_params()) / (in.tp * in.pp);
   const double N = in.dp, frac = (N - 1.0) / N;
-  double during = 0, after = 0;  // bytes
+  // Bytes by when they can run: beside the last micro-batch's backward (stages 0-1 reduce a bucket
+  // once its last gradient is written), beside every micro-batch's compute (stages 2-3), or after
+  // the backward with nothing to hide behind.
+  double during_last = 0, during = 0, after = 0;
   switch (in.zero_stage) {
-    case 0: after = 2.0 * frac * psi * bc; break;
-    case 1: after = frac * psi * (bc + bc); break;
+    case 0: during_last = 2.0 * frac * psi * bc; break;
+    case 1: during_last = frac * psi * bc; after = frac * psi * bc; break;
     case 2: during = mb * frac * psi * bc; after = frac * psi * bc; break;
     default: during = mb * frac * psi * (2.0 * bc + bc); break;
   }
-  e.dp_bytes = during + after;
+  e.dp_bytes = during_last + during + after;
   e.dp_inter_node = static_cast<int64_t>(in.tp) * in.dp > hw.gpus_per_node;
   const double bw = e.dp_inter_node ? hw.inter_bw : hw.intra_bw;
   e.dp_s = e.dp_bytes / bw;
+  // Windows: the backward is 2/3 of the compute; stage 3 also prefetches in the forward.
   const double backward_s = e.compute_s * 2.0 / 3.0;
-  e.dp_exposed_s = after / bw + std::max(0.0, during / bw - hw.comm_overlap * backward_s);
+  const double window = in.zero_stage == 3 ? e.compute_s : backward_s;
+  e.dp_exposed_s = after / bw + std::max(0.0, during_last / bw - hw.comm_overlap * backward_s / mb) +
+                   std::max(0.0, during / bw - hw.comm_overlap * window);
 
   // Optimizer over this rank's shard.
   const double shard = in.zero_stage >= 1 ? psi / N : psi;

@@ -23,15 +23,21 @@
 //               replica, V virtual stages); the pipelined part is divided by (1 - bubble)
 //   dp comm   = bytes per rank of the ZeRO stage's collectives (ring algorithms; N = dp, Ψ/(tp*pp)
 //               parameters per model replica slice, b_w / b_g bytes of weights / gradients):
-//                 stage 0  all-reduce gradients              2(N-1)/N Ψ b_g          after backward
-//                 stage 1  reduce-scatter g + all-gather w   (N-1)/N Ψ (b_g + b_w)   after backward
-//                 stage 2  reduce-scatter g per micro-batch   m (N-1)/N Ψ b_g         during backward
+//                 stage 0  all-reduce gradients              2(N-1)/N Ψ b_g          last backward
+//                 stage 1  reduce-scatter g                  (N-1)/N Ψ b_g           last backward
+//                          + all-gather w after the step     (N-1)/N Ψ b_w           after
+//                 stage 2  reduce-scatter g per micro-batch   m (N-1)/N Ψ b_g         backward
 //                          + all-gather w after the step     (N-1)/N Ψ b_w           after
 //                 stage 3  gather w forward + backward, reduce-scatter g, per micro-batch:
-//                          m (N-1)/N Ψ (2 b_w + b_g)                                 during
+//                          m (N-1)/N Ψ (2 b_w + b_g)                                 forward+backward
 //               over intra_bw when the dp group is inside one node (tp*dp <= gpus_per_node), else
-//               inter_bw; the part "during backward" is hidden up to comm_overlap x the backward
-//               time (0 today: ievo's collectives are stream-synchronous)
+//               inter_bw. ievo's CUDA collectives run on their own stream beside the compute
+//               (parallel/zero.h): stages 0-1 reduce each bucket once the last micro-batch's
+//               backward has written it, stage 2 every micro-batch's buckets, stage 3 also gathers
+//               the next layer ahead. The bytes of a window are hidden up to comm_overlap x its
+//               time (last backward: the backward / m; backward: 2/3 of the compute; stage 3 the
+//               whole compute); the rest, and "after", is exposed. comm_overlap 0: nothing hides
+//               (the CPU/MPI path, whose collectives are synchronous)
 //   optimizer = AdamW over this rank's master shard: (24 + 3 b_g + b_w) bytes per parameter
 //               (fp32 master, m, v read and written; gradient read for the norm, the update and
 //               zeroing; the low-precision weight copy written) at mem_bw * mem_eff
@@ -59,7 +65,7 @@ struct PerfHardware {
   double intra_bw = 360e9;        // collective bus bandwidth per GPU inside a node (NVLink)
   double inter_bw = 45e9;         // ... across nodes (400 Gb/s InfiniBand per GPU)
   int gpus_per_node = 8;
-  double comm_overlap = 0;        // fraction of the backward that can hide dp collectives
+  double comm_overlap = 0;        // fraction of a compute window that hides dp collectives
   // Kernel throughputs measured on this GPU (bench_gpu_kernels): > 0 replaces peak x efficiency.
   double kernel_gemm_flops = 0;      // GEMMs, FLOP/s (the model's mix of shapes)
   double kernel_attn_fwd_flops = 0;  // attention forward, causal FLOP/s
@@ -81,6 +87,7 @@ struct PerfInput {
   int zero_stage = 0;
   DType compute = DType::BF16;
   std::string recompute = "none";  // none | full | selective
+  bool cuda = true;                 // run.device: cuda (the plan's default comm_overlap is 1, else 0)
 };
 
 struct PerfEstimate {

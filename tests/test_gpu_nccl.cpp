@@ -16,6 +16,7 @@
 #include "models/hf_adapter.h"
 #include "models/hf_config.h"
 #include "models/llama.h"
+#include "launch/bench_comm.h"
 #include "parallel/communicator.h"
 #include "parallel/topology.h"
 #include "parallel/zero.h"
@@ -92,6 +93,23 @@ TEST_F(Gpu, NcclCollectivesInAWorldOfOne) {
   comm->barrier();
   Tensor cpu = Tensor::zeros({2}, DType::F32);
   EXPECT_THROW(comm->all_reduce(cpu), Error);  // host tensors are the MPI backend's
+}
+
+// ievo bench --comm's device path (fill, the checked call, the timing) over NCCL with one rank:
+// the result check passes and nothing crosses a link.
+TEST_F(Gpu, CommBenchOverNcclInAWorldOfOne) {
+  auto comm = nccl();
+  CommBenchOptions o;
+  o.min_bytes = 1 << 20;
+  o.max_bytes = 4 << 20;
+  o.iters = 3;
+  const CommBenchResult r = run_comm_bench(o, *comm, Device::CUDA);
+  EXPECT_EQ(r.backend, "nccl");
+  ASSERT_EQ(r.rows.size(), 6u);
+  for (const auto& x : r.rows) {
+    EXPECT_GT(x.time_s, 0) << x.op;
+    EXPECT_EQ(x.busbw, 0) << x.op;
+  }
 }
 
 TEST_F(Gpu, ZeroStagesOverNcclEqualTheCpu) {

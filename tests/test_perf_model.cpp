@@ -102,6 +102,28 @@ TEST(PerfModel, ZeroCommunicationVolumes) {
   EXPECT_NEAR(e2.dp_exposed_s, f * psi * b / 360e9, 1e-12);
 }
 
+// The windows the collectives hide in (ievo's CUDA overlap): stages 0-1 only the last
+// micro-batch's backward, stage 3 the whole compute; what does not fit stays exposed.
+TEST(PerfModel, OverlapWindows) {
+  const double psi = static_cast<double>(small_model().num_params()), b = 2, f = 3.0 / 4.0, m = 4;
+  PerfHardware hw = default_hardware(DType::BF16);
+  hw.measured_flops_per_s = 1e14;  // compute 1.6 ms per GPU, the collectives about 11 ms
+  hw.comm_overlap = 1.0;
+  hw.intra_bw = 1e9;  // slow links, so the windows are the limit
+  const PerfEstimate e0 = estimate_step(input(4, 0), hw);
+  const double bwd_last = e0.compute_s * 2 / 3 / m;
+  EXPECT_NEAR(e0.dp_exposed_s, 2 * f * psi * b / 1e9 - bwd_last, 1e-12);
+  const PerfEstimate e1 = estimate_step(input(4, 1), hw);
+  EXPECT_NEAR(e1.dp_exposed_s, f * psi * b / 1e9 + (f * psi * b / 1e9 - bwd_last), 1e-12);
+  const PerfEstimate e3 = estimate_step(input(4, 3), hw);
+  EXPECT_NEAR(e3.dp_exposed_s, m * f * psi * 3 * b / 1e9 - e3.compute_s, 1e-12);
+  // Fast links: stages 0 and 3 hide completely; stage 1 still waits for its weight all-gather.
+  hw.intra_bw = 1e15;
+  EXPECT_EQ(estimate_step(input(4, 0), hw).dp_exposed_s, 0.0);
+  EXPECT_EQ(estimate_step(input(4, 3), hw).dp_exposed_s, 0.0);
+  EXPECT_NEAR(estimate_step(input(4, 1), hw).dp_exposed_s, f * psi * b / 1e15, 1e-20);
+}
+
 TEST(PerfModel, PipelineBubble) {
   PerfInput in = input(1, 0, 64);
   in.micro_batch = 2;  // m = 32
@@ -153,6 +175,43 @@ TEST(PerfModel, BenchCalibrationReproducesTheBench) {
   e = estimate_step(in, perf_hardware(in, o));
   EXPECT_NEAR(e.compute_s, 0.03, 1e-12);
   EXPECT_NEAR(e.optimizer_s, 0.005 / 4, 1e-12);
+  // A bench of the same shape with 2 of the 4 layers (model_shape, params) gives the same rate
+  // when its time is the part of the FLOPs those layers execute.
+  {
+    Config c2 = cfg;
+    c2.model.model.num_layers = 2;
+    PerfInput i2 = perf_input(c2, 1, PerfOptions{});
+    i2.global_batch = 64;
+    const PerfEstimate e2 = estimate_step(i2, default_hardware(DType::BF16));
+    const double rate = estimate_step(perf_input(cfg, 1, o), perf_hardware(perf_input(cfg, 1, o), o)).executed_flops_gpu / 0.12;
+    const double fb2 = e2.executed_flops_gpu / rate;
+    std::ofstream(dir + "/shallow.json")
+        << nlohmann::json{{"seq_len", 512}, {"micro_batch", 4}, {"global_batch", 64}, {"checkpointing", "none"},
+                          {"params", c2.model.model.num_params()},
+                          {"model_shape", {{"hidden_size", 256}, {"num_layers", 2}, {"num_heads", 8},
+                                           {"num_kv_heads", 4}, {"ffn_hidden_size", 768}, {"vocab_size", 1000}}},
+                          {"phases_s", {{"forward", fb2 / 3}, {"backward", 2 * fb2 / 3}, {"optimizer", 0.001}}}}
+                               .dump();
+    PerfOptions os;
+    os.bench_json = dir + "/shallow.json";
+    const PerfInput is = perf_input(cfg, 1, os);
+    const PerfEstimate es = estimate_step(is, perf_hardware(is, os));
+    EXPECT_NEAR(es.compute_s, 0.12, 1e-9);
+    // The optimizer scales with the parameters: the bench's 0.001 s for its own count.
+    EXPECT_NEAR(es.optimizer_s, 0.001 * cfg.model.model.num_params() / c2.model.model.num_params(), 1e-12);
+    // Another width is not the same shape: an error naming the key.
+    std::ofstream(dir + "/wide.json") << nlohmann::json{{"seq_len", 512}, {"micro_batch", 4}, {"global_batch", 64},
+                                                       {"model_shape", {{"hidden_size", 512}, {"num_layers", 2}}},
+                                                       {"phases_s", {{"forward", 1}, {"backward", 1}, {"optimizer", 1}}}}
+                                                        .dump();
+    os.bench_json = dir + "/wide.json";
+    try {
+      perf_hardware(is, os);
+      ADD_FAILURE() << "a bench of another width calibrated";
+    } catch (const Error& err) {
+      EXPECT_NE(std::string(err.what()).find("model_shape.hidden_size 512"), std::string::npos) << err.what();
+    }
+  }
   // A broken file is an error naming the option.
   std::ofstream(dir + "/bad.json") << "{\"seq_len\": 512}";
   o.bench_json = dir + "/bad.json";
@@ -261,6 +320,26 @@ TEST(PerfModel, PlanPrintsTheEstimate) {
   EXPECT_NE(out.find("989.0 TFLOP/s peak x 0.50"), std::string::npos) << out;
   EXPECT_NE(out.find("dp collectives"), std::string::npos) << out;
   EXPECT_NE(out.find("intra-node 360 GB/s"), std::string::npos) << out;
+  // --json: the same estimate as one object.
+  {
+    const std::string jd = test::temp_dir("perf_plan_json");
+    ASSERT_EQ(test::run_command("cd " + test::source_dir() + " && " + test::ievo_binary() +
+                                    " plan configs/tinyllama-1.1b.yaml --dp 8 --set parallel.zero=1"
+                                    " --set train.global_batch_size=64 --json " + jd + "/p.json",
+                                &out),
+              0)
+        << out;
+    std::ifstream f(jd + "/p.json");
+    const auto j = nlohmann::json::parse(f);
+    EXPECT_EQ(j.at("gpus").get<int>(), 8);
+    EXPECT_EQ(j.at("zero").get<int>(), 1);
+    const double step = j.at("step_s").get<double>();
+    EXPECT_NEAR(j.at("tokens_per_s").get<double>(), 64 * 2048 / step, 1e-6 * 64 * 2048 / step);
+    EXPECT_NEAR(j.at("tokens_per_s_per_gpu").get<double>() * 8, j.at("tokens_per_s").get<double>(), 1e-6);
+    char want[64];
+    std::snprintf(want, sizeof want, "= %.0f tokens/s", j.at("tokens_per_s").get<double>());
+    EXPECT_NE(out.find(want), std::string::npos) << want << "\n" << out;
+  }
   // --kernels-json: the measured rates are used and said so.
   const std::string dir = test::temp_dir("perf_kernels");
   std::ofstream(dir + "/k.json") << kernel_bench(true).dump();
