@@ -48,7 +48,7 @@ run() {
   local threads=$(( $(nproc) / np ))
   [ "$threads" -gt 16 ] && threads=16
   [ "$threads" -lt 1 ] && threads=1
-  echo "### np=$np: $*" >> "$LOG"
+  echo "### $(date -u +%T) np=$np: $*" >> "$LOG"
   if [ "$np" = 1 ]; then
     OMP_NUM_THREADS=$threads timeout "$TMO" "$@" >> "$LOG" 2>&1
   else
