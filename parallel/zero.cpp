@@ -187,6 +187,7 @@ ZeroOptimizer::ZeroOptimizer(std::vector<ParamSpec> specs, std::vector<HookLayer
   reduced_.assign(nb, false);
   writes_seen_.assign(nb, 0);
   gather_work_.resize(nb);
+  weight_gather_.resize(nb);
 }
 
 std::vector<int> ZeroOptimizer::buckets_of(const std::vector<size_t>& params) const {
@@ -252,6 +253,7 @@ void ZeroOptimizer::load_state(const ParamStore& master, const ParamStore* exp_a
                                const ParamStore* exp_avg_sq, int64_t steps_taken) {
   drain_all();
   release_prefetched();
+  wait_weight_gathers();
   for (size_t bi = 0; bi < layout_.buckets.size(); ++bi) {
     const int b = static_cast<int>(bi);
     const ZeroBucket& B = layout_.buckets[b];
@@ -278,6 +280,7 @@ void ZeroOptimizer::load_state(const ParamStore& master, const ParamStore* exp_a
 
 void ZeroOptimizer::gather_state(ParamStore* master, ParamStore* exp_avg, ParamStore* exp_avg_sq,
                                  int root) {
+  wait_weight_gathers();
   const bool me = dp_.rank() == root;
   for (size_t bi = 0; bi < layout_.buckets.size(); ++bi) {
     const int b = static_cast<int>(bi);
@@ -325,6 +328,7 @@ ZeroOptimizer::~ZeroOptimizer() {
   try {
     drain_all();
     release_prefetched();
+    wait_weight_gathers();
   } catch (const std::exception&) {  // a failed device: nothing left to order
   }
 }
@@ -455,9 +459,24 @@ std::vector<int> ZeroOptimizer::next_buckets(int layer, Pass pass) const {
   return {};
 }
 
+void ZeroOptimizer::wait_weight_gathers() {
+  for (auto& w : weight_gather_)
+    if (w) {
+      w->wait();
+      w.reset();
+    }
+}
+
 void ZeroOptimizer::before_layer(int layer, Pass pass) {
   IEVO_CHECK(layer >= 0 && static_cast<size_t>(layer) < layers_.size(), "ZeRO: hook layer ", layer,
              " of ", layers_.size());
+  if (zc_.stage == 1 || zc_.stage == 2)  // the weights this layer reads: their post-step gathers
+    for (int b : pass == Pass::Forward ? fwd_buckets_[layer] : bwd_buckets_[layer])
+      if (weight_gather_[b]) {
+        weight_gather_[b]->wait();
+        weight_gather_[b].reset();
+        ++stats_.weight_gathers_waited;
+      }
   if (zc_.stage == 3) {
     const std::vector<int>& cur = pass == Pass::Forward ? fwd_buckets_[layer] : bwd_buckets_[layer];
     for (int b : cur) {
@@ -579,6 +598,7 @@ double ZeroOptimizer::finish_gradients() {
 void ZeroOptimizer::step(double lr, double grad_scale) {
   drain_all();
   release_prefetched();  // a gather in flight reads the weight shard AdamW rewrites
+  wait_weight_gathers();
   ++t_;
   for (const Segment& s : segments_) {
     ops::AdamWHyper h;
@@ -603,7 +623,11 @@ void ZeroOptimizer::step(double lr, double grad_scale) {
     for (size_t b = 0; b < layout_.buckets.size(); ++b) {
       const ZeroBucket& B = layout_.buckets[b];
       Tensor bucket = full_w_.slice(0, B.full_offset, B.full_offset + B.padded);
-      dp_.all_gather(full_piece(full_w_, static_cast<int>(b)), bucket);  // in place
+      Tensor own = full_piece(full_w_, static_cast<int>(b));
+      if (overlap_)  // waited for by the first hook layer reading it (before_layer)
+        weight_gather_[b] = dp_.all_gather_async(own, bucket);  // in place
+      else
+        dp_.all_gather(own, bucket);
     }
 }
 

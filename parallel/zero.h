@@ -131,6 +131,7 @@ struct ZeroOverlapStats {
   int64_t prefetches = 0;       // stage 3: gathers issued for the predicted next hook layer
   int64_t prefetch_hits = 0;    // ... claimed by a layer (including buckets kept for the next)
   int64_t prefetch_misses = 0;  // ... freed unclaimed (a wrong guess)
+  int64_t weight_gathers_waited = 0;  // stages 1-2: post-step weight all-gathers a forward hook waited for
 };
 
 class ZeroOptimizer final : public LayerHooks {
@@ -175,7 +176,10 @@ class ZeroOptimizer final : public LayerHooks {
   // parameter weighted by zc.norm_weight.
   double finish_gradients();
   // AdamW on this rank's shard; gradients are multiplied by grad_scale (clipping) first. Then the
-  // updated weights are all-gathered (stages 1-2).
+  // updated weights are all-gathered (stages 1-2). With overlap the gathers are only issued here:
+  // each bucket's is waited for (on the device) by the first hook layer that reads it, so the
+  // next step's forward starts while later buckets still travel (Megatron's
+  // overlap_param_gather); everything else that reads the weights waits for all of them.
   void step(double lr, double grad_scale);
 
   // Numerical safety (launch/numerics.h), after finish_gradients: the lowest parameter index whose
@@ -272,6 +276,10 @@ class ZeroOptimizer final : public LayerHooks {
   std::deque<Pending> pending_;
   int64_t bwd_calls_ = 0;
   std::vector<std::unique_ptr<CommWork>> gather_work_;  // stage 3: all-gathers in flight
+  // Stages 1-2 with overlap: the updated weights' all-gather of each bucket, issued by step() and
+  // waited for by the first hook layer that reads the bucket (or wait_weight_gathers()).
+  std::vector<std::unique_ptr<CommWork>> weight_gather_;
+  void wait_weight_gathers();
   std::vector<int> next_;        // stage 3: buckets the next hook layer is expected to read
   std::vector<int> prefetched_;  // ... gathered but not yet claimed
   ZeroOverlapStats stats_;

@@ -6,6 +6,7 @@
 namespace ievo {
 
 std::vector<ZeroOptimizer::StatePiece> ZeroOptimizer::state_pieces() {
+  wait_weight_gathers();  // the master may be the weights (fp32), still being gathered
   std::vector<StatePiece> out;
   out.reserve(segments_.size());
   for (const Segment& s : segments_) {

@@ -2,7 +2,8 @@
 // at issue, so this checks the bookkeeping of the overlapped path, not concurrency (that is
 // tests/test_gpu_zero_overlap.cpp): bucket reductions issued by the backward hooks and completed
 // one hook layer later, stages 0-1 reducing during the last declared micro-batch, ZeRO-3
-// prefetching the next hook layer's weights. For stages 0-3, two steps of two micro-batches with
+// prefetching the next hook layer's weights, stages 1-2 waiting for each bucket's post-step
+// weight gather in the next forward's first hook that reads it. For stages 0-3, two steps of two micro-batches with
 // some parameters deferred (and a pre_reduce that scales them): the weights and gradient norms
 // with overlap equal those without exactly (the same sums in the same order), the hooks issued
 // every non-deferred reduction, every ZeRO-3 prefetch was used, nothing leaked; declaring fewer
@@ -38,7 +39,7 @@ struct Trained {
   ParamStore weights;
   std::vector<double> norms;
   ZeroOverlapStats stats;
-  int non_deferred_buckets = 0;
+  int non_deferred_buckets = 0, buckets = 0;
 };
 
 Trained train(const std::string& variant, int stage, ZeroConfig::Overlap overlap, int declared) {
@@ -81,6 +82,7 @@ Trained train(const std::string& variant, int stage, ZeroConfig::Overlap overlap
     z.gather_state(&r.weights, nullptr, nullptr, 0);
     r.stats = z.overlap_stats();
     for (const ZeroBucket& B : z.layout().buckets) r.non_deferred_buckets += !B.deferred;
+    r.buckets = static_cast<int>(z.layout().buckets.size());
   }
   return r;
 }
@@ -117,6 +119,10 @@ TEST_P(ZeroOverlap, EqualsNoOverlapExactly) {
       EXPECT_EQ(on.stats.prefetches, 0);
     }
     EXPECT_EQ(off.stats.prefetches, 0);
+    // Stages 1-2: every bucket's post-step weight gather was waited for by the next step's first
+    // hook layer reading it (the last step's by gather_state).
+    EXPECT_EQ(on.stats.weight_gathers_waited, stage == 1 || stage == 2 ? (kSteps - 1) * on.buckets : 0);
+    EXPECT_EQ(off.stats.weight_gathers_waited, 0);
     if (world_rank() == 0)
       std::printf("  %s ZeRO-%d begin_step(%d), dp %d: hook reductions %lld, prefetches %lld (hits %lld, "
                   "misses %lld), weights and norms identical\n",

@@ -3,8 +3,9 @@
 
   mgpu_report.py metrics RUN REF       max relative difference of every step's loss and grad_norm
                                        (RUN/metrics.jsonl against REF/metrics.jsonl)
-  mgpu_report.py weights HF REF_HF     max over tensors of |a - b|_2 / |b|_2 of two HF directories'
-                                       safetensors (F32/F64/BF16), the tensor names must match
+  mgpu_report.py weights HF REF_HF     |a - b|_2 / |b|_2 over all weights of two HF directories'
+                                       safetensors (F32/F64/BF16; the tensor names must match), then
+                                       the largest of one tensor and its name
   mgpu_report.py get FILE KEY [KEY..]  values from a JSON file (nested keys), space separated
   mgpu_report.py busbw FILE OP MIB     ievo bench --comm JSON: the bus bandwidth (GB/s) of OP at the
                                        size closest to MIB MiB
@@ -58,15 +59,18 @@ def weights(hf, ref):
     a, b = read_safetensors(hf), read_safetensors(ref)
     if sorted(a) != sorted(b):
         raise SystemExit(f"{hf} and {ref} hold different tensors: {sorted(set(a) ^ set(b))}")
-    worst = 0.0
+    worst, worst_name, diff2, norm2 = 0.0, "", 0.0, 0.0
     for name in a:
         x, y = a[name], b[name]
         if len(x) != len(y):
             raise SystemExit(f"{name}: {len(x)} elements against {len(y)}")
-        diff = math.sqrt(sum((p - q) ** 2 for p, q in zip(x, y)))
-        norm = math.sqrt(sum(q * q for q in y))
-        worst = max(worst, diff / norm if norm > 0 else diff)
-    return worst
+        d = sum((p - q) ** 2 for p, q in zip(x, y))
+        n = sum(q * q for q in y)
+        diff2, norm2 = diff2 + d, norm2 + n
+        rel = math.sqrt(d / n) if n > 0 else math.sqrt(d)
+        if rel >= worst:
+            worst, worst_name = rel, name
+    return math.sqrt(diff2 / norm2), worst, worst_name
 
 
 def get(path, keys):
@@ -94,7 +98,8 @@ def main():
     if cmd == "metrics":
         print(f"{metrics(*args):.2g}")
     elif cmd == "weights":
-        print(f"{weights(*args):.2g}")
+        model, worst, name = weights(*args)
+        print(f"{model:.2g} {worst:.2g} {name}")
     elif cmd == "get":
         print(get(args[0], args[1:]))
     elif cmd == "busbw":

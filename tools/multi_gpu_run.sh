@@ -9,7 +9,8 @@
 #            with ZeRO 0-3, tp = N (+ Megatron SP), Ulysses S = N, pp = N (1F1B, GPipe), and with
 #            N >= 4 dp x tp, dp x pp (also interleaved), tp x pp; with N >= 8 dp x tp x pp. Each is
 #            compared with the model's one-GPU run: every step's loss and grad norm, and the final
-#            weights (ievo convert to-hf of the last checkpoint), both within 1e-5 relative
+#            weights (ievo convert to-hf of the last checkpoint; the relative L2 difference of all
+#            weights together), both within 1e-5 relative; the worst single tensor is shown beside
 #   weak     TinyLlama-1.1B (T2048, micro-batch 8 per GPU, bf16) on 1, 2, 4, .. N GPUs with
 #            ZeRO-1 and ZeRO-3: tokens/s per GPU and the efficiency against one GPU
 #   strong   TinyLlama-1.1B, global batch 8, on one GPU and on N under tp = N, tp = N + SP, pp = N
@@ -20,7 +21,9 @@
 # same model (tp: the same shape with 4 layers) and given the measured all-reduce bus bandwidth at
 # 64 MiB (the size of a TinyLlama tensor-parallel all-reduce; ZeRO's buckets are 25 MiB).
 # Environment: IEVO_BIN (build-dev/ievo), IEVO_GPUS (all), IEVO_MGPU_DEVICE (cuda; cpu runs the
-# correct part over MPI, for trying the script without a GPU), IEVO_RUN_TIMEOUT per run (300 s).
+# correct part over MPI, for trying the script without a GPU), IEVO_RUN_TIMEOUT per run (300 s),
+# IEVO_SCALING_STEPS / WARMUP timed and warm-up steps of a bench (6 / 3), IEVO_WEAK_ZERO stages of
+# the weak part ("1 3"), IEVO_TP_SP=0 leaves out the tp part's sequence-parallel row.
 # Logs to $OUT: multi_gpu.log (every run's output), scaling.md (the tables), runs.tgz (metrics,
 # bench and plan JSON).
 set -uo pipefail
@@ -88,8 +91,8 @@ fi
 
 if want correct; then
   echo "## Correctness: fp32, every layout against the model's one-GPU run" >> "$SUM"
-  echo "| model | layout | GPUs | loss, grad norm: max rel. diff | final weights: max rel. L2 diff | ok (< 1e-5) |" >> "$SUM"
-  echo "|---|---|---|---|---|---|" >> "$SUM"
+  echo "| model | layout | GPUs | loss, grad norm: max rel. diff | final weights: rel. L2 diff | worst tensor | ok (< 1e-5) |" >> "$SUM"
+  echo "|---|---|---|---|---|---|---|" >> "$SUM"
   G=$(( N > 4 ? N : 4 ))  # fixtures: global batch 4 of micro-batches of 1 (dp up to 4)
   layouts=()
   for z in 0 1 2 3; do layouts+=("$N|parallel.zero=$z"); done
@@ -147,12 +150,12 @@ if want correct; then
       rc=$?
       d=$($REP metrics "$W/$name" "$ref" 2>>"$LOG" || echo "failed(rc=$rc)")
       last=$(ls -d "$W/$name"/checkpoints/step_* 2>/dev/null | sort -V | tail -1)
-      wd="no checkpoint"
+      wd="no-checkpoint" wt="-" wn=""
       if [ -n "$last" ] && run 1 $BIN convert to-hf "$last" "$W/$name/hf"; then
-        wd=$($REP weights "$W/$name/hf" "$ref/hf" 2>>"$LOG" || echo failed)
+        read -r wd wt wn < <($REP weights "$W/$name/hf" "$ref/hf" 2>>"$LOG" || echo "failed - -")
       fi
       ok=$(py "print('yes' if float('$d') < 1e-5 and float('$wd') < 1e-5 else 'NO')" 2>/dev/null || echo NO)
-      echo "| $model | $layout | $np | $d | $wd | $ok |" >> "$SUM"
+      echo "| $model | $layout | $np | $d | $wd | $wt ${wn#model.} | $ok |" >> "$SUM"
     done
   done
 fi
@@ -163,7 +166,7 @@ bench() {
   local np=$1 name=$2 cfg=$3
   shift 3
   # shellcheck disable=SC2046
-  run "$np" $BIN bench "$cfg" --steps "$STEPS" --warmup 3 $(sets "$@") --json "$W/$name.json"
+  run "$np" $BIN bench "$cfg" --steps "$STEPS" --warmup "${WARMUP:-3}" $(sets "$@") --json "$W/$name.json"
 }
 # plan NAME CONFIG DP BENCH BW SETS...: ievo plan's estimate into $W/NAME-plan.json.
 plan() {
@@ -184,7 +187,7 @@ if want weak; then
   echo "## Weak scaling, TinyLlama-1.1B (T2048, micro-batch 8 per GPU, bf16; tokens/s by the median step)" >> "$SUM"
   echo "| ZeRO | GPUs | tokens/s | per GPU | efficiency | plan per GPU | peak GiB |" >> "$SUM"
   echo "|---|---|---|---|---|---|---|" >> "$SUM"
-  for z in 1 3; do
+  for z in ${IEVO_WEAK_ZERO:-1 3}; do
     base=0
     for g in 1 $(counts); do
       name=tl-z$z-g$g
@@ -229,7 +232,7 @@ if want tp; then
   bench 1 l7-L4-g1 configs/llama-7b.yaml model.num_layers=4 train.global_batch_size=8
   tp_layouts=()
   for t in $(counts); do tp_layouts+=("$t|parallel.tensor=$t"); done
-  tp_layouts+=("$N|parallel.tensor=$N parallel.sequence=megatron")
+  [ "${IEVO_TP_SP:-1}" = 1 ] && tp_layouts+=("$N|parallel.tensor=$N parallel.sequence=megatron")
   [ "$N" -ge 4 ] && tp_layouts+=("$N|parallel.tensor=2 parallel.zero=1")
   for entry in "${tp_layouts[@]}"; do
     np=${entry%%|*}
