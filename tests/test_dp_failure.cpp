@@ -47,7 +47,11 @@ TEST(DpFailure, ThrowingRankAbortsEveryRankAndIsNamed) {
   EXPECT_NE(o.status, 124) << "timed out: a rank hung\n" << o.output;
   EXPECT_LT(o.seconds, 60);
   EXPECT_TRUE(has(o.output, "rank 1 of 2: error: IEVO_TEST_FAIL_RANK")) << o.output;
-  EXPECT_TRUE(has(o.output, "MPI_ABORT was invoked on rank 1")) << o.output;
+  // The abort goes through MPI_Abort: ievo says so before calling it, and mpirun's help text
+  // usually follows; under load Open MPI 4.1 can lose that text ("ORTE_ERROR_LOG: Data unpack would
+  // read past end of buffer ... show_help.c", seen once in CI), so either line counts.
+  EXPECT_TRUE(has(o.output, "MPI_ABORT was invoked on rank 1") || has(o.output, "ievo: rank 1: aborting all ranks"))
+      << o.output;
   EXPECT_EQ(o.steps_logged, 1) << "rank 0 must not get past step 1";
 }
 
