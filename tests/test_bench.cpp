@@ -1,5 +1,6 @@
 // `ievo bench` (launch/bench.h) on the CPU: the JSON report, the phase times against the step
-// time, and activation checkpointing (none / selective / full) computing the same losses.
+// time, activation checkpointing (none / selective / full) computing the same losses, the report
+// under mpirun, and the --comm switch.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -76,4 +77,45 @@ TEST(Bench, RejectsBadStepCounts) {
   const std::string cmd =
       test::ievo_binary() + " bench " + test::source_dir() + "/configs/tiny.yaml --steps 0";
   EXPECT_NE(test::run_command(cmd, &out), 0) << out;
+}
+
+// Under mpirun: the layout over all ranks, tokens/s of the whole job and per rank, one report
+// (rank 0's) and one JSON file.
+TEST(Bench, UnderMpirunReportsTheLayoutOnce) {
+  const std::string dir = test::temp_dir("bench_mpi");
+  const std::string json = dir + "/b.json";
+  const std::string cmd = "OMP_NUM_THREADS=1 timeout -k 5 120 mpirun --allow-run-as-root --oversubscribe -np 2 " +
+                          test::ievo_binary() + " bench " + test::source_dir() +
+                          "/configs/tiny.yaml --steps 2 --warmup 1 --json " + json +
+                          " --set data.seq_len=64 --set train.global_batch_size=4 --set train.micro_batch_size=2"
+                          " --set parallel.zero=1";
+  std::string out;
+  ASSERT_EQ(test::run_command(cmd, &out), 0) << cmd << "\n" << out;
+  size_t reports = 0;
+  for (size_t p = out.find("ievo bench "); p != std::string::npos; p = out.find("ievo bench ", p + 1)) ++reports;
+  EXPECT_EQ(reports, 1u) << out;
+  EXPECT_NE(out.find("layout      2 ranks: dp 2 x tp 1 x pp 1, zero 1"), std::string::npos) << out;
+  const auto j = nlohmann::json::parse(test::read_file(json));
+  EXPECT_EQ(j["ranks"].get<int>(), 2);
+  EXPECT_EQ(j["layout"].get<std::string>(), "dp 2 x tp 1 x pp 1, zero 1");
+  EXPECT_DOUBLE_EQ(j["tokens_per_s_per_rank"].get<double>() * 2, j["tokens_per_s"].get<double>());
+  EXPECT_EQ(j["global_batch"].get<int>(), 4);
+  EXPECT_EQ(j["model_shape"]["num_layers"].get<int>(), 2);
+}
+
+// --comm takes no config; without --comm a config is required; both say so.
+TEST(Bench, CommAndConfigAreExclusive) {
+  std::string out;
+  EXPECT_NE(test::run_command(test::ievo_binary() + " bench --comm --device cpu " + test::source_dir() +
+                                  "/configs/tiny.yaml",
+                              &out),
+            0);
+  EXPECT_NE(out.find("--comm takes no config"), std::string::npos) << out;
+  EXPECT_NE(test::run_command(test::ievo_binary() + " bench", &out), 0);
+  EXPECT_NE(out.find("a config file is required (or --comm)"), std::string::npos) << out;
+  // One process: the sweep runs (a world of one; nothing crosses a link).
+  ASSERT_EQ(test::run_command(test::ievo_binary() + " bench --comm --device cpu --comm-min-mib 1 --comm-max-mib 1", &out), 0)
+      << out;
+  EXPECT_NE(out.find("collectives: local over 1 ranks"), std::string::npos) << out;
+  EXPECT_NE(out.find("the bus bandwidth is 0"), std::string::npos) << out;
 }
