@@ -84,8 +84,7 @@ TEST(Bench, RejectsBadStepCounts) {
 TEST(Bench, UnderMpirunReportsTheLayoutOnce) {
   const std::string dir = test::temp_dir("bench_mpi");
   const std::string json = dir + "/b.json";
-  const std::string cmd = "OMP_NUM_THREADS=1 timeout -k 5 120 mpirun --allow-run-as-root --oversubscribe -np 2 " +
-                          test::ievo_binary() + " bench " + test::source_dir() +
+  const std::string cmd = test::mpirun_ievo(2) + " bench " + test::source_dir() +
                           "/configs/tiny.yaml --steps 2 --warmup 1 --json " + json +
                           " --set data.seq_len=64 --set train.global_batch_size=4 --set train.micro_batch_size=2"
                           " --set parallel.zero=1";

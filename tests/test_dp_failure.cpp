@@ -25,8 +25,7 @@ Outcome train_with_failure(const std::string& mode, const std::string& extra = "
   const std::string fx = test::fixture_dir("llama_gqa");
   const std::string run = test::temp_dir("dp_fail_" + mode);
   const std::string cmd = "IEVO_TEST_FAIL_RANK=1 IEVO_TEST_FAIL_STEP=2 IEVO_TEST_FAIL_MODE=" + mode +
-                          " OMP_NUM_THREADS=1 timeout -k 5 120 mpirun --allow-run-as-root --oversubscribe -np 2 " +
-                          test::ievo_binary() + " train " + fx + "/train.yaml --set model.init_from_hf=" + fx +
+                          " " + test::mpirun_ievo(2) + " train " + fx + "/train.yaml --set model.init_from_hf=" + fx +
                           "/hf --set data.paths=[" + fx + "/data] --set run.dir=" + run + " " + extra;
   Outcome o;
   const auto t0 = std::chrono::steady_clock::now();

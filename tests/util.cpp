@@ -26,6 +26,11 @@ std::string ievo_binary() {
   return e ? e : source_dir() + "/build/ievo";
 }
 
+std::string mpirun_ievo(int np) {
+  return "OMP_NUM_THREADS=1 timeout -k 5 120 mpirun --allow-run-as-root --oversubscribe -np " + std::to_string(np) +
+         " " + ievo_binary();
+}
+
 std::string fixture_dir(const std::string& name) { return source_dir() + "/tests/fixtures/" + name; }
 
 namespace {

@@ -12,6 +12,9 @@ namespace ievo::test {
 
 std::string source_dir();   // $IEVO_SOURCE_DIR (set by ctest) or the configured source dir
 std::string ievo_binary();  // $IEVO_BINARY or <build>/ievo
+// "OMP_NUM_THREADS=1 timeout -k 5 120 mpirun ... -np N <ievo>": the start of a shell command that
+// runs the ievo binary on N ranks (as CI does: as root, oversubscribed), bounded to 2 minutes.
+std::string mpirun_ievo(int np);
 std::string fixture_dir(const std::string& name);  // tests/fixtures/<name>
 // A fresh, empty directory under the system temp dir, removed at exit.
 std::string temp_dir(const std::string& tag);
