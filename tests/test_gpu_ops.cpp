@@ -392,7 +392,7 @@ TEST(GpuSwiglu, FusedGemm) {
     int64_t m, n, k;
   };
   for (const Case c : {Case{300, 200, 256}, Case{512, 5632, 2048}})
-  for (int config : {0, 1}) {
+  for (int config : {0, 1, 2, 3, 4}) {
     const std::string tag = std::to_string(c.m) + "x" + std::to_string(c.n) + "x" + std::to_string(c.k) +
                             " config " + std::to_string(config);
     ops::cuda::set_fused_swiglu_config(config);

@@ -74,4 +74,11 @@ bool backward(Rows dy, Rows w, Rows gate, Rows up, void* dgate, int64_t ld_dgate
                                  stream);
 }
 
+bool plain_gemm(Rows x, Rows w, void* out, int64_t ld_out, int64_t m, int64_t n, int64_t k,
+                cudaStream_t stream) {
+  if (!available() || !fits(m, n, k) || !ok_rows(x.p, x.ld) || !ok_rows(w.p, w.ld) || !ok_rows(out, ld_out))
+    return false;
+  return detail::plain_gemm(x, w, out, ld_out, m, n, k, stream);
+}
+
 }  // namespace ievo::cuda::swiglu_gemm

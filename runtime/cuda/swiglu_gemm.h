@@ -36,4 +36,9 @@ bool forward(Rows x, Rows w, Rows gate, void* up, int64_t ld_up, void* h, int64_
 bool backward(Rows dy, Rows w, Rows gate, Rows up, void* dgate, int64_t ld_dgate, void* dup,
               int64_t ld_dup, int64_t m, int64_t n, int64_t k, cudaStream_t stream);
 
+// out = x W^T by the same mainloop as config 0 with CUTLASS's plain epilogue (a benchmark's
+// baseline: what the SwiGLU epilogue costs).
+bool plain_gemm(Rows x, Rows w, void* out, int64_t ld_out, int64_t m, int64_t n, int64_t k,
+                cudaStream_t stream);
+
 }  // namespace ievo::cuda::swiglu_gemm

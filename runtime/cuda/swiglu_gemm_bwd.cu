@@ -26,9 +26,13 @@ bool run(Rows dy, Rows w, Rows gate, Rows up, void* dgate, int64_t ld_dgate, voi
 bool backward_config(int config, Rows dy, Rows w, Rows gate, Rows up, void* dgate, int64_t ld_dgate,
                      void* dup, int64_t ld_dup, int64_t m, int64_t n, int64_t k, cudaStream_t stream) {
   using B = cutlass::layout::RowMajor;
-  if (config == 1)
-    return run<Pingpong<B, true>>(dy, w, gate, up, dgate, ld_dgate, dup, ld_dup, m, n, k, stream);
-  return run<Cooperative<B, true>>(dy, w, gate, up, dgate, ld_dgate, dup, ld_dup, m, n, k, stream);
+  switch (config) {
+    case 1: return run<Config<1, B, true>>(dy, w, gate, up, dgate, ld_dgate, dup, ld_dup, m, n, k, stream);
+    case 2: return run<Config<2, B, true>>(dy, w, gate, up, dgate, ld_dgate, dup, ld_dup, m, n, k, stream);
+    case 3: return run<Config<3, B, true>>(dy, w, gate, up, dgate, ld_dgate, dup, ld_dup, m, n, k, stream);
+    case 4: return run<Config<4, B, true>>(dy, w, gate, up, dgate, ld_dgate, dup, ld_dup, m, n, k, stream);
+    default: return run<Config<0, B, true>>(dy, w, gate, up, dgate, ld_dgate, dup, ld_dup, m, n, k, stream);
+  }
 }
 
 }  // namespace ievo::cuda::swiglu_gemm::detail

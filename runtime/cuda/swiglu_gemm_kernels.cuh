@@ -78,13 +78,14 @@ struct SwigluDgate<Array<float, N>> {
 using LayoutRow = cutlass::layout::RowMajor;
 using StrideRow = cutlass::detail::TagToStrideC_t<LayoutRow>;  // (ld, _1, batch)
 
-// One kernel: tile and cluster shapes, schedules, B's layout (forward: W [N, K] is K-major =
-// ColumnMajor; backward: W [K, N] is N-major = RowMajor), and which epilogue.
-template <class TileShape, class ClusterShape, class KernelSchedule, class EpiSchedule, class LayoutB,
-          bool kBackward>
+// One kernel: tile and cluster shapes, schedules, epilogue subtile (EpilogueTileAuto or a
+// Shape), B's layout (forward: W [N, K] is K-major = ColumnMajor; backward: W [K, N] is N-major =
+// RowMajor), and which epilogue.
+template <class TileShape, class ClusterShape, class KernelSchedule, class EpiSchedule, class EpiTile,
+          class LayoutB, bool kBackward>
 struct Kernel {
   using EpiDesc = cutlass::epilogue::collective::detail::EpilogueDescriptor<
-      TileShape, cutlass::epilogue::collective::EpilogueTileAuto, Element, Element, EpiSchedule>;
+      TileShape, EpiTile, Element, Element, EpiSchedule>;
   using StoreDesc = cutlass::epilogue::collective::detail::AuxStoreDescriptor<EpiDesc, LayoutRow, Element>;
   using LoadDesc = cutlass::epilogue::collective::detail::AuxLoadDescriptor<EpiDesc, LayoutRow, Element>;
   using AuxStore = cutlass::epilogue::fusion::Sm90AuxStore<
@@ -110,7 +111,7 @@ struct Kernel {
 
   using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
-      cutlass::epilogue::collective::EpilogueTileAuto, float, float, Element, LayoutRow, 8, Element,
+      EpiTile, float, float, Element, LayoutRow, 8, Element,
       LayoutRow, 8, EpiSchedule, Fusion>::CollectiveOp;
   using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, LayoutRow, 8, Element, LayoutB, 8,
@@ -122,15 +123,30 @@ struct Kernel {
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<GemmKernel>;
 };
 
-// The two tile configurations (config 0, 1).
-template <class LayoutB, bool kBackward>
-using Cooperative = Kernel<Shape<_128, _256, _64>, Shape<_2, _1, _1>,
-                           cutlass::gemm::KernelTmaWarpSpecializedCooperative,
-                           cutlass::epilogue::TmaWarpSpecializedCooperative, LayoutB, kBackward>;
-template <class LayoutB, bool kBackward>
-using Pingpong = Kernel<Shape<_128, _128, _64>, Shape<_2, _1, _1>,
-                        cutlass::gemm::KernelTmaWarpSpecializedPingpong,
-                        cutlass::epilogue::TmaWarpSpecialized, LayoutB, kBackward>;
+// The tile configurations (swiglu_gemm.h's config()):
+//   0 cooperative 128x256, cluster 2x1, epilogue subtiles 128x32 (CUTLASS's choice)
+//   1 ping-pong   128x128, cluster 2x1, epilogue subtiles 64x32
+//   2 cooperative 128x256, cluster 1x2, epilogue subtiles 128x32
+//   3 ping-pong   128x128, cluster 1x1, epilogue subtiles 64x64
+//   4 cooperative 256x128, cluster 2x1, epilogue subtiles 128x32
+using Auto = cutlass::epilogue::collective::EpilogueTileAuto;
+using Coop = cutlass::gemm::KernelTmaWarpSpecializedCooperative;
+using CoopEpi = cutlass::epilogue::TmaWarpSpecializedCooperative;
+using Ping = cutlass::gemm::KernelTmaWarpSpecializedPingpong;
+using PingEpi = cutlass::epilogue::TmaWarpSpecialized;
+template <int kConfig, class LayoutB, bool kBackward>
+struct Config;
+template <class B, bool kBwd>
+struct Config<0, B, kBwd> : Kernel<Shape<_128, _256, _64>, Shape<_2, _1, _1>, Coop, CoopEpi, Auto, B, kBwd> {};
+template <class B, bool kBwd>
+struct Config<1, B, kBwd> : Kernel<Shape<_128, _128, _64>, Shape<_2, _1, _1>, Ping, PingEpi, Auto, B, kBwd> {};
+template <class B, bool kBwd>
+struct Config<2, B, kBwd> : Kernel<Shape<_128, _256, _64>, Shape<_1, _2, _1>, Coop, CoopEpi, Auto, B, kBwd> {};
+template <class B, bool kBwd>
+struct Config<3, B, kBwd> : Kernel<Shape<_128, _128, _64>, Shape<_1, _1, _1>, Ping, PingEpi, Shape<_64, _64>, B, kBwd> {};
+template <class B, bool kBwd>
+struct Config<4, B, kBwd> : Kernel<Shape<_256, _128, _64>, Shape<_2, _1, _1>, Coop, CoopEpi, Auto, B, kBwd> {};
+constexpr int kConfigs = 5;
 
 int sm_count();  // 0 when unknown (CUTLASS then asks the driver)
 
@@ -165,5 +181,8 @@ bool forward_config(int config, Rows x, Rows w, Rows gate, void* up, int64_t ld_
                     int64_t ld_h, int64_t m, int64_t n, int64_t k, cudaStream_t stream);
 bool backward_config(int config, Rows dy, Rows w, Rows gate, Rows up, void* dgate, int64_t ld_dgate,
                      void* dup, int64_t ld_dup, int64_t m, int64_t n, int64_t k, cudaStream_t stream);
+
+bool plain_gemm(Rows x, Rows w, void* out, int64_t ld_out, int64_t m, int64_t n, int64_t k,
+                cudaStream_t stream);
 
 }  // namespace ievo::cuda::swiglu_gemm::detail

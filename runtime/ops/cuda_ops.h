@@ -53,6 +53,9 @@ bool linear_swiglu_backward(const Tensor& dy, const Tensor& w_down, const Tensor
 bool fused_swiglu_available();
 void set_fused_swiglu(bool on);
 void set_fused_swiglu_config(int config);  // swiglu_gemm.h's tile configuration (benchmarks)
+// out = x W^T through the fused kernels' mainloop with a plain epilogue (swiglu_gemm::plain_gemm,
+// a benchmark baseline); false where not available.
+bool fused_swiglu_baseline_gemm(const Tensor& x, const Tensor& w, Tensor& out);
 
 double cross_entropy_forward(const Tensor& logits, const Tensor& targets, Tensor& losses,
                              int64_t* count);

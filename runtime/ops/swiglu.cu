@@ -158,6 +158,20 @@ void set_fused_swiglu_config([[maybe_unused]] int config) {
 #endif
 }
 
+bool fused_swiglu_baseline_gemm([[maybe_unused]] const Tensor& x, [[maybe_unused]] const Tensor& w,
+                                [[maybe_unused]] Tensor& out) {
+#ifdef IEVO_HAVE_CUTLASS
+  if (x.dtype() != DType::BF16) return false;
+  const MatmulDims d = matmul_dims(x, false, w, true, out);
+  const bool ran = ievo::cuda::swiglu_gemm::plain_gemm({x.raw(), d.lda}, {w.raw(), d.ldb}, out.raw(),
+                                                       d.ldc, d.m, d.n, d.k, current_stream());
+  if (ran) IEVO_CUDA_LAUNCH_CHECK("swiglu_gemm plain");
+  return ran;
+#else
+  return false;
+#endif
+}
+
 bool linear_swiglu_forward(const Tensor& x, const Tensor& w_up, const Tensor& gate, Tensor& up,
                            Tensor& out) {
   const char* op = "linear_swiglu_forward";
