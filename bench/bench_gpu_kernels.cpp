@@ -19,7 +19,6 @@
 #ifdef IEVO_CUDA
 #include "runtime/cuda/cuda.h"
 #include "runtime/cuda/flash_attn.h"
-#include "runtime/ops/cuda_ops.h"
 #endif
 
 using namespace ievo;
@@ -152,37 +151,6 @@ void BM_swiglu(benchmark::State& state) {
   state.counters["GB/s"] = benchmark::Counter(3.0 * kN * kF * 2 / 1e9, benchmark::Counter::kIsIterationInvariantRate);
 }
 
-// The MLP's up projection with SwiGLU (forward) or the down projection's input gradient through
-// SwiGLU (backward), [n, d] x [d, f]: `config` -1 = GEMM + SwiGLU kernel (cuBLASLt), 0..4 = the
-// fused CUTLASS kernel's tile configurations (swiglu_gemm_kernels.cuh), -2 = the GEMM alone
-// through config 0's mainloop with a plain epilogue (forward only: the baseline). TFLOP/s count
-// the GEMM alone, so they compare directly with BM_matmul's.
-void BM_mlp_swiglu(benchmark::State& state, bool backward, int config, int64_t n, int64_t f, int64_t d) {
-  if (skip(state)) return;
-  if (config != -1 && !ops::cuda::fused_swiglu_available()) {
-    state.SkipWithError("fused GEMM + SwiGLU not available (CUTLASS build, Hopper)");
-    return;
-  }
-  ops::cuda::set_fused_swiglu(config >= 0);
-  if (config >= 0) ops::cuda::set_fused_swiglu_config(config);
-  Tensor x = rnd({n, d}, DType::BF16), gate = rnd({n, f}, DType::BF16), up = rnd({n, f}, DType::BF16);
-  Tensor h = Tensor::empty({n, f}, DType::BF16, Device::CUDA);
-  if (backward) {
-    Tensor w = rnd({d, f}, DType::BF16);  // W_down [d, f]
-    Tensor dg = Tensor::empty({n, f}, DType::BF16, Device::CUDA), du = Tensor::empty({n, f}, DType::BF16, Device::CUDA);
-    timed(state, [&] { ops::linear_swiglu_backward(x, w, gate, up, dg, du, h); });
-  } else if (config == -2) {
-    Tensor w = rnd({f, d}, DType::BF16);
-    timed(state, [&] { ops::cuda::fused_swiglu_baseline_gemm(x, w, up); });
-  } else {
-    Tensor w = rnd({f, d}, DType::BF16);  // W_up [f, d]
-    timed(state, [&] { ops::linear_swiglu_forward(x, w, gate, up, h); });
-  }
-  ops::cuda::set_fused_swiglu(true);
-  ops::cuda::set_fused_swiglu_config(0);
-  state.counters["TFLOP/s"] = benchmark::Counter(2.0 * n * f * d / 1e12, benchmark::Counter::kIsIterationInvariantRate);
-}
-
 void BM_cross_entropy(benchmark::State& state) {
   if (skip(state)) return;
   const int64_t rows = 4096;
@@ -219,27 +187,6 @@ BENCHMARK_CAPTURE(BM_attention, hd128_cudnnragged_bwd, B::Cudnn, true, kHd128, t
 BENCHMARK_CAPTURE(BM_rmsnorm, fwd, false)->UseManualTime()->Unit(benchmark::kMillisecond);
 BENCHMARK_CAPTURE(BM_rmsnorm, bwd, true)->UseManualTime()->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_swiglu)->UseManualTime()->Unit(benchmark::kMillisecond);
-// TinyLlama (n 16384, f 5632, d 2048), InternLM2 (f 8192), the 134M model (n 32768, f 2048, d 768)
-#define IEVO_BM_MLP1(name, dir, bwd, cfg, n, f, d) \
-  BENCHMARK_CAPTURE(BM_mlp_swiglu, name##_##dir, bwd, cfg, n, f, d)->UseManualTime()->Unit(benchmark::kMillisecond)
-#define IEVO_BM_MLP(name, n, f, d)                                                               \
-  BENCHMARK_CAPTURE(BM_matmul, name##_up, n, f, d, true)->UseManualTime()->Unit(benchmark::kMillisecond); \
-  IEVO_BM_MLP1(name, fwd_cutlass_plain, false, -2, n, f, d);                                      \
-  IEVO_BM_MLP1(name, fwd_unfused, false, -1, n, f, d);                                            \
-  IEVO_BM_MLP1(name, fwd_fused0, false, 0, n, f, d);                                              \
-  IEVO_BM_MLP1(name, fwd_fused1, false, 1, n, f, d);                                              \
-  IEVO_BM_MLP1(name, fwd_fused2, false, 2, n, f, d);                                              \
-  IEVO_BM_MLP1(name, fwd_fused3, false, 3, n, f, d);                                              \
-  IEVO_BM_MLP1(name, fwd_fused4, false, 4, n, f, d);                                              \
-  IEVO_BM_MLP1(name, bwd_unfused, true, -1, n, f, d);                                             \
-  IEVO_BM_MLP1(name, bwd_fused0, true, 0, n, f, d);                                               \
-  IEVO_BM_MLP1(name, bwd_fused1, true, 1, n, f, d);                                               \
-  IEVO_BM_MLP1(name, bwd_fused2, true, 2, n, f, d);                                               \
-  IEVO_BM_MLP1(name, bwd_fused3, true, 3, n, f, d);                                               \
-  IEVO_BM_MLP1(name, bwd_fused4, true, 4, n, f, d)
-IEVO_BM_MLP(tinyllama, kN, kF, kD);
-IEVO_BM_MLP(internlm2, kN, 8192, kD);
-IEVO_BM_MLP(llama134m, 32768, 2048, 768);
 BENCHMARK(BM_cross_entropy)->UseManualTime()->Unit(benchmark::kMillisecond);
 #else
 void BM_no_cuda(benchmark::State& state) {

@@ -146,9 +146,9 @@ void Llama::block_forward(const ParamStore& p, int layer, const Batch& b, const 
   // MLP branch (its down projection runs in the caller, inside the layer's hooks).
   a.n2 = mp_->gather_input(rmsnorm(a.a, p[L.ln2], c_.norm_eps, a.rstd2));
   a.gate = linear(a.n2, p[L.wg]);
-  a.up = Tensor::empty(a.gate.shape(), dt, dev);
+  a.up = linear(a.n2, p[L.wu]);
   a.h = Tensor::empty(a.gate.shape(), dt, dev);
-  linear_swiglu_forward(a.n2, p[L.wu], a.gate, a.up, a.h);  // up = n2 Wu^T, h = silu(gate) * up
+  swiglu_forward(a.gate, a.up, a.h);
 }
 
 // x + g(h W^T) for an output projection: one GEMM with the add in its epilogue when g is the
@@ -176,10 +176,9 @@ Tensor Llama::block_backward(const ParamStore& p, int layer, const Batch& b, con
   // backward allocates only dout and dq/dk/dv, none of the [N, F] buffers (peak memory).
   // out = a + Wd h: da = dy + (norm-backward of the MLP branch)
   Tensor dyg = mp_->gather_output_grad(dy);
-  matmul(dyg, true, a.h, false, g[L.wd], 1.0f, 1.0f);  // dWd += dy^T h
-  // dh = dy Wd through SwiGLU's backward (dh itself only in h's dead buffer, where unfused)
-  Tensor dgate = a.gate, dup = a.up, dh_scratch = a.h;
-  linear_swiglu_backward(dyg, p[L.wd], a.gate, a.up, dgate, dup, dh_scratch);
+  Tensor dh = weight_grads_then_input_grad(a.h, {{dyg, p[L.wd], g[L.wd]}});
+  Tensor dgate = a.gate, dup = a.up;
+  swiglu_backward(dh, a.gate, a.up, dgate, dup);
   Tensor dn2 = weight_grads_then_input_grad(a.n2, {{dgate, p[L.wg], g[L.wg]}, {dup, p[L.wu], g[L.wu]}});
   Tensor da = a.a;  // the norm's backward + dy (the residual path)
   rmsnorm_backward(mp_->reduce_input_grad(dn2), a.a, p[L.ln2], a.rstd2, da, g[L.ln2], dy);

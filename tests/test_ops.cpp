@@ -443,44 +443,6 @@ TEST(SwiGLU, ForwardAndBackward) {
   EXPECT_EQ(max_abs_diff(u2, du), 0.0);
 }
 
-// The up projection with SwiGLU (up = x Wu^T, out = silu(gate) up) and the down projection's
-// input gradient through it (dh = dy Wd, then SwiGLU's backward), against a direct loop and
-// finite differences of loss = <r, out Wd^T> in f64; in place (dgate/dup over gate/up) alike.
-TEST(SwiGLU, LinearForwardAndBackward) {
-  const int64_t N = 4, F = 6, D = 5;
-  Tensor x = random_tensor({N, D}, DType::F64, 65), wu = random_tensor({F, D}, DType::F64, 66);
-  Tensor g = random_tensor({N, F}, DType::F64, 67, -4, 4), wd = random_tensor({D, F}, DType::F64, 68);
-  Tensor up = Tensor::empty({N, F}, DType::F64), out = Tensor::empty({N, F}, DType::F64);
-  ops::linear_swiglu_forward(x, wu, g, up, out);
-  Tensor ref_up = Tensor::empty({N, F}, DType::F64), ref = Tensor::empty({N, F}, DType::F64);
-  for (int64_t i = 0; i < N; ++i)
-    for (int64_t j = 0; j < F; ++j) {
-      double acc = 0;
-      for (int64_t k = 0; k < D; ++k) acc += x.item(i * D + k) * wu.item(j * D + k);
-      const double gv = g.item(i * F + j);
-      ref_up.data<double>()[i * F + j] = acc;
-      ref.data<double>()[i * F + j] = gv / (1 + std::exp(-gv)) * acc;
-    }
-  EXPECT_LT(rel_l2(up, ref_up), 1e-14);
-  EXPECT_LT(rel_l2(out, ref), 1e-14);
-
-  Tensor r = random_tensor({N, D}, DType::F64, 69), y = Tensor::empty({N, D}, DType::F64);
-  auto loss = [&] {
-    ops::swiglu_forward(g, up, out);
-    ops::matmul(out, false, wd, true, y);
-    return dot_all(r, y);
-  };
-  Tensor dg = Tensor::empty({N, F}, DType::F64), du = Tensor::empty({N, F}, DType::F64);
-  Tensor scratch = Tensor::empty({N, F}, DType::F64);
-  ops::linear_swiglu_backward(r, wd, g, up, dg, du, scratch);
-  EXPECT_LT(rel_l2(dg, numeric_grad(g, loss)), kFdTol);
-  EXPECT_LT(rel_l2(du, numeric_grad(up, loss)), kFdTol);
-  Tensor g2 = g.clone(), u2 = up.clone();
-  ops::linear_swiglu_backward(r, wd, g2, u2, g2, u2, scratch);
-  EXPECT_EQ(max_abs_diff(g2, dg), 0.0);
-  EXPECT_EQ(max_abs_diff(u2, du), 0.0);
-}
-
 // -------------------------------------------------------------------------------- cross entropy
 
 TEST(CrossEntropy, ForwardMatchesNaiveWithIgnoredRows) {

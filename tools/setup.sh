@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Installs what ievo needs (Debian packages; the cuDNN frontend and CUTLASS headers from PyPI
-# when CUDA is present) and builds it into build/. Idempotent: a second run only rebuilds what changed.
+# Installs what ievo needs (Debian packages; the cuDNN frontend headers from PyPI when CUDA is
+# present) and builds it into build/. Idempotent: a second run only rebuilds what changed.
 #   IEVO_BUILD_DIR=build  IEVO_CUDA=AUTO|ON|OFF  IEVO_BUILD_TYPE=RelWithDebInfo
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -32,10 +32,6 @@ if [ "$CUDA_OPT" != "OFF" ] && command -v nvcc >/dev/null 2>&1 || [ -x /usr/loca
   if [ "$CUDA_OPT" != "OFF" ] && ! python3 -c "import cudnn, os, sys" >/dev/null 2>&1 && \
      ! [ -f tools/.cudnn_frontend_include ]; then
     python3 -m pip install -q nvidia-cudnn-frontend >/dev/null 2>&1 || echo "setup: nvidia-cudnn-frontend not installed (cuDNN attention off)"
-  fi
-  # CUTLASS headers (the fused GEMM + SwiGLU kernels) ship in PyPI's nvidia-cutlass; install once.
-  if [ "$CUDA_OPT" != "OFF" ] && ! python3 -c "import importlib.util as u, sys; sys.exit(u.find_spec('cutlass_library') is None)" >/dev/null 2>&1; then
-    python3 -m pip install -q "nvidia-cutlass==4.2.0.0" >/dev/null 2>&1 || echo "setup: nvidia-cutlass not installed (fused GEMM + SwiGLU off)"
   fi
 fi
 

@@ -17,8 +17,7 @@
 # (blocks|full|none), PEER_SDPA (flash|cudnn|default), CKPT_VARIANTS ("full selective") on
 # CKPT_MODELS (tinyllama-1.1b), AUTOTUNE_OFF_MODELS (ievo with IEVO_GEMM_AUTOTUNE=0), WHEEL_BLAS_MODELS
 # (ievo with the cuBLAS of PyTorch's wheel), PEER_CUDNN_MODELS (the peer with cuDNN SDPA),
-# DENSE_OFF_MODELS (ievo with IEVO_CUDNN_ATTN_DENSE=0), FUSED_OFF_MODELS (ievo with
-# IEVO_FUSED_SWIGLU=0: GEMM + SwiGLU kernel instead of the fused CUTLASS GEMMs), IEVO_TIMEOUT / PEER_TIMEOUT (seconds per run), OUT.
+# DENSE_OFF_MODELS (ievo with IEVO_CUDNN_ATTN_DENSE=0), IEVO_TIMEOUT / PEER_TIMEOUT (seconds per run), OUT.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/ievo_compare}
@@ -101,7 +100,6 @@ for v in $CKPT_VARIANTS; do
 done
 # cuDNN attention's ragged graphs instead of its dense ones (runtime/cuda/cudnn_attention.cpp).
 for m in ${DENSE_OFF_MODELS-}; do variant dense_off "$m" IEVO_CUDNN_ATTN_DENSE=0 --; done
-for m in ${FUSED_OFF_MODELS-}; do variant fused_off "$m" IEVO_FUSED_SWIGLU=0 --; done
 # The peer with PyTorch's cuDNN SDPA backend instead of flash (a stronger yardstick).
 for m in ${PEER_CUDNN_MODELS-}; do
   run "peer_${m}_sdpa_cudnn" "${PEER_TIMEOUT:-300}" python3 bench/peer/llama_peer.py --config "configs/$m.yaml" \

@@ -42,20 +42,6 @@ void attention_backward(const Tensor& dout, const Tensor& q, const Tensor& k, co
 void swiglu_forward(const Tensor& gate, const Tensor& up, Tensor& out);
 void swiglu_backward(const Tensor& dout, const Tensor& gate, const Tensor& up, Tensor& dgate,
                      Tensor& dup);
-// The fused GEMM + SwiGLU of swiglu.h when it can run here (bf16, Hopper, CUTLASS build, aligned
-// operands, not switched off): true when it ran, false (nothing done) for the unfused path.
-bool linear_swiglu_forward(const Tensor& x, const Tensor& w_up, const Tensor& gate, Tensor& up,
-                           Tensor& out);
-bool linear_swiglu_backward(const Tensor& dy, const Tensor& w_down, const Tensor& gate,
-                            const Tensor& up, Tensor& dgate, Tensor& dup);
-// Whether the fused kernels exist in this build and run on this GPU; set_fused_swiglu(false)
-// (IEVO_FUSED_SWIGLU=0 at start) makes the calls above return false (A/B runs, tests).
-bool fused_swiglu_available();
-void set_fused_swiglu(bool on);
-void set_fused_swiglu_config(int config);  // swiglu_gemm.h's tile configuration (benchmarks)
-// out = x W^T through the fused kernels' mainloop with a plain epilogue (swiglu_gemm::plain_gemm,
-// a benchmark baseline); false where not available.
-bool fused_swiglu_baseline_gemm(const Tensor& x, const Tensor& w, Tensor& out);
 
 double cross_entropy_forward(const Tensor& logits, const Tensor& targets, Tensor& losses,
                              int64_t* count);

@@ -8,7 +8,6 @@
 
 #include "runtime/ops/cpu_common.h"
 #include "runtime/ops/cuda_ops.h"
-#include "runtime/ops/matmul.h"
 
 namespace ievo::ops {
 namespace {
@@ -66,24 +65,6 @@ void swiglu_backward(const Tensor& dout, const Tensor& gate, const Tensor& up, T
       du[i] = d * (x * sig);
     }
   });
-}
-
-void linear_swiglu_forward(const Tensor& x, const Tensor& w_up, const Tensor& gate, Tensor& up,
-                           Tensor& out) {
-#ifdef IEVO_CUDA
-  if (!x.is_cpu() && cuda::linear_swiglu_forward(x, w_up, gate, up, out)) return;
-#endif
-  matmul(x, false, w_up, true, up);
-  swiglu_forward(gate, up, out);
-}
-
-void linear_swiglu_backward(const Tensor& dy, const Tensor& w_down, const Tensor& gate,
-                            const Tensor& up, Tensor& dgate, Tensor& dup, Tensor& scratch) {
-#ifdef IEVO_CUDA
-  if (!dy.is_cpu() && cuda::linear_swiglu_backward(dy, w_down, gate, up, dgate, dup)) return;
-#endif
-  matmul(dy, false, w_down, false, scratch);
-  swiglu_backward(scratch, gate, up, dgate, dup);
 }
 
 }  // namespace ievo::ops
