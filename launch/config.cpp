@@ -77,6 +77,9 @@ const Key kKeys[] = {
     {"model.checkpointing", F(model.checkpointing), Need::No,
      "activation recomputation: none, full (whole block) or selective (norms + SwiGLU product)",
      "none|full|selective"},
+    {"model.head_chunk_tokens", F(model.head_chunk_tokens), Need::No,
+     "tokens the fused LM head + loss takes at once (logits [chunk, V] live at a time); 0: the "
+     "largest power of two >= 1024 with at most 2^27 logits"},
     {"data.paths", F(data.paths), Need::UnlessSynthetic,
      "dataset prefixes (PREFIX.bin / PREFIX.idx, Megatron indexed format)"},
     {"data.weights", F(data.weights), Need::No,
@@ -191,7 +194,8 @@ bool is_section(const std::string& prefix) {
 // model.* keys that describe the architecture; with model.init_from_hf they come from config.json.
 bool from_hf(const Key& k) {
   const std::string n = k.name;
-  return n.starts_with("model.") && n != "model.init_from_hf" && n != "model.checkpointing";
+  return n.starts_with("model.") && n != "model.init_from_hf" && n != "model.checkpointing" &&
+         n != "model.head_chunk_tokens";
 }
 
 size_t edit_distance(const std::string& a, const std::string& b) {
@@ -526,6 +530,8 @@ class Loader {
       IEVO_FAIL(e.what(), " (", where.empty() ? file_ : where, ")");
     }
     check(m.init_std >= 0, "model.init_std", "must be >= 0, got ", m.init_std);
+    check(c.model.head_chunk_tokens >= 0, "model.head_chunk_tokens", "must be >= 0 (0: automatic), got ",
+          c.model.head_chunk_tokens);
     check(c.data.seq_len <= m.max_position_embeddings, "data.seq_len", c.data.seq_len,
           " exceeds model.max_position_embeddings (", m.max_position_embeddings, ")");
 

@@ -22,6 +22,7 @@ struct ModelSection {
   std::string init_from_hf;  // HF directory; when set the architecture comes from its config.json
   ModelConfig model;         // arch, sizes, rope_theta, norm_eps, tie_embeddings, init_std
   std::string checkpointing = "none";  // none | full | selective
+  int64_t head_chunk_tokens = 0;       // LM head tokens at once; 0: Llama's default
 };
 
 struct DataConfig {

@@ -152,6 +152,7 @@ class Trainer {
         : cfg_.model.checkpointing == "selective" ? Recompute::Selective
                                                   : Recompute::None,
         shard_, parallel_.get());
+    if (cfg_.model.head_chunk_tokens > 0) model_->head_chunk_tokens = cfg_.model.head_chunk_tokens;
     // Weights, gradients and AdamW state, replicated or sharded over the data-parallel ranks.
     // Slices that several tensor ranks hold count once in the gradient norm; partial gradients
     // of replicated slices are summed over the tensor group before the data-parallel reduction.

@@ -174,6 +174,9 @@ TEST(Config, InvalidEnumValues) {
   EXPECT_HAS(m, "model.arch: invalid value 'mistral' (expected one of: llama,internlm2) (--set model.arch)");
   m = error_of([&] { load_config_string(kBase, "x.yaml", {"model.checkpointing=some"}); });
   EXPECT_HAS(m, "model.checkpointing: invalid value 'some'");
+  m = error_of([&] { load_config_string(kBase, "x.yaml", {"model.head_chunk_tokens=-1"}); });
+  EXPECT_HAS(m, "model.head_chunk_tokens");
+  EXPECT_HAS(m, "must be >= 0");
 }
 
 TEST(Config, SetOverrides) {
@@ -245,7 +248,8 @@ TEST(Config, ToYamlRoundTrip) {
                                  "optim.lr=1.2345678901234567e-3", "optim.min_lr=1e-5",
                                  "run.dir=''", "model.arch=internlm2", "model.head_dim=32",
                                  "model.rope_theta=500000", "schedule.kind=wsd",
-                                 "run.seed=42", "model.checkpointing=selective"});
+                                 "run.seed=42", "model.checkpointing=selective",
+                                 "model.head_chunk_tokens=512"});
   const std::string y = config_to_yaml(a);
   SCOPED_TRACE(y);
   EXPECT_HAS(y, "\ntrain:\n  steps: 10 ");
@@ -264,6 +268,7 @@ TEST(Config, ToYamlRoundTrip) {
   EXPECT_EQ(b.model.model.num_kv_heads, 4);
   EXPECT_EQ(b.run.seed, 42u);
   EXPECT_EQ(b.model.checkpointing, "selective");
+  EXPECT_EQ(b.model.head_chunk_tokens, 512);
   // Every key of the schema is written.
   for (const auto& k : config_schema()) {
     std::string leaf = k.key.substr(k.key.find('.') + 1);

@@ -37,7 +37,7 @@ struct Result {
   int64_t peak = 0;   // allocator peak above the live bytes at the start of forward_backward
 };
 
-Result run(Recompute mode) {
+Result run(Recompute mode, int64_t head_chunk_tokens = 0) {
   const ModelConfig c = model();
   ParamStore p(param_specs(c), DType::F32, Device::CPU);
   init_params(c, p, 3);
@@ -51,6 +51,7 @@ Result run(Recompute mode) {
   }
   const Batch b = make_batch(rows, kB, kT);
   Llama m(c, mode);
+  if (head_chunk_tokens > 0) m.head_chunk_tokens = head_chunk_tokens;  // model.head_chunk_tokens
   Allocator& a = allocator(Device::CPU);
   const int64_t live = a.stats().live_bytes;
   a.reset_peak();
@@ -82,4 +83,16 @@ TEST(Recompute, FullAndSelectiveMatchNoneAndSaveMemory) {
   EXPECT_GE(none.peak - sel.peak, dropped) << "none " << none.peak << " selective " << sel.peak;
   // Full keeps only each block's input.
   EXPECT_LT(full.peak, sel.peak) << "full " << full.peak << " selective " << sel.peak;
+}
+
+// model.head_chunk_tokens: the fused head + loss in chunks of 8, 40 (a partial last chunk) or 128
+// of the 128 tokens gives the loss and gradients of the default (one chunk here).
+TEST(Recompute, HeadChunkSizeDoesNotChangeResults) {
+  const Result ref = run(Recompute::None);
+  for (int64_t chunk : {8, 40, 128}) {
+    const Result r = run(Recompute::None, chunk);
+    EXPECT_EQ(r.count, ref.count) << chunk;
+    EXPECT_NEAR(r.loss, ref.loss, 1e-6 * std::abs(ref.loss)) << chunk;
+    EXPECT_LE(test::rel_l2(r.grads, ref.grads), 1e-6) << chunk;
+  }
 }

@@ -17,7 +17,8 @@
 # (blocks|full|none), PEER_SDPA (flash|cudnn|default), CKPT_VARIANTS ("full selective") on
 # CKPT_MODELS (tinyllama-1.1b), AUTOTUNE_OFF_MODELS (ievo with IEVO_GEMM_AUTOTUNE=0), WHEEL_BLAS_MODELS
 # (ievo with the cuBLAS of PyTorch's wheel), PEER_CUDNN_MODELS (the peer with cuDNN SDPA),
-# DENSE_OFF_MODELS (ievo with IEVO_CUDNN_ATTN_DENSE=0), IEVO_TIMEOUT / PEER_TIMEOUT (seconds per run), OUT.
+# DENSE_OFF_MODELS (ievo with IEVO_CUDNN_ATTN_DENSE=0), HEAD_CHUNK_VARIANTS ("MODEL:TOKENS ...",
+# ievo with --set model.head_chunk_tokens=TOKENS), IEVO_TIMEOUT / PEER_TIMEOUT (seconds per run), OUT.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/ievo_compare}
@@ -100,6 +101,10 @@ for v in $CKPT_VARIANTS; do
 done
 # cuDNN attention's ragged graphs instead of its dense ones (runtime/cuda/cudnn_attention.cpp).
 for m in ${DENSE_OFF_MODELS-}; do variant dense_off "$m" IEVO_CUDNN_ATTN_DENSE=0 --; done
+# The LM head + loss in chunks of another size (models/llama.h head_chunk_tokens).
+for mc in ${HEAD_CHUNK_VARIANTS-}; do
+  variant "head_chunk_${mc#*:}" "${mc%%:*}" -- --set "model.head_chunk_tokens=${mc#*:}"
+done
 # The peer with PyTorch's cuDNN SDPA backend instead of flash (a stronger yardstick).
 for m in ${PEER_CUDNN_MODELS-}; do
   run "peer_${m}_sdpa_cudnn" "${PEER_TIMEOUT:-300}" python3 bench/peer/llama_peer.py --config "configs/$m.yaml" \
