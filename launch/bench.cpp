@@ -5,7 +5,6 @@
 #include <algorithm>
 #include <cstdio>
 #include <filesystem>
-#include <fstream>
 #include <string>
 
 #include <CLI/CLI.hpp>
@@ -13,6 +12,7 @@
 #include "launch/bench_comm.h"
 #include "launch/config.h"
 #include "launch/trainer.h"
+#include "models/atomic_file.h"
 #include "parallel/topology.h"
 #include "runtime/allocator.h"
 #include "runtime/error.h"
@@ -250,11 +250,7 @@ std::pair<CLI::App*, std::function<void()>> add_bench_command(CLI::App& app) {
       ->group(g)->check(CLI::PositiveNumber);
   cmd->add_option("--comm-iters", c->o.iters, "timed calls per size (20)")->group(g)->check(CLI::PositiveNumber);
   auto write_json = [](const std::string& path, const nlohmann::json& j) {
-    if (path.empty() || world_rank() != 0) return;
-    std::ofstream f(path);
-    IEVO_CHECK(f.good(), "ievo bench: cannot write --json ", path);
-    f << j.dump(2) << "\n";
-    IEVO_CHECK(f.good(), "ievo bench: writing --json ", path, " failed");
+    if (!path.empty() && world_rank() == 0) write_file_atomic(path, j.dump(2) + "\n");
   };
   auto run = [o, c, write_json] {
     if (c->on) {

@@ -5,6 +5,7 @@
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 
+#include "models/atomic_file.h"
 #include "runtime/error.h"
 
 namespace ievo {
@@ -208,10 +209,7 @@ std::string perf_report(const Config& cfg, int dp, const PerfOptions& o) {
                               {"tokens_per_s", e.tokens_per_s},
                               {"tokens_per_s_per_gpu", e.tokens_per_s / static_cast<double>(gpus)},
                               {"mfu", e.mfu}};
-    std::ofstream f(o.json);
-    IEVO_CHECK(f.good(), "--json: cannot write ", o.json);
-    f << j.dump(2) << "\n";
-    IEVO_CHECK(f.good(), "--json: writing ", o.json, " failed");
+    write_file_atomic(o.json, j.dump(2) + "\n");
   }
   return format_estimate(in, hw, e);
 }
