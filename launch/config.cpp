@@ -117,6 +117,9 @@ const Key kKeys[] = {
     {"optim.beta2", F(optim.beta2), Need::No, "AdamW second-moment decay"},
     {"optim.eps", F(optim.eps), Need::No, "AdamW epsilon"},
     {"optim.grad_clip", F(optim.grad_clip), Need::No, "clip the global gradient L2 norm; 0: off"},
+    {"optim.param_remainders", F(optim.param_remainders), Need::No,
+     "bf16: keep the f32 master weights as 16-bit remainders beside the bf16 weights (2 bytes a "
+     "parameter less, the same master bit for bit)"},
     {"schedule.kind", F(schedule.kind), Need::No, "learning-rate schedule after warmup",
      "constant|cosine|linear|wsd"},
     {"schedule.warmup_steps", F(schedule.warmup_steps), Need::No,

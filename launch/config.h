@@ -50,6 +50,8 @@ struct TrainConfig {
 struct OptimConfig {
   double lr = 3e-4, min_lr = 0.0, weight_decay = 0.1, beta1 = 0.9, beta2 = 0.95, eps = 1e-8;
   double grad_clip = 1.0;  // 0: no clipping
+  // bf16: the f32 master weights kept as 16-bit remainders of the bf16 weights (ZeroConfig)
+  bool param_remainders = true;
 };
 
 struct ScheduleConfig {

@@ -139,6 +139,7 @@ std::string dry_run_report(const Config& cfg) {
   in.model = m;
   in.dp = topo.dp();
   in.zero = ZeroConfig{static_cast<int>(cfg.parallel.zero), cfg.parallel.bucket_mb};
+  in.zero.param_remainders = cfg.optim.param_remainders;
   in.compute = t.precision == "bf16" ? DType::BF16 : t.precision == "fp16" ? DType::F16 : DType::F32;
   in.micro_batch_size = t.micro_batch_size;
   in.seq_len = cfg.data.seq_len;

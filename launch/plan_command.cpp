@@ -45,6 +45,7 @@ std::pair<CLI::App*, std::function<void()>> add_plan_command(CLI::App& app) {
     in.model = cfg.model.model;
     in.dp = o->dp;
     in.zero = ZeroConfig{static_cast<int>(cfg.parallel.zero), cfg.parallel.bucket_mb};
+    in.zero.param_remainders = cfg.optim.param_remainders;
     in.compute = cfg.train.precision == "bf16"   ? DType::BF16
                  : cfg.train.precision == "fp16" ? DType::F16
                                                  : DType::F32;

@@ -157,6 +157,7 @@ class Trainer {
     // Slices that several tensor ranks hold count once in the gradient norm; partial gradients
     // of replicated slices are summed over the tensor group before the data-parallel reduction.
     ZeroConfig zc{static_cast<int>(cfg_.parallel.zero), cfg_.parallel.bucket_mb, {}, {}, {}};
+    zc.param_remainders = cfg_.optim.param_remainders;
     if (topo_.tp() > 1) {
       ReplicaGradients rg = replica_gradients(mc_, shard_, seq, *tp_comm_);
       zc.deferred = rg.deferred;

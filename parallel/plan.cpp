@@ -101,11 +101,15 @@ void transients(const ZeroLayout& L, const std::vector<HookLayerParams>& layers,
   }
 }
 
-const char* stage_formula(int stage, bool mixed) {
+const char* stage_formula(int stage, bool mixed, bool remainders) {
   static const char* mixed_f[] = {"2Ψ + 2Ψ + 12Ψ", "2Ψ + 2Ψ + 12Ψ/N", "2Ψ + 14Ψ/N", "16Ψ/N"};
+  static const char* rem_f[] = {"2Ψ + 2Ψ + 10Ψ", "2Ψ + 2Ψ + 10Ψ/N", "2Ψ + 12Ψ/N", "14Ψ/N"};
   static const char* fp32_f[] = {"4Ψ + 4Ψ + 8Ψ", "4Ψ + 4Ψ + 8Ψ/N", "4Ψ + 12Ψ/N", "16Ψ/N"};
-  return (mixed ? mixed_f : fp32_f)[stage];
+  return (!mixed ? fp32_f : remainders ? rem_f : mixed_f)[stage];
 }
+
+// ZeroConfig::param_remainders applies to bf16 compute only.
+bool uses_remainders(const PlanInput& in) { return in.compute == DType::BF16 && in.zero.param_remainders; }
 
 }  // namespace
 
@@ -128,12 +132,13 @@ double bytes_per_element(const std::string& name, const char* what) {
   IEVO_FAIL(what, ": unknown precision '", name, "' (expected fp32, bf16, fp16, fp8, int8 or int4)");
 }
 
-ZeroMemory zero_formula(int64_t psi, int dp, int stage, DType compute) {
+ZeroMemory zero_formula(int64_t psi, int dp, int stage, DType compute, bool param_remainders) {
   IEVO_CHECK(stage >= 0 && stage <= 3, "parallel.zero: unknown ZeRO stage ", stage,
              " (expected 0, 1, 2 or 3)");
   const bool mixed = !(compute == DType::F32 || compute == DType::F64);
   const int64_t w = static_cast<int64_t>(dtype_size(compute));  // weights and gradients
-  const int64_t k = mixed ? 12 : 2 * w;                          // optimiser state per parameter
+  // Optimiser state per parameter: f32 master + m + v (12), the master as bf16 remainders (10).
+  const int64_t k = !mixed ? 2 * w : compute == DType::BF16 && param_remainders ? 10 : 12;
   const double n = dp;
   ZeroMemory m;
   m.params = static_cast<int64_t>(stage == 3 ? w * psi / n : w * psi);
@@ -173,8 +178,8 @@ Plan make_plan(const PlanInput& in) {
   p.psi = L.numel;
   p.psi_global = in.model.num_params();
   for (const ParamSpec& s : specs) (s.split_dim < 0 ? p.replicated : p.sharded) += shape_numel(s.shape);
-  p.exact = zero_memory(L, in.zero.stage, in.compute);
-  p.formula = zero_formula(p.psi, in.dp, in.zero.stage, in.compute);
+  p.exact = zero_memory(L, in.zero.stage, in.compute, in.zero.param_remainders);
+  p.formula = zero_formula(p.psi, in.dp, in.zero.stage, in.compute, in.zero.param_remainders);
   p.padding_elements = L.full_numel - L.numel;
   transients(L, layers, in.zero.stage, in.compute, &p.transient_params, &p.transient_grads);
   p.activations = activation_bytes(in, block_sets, shard.last);
@@ -205,8 +210,11 @@ std::string format_plan(const PlanInput& in, const Plan& p) {
                 static_cast<long long>(m.num_heads), static_cast<long long>(m.num_kv_heads),
                 static_cast<long long>(m.ffn_hidden_size), static_cast<long long>(m.vocab_size));
   o << head;
-  o << "training: " << (mixed ? "mixed precision (" + std::string(wname) + " weights/gradients, fp32 master + Adam)"
-                              : std::string("fp32"))
+  const bool rem = uses_remainders(in);
+  o << "training: "
+    << (!mixed ? std::string("fp32")
+               : "mixed precision (" + std::string(wname) + " weights/gradients, " +
+                     (rem ? "fp32 master as the weights + 16-bit remainders" : "fp32 master") + " + Adam)")
     << ", ZeRO-" << s << " over dp = N = " << in.dp << ", bucket " << in.zero.bucket_mb << " MiB\n";
   if (in.tp > 1 || in.sp > 1) {
     char tpl[512];
@@ -245,8 +253,9 @@ std::string format_plan(const PlanInput& in, const Plan& p) {
       std::string(wname) + ", " + (s == 3 ? shard : full) + (mixed ? "" : ", also the master"));
   row("gradients", p.exact.grads, p.formula.grads, std::string(wname) + ", " + (s >= 2 ? shard : full));
   row("optimizer state", p.exact.optimizer, p.formula.optimizer,
-      std::string(mixed ? "fp32 master + m + v" : "fp32 m + v") + ", " + (s >= 1 ? shard : full));
-  row("model states", p.exact.total(), p.formula.total(), stage_formula(s, mixed));
+      std::string(!mixed ? "fp32 m + v" : rem ? "i16 master remainders + fp32 m + v" : "fp32 master + m + v") +
+          ", " + (s >= 1 ? shard : full));
+  row("model states", p.exact.total(), p.formula.total(), stage_formula(s, mixed, rem));
   char buf[512];
   std::snprintf(buf, sizeof buf, "  (padding: %lld elements = %.3f%% of Ψ)\n",
                 static_cast<long long>(p.padding_elements),

@@ -5,6 +5,8 @@
 //   mixed precision (bf16 weights and gradients, fp32 master weights + Adam m, v: K = 12):
 //     stage 0: 2Ψ + 2Ψ + 12Ψ = 16Ψ      stage 1: 2Ψ + 2Ψ + 12Ψ/N
 //     stage 2: 2Ψ + (2 + 12)Ψ/N          stage 3: (2 + 2 + 12)Ψ/N = 16Ψ/N
+//   the same with the master kept as 16-bit remainders beside the bf16 weights
+//   (optim.param_remainders: K = 2 + 4 + 4 = 10): 14Ψ at stage 0, ..., 14Ψ/N at stage 3
 //   fp32 (the weights are the master weights, no second copy: params 4Ψ, grads 4Ψ, K = 8):
 //     stage 0: 4Ψ + 4Ψ + 8Ψ = 16Ψ        stage 1: 4Ψ + 4Ψ + 8Ψ/N
 //     stage 2: 4Ψ + (4 + 8)Ψ/N           stage 3: (4 + 4 + 8)Ψ/N = 16Ψ/N
@@ -103,7 +105,7 @@ Recompute recompute_mode(const std::string& checkpointing);
 const char* recompute_name(Recompute r);
 
 // The formula rows of the table above, in bytes.
-ZeroMemory zero_formula(int64_t psi, int dp, int stage, DType compute);
+ZeroMemory zero_formula(int64_t psi, int dp, int stage, DType compute, bool param_remainders = false);
 Plan make_plan(const PlanInput& in);
 std::string format_plan(const PlanInput& in, const Plan& p);
 // "fp32" 4, "bf16"/"fp16" 2, "int8"/"fp8" 1, "int4" 0.5; anything else is an error naming `what`.

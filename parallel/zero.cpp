@@ -92,14 +92,15 @@ ZeroLayout make_zero_layout(const std::vector<ParamSpec>& specs,
                           std::max<int64_t>(1, static_cast<int64_t>(elems)), zc.stage == 3, zc.deferred);
 }
 
-ZeroMemory zero_memory(const ZeroLayout& L, int stage, DType compute) {
+ZeroMemory zero_memory(const ZeroLayout& L, int stage, DType compute, bool param_remainders) {
   const bool master_is_weights = compute == DType::F32 || compute == DType::F64;
   const int64_t cs = static_cast<int64_t>(dtype_size(compute));
-  const int64_t ms = master_is_weights ? cs : 4;
+  const int64_t ms = master_is_weights ? cs : 4;  // the moments' (and f32 master's) element size
+  const int64_t master = master_is_weights ? 0 : compute == DType::BF16 && param_remainders ? 2 : 4;
   ZeroMemory m;
   m.params = (stage == 3 ? L.shard_numel : L.full_numel) * cs;
   m.grads = (stage >= 2 ? L.shard_numel + L.deferred_numel : L.full_numel) * cs;
-  m.optimizer = L.shard_numel * ms * (master_is_weights ? 2 : 3);
+  m.optimizer = L.shard_numel * (2 * ms + master);
   return m;
 }
 
@@ -111,6 +112,7 @@ ZeroOptimizer::ZeroOptimizer(std::vector<ParamSpec> specs, std::vector<HookLayer
   layout_ = make_zero_layout(specs_, layers_, zc_, dp_.size(), compute_);
   master_is_weights_ = compute_ == DType::F32 || compute_ == DType::F64;
   master_dtype_ = master_is_weights_ ? compute_ : DType::F32;
+  remainders_ = compute_ == DType::BF16 && zc_.param_remainders;
   shard_rank_ = layout_.shards == 1 ? 0 : dp_.rank();
   overlap_ = zc_.overlap == ZeroConfig::Overlap::On ||
              (zc_.overlap == ZeroConfig::Overlap::Auto && device_ == Device::CUDA);
@@ -166,7 +168,8 @@ ZeroOptimizer::ZeroOptimizer(std::vector<ParamSpec> specs, std::vector<HookLayer
       }
     }
   }
-  if (!master_is_weights_) master_ = Tensor::zeros({layout_.shard_numel}, master_dtype_, device_);
+  if (!master_is_weights_)
+    master_ = Tensor::zeros({layout_.shard_numel}, remainders_ ? DType::I16 : master_dtype_, device_);
   m_ = Tensor::zeros({layout_.shard_numel}, master_dtype_, device_);
   v_ = Tensor::zeros({layout_.shard_numel}, master_dtype_, device_);
 
@@ -215,7 +218,19 @@ Tensor ZeroOptimizer::weight_piece(int b) {
   return zc_.stage <= 2 ? full_piece(full_w_, b) : shard_piece(shard_w_, b);
 }
 Tensor ZeroOptimizer::master_piece(int b) {
+  IEVO_CHECK(!remainders_, "ZeRO: the master is kept as remainders (master_copy)");
   return master_is_weights_ ? weight_piece(b) : shard_piece(master_, b);
+}
+Tensor ZeroOptimizer::master_copy(int b, int64_t start, int64_t len, Device where) {
+  if (!remainders_) return master_piece(b).slice(0, start, start + len);
+  Tensor w = weight_piece(b).slice(0, start, start + len), r = shard_piece(master_, b).slice(0, start, start + len);
+  if (where != device_) {
+    w = w.to(where);
+    r = r.to(where);
+  }
+  Tensor out = Tensor::empty({w.numel()}, DType::F32, where);
+  ops::join_master(w, r, out);
+  return out;
 }
 Tensor ZeroOptimizer::grad_piece(int b) {
   return zc_.stage <= 1 ? full_piece(full_g_, b) : shard_piece(shard_g_, b);
@@ -260,11 +275,23 @@ void ZeroOptimizer::load_state(const ParamStore& master, const ParamStore* exp_a
     Tensor tmp = Tensor::empty({B.padded}, master_dtype_, device_);
     Tensor own = tmp.slice(0, shard_rank_ * B.piece, (shard_rank_ + 1) * B.piece);
     fill_bucket(tmp, master, b);
-    if (zc_.stage <= 2)
+    if (remainders_) {  // every rank rounds the whole bucket alike; keeps its piece's remainders
+      Tensor rem = Tensor::empty({B.padded}, DType::I16, device_);
+      Tensor w = zc_.stage <= 2 ? full_w_.slice(0, B.full_offset, B.full_offset + B.padded) : Tensor();
+      if (zc_.stage <= 2) {
+        ops::split_master(tmp, w, rem);
+      } else {
+        w = Tensor::empty({B.padded}, compute_, device_);
+        ops::split_master(tmp, w, rem);
+        shard_piece(shard_w_, b).copy_from(w.slice(0, shard_rank_ * B.piece, (shard_rank_ + 1) * B.piece));
+      }
+      shard_piece(master_, b).copy_from(rem.slice(0, shard_rank_ * B.piece, (shard_rank_ + 1) * B.piece));
+    } else if (zc_.stage <= 2) {
       assign(full_w_.slice(0, B.full_offset, B.full_offset + B.padded), tmp);  // every rank: all
-    else
+    } else {
       assign(shard_piece(shard_w_, b), own);
-    if (!master_is_weights_) assign(shard_piece(master_, b), own);
+    }
+    if (!master_is_weights_ && !remainders_) assign(shard_piece(master_, b), own);
     for (auto [store, dst] : {std::pair{exp_avg, &m_}, std::pair{exp_avg_sq, &v_}}) {
       Tensor piece = shard_piece(*dst, b);
       if (store) {
@@ -285,7 +312,7 @@ void ZeroOptimizer::gather_state(ParamStore* master, ParamStore* exp_avg, ParamS
   for (size_t bi = 0; bi < layout_.buckets.size(); ++bi) {
     const int b = static_cast<int>(bi);
     const ZeroBucket& B = layout_.buckets[b];
-    for (auto [store, piece] : {std::pair{master, master_piece(b)}, std::pair{exp_avg, shard_piece(m_, b)},
+    for (auto [store, piece] : {std::pair{master, master_copy(b, 0, B.piece, device_)}, std::pair{exp_avg, shard_piece(m_, b)},
                                 std::pair{exp_avg_sq, shard_piece(v_, b)}}) {
       Tensor full = piece;  // one shard: the piece is the whole bucket
       if (layout_.shards > 1) {
@@ -610,8 +637,14 @@ void ZeroOptimizer::step(double lr, double grad_scale) {
     h.step = t_;
     h.grad_scale = grad_scale;
     auto part = [&](Tensor piece) { return piece.slice(0, s.start, s.start + s.len); };
-    Tensor p = part(master_piece(s.bucket)), g = part(grad_piece(s.bucket));
+    Tensor g = part(grad_piece(s.bucket));
     Tensor m = part(shard_piece(m_, s.bucket)), v = part(shard_piece(v_, s.bucket));
+    if (remainders_) {
+      Tensor w = part(weight_piece(s.bucket)), r = part(shard_piece(master_, s.bucket));
+      ops::adamw_step_remainder(w, r, g, m, v, h);
+      continue;
+    }
+    Tensor p = part(master_piece(s.bucket));
     if (master_is_weights_) {
       ops::adamw_step(p, g, m, v, h);
     } else {

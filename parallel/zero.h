@@ -37,7 +37,9 @@
 // weights() and grads() (the model calls the LayerHooks); finish_gradients() -> global squared
 // norm; step().
 // With fp32 compute the master weights are the weights themselves (no second copy); with bf16
-// the master is an f32 shard and the weights are rewritten from it (then all-gathered).
+// the master is an f32 shard and the weights are rewritten from it (then all-gathered), or, with
+// ZeroConfig::param_remainders, an i16 shard of remainders that with the weights' own bits make
+// the f32 master (the weights are then the master's upper half, rounded).
 #pragma once
 #include <cstdint>
 #include <deque>
@@ -77,6 +79,11 @@ struct ZeroConfig {
   // layer's weights (order: forward 0..L+1, backward L+1..0) while the current one computes.
   enum class Overlap { Auto, Off, On };
   Overlap overlap = Overlap::Auto;
+  // bf16 compute only: keep the master weights as 16-bit remainders beside the bf16 weights
+  // (ops::adamw_step_remainder; TransformerEngine's store_param_remainders) instead of an f32
+  // copy: the same f32 master bit for bit, 2 bytes a parameter less. The weights are then the
+  // master rounded to nearest with ties away from zero (ties to even without).
+  bool param_remainders = false;
 };
 
 struct ZeroBucket {
@@ -116,14 +123,15 @@ ZeroLayout make_zero_layout(const std::vector<ParamSpec>& specs,
 struct ZeroMemory {
   int64_t params = 0;     // weights in the compute dtype (with fp32 compute: also the master)
   int64_t grads = 0;
-  int64_t optimizer = 0;  // separate master copy (bf16 compute) + Adam moments
+  int64_t optimizer = 0;  // separate master copy (bf16 compute: f32, or i16 remainders) + Adam moments
   int64_t peak_gathered_params = 0;  // stage 3: most gathered weight bytes alive at once
   int64_t peak_grad_buckets = 0;     // stages 2-3: most gradient bucket bytes alive at once
   int64_t total() const { return params + grads + optimizer; }
 };
 // The same numbers from the layout alone (what `ievo plan` prints; transient peaks not included;
 // stages 2-3 gradients include the whole deferred buckets).
-ZeroMemory zero_memory(const ZeroLayout& layout, int stage, DType compute);
+// param_remainders: ZeroConfig's (only bf16 compute uses it).
+ZeroMemory zero_memory(const ZeroLayout& layout, int stage, DType compute, bool param_remainders = false);
 
 // What the overlap did (counts since construction).
 struct ZeroOverlapStats {
@@ -217,7 +225,10 @@ class ZeroOptimizer final : public LayerHooks {
   };
   Tensor full_piece(Tensor& full, int b);   // this rank's piece of bucket b in a full buffer
   Tensor shard_piece(Tensor& shard, int b); // ... in a shard buffer
-  Tensor master_piece(int b);
+  Tensor master_piece(int b);               // f32 or f64 (not with remainders_)
+  // Elements [start, start + len) of this rank's master piece of bucket b in f32/f64: a view, or
+  // with remainders_ joined into a new tensor on `where`.
+  Tensor master_copy(int b, int64_t start, int64_t len, Device where);
   Tensor grad_piece(int b);
   Tensor weight_piece(int b);               // in the compute dtype (may be the master)
   void bind_bucket(ParamStore& store, const Tensor& bucket_buffer, int b);
@@ -254,6 +265,7 @@ class ZeroOptimizer final : public LayerHooks {
   ZeroLayout layout_;
   int shard_rank_ = 0;           // this rank's index among layout_.shards
   bool master_is_weights_ = false;
+  bool remainders_ = false;      // master_ holds i16 remainders of the weights (param_remainders)
   std::vector<Segment> segments_;
   std::vector<NormRun> norm_runs_;  // empty: every weight is 1
 
@@ -261,7 +273,7 @@ class ZeroOptimizer final : public LayerHooks {
   Tensor full_w_, full_g_;       // stages 0-2 / 0-1: padded full buffers
   Tensor shard_w_, shard_g_;     // stage 3 / 2-3: shard buffers
   Tensor deferred_g_;            // stages 2-3: whole gradients of the deferred buckets
-  Tensor master_, m_, v_;        // shard buffers (master_ undefined when master_is_weights_)
+  Tensor master_, m_, v_;        // shard buffers (master_ undefined when master_is_weights_; i16 with remainders_)
 
   // Hook state per bucket.
   std::vector<std::vector<int>> fwd_buckets_, bwd_buckets_, write_buckets_;  // per hook layer

@@ -16,7 +16,8 @@ std::vector<ZeroOptimizer::StatePiece> ZeroOptimizer::state_pieces() {
     const int64_t tensor_start = weights_.offset(s.param) - B.lo;
     const int64_t begin = shard_rank_ * B.piece + s.start - tensor_start;
     auto part = [&](Tensor piece) { return piece.slice(0, s.start, s.start + s.len); };
-    out.push_back({s.param, begin, begin + s.len, part(master_piece(s.bucket)),
+    // With remainders the master is joined on the host (the writer copies every piece there).
+    out.push_back({s.param, begin, begin + s.len, master_copy(s.bucket, s.start, s.len, Device::CPU),
                    part(shard_piece(m_, s.bucket)), part(shard_piece(v_, s.bucket))});
   }
   return out;

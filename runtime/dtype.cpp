@@ -14,6 +14,7 @@ size_t dtype_size(DType t) {
     case DType::F16: return 2;
     case DType::I32: return 4;
     case DType::I64: return 8;
+    case DType::I16: return 2;
   }
   return 0;
 }
@@ -26,6 +27,7 @@ const char* dtype_name(DType t) {
     case DType::F16: return "f16";
     case DType::I32: return "i32";
     case DType::I64: return "i64";
+    case DType::I16: return "i16";
   }
   return "?";
 }
@@ -37,6 +39,7 @@ DType dtype_from_name(const std::string& s) {
   if (s == "f16" || s == "fp16" || s == "float16" || s == "F16") return DType::F16;
   if (s == "i32" || s == "int32" || s == "I32") return DType::I32;
   if (s == "i64" || s == "int64" || s == "I64") return DType::I64;
+  if (s == "i16" || s == "int16" || s == "I16") return DType::I16;
   IEVO_FAIL("unknown dtype '", s, "'");
 }
 

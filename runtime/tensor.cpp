@@ -179,6 +179,7 @@ double read_as_double(const void* p, DType t, int64_t i) {
     case DType::F16: return f16_to_f32(static_cast<const uint16_t*>(p)[i]);
     case DType::I32: return static_cast<const int32_t*>(p)[i];
     case DType::I64: return static_cast<double>(static_cast<const int64_t*>(p)[i]);
+    case DType::I16: return static_cast<const int16_t*>(p)[i];
   }
   return 0;
 }
@@ -240,6 +241,7 @@ Tensor Tensor::to(DType dt) const {
       case DType::F64: out.data<double>()[i] = v; break;
       case DType::I32: out.data<int32_t>()[i] = static_cast<int32_t>(v); break;
       case DType::I64: out.data<int64_t>()[i] = static_cast<int64_t>(v); break;
+      case DType::I16: out.data<int16_t>()[i] = static_cast<int16_t>(v); break;
       default: break;
     }
   }

@@ -470,6 +470,65 @@ TEST(GpuAdamW, MatchesCpu) {
   }
 }
 
+// Master weights as (bf16 weight, i16 remainder): the GPU's split/join are the CPU's bit for bit
+// (edge patterns and random ones), and its AdamW on them is its AdamW on the f32 master bit for
+// bit (the same kernel arithmetic), and the CPU's within f32 rounding.
+TEST(GpuAdamW, RemaindersEqualTheF32MasterAndTheCpu) {
+  REQUIRE_GPU();
+  std::vector<uint32_t> bits = {0x00000000u, 0x80000000u, 0x3f808000u, 0x3f818000u, 0xbf808000u,
+                                0x7f7fffffu, 0x7f800000u, 0x0000ffffu, 0x00008000u, 0x3f7fffffu};
+  uint64_t x = 0x2545f4914f6cdd1dull;
+  while (bits.size() < 100003) {
+    x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+    bits.push_back(static_cast<uint32_t>(x >> 32));
+  }
+  const int64_t nb = static_cast<int64_t>(bits.size());
+  Tensor master = Tensor::empty({nb}, DType::F32);
+  std::memcpy(master.raw(), bits.data(), bits.size() * 4);
+  Tensor cw = Tensor::empty({nb}, DType::BF16), cr = Tensor::empty({nb}, DType::I16);
+  ops::split_master(master, cw, cr);
+  Tensor gw = Tensor::empty({nb}, DType::BF16, Device::CUDA), gr = Tensor::empty({nb}, DType::I16, Device::CUDA);
+  ops::split_master(master.to(Device::CUDA), gw, gr);
+  EXPECT_EQ(std::memcmp(gw.to(Device::CPU).raw(), cw.raw(), nb * 2), 0) << "split: weights";
+  EXPECT_EQ(std::memcmp(gr.to(Device::CPU).raw(), cr.raw(), nb * 2), 0) << "split: remainders";
+  Tensor back = Tensor::empty({nb}, DType::F32, Device::CUDA);
+  ops::join_master(gw, gr, back);
+  EXPECT_EQ(std::memcmp(back.to(Device::CPU).raw(), master.raw(), nb * 4), 0) << "join";
+
+  const Shape s{1003};  // odd: the 4-wide loop and the tail
+  ops::AdamWHyper hp;
+  hp.lr = 3e-3;
+  hp.weight_decay = 0.1;
+  hp.grad_scale = 0.5;
+  for (DType gdt : {DType::F32, DType::BF16}) {
+    SCOPED_TRACE(dn(gdt));
+    const Tensor p = rand(s, 111), m = rand(s, 112, -0.1, 0.1), v = rand(s, 113, 0, 0.01);
+    Tensor fp = p.to(Device::CUDA), fm = m.to(Device::CUDA), fv = v.to(Device::CUDA);  // f32 master
+    Tensor rw = Tensor::empty(s, DType::BF16, Device::CUDA), rr = Tensor::empty(s, DType::I16, Device::CUDA);
+    ops::split_master(fp, rw, rr);
+    Tensor rm = fm.clone(), rv = fv.clone();
+    Tensor hw = Tensor::empty(s, DType::BF16), hr = Tensor::empty(s, DType::I16);  // the CPU's
+    ops::split_master(p, hw, hr);
+    Tensor hm = m.clone(), hv = v.clone();
+    for (int64_t step = 1; step <= 3; ++step) {
+      hp.step = step;
+      const Tensor g = rand(s, 120 + static_cast<uint64_t>(step), -2, 2);
+      ops::adamw_step(fp, gpu(g, gdt), fm, fv, hp);
+      ops::adamw_step_remainder(rw, rr, gpu(g, gdt), rm, rv, hp);
+      ops::adamw_step_remainder(hw, hr, g.to(gdt), hm, hv, hp);
+    }
+    Tensor joined = Tensor::empty(s, DType::F32, Device::CUDA);
+    ops::join_master(rw, rr, joined);
+    EXPECT_EQ(std::memcmp(joined.to(Device::CPU).raw(), fp.to(Device::CPU).raw(), 1003 * 4), 0) << "master";
+    EXPECT_EQ(std::memcmp(rm.to(Device::CPU).raw(), fm.to(Device::CPU).raw(), 1003 * 4), 0) << "m";
+    EXPECT_EQ(std::memcmp(rv.to(Device::CPU).raw(), fv.to(Device::CPU).raw(), 1003 * 4), 0) << "v";
+    Tensor hj = Tensor::empty(s, DType::F32);
+    ops::join_master(hw, hr, hj);
+    expect_close(std::string("remainder adamw vs cpu (grad ") + dn(gdt) + ")", host(joined), hj, kTolF32);
+    expect_close(std::string("remainder adamw m vs cpu (grad ") + dn(gdt) + ")", host(rm), hm, kTolF32);
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Attention: 3 packed sequences of different lengths (one shorter than a tile, one spanning
 // several tiles with a ragged end, one exactly a tile), GQA 4:1 and 1:1, hd 64/128 (and 32 for

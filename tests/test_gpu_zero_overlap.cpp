@@ -11,6 +11,9 @@
 //     every step (no buffer of a collective outlives it).
 #include <gtest/gtest.h>
 
+#include <cstdio>
+#include <cstring>
+
 #include "models/batch.h"
 #include "models/hf_adapter.h"
 #include "models/hf_config.h"
@@ -50,15 +53,20 @@ class Gpu : public ::testing::Test {
 struct Trained {
   ParamStore weights;
   ZeroOverlapStats stats;
+  ZeroMemory memory;
+  int64_t shard_numel = 0;
+  ParamStore compute_weights;  // stages 0-2: the weights the model read (f32 copies; stage 3: empty)
+  ParamStore reloaded;         // the gathered master after load_state into a new optimiser
 };
 
 // Three steps of two micro-batches through the hooks; the gathered master weights.
 Trained three_steps(const ModelConfig& mc, const ParamStore& init, Device dev, DType compute, int stage,
-                    ZeroConfig::Overlap overlap, Communicator& comm) {
+                    ZeroConfig::Overlap overlap, Communicator& comm, bool remainders = false) {
   const auto specs = param_specs(mc);
   Llama model(mc);
   ZeroConfig zc{stage, 0.01};
   zc.overlap = overlap;
+  zc.param_remainders = remainders;
   zc.deferred.assign(specs.size(), false);
   for (size_t i = 0; i < specs.size(); i += 4) zc.deferred[i] = true;
   const std::vector<bool> deferred = zc.deferred;
@@ -94,7 +102,19 @@ Trained three_steps(const ModelConfig& mc, const ParamStore& init, Device dev, D
     r.weights = ParamStore(specs, DType::F32, Device::CPU);
     z.gather_state(&r.weights, nullptr, nullptr, 0);
     r.stats = z.overlap_stats();
+    r.memory = z.memory();
+    r.shard_numel = z.layout().shard_numel;
+    if (stage <= 2) {
+      r.compute_weights = ParamStore(specs, DType::F32, Device::CPU);
+      for (size_t i = 0; i < specs.size(); ++i) r.compute_weights[i].copy_from(z.weights()[i].to(Device::CPU).to(DType::F32));
+    }
     EXPECT_EQ(z.overlap(), overlap != ZeroConfig::Overlap::Off);  // Auto: on for CUDA
+  }
+  {  // the gathered state loads back into a fresh optimiser unchanged
+    ZeroOptimizer z(specs, model.hook_layers(), compute, dev, comm, zc, AdamWConfig{});
+    z.load_state(r.weights, nullptr, nullptr, 3);
+    r.reloaded = ParamStore(specs, DType::F32, Device::CPU);
+    z.gather_state(&r.reloaded, nullptr, nullptr, 0);
   }
   return r;
 }
@@ -158,6 +178,48 @@ TEST_F(Gpu, OverlapEqualsNoOverlapAndTheCpu) {
                   stage, dtype_name(dt), worst, worst_cpu, static_cast<long long>(on.stats.hook_reductions),
                   static_cast<long long>(on.stats.prefetches));
     }
+  }
+}
+
+// The master kept as remainders of the bf16 weights (ZeroConfig::param_remainders) at every
+// stage: 10 bytes of optimiser state a parameter instead of 12; the weights the model reads are
+// the gathered master rounded to nearest; the state survives a gather and load bit for bit; and
+// training matches the f32-master run (they differ only where a master value lies exactly
+// between two bf16 values: the weight then rounds away from zero instead of to even).
+TEST_F(Gpu, MasterRemaindersMatchAnF32Master) {
+  const std::string hf = test::fixture_dir("llama_gqa") + "/hf";
+  const ModelConfig mc = read_hf_model_config(hf);
+  ParamStore init(param_specs(mc), DType::F32, Device::CPU);
+  load_hf_weights(hf, mc, init);
+  auto comm = nccl();
+  for (int stage = 0; stage <= 3; ++stage) {
+    SCOPED_TRACE("ZeRO-" + std::to_string(stage));
+    const Trained f32 = three_steps(mc, init, Device::CUDA, DType::BF16, stage, ZeroConfig::Overlap::Auto, *comm);
+    const Trained rem = three_steps(mc, init, Device::CUDA, DType::BF16, stage, ZeroConfig::Overlap::Auto, *comm, true);
+    EXPECT_EQ(f32.memory.optimizer, 12 * f32.shard_numel);
+    EXPECT_EQ(rem.memory.optimizer, 10 * rem.shard_numel);
+    EXPECT_EQ(rem.memory.params, f32.memory.params);
+    double worst = 0;
+    int64_t weights_off = 0, reload_off = 0;
+    for (size_t i = 0; i < rem.weights.size(); ++i) {
+      const double e = test::rel_l2(rem.weights[i], f32.weights[i]);
+      worst = std::max(worst, e);
+      EXPECT_LT(e, 1e-3) << rem.weights.spec(i).name;
+      const float* master = rem.weights[i].data<float>();
+      const float* again = rem.reloaded[i].data<float>();
+      for (int64_t k = 0; k < rem.weights[i].numel(); ++k) {
+        reload_off += std::memcmp(master + k, again + k, 4) != 0;
+        if (stage > 2) continue;
+        uint16_t hi;
+        int16_t r;
+        f32_split_bf16(master[k], hi, r);
+        weights_off += bf16_to_f32(hi) != rem.compute_weights[i].data<float>()[k];
+      }
+    }
+    EXPECT_EQ(weights_off, 0) << "bf16 weights that are not the master's rounding";
+    EXPECT_EQ(reload_off, 0) << "master values changed by gather + load";
+    std::printf("  ZeRO-%d: remainders vs f32 master rel L2 %.1e; optimiser state %lld vs %lld bytes\n", stage,
+                worst, static_cast<long long>(rem.memory.optimizer), static_cast<long long>(f32.memory.optimizer));
   }
 }
 

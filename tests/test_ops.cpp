@@ -604,6 +604,85 @@ TEST(AdamW, SeveralStepsMatchTorchFormula) {
   }
 }
 
+// An f32 master kept as a bf16 weight and a 16-bit remainder (ops::split_master): every f32 bit
+// pattern comes back, the weight is f32_to_bf16's except on exact ties, where it rounds away from
+// zero. Edge cases, then 2^20 patterns spread over the whole range (the low 16 bits of each
+// exhaustively for a few upper halves).
+TEST(MasterRemainders, SplitJoinIsExactAndRoundsToNearest) {
+  std::vector<uint32_t> bits = {0x00000000u, 0x80000000u, 0x00000001u, 0x00008000u, 0x00017fffu,
+                                0x3f800000u, 0x3f808000u, 0x3f818000u, 0xbf808000u, 0x3f7fffffu,
+                                0x7f7fffffu, 0xff7fffffu, 0x7f800000u, 0xff800000u, 0x7f7f8000u,
+                                0x807fffffu, 0x3effff80u, 0x0000ffffu, 0xffff7fffu};
+  for (uint32_t hi : {0x3f80u, 0xbf80u, 0x0000u, 0x8000u, 0x7f7fu, 0x0080u, 0x4b12u})
+    for (uint32_t lo = 0; lo < 0x10000u; lo += 1) bits.push_back(hi << 16 | lo);
+  uint64_t x = 0x9e3779b97f4a7c15ull;
+  for (int i = 0; i < (1 << 20); ++i) {
+    x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+    bits.push_back(static_cast<uint32_t>(x >> 32));
+  }
+  const int64_t n = static_cast<int64_t>(bits.size());
+  Tensor master = Tensor::empty({n}, DType::F32);
+  std::memcpy(master.raw(), bits.data(), bits.size() * 4);
+  Tensor w = Tensor::empty({n}, DType::BF16), r = Tensor::empty({n}, DType::I16), back = Tensor::empty({n}, DType::F32);
+  ops::split_master(master, w, r);
+  ops::join_master(w, r, back);
+  int64_t ties = 0, wrong = 0, lost = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t u = bits[static_cast<size_t>(i)];
+    uint32_t b;
+    std::memcpy(&b, back.data<float>() + i, 4);
+    lost += b != u;
+    const bool nan = (u & 0x7fffffffu) > 0x7f800000u;
+    if (nan) continue;
+    float f;
+    std::memcpy(&f, &u, 4);
+    const uint16_t h = w.data<uint16_t>()[i];
+    if ((u & 0xffffu) == 0x8000u) {  // a tie: away from zero (the magnitude's bits round up)
+      ++ties;
+      wrong += h != static_cast<uint16_t>((u >> 16) + 1);
+    } else {
+      wrong += h != f32_to_bf16(f);
+    }
+  }
+  EXPECT_EQ(lost, 0) << "f32 patterns not restored";
+  EXPECT_EQ(wrong, 0) << "weights not rounded to nearest";
+  EXPECT_GE(ties, 7);
+}
+
+// AdamW on (weight, remainder) is adamw_step on the joined f32 master, bit for bit, over several
+// steps, with f32 and bf16 gradients; the weight is the split of the updated master.
+TEST(MasterRemainders, AdamWEqualsTheF32MasterStep) {
+  const int64_t n = 1003;
+  ops::AdamWHyper h;
+  h.lr = 3e-3;
+  h.weight_decay = 0.1;
+  h.grad_scale = 0.5;
+  for (DType gdt : {DType::F32, DType::BF16}) {
+    SCOPED_TRACE(dtype_name(gdt));
+    Tensor p = random_tensor({n}, DType::F32, 91), m = Tensor::zeros({n}, DType::F32), v = Tensor::zeros({n}, DType::F32);
+    Tensor w = Tensor::empty({n}, DType::BF16), r = Tensor::empty({n}, DType::I16);
+    ops::split_master(p, w, r);
+    Tensor rm = m.clone(), rv = v.clone();
+    for (int64_t step = 1; step <= 5; ++step) {
+      h.step = step;
+      const Tensor g = random_tensor({n}, DType::F32, 200 + step, -2, 2).to(gdt);
+      ops::adamw_step(p, g.to(DType::F32), m, v, h);  // bf16 -> f32 is exact
+      ops::adamw_step_remainder(w, r, g, rm, rv, h);
+    }
+    Tensor joined = Tensor::empty({n}, DType::F32);
+    ops::join_master(w, r, joined);
+    EXPECT_EQ(std::memcmp(joined.raw(), p.raw(), n * 4), 0) << "master";
+    EXPECT_EQ(std::memcmp(rm.raw(), m.raw(), n * 4), 0) << "m";
+    EXPECT_EQ(std::memcmp(rv.raw(), v.raw(), n * 4), 0) << "v";
+    for (int64_t i = 0; i < n; ++i) {
+      uint16_t hi;
+      int16_t rem;
+      f32_split_bf16(p.data<float>()[i], hi, rem);
+      ASSERT_EQ(w.data<uint16_t>()[i], hi) << i;
+    }
+  }
+}
+
 // ---------------------------------------------------------------------- casts and elementwise
 
 TEST(Elementwise, CastRoundTrips) {

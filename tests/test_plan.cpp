@@ -106,6 +106,14 @@ TEST(ZeroLayoutTest, BucketsCoverEveryTensorAndPadToShards) {
           EXPECT_GE(exact.total(), f.total());
           EXPECT_LE(exact.total() - f.total(), 16 * pad + 16) << "more than the padding";
           EXPECT_LE(static_cast<double>(exact.total() - f.total()), 0.02 * static_cast<double>(f.total()) + 16.0 * pad);
+          // The master as 16-bit remainders: K = 10, 2 bytes of every shard element less.
+          const ZeroMemory er = zero_memory(L, stage, DType::BF16, true);
+          const ZeroMemory fr = zero_formula(L.numel, dp, stage, DType::BF16, true);
+          EXPECT_EQ(er.optimizer, exact.optimizer - 2 * L.shard_numel);
+          EXPECT_EQ(er.params + er.grads, exact.params + exact.grads);
+          EXPECT_EQ(fr.optimizer, (stage >= 1 ? 10 * L.numel / dp : 10 * L.numel));
+          EXPECT_EQ(zero_memory(L, stage, DType::F16, true).total(), zero_memory(L, stage, DType::F16).total())
+              << "remainders are for bf16 only";
         }
   }
 }
@@ -246,12 +254,23 @@ TEST(PlanCli, PrintsPerRankMemoryAndInference) {
                               &out),
             0)
       << out;
-  for (const char* w : {"Ψ = 1100048384", "ZeRO-2 over dp = N = 8", "2Ψ + 14Ψ/N", "optimizer state",
-                        "checkpointing selective",
+  for (const char* w : {"Ψ = 1100048384", "ZeRO-2 over dp = N = 8", "2Ψ + 12Ψ/N", "optimizer state",
+                        "i16 master remainders", "checkpointing selective",
                         "activations (estimate)", ": fits", "KV cache per token", "22.0 KiB",
                         "train.global_batch_size 64 = micro 8 x accumulation 1 x dp 8"})
     EXPECT_TRUE(has(out, w)) << w << "\n" << out;
-  // 2Ψ + 14Ψ/N for Ψ = 1100048384, N = 8: 2.049 + 1.793 = 3.842 GiB.
+  // The master as remainders (optim.param_remainders, the default): 2Ψ + 12Ψ/N for
+  // Ψ = 1100048384, N = 8: 2.049 + 1.537 = 3.586 GiB; with an f32 master the paper's 2Ψ + 14Ψ/N:
+  // 2.049 + 1.793 = 3.842 GiB.
+  EXPECT_TRUE(has(out, "3.586 GiB")) << out;
+  ASSERT_EQ(test::run_command(test::ievo_binary() + " plan " + cfg +
+                                  " --dp 8 --set parallel.zero=2 --set train.global_batch_size=64"
+                                  " --set optim.param_remainders=false",
+                              &out),
+            0)
+      << out;
+  EXPECT_TRUE(has(out, "2Ψ + 14Ψ/N")) << out;
+  EXPECT_TRUE(has(out, "fp32 master + m + v")) << out;
   EXPECT_TRUE(has(out, "3.842 GiB")) << out;
   ASSERT_NE(test::run_command(test::ievo_binary() + " plan " + cfg + " --set parallel.zero=7", &out), 0);
   EXPECT_TRUE(has(out, "unknown ZeRO stage 7")) << out;

@@ -22,6 +22,46 @@ T lerp(T a, T b, T w) {
   return std::abs(w) < T(0.5) ? a + w * (b - a) : b - (b - a) * (T(1) - w);
 }
 
+// The step's scalars in the parameter's type, and one element's update.
+template <typename P>
+struct Update {
+  P decay, w1, b2, w2, eps, c2, neg_step;
+  explicit Update(const AdamWHyper& h)
+      : decay(static_cast<P>(1.0 - h.lr * h.weight_decay)), w1(static_cast<P>(1.0 - h.beta1)),
+        b2(static_cast<P>(h.beta2)), w2(static_cast<P>(1.0 - h.beta2)), eps(static_cast<P>(h.eps)),
+        c2(static_cast<P>(std::sqrt(1.0 - std::pow(h.beta2, static_cast<double>(h.step))))),
+        neg_step(static_cast<P>(-(h.lr / (1.0 - std::pow(h.beta1, static_cast<double>(h.step)))))) {}
+  void operator()(P& p, P& m, P& v, P g) const {
+    p = p * decay;
+    m = lerp(m, g, w1);
+    v = v * b2 + w2 * g * g;
+    const P denom = std::sqrt(v) / c2 + eps;
+    p = p + neg_step * m / denom;
+  }
+};
+
+void check_moments(const Tensor& grad, const Tensor& m, const Tensor& v, const Shape& shape, DType dt,
+                   const AdamWHyper& h, const char* op) {
+  cpu::expect_cpu(grad, "grad", op);
+  cpu::expect_float(m, "m", op);
+  cpu::expect_float(v, "v", op);
+  check_shape(grad, shape, "grad");
+  check_shape(m, shape, "m");
+  check_shape(v, shape, "v");
+  check_dtype(m, dt, "m");
+  check_dtype(v, dt, "v");
+  IEVO_CHECK(h.step >= 1, op, ": step must be >= 1 (1-based), got ", h.step);
+}
+
+void check_split(const Tensor& weight, const Tensor& remainder, const Shape& shape, const char* op) {
+  cpu::expect_cpu(weight, "weight", op);
+  cpu::expect_cpu(remainder, "remainder", op);
+  check_dtype(weight, DType::BF16, "weight");
+  check_dtype(remainder, DType::I16, "remainder");
+  check_shape(weight, shape, "weight");
+  check_shape(remainder, shape, "remainder");
+}
+
 }  // namespace
 
 void adamw_step(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v, const AdamWHyper& h,
@@ -32,14 +72,7 @@ void adamw_step(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v, const A
   const char* op = "adamw_step";
   cpu::expect_float(param, "param", op);
   cpu::expect_float(grad, "grad", op);
-  cpu::expect_float(m, "m", op);
-  cpu::expect_float(v, "v", op);
-  check_shape(grad, param.shape(), "grad");
-  check_shape(m, param.shape(), "m");
-  check_shape(v, param.shape(), "v");
-  check_dtype(m, param.dtype(), "m");
-  check_dtype(v, param.dtype(), "v");
-  IEVO_CHECK(h.step >= 1, op, ": step must be >= 1 (1-based), got ", h.step);
+  check_moments(grad, m, v, param.shape(), param.dtype(), h, op);
   const bool lowp = param_lowp && param_lowp->defined();
   if (lowp) {
     cpu::expect_cpu(*param_lowp, "param_lowp", op);
@@ -48,17 +81,12 @@ void adamw_step(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v, const A
                ": tensor 'param_lowp' has dtype ", dtype_name(param_lowp->dtype()),
                ", expected bf16 or f16");
   }
-  const double bc1 = 1.0 - std::pow(h.beta1, static_cast<double>(h.step));
-  const double bc2_sqrt = std::sqrt(1.0 - std::pow(h.beta2, static_cast<double>(h.step)));
   const int64_t n = param.numel();
   cpu::dispatch_float(param.dtype(), op, [&](auto ptag) {
     using P = decltype(ptag);
     cpu::dispatch_float(grad.dtype(), op, [&](auto gtag) {
       using G = decltype(gtag);
-      const P decay = static_cast<P>(1.0 - h.lr * h.weight_decay);
-      const P w1 = static_cast<P>(1.0 - h.beta1), b2 = static_cast<P>(h.beta2);
-      const P w2 = static_cast<P>(1.0 - h.beta2), eps = static_cast<P>(h.eps);
-      const P c2 = static_cast<P>(bc2_sqrt), neg_step = static_cast<P>(-(h.lr / bc1));
+      const Update<P> update(h);
       const G gs = static_cast<G>(h.grad_scale);
       P *p = param.data<P>(), *mp = m.data<P>(), *vp = v.data<P>();
       const G* gp = grad.data<G>();
@@ -66,21 +94,67 @@ void adamw_step(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v, const A
       const bool bf16 = lowp && param_lowp->dtype() == DType::BF16;
 #pragma omp parallel for schedule(static) if (n > cpu::kParallelMin)
       for (int64_t i = 0; i < n; ++i) {
-        const P g = static_cast<P>(gp[i] * gs);
-        P pi = p[i] * decay;
-        const P mi = lerp(mp[i], g, w1);
-        const P vi = vp[i] * b2 + w2 * g * g;
-        const P denom = std::sqrt(vi) / c2 + eps;
-        pi = pi + neg_step * mi / denom;
-        p[i] = pi;
-        mp[i] = mi;
-        vp[i] = vi;
+        update(p[i], mp[i], vp[i], static_cast<P>(gp[i] * gs));
         if (lp) {
-          const float f = static_cast<float>(pi);
+          const float f = static_cast<float>(p[i]);
           lp[i] = bf16 ? f32_to_bf16(f) : f32_to_f16(f);
         }
       }
     });
+  });
+}
+
+void split_master(const Tensor& master, Tensor& weight, Tensor& remainder) {
+#ifdef IEVO_CUDA
+  if (!master.is_cpu()) return cuda::split_master(master, weight, remainder);
+#endif
+  const char* op = "split_master";
+  cpu::expect_cpu(master, "master", op);
+  check_dtype(master, DType::F32, "master");
+  check_split(weight, remainder, master.shape(), op);
+  const float* x = master.data<float>();
+  uint16_t* w = weight.data<uint16_t>();
+  int16_t* r = remainder.data<int16_t>();
+  for (int64_t i = 0, n = master.numel(); i < n; ++i) f32_split_bf16(x[i], w[i], r[i]);
+}
+
+void join_master(const Tensor& weight, const Tensor& remainder, Tensor& master) {
+#ifdef IEVO_CUDA
+  if (!master.is_cpu()) return cuda::join_master(weight, remainder, master);
+#endif
+  const char* op = "join_master";
+  cpu::expect_cpu(master, "master", op);
+  check_dtype(master, DType::F32, "master");
+  check_split(weight, remainder, master.shape(), op);
+  const uint16_t* w = weight.data<uint16_t>();
+  const int16_t* r = remainder.data<int16_t>();
+  float* x = master.data<float>();
+  for (int64_t i = 0, n = master.numel(); i < n; ++i) x[i] = f32_join_bf16(w[i], r[i]);
+}
+
+void adamw_step_remainder(Tensor& weight, Tensor& remainder, const Tensor& grad, Tensor& m, Tensor& v,
+                          const AdamWHyper& h) {
+#ifdef IEVO_CUDA
+  if (!weight.is_cpu()) return cuda::adamw_step_remainder(weight, remainder, grad, m, v, h);
+#endif
+  const char* op = "adamw_step_remainder";
+  check_split(weight, remainder, weight.shape(), op);
+  check_moments(grad, m, v, weight.shape(), DType::F32, h, op);
+  const int64_t n = weight.numel();
+  cpu::dispatch_storage(grad.dtype(), op, [&](auto gtag) {
+    using G = decltype(gtag);
+    const Update<float> update(h);
+    const float gs = static_cast<float>(h.grad_scale);
+    uint16_t* w = weight.data<uint16_t>();
+    int16_t* r = remainder.data<int16_t>();
+    float *mp = m.data<float>(), *vp = v.data<float>();
+    const G* gp = grad.data<G>();
+#pragma omp parallel for schedule(static) if (n > cpu::kParallelMin)
+    for (int64_t i = 0; i < n; ++i) {
+      float p = f32_join_bf16(w[i], r[i]);
+      update(p, mp[i], vp[i], static_cast<float>(cpu::to_double(gp[i])) * gs);
+      f32_split_bf16(p, w[i], r[i]);
+    }
   });
 }
 

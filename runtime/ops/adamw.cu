@@ -63,22 +63,100 @@ __global__ void adamw_kernel(float* p, const G* grad, float* m, float* v, L* low
   }
 }
 
+// The f32 master as (bf16 weight, i16 remainder): f32_split_bf16 / f32_join_bf16 of runtime/dtype.h.
+__device__ __forceinline__ void split_bits(float x, uint16_t& hi, int16_t& rem) {
+  const uint32_t u = __float_as_uint(x);
+  rem = static_cast<int16_t>(static_cast<uint16_t>(u & 0xffffu));
+  hi = static_cast<uint16_t>((u >> 16) + ((u >> 15) & 1u));
+}
+__device__ __forceinline__ float join_bits(uint16_t hi, int16_t rem) {
+  const uint32_t h = static_cast<uint16_t>(hi - (rem < 0 ? 1 : 0));
+  return __uint_as_float((h << 16) | static_cast<uint16_t>(rem));
+}
+
+// adamw_kernel on a master kept as (weight, remainder): V = 4 loads 8 bytes of each.
+template <typename G, int V>
+__global__ void adamw_remainder_kernel(uint16_t* w, int16_t* r, const G* grad, float* m, float* v, int64_t n,
+                                       Scalars k) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t np = n / V;
+  for (int64_t i = first; i < np; i += stride) {
+    auto pw = load_pack<uint16_t, V>(w + i * V);
+    auto pr = load_pack<int16_t, V>(r + i * V);
+    auto pm = load_pack<float, V>(m + i * V), pv = load_pack<float, V>(v + i * V);
+    const auto pg = load_pack<G, V>(grad + i * V);
+#pragma unroll
+    for (int e = 0; e < V; ++e) {
+      float p = join_bits(pw.v[e], pr.v[e]);
+      adamw_one(p, pm.v[e], pv.v[e], to_f(pg.v[e]), k);
+      split_bits(p, pw.v[e], pr.v[e]);
+    }
+    store_pack<uint16_t, V>(w + i * V, pw);
+    store_pack<int16_t, V>(r + i * V, pr);
+    store_pack<float, V>(m + i * V, pm);
+    store_pack<float, V>(v + i * V, pv);
+  }
+  for (int64_t i = np * V + first; i < n; i += stride) {
+    float p = join_bits(w[i], r[i]), mi = m[i], vi = v[i];
+    adamw_one(p, mi, vi, to_f(grad[i]), k);
+    split_bits(p, w[i], r[i]);
+    m[i] = mi;
+    v[i] = vi;
+  }
+}
+
+__global__ void split_kernel(const float* x, uint16_t* w, int16_t* r, int64_t n) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    split_bits(x[i], w[i], r[i]);
+}
+
+__global__ void join_kernel(const uint16_t* w, const int16_t* r, float* x, int64_t n) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    x[i] = join_bits(w[i], r[i]);
+}
+
+Scalars scalars(const AdamWHyper& h) {
+  const double bc1 = 1.0 - std::pow(h.beta1, static_cast<double>(h.step));
+  const double bc2_sqrt = std::sqrt(1.0 - std::pow(h.beta2, static_cast<double>(h.step)));
+  return Scalars{static_cast<float>(1.0 - h.lr * h.weight_decay), static_cast<float>(1.0 - h.beta1),
+                 static_cast<float>(h.beta2),  static_cast<float>(1.0 - h.beta2),
+                 static_cast<float>(h.eps),    static_cast<float>(bc2_sqrt),
+                 static_cast<float>(-(h.lr / bc1)), static_cast<float>(h.grad_scale)};
+}
+
+void check_moments(const Tensor& grad, const Tensor& m, const Tensor& v, const Shape& shape,
+                   const AdamWHyper& h, const char* op) {
+  expect_cuda(grad, "grad", op);
+  expect_cuda(m, "m", op);
+  expect_cuda(v, "v", op);
+  check_dtype(m, DType::F32, "m");
+  check_dtype(v, DType::F32, "v");
+  check_shape(grad, shape, "grad");
+  check_shape(m, shape, "m");
+  check_shape(v, shape, "v");
+  IEVO_CHECK(h.step >= 1, op, ": step must be >= 1 (1-based), got ", h.step);
+}
+
+void check_split(const Tensor& weight, const Tensor& remainder, const Shape& shape, const char* op) {
+  expect_cuda(weight, "weight", op);
+  expect_cuda(remainder, "remainder", op);
+  check_dtype(weight, DType::BF16, "weight");
+  check_dtype(remainder, DType::I16, "remainder");
+  check_shape(weight, shape, "weight");
+  check_shape(remainder, shape, "remainder");
+}
+
 }  // namespace
 
 void adamw_step(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v, const AdamWHyper& h,
                 Tensor* param_lowp) {
   const char* op = "adamw_step";
   expect_cuda(param, "param", op);
-  expect_cuda(grad, "grad", op);
-  expect_cuda(m, "m", op);
-  expect_cuda(v, "v", op);
   check_dtype(param, DType::F32, "param");
-  check_dtype(m, DType::F32, "m");
-  check_dtype(v, DType::F32, "v");
-  check_shape(grad, param.shape(), "grad");
-  check_shape(m, param.shape(), "m");
-  check_shape(v, param.shape(), "v");
-  IEVO_CHECK(h.step >= 1, op, ": step must be >= 1 (1-based), got ", h.step);
+  check_moments(grad, m, v, param.shape(), h, op);
   const bool lowp = param_lowp && param_lowp->defined();
   if (lowp) {
     expect_cuda(*param_lowp, "param_lowp", op);
@@ -89,12 +167,7 @@ void adamw_step(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v, const A
   }
   const int64_t n = param.numel();
   if (n == 0) return;
-  const double bc1 = 1.0 - std::pow(h.beta1, static_cast<double>(h.step));
-  const double bc2_sqrt = std::sqrt(1.0 - std::pow(h.beta2, static_cast<double>(h.step)));
-  const Scalars k{static_cast<float>(1.0 - h.lr * h.weight_decay), static_cast<float>(1.0 - h.beta1),
-                  static_cast<float>(h.beta2),  static_cast<float>(1.0 - h.beta2),
-                  static_cast<float>(h.eps),    static_cast<float>(bc2_sqrt),
-                  static_cast<float>(-(h.lr / bc1)), static_cast<float>(h.grad_scale)};
+  const Scalars k = scalars(h);
   cudaStream_t s = current_stream();
   const unsigned grid = grid_for(n, 256, 8192);
   dispatch_fp(grad.dtype(), op, [&](auto gtag) {
@@ -115,6 +188,55 @@ void adamw_step(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v, const A
     else if (param_lowp->dtype() == DType::BF16) launch(bf16{}, param_lowp->raw());
     else launch(f16{}, param_lowp->raw());
     IEVO_CUDA_LAUNCH_CHECK("adamw_kernel");
+  });
+}
+
+void split_master(const Tensor& master, Tensor& weight, Tensor& remainder) {
+  const char* op = "split_master";
+  expect_cuda(master, "master", op);
+  check_dtype(master, DType::F32, "master");
+  check_split(weight, remainder, master.shape(), op);
+  const int64_t n = master.numel();
+  if (n == 0) return;
+  split_kernel<<<grid_for(n, 256, 8192), 256, 0, current_stream()>>>(
+      master.data<float>(), weight.data<uint16_t>(), remainder.data<int16_t>(), n);
+  IEVO_CUDA_LAUNCH_CHECK("split_kernel");
+}
+
+void join_master(const Tensor& weight, const Tensor& remainder, Tensor& master) {
+  const char* op = "join_master";
+  expect_cuda(master, "master", op);
+  check_dtype(master, DType::F32, "master");
+  check_split(weight, remainder, master.shape(), op);
+  const int64_t n = master.numel();
+  if (n == 0) return;
+  join_kernel<<<grid_for(n, 256, 8192), 256, 0, current_stream()>>>(
+      weight.data<uint16_t>(), remainder.data<int16_t>(), master.data<float>(), n);
+  IEVO_CUDA_LAUNCH_CHECK("join_kernel");
+}
+
+void adamw_step_remainder(Tensor& weight, Tensor& remainder, const Tensor& grad, Tensor& m, Tensor& v,
+                          const AdamWHyper& h) {
+  const char* op = "adamw_step_remainder";
+  check_split(weight, remainder, weight.shape(), op);
+  check_moments(grad, m, v, weight.shape(), h, op);
+  const int64_t n = weight.numel();
+  if (n == 0) return;
+  const Scalars k = scalars(h);
+  cudaStream_t s = current_stream();
+  dispatch_fp(grad.dtype(), op, [&](auto gtag) {
+    using G = decltype(gtag);
+    uint16_t* w = weight.data<uint16_t>();
+    int16_t* r = remainder.data<int16_t>();
+    const bool vec = aligned_to(w, 8) && aligned_to(r, 8) && aligned_to(m.raw(), 16) &&
+                     aligned_to(v.raw(), 16) && aligned_to(grad.raw(), 4 * sizeof(G));
+    if (vec)
+      adamw_remainder_kernel<G, 4><<<grid_for(n / 4 + 1, 256, 8192), 256, 0, s>>>(
+          w, r, grad.data<G>(), m.data<float>(), v.data<float>(), n, k);
+    else
+      adamw_remainder_kernel<G, 1><<<grid_for(n, 256, 8192), 256, 0, s>>>(
+          w, r, grad.data<G>(), m.data<float>(), v.data<float>(), n, k);
+    IEVO_CUDA_LAUNCH_CHECK("adamw_remainder_kernel");
   });
 }
 

@@ -19,4 +19,17 @@ struct AdamWHyper {
 void adamw_step(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v, const AdamWHyper& h,
                 Tensor* param_lowp = nullptr);
 
+// Master weights kept as the bf16 weights plus 16-bit remainders (i16), 4 bytes a parameter for
+// both instead of 6 (f32 master + bf16 copy): TransformerEngine's FusedAdam
+// store_param_remainders, Megatron's --store-param-remainders. The f32 master x is
+// (weight, remainder) = f32_split_bf16(x) (runtime/dtype.h): the weight is x rounded to nearest
+// with ties away from zero, and x comes back bit-exactly. split_master: master (f32) -> weight
+// (bf16), remainder (i16); join_master: the inverse.
+void split_master(const Tensor& master, Tensor& weight, Tensor& remainder);
+void join_master(const Tensor& weight, const Tensor& remainder, Tensor& master);
+// adamw_step on the master joined from (weight, remainder), split back: param, m and v come out
+// bit for bit as adamw_step's on that f32 master (grad f32, bf16 or f16; m, v f32).
+void adamw_step_remainder(Tensor& weight, Tensor& remainder, const Tensor& grad, Tensor& m, Tensor& v,
+                          const AdamWHyper& h);
+
 }  // namespace ievo::ops

@@ -52,6 +52,10 @@ double cross_entropy_forward_backward(const Tensor& logits, const Tensor& target
 
 void adamw_step(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v, const AdamWHyper& h,
                 Tensor* param_lowp);
+void split_master(const Tensor& master, Tensor& weight, Tensor& remainder);
+void join_master(const Tensor& weight, const Tensor& remainder, Tensor& master);
+void adamw_step_remainder(Tensor& weight, Tensor& remainder, const Tensor& grad, Tensor& m, Tensor& v,
+                          const AdamWHyper& h);
 
 }  // namespace ievo::ops::cuda
 #endif

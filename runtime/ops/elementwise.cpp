@@ -60,6 +60,7 @@ void fill(Tensor& x, double value) {
     case DType::F16: fill_as(f32_to_f16(static_cast<float>(value))); break;
     case DType::I32: fill_as(static_cast<int32_t>(value)); break;
     case DType::I64: fill_as(static_cast<int64_t>(value)); break;
+    case DType::I16: fill_as(static_cast<int16_t>(value)); break;
   }
 }
 
