@@ -18,7 +18,9 @@
 # CKPT_MODELS (tinyllama-1.1b), AUTOTUNE_OFF_MODELS (ievo with IEVO_GEMM_AUTOTUNE=0), WHEEL_BLAS_MODELS
 # (ievo with the cuBLAS of PyTorch's wheel), PEER_CUDNN_MODELS (the peer with cuDNN SDPA),
 # DENSE_OFF_MODELS (ievo with IEVO_CUDNN_ATTN_DENSE=0), HEAD_CHUNK_VARIANTS ("MODEL:TOKENS ...",
-# ievo with --set model.head_chunk_tokens=TOKENS), IEVO_TIMEOUT / PEER_TIMEOUT (seconds per run), OUT.
+# ievo with --set model.head_chunk_tokens=TOKENS), SET_VARIANTS ("NAME:MODEL:key=value ...", ievo
+# with --set key=value), SKIP_PEER / SKIP_KERNELS (set: ievo's runs only, or no kernel benchmarks),
+# IEVO_TIMEOUT / PEER_TIMEOUT (seconds per run), OUT.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/ievo_compare}
@@ -69,17 +71,18 @@ for m in $MODELS; do
   run "ievo_$m" "${IEVO_TIMEOUT:-200}" "$IEVO" bench "configs/$m.yaml" --steps "$STEPS" --warmup "$WARMUP" \
     --json "$work/ievo_$m.json"
   grep -E "tokens/s|MFU|memory" "$work/ievo_$m.log"
+  [ -n "${SKIP_PEER-}" ] && continue
   run "peer_$m" "${PEER_TIMEOUT:-300}" python3 bench/peer/llama_peer.py --config "configs/$m.yaml" \
     --steps "$STEPS" --warmup "$WARMUP" --compile "$PEER_COMPILE" --sdpa "$PEER_SDPA" --json "$work/peer_$m.json"
   grep -E '"(tokens_per_s|mfu|peak_mem_bytes|first_step_s)"' "$work/peer_$m.log"
 done
 
-if [ -x "$KBENCH" ]; then
+if [ -x "$KBENCH" ] && [ -z "${SKIP_KERNELS-}" ]; then
   run kernels 180 "$KBENCH" --benchmark_filter='hd128|square8192|qkv_proj|mlp_up|lm_head' --benchmark_min_time=0.2 \
     --benchmark_counters_tabular=true --benchmark_out="$work/kernels.json" --benchmark_out_format=json
   grep -E "BM_" "$work/kernels.log"
 fi
-run sdpa 180 python3 bench/peer/llama_peer.py --attention --json "$work/sdpa.json"
+[ -n "${SKIP_KERNELS-}" ] || run sdpa 180 python3 bench/peer/llama_peer.py --attention --json "$work/sdpa.json"
 
 # variant NAME MODEL [VAR=value ...] -- [ievo bench options]: ievo bench of MODEL under an
 # environment, into ievo_MODEL_NAME.json (the table's variants section).
@@ -104,6 +107,12 @@ for m in ${DENSE_OFF_MODELS-}; do variant dense_off "$m" IEVO_CUDNN_ATTN_DENSE=0
 # The LM head + loss in chunks of another size (models/llama.h head_chunk_tokens).
 for mc in ${HEAD_CHUNK_VARIANTS-}; do
   variant "head_chunk_${mc#*:}" "${mc%%:*}" -- --set "model.head_chunk_tokens=${mc#*:}"
+done
+# Any config override: SET_VARIANTS="NAME:MODEL:key=value ..." runs ievo bench of MODEL with
+# --set key=value as variant NAME.
+for nmk in ${SET_VARIANTS-}; do
+  rest=${nmk#*:}
+  variant "${nmk%%:*}" "${rest%%:*}" -- --set "${rest#*:}"
 done
 # The peer with PyTorch's cuDNN SDPA backend instead of flash (a stronger yardstick).
 for m in ${PEER_CUDNN_MODELS-}; do
