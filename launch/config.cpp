@@ -79,7 +79,7 @@ const Key kKeys[] = {
      "none|full|selective"},
     {"model.head_chunk_tokens", F(model.head_chunk_tokens), Need::No,
      "tokens the fused LM head + loss takes at once (logits [chunk, V] live at a time); 0: the "
-     "largest power of two >= 1024 with at most 2^27 logits"},
+     "largest power of two in [1024, 4096] with at most 2^29 logits"},
     {"data.paths", F(data.paths), Need::UnlessSynthetic,
      "dataset prefixes (PREFIX.bin / PREFIX.idx, Megatron indexed format)"},
     {"data.weights", F(data.weights), Need::No,

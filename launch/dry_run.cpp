@@ -144,6 +144,7 @@ std::string dry_run_report(const Config& cfg) {
   in.micro_batch_size = t.micro_batch_size;
   in.seq_len = cfg.data.seq_len;
   in.recompute = recompute_mode(cfg.model.checkpointing);
+  in.head_chunk_tokens = cfg.model.head_chunk_tokens;
   os << format_plan(in, make_plan(in));
   os << perf_report(cfg, topo.dp());  // parallel/perf_model.h, default hardware
   os << "dry run: OK (nothing trained, nothing written)\n";

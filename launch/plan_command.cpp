@@ -52,6 +52,7 @@ std::pair<CLI::App*, std::function<void()>> add_plan_command(CLI::App& app) {
     in.micro_batch_size = cfg.train.micro_batch_size;
     in.seq_len = cfg.data.seq_len;
     in.recompute = recompute_mode(cfg.model.checkpointing);
+    in.head_chunk_tokens = cfg.model.head_chunk_tokens;
     in.tp = static_cast<int>(cfg.parallel.tensor);  // tensor / sequence parallelism (parallel/plan.h)
     in.sequence = sequence_parallel_from_name(cfg.parallel.sequence);
     in.sp = static_cast<int>(cfg.parallel.sequence_size);

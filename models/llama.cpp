@@ -68,6 +68,12 @@ constexpr size_t kAbsent = static_cast<size_t>(-1);
 
 ModelParallel Llama::one_rank_;
 
+int64_t Llama::default_head_chunk_tokens(int64_t v_local) {
+  int64_t tokens = 1024;
+  while (tokens < 4096 && tokens * 2 * v_local <= (int64_t{1} << 29)) tokens *= 2;
+  return tokens;
+}
+
 Llama::Llama(const ModelConfig& c, Recompute recompute, ModelShard shard, ModelParallel* parallel)
     : c_(c), recompute_(recompute), shard_(std::move(shard)), mp_(parallel ? parallel : &one_rank_) {
   c_.validate();
@@ -78,9 +84,7 @@ Llama::Llama(const ModelConfig& c, Recompute recompute, ModelShard shard, ModelP
       if (specs_[i].name == name) return i;
     IEVO_FAIL("model has no parameter ", name);
   };
-  // The fused head's logits chunk [tokens, V / tp] stays within 2^27 elements.
-  const int64_t v_local = shard_.vocab(c_);
-  while (head_chunk_tokens * 2 * v_local <= (int64_t{1} << 27)) head_chunk_tokens *= 2;
+  head_chunk_tokens = default_head_chunk_tokens(shard_.vocab(c_));
   embed_ = norm_ = head_ = kAbsent;
   if (shard_.first) embed_ = idx("model.embed_tokens.weight");
   if (shard_.last) {

@@ -126,10 +126,14 @@ class Llama {
   Tensor forward_step(const ParamStore& params, const std::vector<int32_t>& tokens, KvCache& cache);
 
   // Tokens of the LM head processed at once (the fused head never holds [N, V] logits). Set by
-  // the constructor to the largest power of two >= 1024 whose logits chunk has at most 2^27
-  // elements (256 MiB in bf16): 4096 for V = 32000, 1024 for V = 92544. Larger chunks mean
-  // fewer, better-shaped GEMMs and fewer loss synchronisations (ievo bench: docs/performance.md).
+  // the constructor to default_head_chunk_tokens(V / tensor ranks). Larger chunks mean fewer,
+  // better-shaped GEMMs, fewer loss synchronisations and fewer passes of the head's weight
+  // gradient (ievo bench: docs/performance.md).
   int64_t head_chunk_tokens = 1024;
+  // The largest power of two in [1024, 4096] whose logits chunk [tokens, v_local] has at most
+  // 2^29 elements (1 GiB in bf16): 4096 for V = 32000 and V = 92544 (beyond 4096 tokens the head
+  // gained nothing: TinyLlama with 8192 ran 0.8% slower).
+  static int64_t default_head_chunk_tokens(int64_t v_local);
 
   // Hooks (not owned; nullptr: none). Layers as in LayerHooks, numbered over the whole model
   // (num_layers + 2 of them); a pipeline stage's hook_layers() has empty entries for the layers

@@ -60,7 +60,8 @@ int64_t activation_bytes(const PlanInput& in, int64_t block_sets, bool with_head
   // A block's backward: dout, dq, dk, dv and dx (dh, dgate/dup, dn2, da and dn1 are written over
   // the activations they replace, models/llama.cpp).
   const int64_t backward_tmp = Nr * (2 * q + 2 * kv) * b + n * d * b;
-  const int64_t head = with_head ? (2 * Nr + n) * d * b + 2 * std::min<int64_t>(Nr, 1024) * V * 4 : 0;
+  const int64_t chunk = in.head_chunk_tokens > 0 ? in.head_chunk_tokens : Llama::default_head_chunk_tokens(V);
+  const int64_t head = with_head ? (2 * Nr + n) * d * b + 2 * std::min<int64_t>(Nr, chunk) * V * 4 : 0;
   // The head's temporaries (before the blocks' backward) and a block's backward temporaries are
   // never alive at once.
   return kept + std::max(backward_tmp, head) + Nr * d * b;

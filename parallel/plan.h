@@ -37,7 +37,8 @@
 //   block  (2·n·d + 2·Nr·d + Nr·(2q/T + 2kv_T + 3F/T) [+ Nr·q/T Ulysses' gathered output])·b
 //          + (2·n + Nr·H/T)·4;   selective drops Nr·(2d + F/T)·b;   full keeps n·d·b per layer;
 //   the larger of the backward temporaries Nr·(2q/T + 2kv_T)·b + n·d·b and the head
-//   (2·Nr + n)·d·b + 2·min(Nr, 1024)·(V/T)·4; embedding Nr·d·b.   (T = S = 1: the formulas above.)
+//   (2·Nr + n)·d·b + 2·min(Nr, chunk)·(V/T)·4 (chunk: the LM head's tokens at once,
+//   models/llama.h); embedding Nr·d·b.   (T = S = 1: the formulas above.)
 //
 // Inference: weights Ψ·w bytes; KV cache per token 2·L·kv_heads·head_dim·c bytes (K and V of every
 // layer), the arithmetic LMDeploy and vLLM users do to size a server.
@@ -62,6 +63,7 @@ struct PlanInput {
   DType compute = DType::F32;      // F32 (fp32 training) or BF16/F16 (mixed precision)
   int64_t micro_batch_size = 1, seq_len = 0;
   Recompute recompute = Recompute::None;  // model.checkpointing (recompute_mode())
+  int64_t head_chunk_tokens = 0;           // model.head_chunk_tokens (0: Llama's default)
   int tp = 1;                      // parallel.tensor T: the plan is for tensor rank 0's slices
   SequenceParallel sequence = SequenceParallel::None;  // parallel.sequence
   int sp = 1;                      // Ulysses ranks S (parallel.sequence_size, a factor of dp)

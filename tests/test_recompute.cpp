@@ -96,3 +96,15 @@ TEST(Recompute, HeadChunkSizeDoesNotChangeResults) {
     EXPECT_LE(test::rel_l2(r.grads, ref.grads), 1e-6) << chunk;
   }
 }
+
+// The automatic chunk (model.head_chunk_tokens: 0): the largest power of two in [1024, 4096]
+// with at most 2^29 logits, for the vocabularies in use.
+TEST(Recompute, DefaultHeadChunkBySizeOfTheVocabulary) {
+  EXPECT_EQ(Llama::default_head_chunk_tokens(32000), 4096);   // Llama 2, TinyLlama
+  EXPECT_EQ(Llama::default_head_chunk_tokens(92544), 4096);   // InternLM2
+  EXPECT_EQ(Llama::default_head_chunk_tokens(128256), 4096);  // Llama 3: 525M logits
+  EXPECT_EQ(Llama::default_head_chunk_tokens(152064), 2048);  // Qwen2
+  EXPECT_EQ(Llama::default_head_chunk_tokens(262144), 2048);  // exactly 2^29 at 2048
+  EXPECT_EQ(Llama::default_head_chunk_tokens(1 << 20), 1024);  // never below 1024
+  EXPECT_EQ(Llama::default_head_chunk_tokens(100), 4096);     // never above 4096
+}
