@@ -165,6 +165,22 @@ void BM_cross_entropy(benchmark::State& state) {
   state.counters["GB/s"] = benchmark::Counter(3.0 * rows * kV * 2 / 1e9, benchmark::Counter::kIsIterationInvariantRate);
 }
 
+// The LM head's fused loss + gradient on one chunk of 4096 rows, in place (models/llama.cpp);
+// GB/s counts one read and one write of the logits (the kernel reads each row twice: the second
+// read mostly from L2).
+void BM_cross_entropy_fused(benchmark::State& state, int64_t vocab) {
+  if (skip(state)) return;
+  const int64_t rows = 4096;
+  Tensor logits = rnd({rows, vocab}, DType::BF16), losses = Tensor::empty({rows}, DType::F32, Device::CUDA);
+  std::vector<int32_t> t(rows, 7);
+  Tensor targets = Tensor::from_vector(t, {rows}).to(Device::CUDA);
+  timed(state, [&] {
+    int64_t cnt = 0;
+    ops::cross_entropy_forward_backward(logits, targets, 1e-9, losses, &cnt, logits);
+  });
+  state.counters["GB/s"] = benchmark::Counter(2.0 * rows * vocab * 2 / 1e9, benchmark::Counter::kIsIterationInvariantRate);
+}
+
 using B = ops::AttentionBackend;
 BENCHMARK_CAPTURE(BM_matmul, qkv_proj, kN, kD + 2 * kHkv * kHd, kD, true)->UseManualTime()->Unit(benchmark::kMillisecond);
 BENCHMARK_CAPTURE(BM_matmul, mlp_up, kN, 2 * kF, kD, true)->UseManualTime()->Unit(benchmark::kMillisecond);
@@ -188,6 +204,8 @@ BENCHMARK_CAPTURE(BM_rmsnorm, fwd, false)->UseManualTime()->Unit(benchmark::kMil
 BENCHMARK_CAPTURE(BM_rmsnorm, bwd, true)->UseManualTime()->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_swiglu)->UseManualTime()->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_cross_entropy)->UseManualTime()->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(BM_cross_entropy_fused, v32000, 32000)->UseManualTime()->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(BM_cross_entropy_fused, v92544, 92544)->UseManualTime()->Unit(benchmark::kMillisecond);
 #else
 void BM_no_cuda(benchmark::State& state) {
   for (auto _ : state) {

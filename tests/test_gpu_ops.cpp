@@ -412,7 +412,8 @@ void check_cross_entropy(int64_t n, int64_t v) {
 TEST(GpuCrossEntropy, ForwardBackwardIgnoreIndex) {
   REQUIRE_GPU();
   // packed rows (1000, and a vocabulary of real size), element rows
-  for (int64_t v : {int64_t{1000}, int64_t{1001}, int64_t{32000}})
+  // and larger vocabularies (InternLM2's 92544, a row of 240 KB in bf16).
+  for (int64_t v : {int64_t{1000}, int64_t{1001}, int64_t{32000}, int64_t{92544}, int64_t{120000}})
     check_cross_entropy(37, v);
 }
 
