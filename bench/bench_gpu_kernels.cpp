@@ -151,34 +151,34 @@ void BM_swiglu(benchmark::State& state) {
   state.counters["GB/s"] = benchmark::Counter(3.0 * kN * kF * 2 / 1e9, benchmark::Counter::kIsIterationInvariantRate);
 }
 
-void BM_cross_entropy(benchmark::State& state) {
-  if (skip(state)) return;
-  const int64_t rows = 4096;
-  Tensor logits = rnd({rows, kV}, DType::BF16), losses = Tensor::empty({rows}, DType::F32, Device::CUDA);
-  std::vector<int32_t> t(rows, 7);
-  Tensor targets = Tensor::from_vector(t, {rows}).to(Device::CUDA);
-  timed(state, [&] {
-    int64_t cnt = 0;
-    ops::cross_entropy_forward(logits, targets, losses, &cnt);
-    ops::cross_entropy_backward(logits, targets, 1.0, logits);
-  });
-  state.counters["GB/s"] = benchmark::Counter(3.0 * rows * kV * 2 / 1e9, benchmark::Counter::kIsIterationInvariantRate);
-}
-
-// The LM head's fused loss + gradient on one chunk of 4096 rows, in place (models/llama.cpp);
-// GB/s counts one read and one write of the logits (the kernel reads each row twice: the second
-// read mostly from L2).
-void BM_cross_entropy_fused(benchmark::State& state, int64_t vocab) {
+// Cross-entropy on one LM-head chunk: 4096 rows of bf16 logits over `vocab`, every target 7;
+// `passes` over the logits per call for the GB/s counter.
+template <typename F>
+void cross_entropy_bench(benchmark::State& state, int64_t vocab, double passes, F&& call) {
   if (skip(state)) return;
   const int64_t rows = 4096;
   Tensor logits = rnd({rows, vocab}, DType::BF16), losses = Tensor::empty({rows}, DType::F32, Device::CUDA);
   std::vector<int32_t> t(rows, 7);
   Tensor targets = Tensor::from_vector(t, {rows}).to(Device::CUDA);
-  timed(state, [&] {
+  timed(state, [&] { call(logits, targets, losses); });
+  state.counters["GB/s"] = benchmark::Counter(passes * rows * vocab * 2 / 1e9, benchmark::Counter::kIsIterationInvariantRate);
+}
+
+void BM_cross_entropy(benchmark::State& state) {
+  cross_entropy_bench(state, kV, 3.0, [](Tensor& logits, const Tensor& targets, Tensor& losses) {
+    int64_t cnt = 0;
+    ops::cross_entropy_forward(logits, targets, losses, &cnt);
+    ops::cross_entropy_backward(logits, targets, 1.0, logits);
+  });
+}
+
+// The LM head's fused loss + gradient, in place (models/llama.cpp); GB/s counts one read and one
+// write of the logits (the kernel reads each row twice: the second read mostly from L2).
+void BM_cross_entropy_fused(benchmark::State& state, int64_t vocab) {
+  cross_entropy_bench(state, vocab, 2.0, [](Tensor& logits, const Tensor& targets, Tensor& losses) {
     int64_t cnt = 0;
     ops::cross_entropy_forward_backward(logits, targets, 1e-9, losses, &cnt, logits);
   });
-  state.counters["GB/s"] = benchmark::Counter(2.0 * rows * vocab * 2 / 1e9, benchmark::Counter::kIsIterationInvariantRate);
 }
 
 using B = ops::AttentionBackend;
