@@ -4,16 +4,20 @@
 //   build/bench/bench_gpu_kernels --benchmark_counters_tabular=true
 // Counters: TFLOP/s for matrix work (attention counts the causal half: 2 * 2 * N * T/2 * d per
 // direction of QK^T and PV, backward 2.5x the forward), GB/s for memory-bound kernels (bytes
-// read + written once). Skips everything without a GPU.
+// read + written once), and %peak: against 989 TFLOP/s (an H100 SXM's dense bf16, as in the MFU
+// formula) or this device's memory bandwidth (2 x memory clock x bus width: 3352 GB/s on an H100
+// SXM). Skips everything without a GPU.
 #include <benchmark/benchmark.h>
 
 #include <chrono>
 #include <vector>
 
+#include "runtime/ops/adamw.h"
 #include "runtime/ops/attention.h"
 #include "runtime/ops/cross_entropy.h"
 #include "runtime/ops/matmul.h"
 #include "runtime/ops/rmsnorm.h"
+#include "runtime/ops/rope.h"
 #include "runtime/ops/swiglu.h"
 #include "runtime/tensor.h"
 #ifdef IEVO_CUDA
@@ -52,12 +56,13 @@ Tensor rnd(const Shape& s, DType dt) {
 // packs) overlaps the previous call's kernels instead of counting as device time; the peer's
 // kernel timings (bench/peer/llama_peer.py --attention) do the same.
 constexpr int kReps = 5;
+double g_call_s = 0;  // the last timed()'s mean device seconds per call (for %peak)
 template <typename F>
 void timed(benchmark::State& state, F&& body) {
   body();  // warm-up (plan/graph building)
   cuda::synchronize();
   cuda::Event a(true), b(true);
-  double host_s = 0;
+  double host_s = 0, device_s = 0;
   for (auto _ : state) {
     a.record();
     const auto t0 = std::chrono::steady_clock::now();
@@ -66,7 +71,9 @@ void timed(benchmark::State& state, F&& body) {
     b.record();
     b.synchronize();
     state.SetIterationTime(b.elapsed_ms(a) / 1e3 / kReps);
+    device_s += b.elapsed_ms(a) / 1e3 / kReps;
   }
+  g_call_s = state.iterations() > 0 ? device_s / static_cast<double>(state.iterations()) : 0;
   // The host's time to issue one call (checks, descriptors, launches), beside the device time.
   state.counters["host_us"] = benchmark::Counter(1e6 * host_s / kReps / static_cast<double>(state.iterations()));
 }
@@ -74,13 +81,33 @@ void timed(benchmark::State& state, F&& body) {
 constexpr int64_t kT = 2048, kB = 8, kN = kT * kB, kD = 2048, kHq = 32, kHkv = 4, kHd = 64,
                   kF = 5632, kV = 32000;
 
+// Rate counters per call, after timed(): flop (TFLOP/s) or bytes moved (GB/s), each with %peak.
+constexpr double kPeakTflops = 989.0;
+double peak_gbs() {
+  static const double v = [] {
+    int khz = 0, bits = 0;
+    cudaDeviceGetAttribute(&khz, cudaDevAttrMemoryClockRate, 0);
+    cudaDeviceGetAttribute(&bits, cudaDevAttrGlobalMemoryBusWidth, 0);
+    return 2.0 * khz * 1e3 * bits / 8 / 1e9;
+  }();
+  return v;
+}
+void flop_rate(benchmark::State& state, double flop) {
+  state.counters["TFLOP/s"] = benchmark::Counter(flop / 1e12, benchmark::Counter::kIsIterationInvariantRate);
+  if (g_call_s > 0) state.counters["%peak"] = 100 * flop / g_call_s / 1e12 / kPeakTflops;
+}
+void byte_rate(benchmark::State& state, double bytes) {
+  state.counters["GB/s"] = benchmark::Counter(bytes / 1e9, benchmark::Counter::kIsIterationInvariantRate);
+  const double peak = peak_gbs();
+  if (peak > 0 && g_call_s > 0) state.counters["%peak"] = 100 * bytes / g_call_s / 1e9 / peak;
+}
+
 void BM_matmul(benchmark::State& state, int64_t m, int64_t n, int64_t k, bool tb) {
   if (skip(state)) return;
   Tensor a = rnd({m, k}, DType::BF16), b = rnd(tb ? Shape{n, k} : Shape{k, n}, DType::BF16);
   Tensor c = Tensor::empty({m, n}, DType::BF16, Device::CUDA);
   timed(state, [&] { ops::matmul(a, false, b, tb, c); });
-  state.counters["TFLOP/s"] = benchmark::Counter(2.0 * m * n * k / 1e12,
-                                                 benchmark::Counter::kIsIterationInvariantRate);
+  flop_rate(state, 2.0 * m * n * k);
 }
 
 // Attention of B sequences of T tokens, Hq query / Hkv kv heads of dim hd.
@@ -129,26 +156,63 @@ void BM_attention(benchmark::State& state, ops::AttentionBackend be, bool backwa
   cuda::set_deterministic(false);
   cuda::flash::set_use_wgmma(true);
   const double fwd = 4.0 * kB * kHq * kHd * (kT * kT / 2.0);
-  state.counters["TFLOP/s"] = benchmark::Counter((backward ? 2.5 : 1.0) * fwd / 1e12,
-                                                 benchmark::Counter::kIsIterationInvariantRate);
+  flop_rate(state, (backward ? 2.5 : 1.0) * fwd);
 }
 
-void BM_rmsnorm(benchmark::State& state, bool backward) {
+// Backward with residual: the model's call, dx = the norm's input gradient + the residual stream's
+// gradient (4 passes over [N, d]; without it 3).
+void BM_rmsnorm(benchmark::State& state, bool backward, bool residual = false) {
   if (skip(state)) return;
   Tensor x = rnd({kN, kD}, DType::BF16), w = rnd({kD}, DType::BF16), y = Tensor::empty({kN, kD}, DType::BF16, Device::CUDA);
   Tensor rstd = Tensor::empty({kN}, DType::F32, Device::CUDA), dw = Tensor::zeros({kD}, DType::F32, Device::CUDA);
+  Tensor res = residual ? rnd({kN, kD}, DType::BF16) : Tensor();
   ops::rmsnorm_forward(x, w, 1e-5, y, rstd);
-  if (backward) timed(state, [&] { ops::rmsnorm_backward(x, x, w, rstd, y, dw); });
+  if (backward) timed(state, [&] { ops::rmsnorm_backward(x, x, w, rstd, y, dw, res); });
   else timed(state, [&] { ops::rmsnorm_forward(x, w, 1e-5, y, rstd); });
-  const double bytes = (backward ? 3.0 : 2.0) * kN * kD * 2;
-  state.counters["GB/s"] = benchmark::Counter(bytes / 1e9, benchmark::Counter::kIsIterationInvariantRate);
+  byte_rate(state, (backward ? (residual ? 4.0 : 3.0) : 2.0) * kN * kD * 2);
 }
 
-void BM_swiglu(benchmark::State& state) {
+// Forward: h = silu(gate) * up (3 passes over [N, F]); backward: dgate, dup written over gate and
+// up from dh (5 passes), as the model calls them.
+void BM_swiglu(benchmark::State& state, bool backward) {
   if (skip(state)) return;
-  Tensor g = rnd({kN, kF}, DType::BF16), u = rnd({kN, kF}, DType::BF16), o = Tensor::empty({kN, kF}, DType::BF16, Device::CUDA);
-  timed(state, [&] { ops::swiglu_forward(g, u, o); });
-  state.counters["GB/s"] = benchmark::Counter(3.0 * kN * kF * 2 / 1e9, benchmark::Counter::kIsIterationInvariantRate);
+  Tensor g = rnd({kN, kF}, DType::BF16), u = rnd({kN, kF}, DType::BF16), o = rnd({kN, kF}, DType::BF16);
+  if (backward) timed(state, [&] { ops::swiglu_backward(o, g, u, g, u); });
+  else timed(state, [&] { ops::swiglu_forward(g, u, o); });
+  byte_rate(state, (backward ? 5.0 : 3.0) * kN * kF * 2);
+}
+
+// RoPE on the queries [N, Hq, hd] in place (the model's call; the keys are Hkv / Hq of it).
+void BM_rope(benchmark::State& state, bool backward) {
+  if (skip(state)) return;
+  Tensor q = rnd({kN, kHq, kHd}, DType::BF16);
+  std::vector<int32_t> p(kN);
+  for (int64_t i = 0; i < kN; ++i) p[static_cast<size_t>(i)] = static_cast<int32_t>(i % kT);
+  Tensor pos = Tensor::from_vector(p, {kN}).to(Device::CUDA);
+  if (backward) timed(state, [&] { ops::rope_backward(q, pos, 10000.0, q); });
+  else timed(state, [&] { ops::rope_forward(q, pos, 10000.0, q); });
+  byte_rate(state, 2.0 * kN * kHq * kHd * 2);
+}
+
+// AdamW over 2^27 parameters with bf16 gradients: an f32 master plus the bf16 weight copy (28
+// bytes a parameter), or the master as remainders of the bf16 weights (26; optim.param_remainders).
+void BM_adamw(benchmark::State& state, bool remainders) {
+  if (skip(state)) return;
+  const int64_t n = int64_t{1} << 27;
+  Tensor g = rnd({n}, DType::BF16), w = rnd({n}, DType::BF16);
+  Tensor m = Tensor::zeros({n}, DType::F32, Device::CUDA), v = Tensor::zeros({n}, DType::F32, Device::CUDA);
+  ops::AdamWHyper h;
+  h.lr = 1e-4;
+  h.weight_decay = 0.1;
+  h.step = 10;
+  if (remainders) {
+    Tensor r = Tensor::zeros({n}, DType::I16, Device::CUDA);
+    timed(state, [&] { ops::adamw_step_remainder(w, r, g, m, v, h); });
+  } else {
+    Tensor p = Tensor::zeros({n}, DType::F32, Device::CUDA);
+    timed(state, [&] { ops::adamw_step(p, g, m, v, h, &w); });
+  }
+  byte_rate(state, (remainders ? 26.0 : 28.0) * n);
 }
 
 // Cross-entropy on one LM-head chunk: 4096 rows of bf16 logits over `vocab`, every target 7;
@@ -161,7 +225,7 @@ void cross_entropy_bench(benchmark::State& state, int64_t vocab, double passes, 
   std::vector<int32_t> t(rows, 7);
   Tensor targets = Tensor::from_vector(t, {rows}).to(Device::CUDA);
   timed(state, [&] { call(logits, targets, losses); });
-  state.counters["GB/s"] = benchmark::Counter(passes * rows * vocab * 2 / 1e9, benchmark::Counter::kIsIterationInvariantRate);
+  byte_rate(state, passes * rows * vocab * 2);
 }
 
 void BM_cross_entropy(benchmark::State& state) {
@@ -202,7 +266,13 @@ BENCHMARK_CAPTURE(BM_attention, hd128_cudnnragged_fwd, B::Cudnn, false, kHd128, 
 BENCHMARK_CAPTURE(BM_attention, hd128_cudnnragged_bwd, B::Cudnn, true, kHd128, true)->UseManualTime()->Unit(benchmark::kMillisecond);
 BENCHMARK_CAPTURE(BM_rmsnorm, fwd, false)->UseManualTime()->Unit(benchmark::kMillisecond);
 BENCHMARK_CAPTURE(BM_rmsnorm, bwd, true)->UseManualTime()->Unit(benchmark::kMillisecond);
-BENCHMARK(BM_swiglu)->UseManualTime()->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(BM_rmsnorm, bwd_residual, true, true)->UseManualTime()->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(BM_swiglu, fwd, false)->UseManualTime()->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(BM_swiglu, bwd, true)->UseManualTime()->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(BM_rope, fwd, false)->UseManualTime()->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(BM_rope, bwd, true)->UseManualTime()->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(BM_adamw, f32_master, false)->UseManualTime()->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(BM_adamw, remainders, true)->UseManualTime()->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_cross_entropy)->UseManualTime()->Unit(benchmark::kMillisecond);
 BENCHMARK_CAPTURE(BM_cross_entropy_fused, v32000, 32000)->UseManualTime()->Unit(benchmark::kMillisecond);
 BENCHMARK_CAPTURE(BM_cross_entropy_fused, v92544, 92544)->UseManualTime()->Unit(benchmark::kMillisecond);

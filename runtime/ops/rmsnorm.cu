@@ -129,14 +129,19 @@ __global__ void rms_bwd_vec(const T* dy, const T* x, const W* w, const float* rs
   }
   for (int64_t row = blockIdx.x; row < n; row += gridDim.x) {
     const float r = rstd[row];
-    Pack<T, N> pg[P], px[P];
+    Pack<T, N> pg[P], px[P], pr[P];
     float dot = 0.f;
 #pragma unroll
     for (int p = 0; p < P; ++p) {
       const int64_t c = threadIdx.x + static_cast<int64_t>(p) * blockDim.x;
+      pr[p] = Pack<T, N>{};
       if (c < np) {
         pg[p] = load_pack<T, N>(dy + row * d + c * N);
         px[p] = load_pack<T, N>(x + row * d + c * N);
+        // The residual is loaded with dy and x, before the row's reduction: after it, its
+        // latency was exposed once a row (each thread reads only the elements it writes, so
+        // this holds when dx aliases x or the residual).
+        if (res) pr[p] = load_pack<T, N>(res + row * d + c * N);
 #pragma unroll
         for (int k = 0; k < N; ++k) dot += wr[p][k] * to_f(pg[p].v[k]) * to_f(px[p].v[k]);
       }
@@ -147,13 +152,12 @@ __global__ void rms_bwd_vec(const T* dy, const T* x, const W* w, const float* rs
     for (int p = 0; p < P; ++p) {
       const int64_t c = threadIdx.x + static_cast<int64_t>(p) * blockDim.x;
       if (c < np) {
-        Pack<T, N> pd, pr{};
-        if (res) pr = load_pack<T, N>(res + row * d + c * N);
+        Pack<T, N> pd;
 #pragma unroll
         for (int k = 0; k < N; ++k) {
           const float g = to_f(pg[p].v[k]), xv = to_f(px[p].v[k]);
           acc[p][k] += g * xv * r;
-          pd.v[k] = from_f<T>(r * (wr[p][k] * g) - xv * cc + (res ? to_f(pr.v[k]) : 0.f));
+          pd.v[k] = from_f<T>(r * (wr[p][k] * g) - xv * cc + (res ? to_f(pr[p].v[k]) : 0.f));
         }
         store_pack<T, N>(dx + row * d + c * N, pd);
       }

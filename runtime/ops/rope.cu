@@ -1,8 +1,8 @@
 // Rotary position embedding on the GPU (see rope.h), HF convention, angles in fp32 as the CPU op:
 //   inv_freq[i] = 1 / theta^(float(2i) / hd), angle = float(pos) * inv_freq[i]
 // One thread per (token, i < hd/2) computes cos/sin once and rotates the pair (i, i + hd/2) of
-// every head (bf16/f16: 4 consecutive pairs per thread, 8-byte loads); each pair is read before
-// it is written, so y may alias x.
+// every head (bf16/f16: 4 consecutive pairs per thread, 8-byte loads, 4 heads' loads in flight);
+// each pair is read before it is written, so y may alias x.
 #include "runtime/cuda/kernels.cuh"
 #include "runtime/ops/cuda_ops.h"
 
@@ -55,10 +55,14 @@ __global__ void rope_kernel_vec(const T* x, const int32_t* pos, float theta, T* 
       c[k] = cosf(angle);
       sn[k] = sign * sinf(angle);
     }
-    for (int h = 0; h < heads; ++h) {
-      const T* xr = x + (t * heads + h) * hd + i0;
-      T* yr = y + (t * heads + h) * hd + i0;
-      const auto pa = load_pack<T, K>(xr), pb = load_pack<T, K>(xr + half);
+    // kHeads heads at a time, all their loads before any store: y may alias x, so the compiler
+    // cannot move a head's loads above the previous head's stores itself, and one head's two
+    // loads a thread in flight left the kernel latency-bound (2.2 TB/s; 4 heads: see
+    // docs/performance.md).
+    constexpr int kHeads = 4;
+    const T* xt = x + t * heads * hd + i0;
+    T* yt = y + t * heads * hd + i0;
+    auto rotate = [&](const Pack<T, K>& pa, const Pack<T, K>& pb, T* yr) {
       Pack<T, K> ra, rb;
 #pragma unroll
       for (int k = 0; k < K; ++k) {
@@ -68,6 +72,21 @@ __global__ void rope_kernel_vec(const T* x, const int32_t* pos, float theta, T* 
       }
       store_pack<T, K>(yr, ra);
       store_pack<T, K>(yr + half, rb);
+    };
+    int h = 0;
+    for (; h + kHeads <= heads; h += kHeads) {
+      Pack<T, K> pa[kHeads], pb[kHeads];
+#pragma unroll
+      for (int u = 0; u < kHeads; ++u) {
+        pa[u] = load_pack<T, K>(xt + (h + u) * hd);
+        pb[u] = load_pack<T, K>(xt + (h + u) * hd + half);
+      }
+#pragma unroll
+      for (int u = 0; u < kHeads; ++u) rotate(pa[u], pb[u], yt + (h + u) * hd);
+    }
+    for (; h < heads; ++h) {
+      const Pack<T, K> pa = load_pack<T, K>(xt + h * hd), pb = load_pack<T, K>(xt + h * hd + half);
+      rotate(pa, pb, yt + h * hd);
     }
   }
 }
