@@ -276,16 +276,13 @@ void ZeroOptimizer::load_state(const ParamStore& master, const ParamStore* exp_a
     Tensor own = tmp.slice(0, shard_rank_ * B.piece, (shard_rank_ + 1) * B.piece);
     fill_bucket(tmp, master, b);
     if (remainders_) {  // every rank rounds the whole bucket alike; keeps its piece's remainders
+      auto mine = [&](const Tensor& t) { return t.slice(0, shard_rank_ * B.piece, (shard_rank_ + 1) * B.piece); };
       Tensor rem = Tensor::empty({B.padded}, DType::I16, device_);
-      Tensor w = zc_.stage <= 2 ? full_w_.slice(0, B.full_offset, B.full_offset + B.padded) : Tensor();
-      if (zc_.stage <= 2) {
-        ops::split_master(tmp, w, rem);
-      } else {
-        w = Tensor::empty({B.padded}, compute_, device_);
-        ops::split_master(tmp, w, rem);
-        shard_piece(shard_w_, b).copy_from(w.slice(0, shard_rank_ * B.piece, (shard_rank_ + 1) * B.piece));
-      }
-      shard_piece(master_, b).copy_from(rem.slice(0, shard_rank_ * B.piece, (shard_rank_ + 1) * B.piece));
+      Tensor w = zc_.stage <= 2 ? full_w_.slice(0, B.full_offset, B.full_offset + B.padded)
+                                : Tensor::empty({B.padded}, compute_, device_);
+      ops::split_master(tmp, w, rem);
+      if (zc_.stage == 3) shard_piece(shard_w_, b).copy_from(mine(w));
+      shard_piece(master_, b).copy_from(mine(rem));
     } else if (zc_.stage <= 2) {
       assign(full_w_.slice(0, B.full_offset, B.full_offset + B.padded), tmp);  // every rank: all
     } else {

@@ -63,18 +63,8 @@ __global__ void adamw_kernel(float* p, const G* grad, float* m, float* v, L* low
   }
 }
 
-// The f32 master as (bf16 weight, i16 remainder): f32_split_bf16 / f32_join_bf16 of runtime/dtype.h.
-__device__ __forceinline__ void split_bits(float x, uint16_t& hi, int16_t& rem) {
-  const uint32_t u = __float_as_uint(x);
-  rem = static_cast<int16_t>(static_cast<uint16_t>(u & 0xffffu));
-  hi = static_cast<uint16_t>((u >> 16) + ((u >> 15) & 1u));
-}
-__device__ __forceinline__ float join_bits(uint16_t hi, int16_t rem) {
-  const uint32_t h = static_cast<uint16_t>(hi - (rem < 0 ? 1 : 0));
-  return __uint_as_float((h << 16) | static_cast<uint16_t>(rem));
-}
-
-// adamw_kernel on a master kept as (weight, remainder): V = 4 loads 8 bytes of each.
+// adamw_kernel on a master kept as (weight, remainder), split and joined by runtime/dtype.h's
+// f32_split_bf16 / f32_join_bf16: V = 4 loads 8 bytes of each.
 template <typename G, int V>
 __global__ void adamw_remainder_kernel(uint16_t* w, int16_t* r, const G* grad, float* m, float* v, int64_t n,
                                        Scalars k) {
@@ -88,9 +78,9 @@ __global__ void adamw_remainder_kernel(uint16_t* w, int16_t* r, const G* grad, f
     const auto pg = load_pack<G, V>(grad + i * V);
 #pragma unroll
     for (int e = 0; e < V; ++e) {
-      float p = join_bits(pw.v[e], pr.v[e]);
+      float p = f32_join_bf16(pw.v[e], pr.v[e]);
       adamw_one(p, pm.v[e], pv.v[e], to_f(pg.v[e]), k);
-      split_bits(p, pw.v[e], pr.v[e]);
+      f32_split_bf16(p, pw.v[e], pr.v[e]);
     }
     store_pack<uint16_t, V>(w + i * V, pw);
     store_pack<int16_t, V>(r + i * V, pr);
@@ -98,9 +88,9 @@ __global__ void adamw_remainder_kernel(uint16_t* w, int16_t* r, const G* grad, f
     store_pack<float, V>(v + i * V, pv);
   }
   for (int64_t i = np * V + first; i < n; i += stride) {
-    float p = join_bits(w[i], r[i]), mi = m[i], vi = v[i];
+    float p = f32_join_bf16(w[i], r[i]), mi = m[i], vi = v[i];
     adamw_one(p, mi, vi, to_f(grad[i]), k);
-    split_bits(p, w[i], r[i]);
+    f32_split_bf16(p, w[i], r[i]);
     m[i] = mi;
     v[i] = vi;
   }
@@ -109,13 +99,13 @@ __global__ void adamw_remainder_kernel(uint16_t* w, int16_t* r, const G* grad, f
 __global__ void split_kernel(const float* x, uint16_t* w, int16_t* r, int64_t n) {
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x)
-    split_bits(x[i], w[i], r[i]);
+    f32_split_bf16(x[i], w[i], r[i]);
 }
 
 __global__ void join_kernel(const uint16_t* w, const int16_t* r, float* x, int64_t n) {
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x)
-    x[i] = join_bits(w[i], r[i]);
+    x[i] = f32_join_bf16(w[i], r[i]);
 }
 
 Scalars scalars(const AdamWHyper& h) {
