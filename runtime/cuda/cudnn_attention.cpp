@@ -17,6 +17,11 @@
 // dims [S, H, L, hd] with the same strides and no offsets, lengths or padding mask (no per-call
 // offset kernel, cuDNN's dense kernels).
 // IEVO_CUDNN_ATTN_DENSE=0 turns it off (e.g. to compare).
+// Plan choice: as for the GEMMs (runtime/ops/matmul.cu), every execution plan the heuristics
+// offer (modes A and FALLBACK) is built and each is timed on the graph's first call with the real
+// operands (1 warm-up + 3 runs, CUDA events); the fastest is kept. The outputs are written by
+// every trial and again by the real call. IEVO_CUDNN_ATTN_AUTOTUNE=0 (or run.deterministic) keeps
+// the heuristic's first plan; IEVO_CUDNN_ATTN_AUTOTUNE=log also prints each plan's time.
 #include "runtime/cuda/cudnn_attention.h"
 
 #include <cudnn.h>
@@ -25,6 +30,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <limits>
 #include <string>
 #include <utility>
 #include <map>
@@ -59,8 +65,21 @@ struct Key {
 
 struct Entry {
   std::shared_ptr<fe::graph::Graph> graph;
-  int64_t workspace = 0;
+  int64_t workspace = 0;  // of `plan`
+  int64_t plan = -1;      // index of the plan that runs; -1: the heuristic's choice
+  bool tune = false;      // all plans built; time them on the first call
 };
+
+// 0: off, 1: on, 2: on and print each plan's time.
+int autotune_mode() {
+  static const int env = [] {
+    const char* e = std::getenv("IEVO_CUDNN_ATTN_AUTOTUNE");
+    if (!e) return 1;
+    if (std::string(e) == "0") return 0;
+    return std::string(e) == "log" ? 2 : 1;
+  }();
+  return deterministic() ? 0 : env;
+}
 
 struct State {
   std::mutex mu;
@@ -130,7 +149,13 @@ void finish_build(fe::graph::Graph& g, cudnnHandle_t h, Entry& e) {
   IEVO_FE_CHECK(g.build_operation_graph(h));
   IEVO_FE_CHECK(g.create_execution_plans({fe::HeurMode_t::A, fe::HeurMode_t::FALLBACK}));
   IEVO_FE_CHECK(g.check_support(h));
-  IEVO_FE_CHECK(g.build_plans(h));
+  e.tune = autotune_mode() > 0;
+  if (e.tune) {
+    IEVO_FE_CHECK(g.build_plans(h, fe::BuildPlanPolicy_t::ALL));
+    e.tune = g.get_execution_plan_count() > 1;
+  } else {
+    IEVO_FE_CHECK(g.build_plans(h));
+  }
   IEVO_FE_CHECK(g.get_workspace_size(e.workspace));
 }
 
@@ -242,12 +267,52 @@ Aux make_aux(const int32_t* cu, int num_seqs, int64_t b, int64_t smax, int64_t h
   return a;
 }
 
-void run(State& st, const Entry& e, std::unordered_map<int64_t, void*>& pack, cudaStream_t s) {
+// Times every built plan on the real operands and keeps the fastest (see the top of the file).
+// A plan that fails to run is skipped; if none runs, the heuristic's first plan stays.
+void tune(Entry& e, cudnnHandle_t h, std::unordered_map<int64_t, void*>& pack, cudaStream_t s) {
+  e.tune = false;
+  const int64_t count = e.graph->get_execution_plan_count();
+  cudaEvent_t t0, t1;
+  IEVO_CUDA_CHECK(cudaEventCreate(&t0));
+  IEVO_CUDA_CHECK(cudaEventCreate(&t1));
+  float best = std::numeric_limits<float>::infinity();
+  std::string log;
+  for (int64_t i = 0; i < count; ++i) {
+    int64_t wsz = 0;
+    if (!e.graph->get_workspace_size_plan_at_index(i, wsz).is_good()) continue;
+    DeviceBuffer ws(static_cast<size_t>(std::max<int64_t>(wsz, 1)));
+    if (!e.graph->execute_plan_at_index(h, pack, ws.data(), i).is_good()) continue;
+    IEVO_CUDA_CHECK(cudaEventRecord(t0, s));
+    bool ok = true;
+    for (int r = 0; r < 3 && ok; ++r) ok = e.graph->execute_plan_at_index(h, pack, ws.data(), i).is_good();
+    IEVO_CUDA_CHECK(cudaEventRecord(t1, s));
+    IEVO_CUDA_CHECK(cudaEventSynchronize(t1));
+    if (!ok) continue;
+    float ms = 0;
+    IEVO_CUDA_CHECK(cudaEventElapsedTime(&ms, t0, t1));
+    ms /= 3;
+    log += detail::cat("\n  plan ", i, ": ", ms * 1000.0f, " us");
+    if (ms < best) {
+      best = ms;
+      e.plan = i;
+      e.workspace = wsz;
+    }
+  }
+  IEVO_CUDA_CHECK(cudaEventDestroy(t0));
+  IEVO_CUDA_CHECK(cudaEventDestroy(t1));
+  if (autotune_mode() == 2)
+    std::fprintf(stderr, "ievo: cuDNN attention autotune: %lld plans, plan %lld kept%s\n",
+                 static_cast<long long>(count), static_cast<long long>(e.plan), log.c_str());
+}
+
+void run(State& st, Entry& e, std::unordered_map<int64_t, void*>& pack, cudaStream_t s) {
   cudnnHandle_t h = handle(st);
   cudnnStatus_t cs = cudnnSetStream(h, s);
   IEVO_CHECK(cs == CUDNN_STATUS_SUCCESS, "cudnnSetStream failed: ", cudnnGetErrorString(cs));
+  if (e.tune) tune(e, h, pack, s);
   DeviceBuffer ws(static_cast<size_t>(std::max<int64_t>(e.workspace, 1)));
-  IEVO_FE_CHECK(e.graph->execute(h, pack, ws.data()));
+  if (e.plan < 0) IEVO_FE_CHECK(e.graph->execute(h, pack, ws.data()));
+  else IEVO_FE_CHECK(e.graph->execute_plan_at_index(h, pack, ws.data(), e.plan));
 }
 
 int64_t pow2_at_least(int64_t x, int64_t lo) {
@@ -266,7 +331,7 @@ std::pair<int64_t, int64_t> graph_shape(int num_seqs, int max_seqlen) {
 
 void* mut(const void* p) { return const_cast<void*>(p); }
 
-const Entry& graph_for(State& st, const Key& key, float scale) {
+Entry& graph_for(State& st, const Key& key, float scale) {
   auto it = st.graphs.find(key);
   if (it == st.graphs.end())
     it = st.graphs.emplace(key, key.bwd ? build_backward(key, handle(st), scale)
@@ -276,7 +341,7 @@ const Entry& graph_for(State& st, const Key& key, float scale) {
 
 // The dense graph (uniform sequences), or nullptr: turned off with IEVO_CUDNN_ATTN_DENSE=0, or
 // refused by this cuDNN (said once on stderr; the ragged graph is used from then on).
-const Entry* dense_graph(State& st, const Key& key, float scale) {
+Entry* dense_graph(State& st, const Key& key, float scale) {
   static const bool on = [] {
     const char* e = std::getenv("IEVO_CUDNN_ATTN_DENSE");
     return !(e && std::string(e) == "0");
@@ -325,7 +390,7 @@ void forward(const Tensor& q, const Tensor& k, const Tensor& v, const int32_t* c
   std::lock_guard<std::mutex> lock(st.mu);
   if (uniform_len > 0) {
     const Key key{false, num_seqs, uniform_len, hq, hkv, hd, false, f16, true};
-    if (const Entry* e = dense_graph(st, key, scale)) {
+    if (Entry* e = dense_graph(st, key, scale)) {
       DeviceBuffer stats(static_cast<size_t>(n * hq) * sizeof(float));
       std::unordered_map<int64_t, void*> pack = {{kQ, mut(q.raw())}, {kK, mut(k.raw())},
                                                  {kV, mut(v.raw())}, {kO, out.raw()},
@@ -337,7 +402,7 @@ void forward(const Tensor& q, const Tensor& k, const Tensor& v, const int32_t* c
     }
   }
   const auto [b, smax] = graph_shape(num_seqs, max_seqlen);
-  const Entry& e = graph_for(st, Key{false, b, smax, hq, hkv, hd, false, f16, false}, scale);
+  Entry& e = graph_for(st, Key{false, b, smax, hq, hkv, hd, false, f16, false}, scale);
   Aux a = make_aux(cu, num_seqs, b, smax, hq, hkv, hd, s);
   std::unordered_map<int64_t, void*> pack = {
       {kQ, mut(q.raw())},          {kK, mut(k.raw())},          {kV, mut(v.raw())},
@@ -360,7 +425,7 @@ void backward(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor
   std::lock_guard<std::mutex> lock(st.mu);
   if (uniform_len > 0) {
     const Key key{true, num_seqs, uniform_len, hq, hkv, hd, deterministic(), f16, true};
-    if (const Entry* e = dense_graph(st, key, scale)) {
+    if (Entry* e = dense_graph(st, key, scale)) {
       DeviceBuffer stats(static_cast<size_t>(n * hq) * sizeof(float));
       attn::packed_to_padded(lse.data<float>(), cu, num_seqs, static_cast<int>(hq), uniform_len,
                              static_cast<int>(n), stats.as<float>(), s);
@@ -373,7 +438,7 @@ void backward(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor
     }
   }
   const auto [b, smax] = graph_shape(num_seqs, max_seqlen);
-  const Entry& e = graph_for(st, Key{true, b, smax, hq, hkv, hd, deterministic(), f16, false}, scale);
+  Entry& e = graph_for(st, Key{true, b, smax, hq, hkv, hd, deterministic(), f16, false}, scale);
   Aux a = make_aux(cu, num_seqs, b, smax, hq, hkv, hd, s);
   IEVO_CUDA_CHECK(cudaMemsetAsync(a.stats.data(), 0, a.stats.size(), s));
   attn::packed_to_padded(lse.data<float>(), cu, num_seqs, static_cast<int>(hq),
