@@ -23,7 +23,7 @@ static void train_step(benchmark::State& state, ModelConfig c, int64_t B, int64_
   for (auto& t : rows) t = static_cast<int32_t>(rng() % c.vocab_size);
   Batch b = make_batch(rows, B, T);
   for (auto _ : state) {
-    grads.zero();
+    grads.zero_lazily();
     LossSum ls = model.forward_backward(params, b, 1.0 / static_cast<double>(B * T), grads);
     benchmark::DoNotOptimize(ls.sum);
     opt.step(params, grads, 1e-4, 1.0);

@@ -28,24 +28,25 @@ Tensor linear(const Tensor& x, const Tensor& w) {
   return y;
 }
 
-// Backward of y = x W^T: dx (+)= dy W, dW += scale-free dy^T x.
+// Backward of y = x W^T: dx (+)= dy W, dW = beta dW + dy^T x (the accumulator's beta: 0 on the
+// step's first write of a lazily zeroed gradient, ParamStore::zero_lazily).
 void linear_backward(const Tensor& dy, const Tensor& x, const Tensor& w, Tensor& dx, bool accumulate_dx,
-                     Tensor& dw) {
+                     ParamStore::Accumulator dw) {
   matmul(dy, false, w, false, dx, 1.0f, accumulate_dx ? 1.0f : 0.0f);
-  matmul(dy, true, x, false, dw, 1.0f, 1.0f);
+  matmul(dy, true, x, false, dw.tensor, 1.0f, dw.beta);
 }
 
 // One projection y = x W^T of a shared input x: its output gradient, weight and weight gradient.
 struct LinearGrad {
   const Tensor& dy;
   const Tensor& w;
-  Tensor& dw;
+  ParamStore::Accumulator dw;
 };
 
 // Backward of projections y_i = x W_i^T of one input x that is not needed afterwards: every
-// dW_i += dy_i^T x first (they read x), then dx = sum_i dy_i W_i written over x's buffer (returned).
+// dW_i (+)= dy_i^T x first (they read x), then dx = sum_i dy_i W_i written over x's buffer (returned).
 Tensor weight_grads_then_input_grad(const Tensor& x, std::initializer_list<LinearGrad> ps) {
-  for (const LinearGrad& p : ps) matmul(p.dy, true, x, false, p.dw, 1.0f, 1.0f);
+  for (const LinearGrad& p : ps) matmul(p.dy, true, x, false, p.dw.tensor, 1.0f, p.dw.beta);
   Tensor dx = x;
   float beta = 0.0f;
   for (const LinearGrad& p : ps) {
@@ -180,17 +181,17 @@ Tensor Llama::block_backward(const ParamStore& p, int layer, const Batch& b, con
   // backward allocates only dout and dq/dk/dv, none of the [N, F] buffers (peak memory).
   // out = a + Wd h: da = dy + (norm-backward of the MLP branch)
   Tensor dyg = mp_->gather_output_grad(dy);
-  Tensor dh = weight_grads_then_input_grad(a.h, {{dyg, p[L.wd], g[L.wd]}});
+  Tensor dh = weight_grads_then_input_grad(a.h, {{dyg, p[L.wd], g.accumulator(L.wd)}});
   Tensor dgate = a.gate, dup = a.up;
   swiglu_backward(dh, a.gate, a.up, dgate, dup);
-  Tensor dn2 = weight_grads_then_input_grad(a.n2, {{dgate, p[L.wg], g[L.wg]}, {dup, p[L.wu], g[L.wu]}});
+  Tensor dn2 = weight_grads_then_input_grad(a.n2, {{dgate, p[L.wg], g.accumulator(L.wg)}, {dup, p[L.wu], g.accumulator(L.wu)}});
   Tensor da = a.a;  // the norm's backward + dy (the residual path)
   rmsnorm_backward(mp_->reduce_input_grad(dn2), a.a, p[L.ln2], a.rstd2, da, g[L.ln2], dy);
   // a = x + Wo attn
   Tensor dag = mp_->gather_output_grad(da);
   Tensor dout = Tensor::empty(a.o.shape(), dt, dev);
   Tensor dout2 = dout.view({N, -1});
-  linear_backward(dag, a.o.view({N, -1}), p[L.wo], dout2, false, g[L.wo]);
+  linear_backward(dag, a.o.view({N, -1}), p[L.wo], dout2, false, g.accumulator(L.wo));
   Tensor dattn = mp_->scatter_heads(dout);
   Tensor dq = Tensor::empty(a.q.shape(), dt, dev);
   Tensor dk = Tensor::empty(a.k.shape(), dt, dev);
@@ -202,9 +203,9 @@ Tensor Llama::block_backward(const ParamStore& p, int layer, const Batch& b, con
   dv = mp_->gather_heads(dv);
   rope_backward(dq, b.positions, c_.rope_theta, dq);
   rope_backward(dk, b.positions, c_.rope_theta, dk);
-  Tensor dn1 = weight_grads_then_input_grad(a.n1, {{dq.view({N, -1}), p[L.wq], g[L.wq]},
-                                                  {dk.view({N, -1}), p[L.wk], g[L.wk]},
-                                                  {dv.view({N, -1}), p[L.wv], g[L.wv]}});
+  Tensor dn1 = weight_grads_then_input_grad(a.n1, {{dq.view({N, -1}), p[L.wq], g.accumulator(L.wq)},
+                                                  {dk.view({N, -1}), p[L.wk], g.accumulator(L.wk)},
+                                                  {dv.view({N, -1}), p[L.wv], g.accumulator(L.wv)}});
   Tensor dx = Tensor::empty({n, d}, dt, dev);
   rmsnorm_backward(mp_->reduce_input_grad(dn1), a.x, p[L.ln1], a.rstd1, dx, g[L.ln1], da);
   return dx;
@@ -289,13 +290,14 @@ Tensor Llama::stage_forward(const ParamStore& p, int chunk, const Batch& b, cons
   Tensor xg = mp_->gather_input(rmsnorm(x, p[norm_], c_.norm_eps, rstd));
   if (acts) {
     Tensor dxg = xg;  // the head's input gradient over its input (peak memory)
+    ParamStore::Accumulator dw = g->accumulator(head_);
     loss->sum += mp_->head_loss(xg, head_weight(p), b.targets, grad_scale, head_chunk_tokens,
-                                &loss->count, &dxg, &(*g)[head_]);
+                                &loss->count, &dxg, &dw.tensor, dw.beta);
     acts->head_dx = Tensor::empty(x.shape(), x.dtype(), x.device());
     rmsnorm_backward(mp_->reduce_input_grad(dxg), x, p[norm_], rstd, acts->head_dx, (*g)[norm_]);
   } else {
     loss->sum += mp_->head_loss(xg, head_weight(p), b.targets, 1.0, head_chunk_tokens, &loss->count,
-                                nullptr, nullptr);
+                                nullptr, nullptr, 1.0f);
   }
   after(hl, acts ? P::Backward : P::Forward);
   return Tensor();

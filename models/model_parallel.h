@@ -50,9 +50,10 @@ class ModelParallel {
   // The fused LM head and cross-entropy (ops::lm_head_loss) with this rank's rows of the head
   // (vocabulary-parallel: never gathers the logits). h [N, d]; returns the summed loss over the
   // targets and adds their count to *count (the same on every rank of the group); dh (if
-  // defined, may alias h) gets the rank's partial d loss/dh (the model calls reduce_input_grad), dw += its rows.
+  // defined, may alias h) gets the rank's partial d loss/dh (the model calls reduce_input_grad), dw
+  // = dw_beta dw + its rows (ParamStore::accumulator's beta).
   virtual double head_loss(const Tensor& h, const Tensor& w, const Tensor& targets, double grad_scale,
-                           int64_t chunk_tokens, int64_t* count, Tensor* dh, Tensor* dw);
+                           int64_t chunk_tokens, int64_t* count, Tensor* dh, Tensor* dw, float dw_beta);
 };
 
 }  // namespace ievo

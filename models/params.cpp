@@ -37,11 +37,14 @@ void ParamStore::bind(size_t i, const Tensor& t) {
   IEVO_CHECK(t.shape() == specs_[i].shape && t.dtype() == dtype() && t.device() == device(),
              "ParamStore::bind: ", specs_[i].name, " needs ", dtype_name(dtype()),
              shape_str(specs_[i].shape), " on ", device_name(device()), ", got ", t.describe());
+  IEVO_CHECK(i >= unwritten_.size() || !unwritten_[i], "ParamStore::bind: ", specs_[i].name,
+             " is lazily zeroed (zero_lazily) and must stay bound until written");
   tensors_[i] = t;
 }
 
 void ParamStore::unbind(size_t i) {
   IEVO_CHECK(i < specs_.size(), "ParamStore::unbind: index ", i, " out of range");
+  materialize(i);
   tensors_[i] = Tensor();
 }
 
@@ -50,8 +53,29 @@ size_t ParamStore::index_of(const std::string& name) const {
   IEVO_CHECK(it != index_.end(), "no parameter named '", name, "'");
   return it->second;
 }
-Tensor& ParamStore::get(const std::string& name) { return tensors_[index_of(name)]; }
-const Tensor& ParamStore::get(const std::string& name) const { return tensors_[index_of(name)]; }
+Tensor& ParamStore::get(const std::string& name) { return materialize(index_of(name)); }
+const Tensor& ParamStore::get(const std::string& name) const { return materialize(index_of(name)); }
+
+Tensor& ParamStore::materialize(size_t i) const {
+  Tensor& t = const_cast<Tensor&>(tensors_[i]);
+  if (i < unwritten_.size() && unwritten_[i]) {
+    unwritten_[i] = 0;
+    if (t.defined()) t.zero_();
+  }
+  return t;
+}
+
+void ParamStore::materialize_all() const {
+  for (size_t i = 0; i < unwritten_.size(); ++i) materialize(i);
+  unwritten_.clear();
+}
+
+ParamStore::Accumulator ParamStore::accumulator(size_t i) {
+  IEVO_CHECK(i < specs_.size(), "ParamStore::accumulator: index ", i, " out of range");
+  const bool fresh = i < unwritten_.size() && unwritten_[i];
+  if (fresh) unwritten_[i] = 0;
+  return {tensors_[i], fresh ? 0.0f : 1.0f};
+}
 
 int64_t ParamStore::numel() const {
   int64_t n = 0;

@@ -1,6 +1,7 @@
 #include "parallel/tensor_parallel.h"
 
 #include <algorithm>
+#include <utility>
 
 #include "runtime/ops/cross_entropy.h"
 #include "runtime/ops/elementwise.h"
@@ -164,9 +165,9 @@ void TensorParallel::embedding_backward(const Tensor& dout, const Tensor& ids, T
 
 double TensorParallel::head_loss(const Tensor& h, const Tensor& w, const Tensor& targets,
                                  double grad_scale, int64_t chunk_tokens, int64_t* count, Tensor* dh,
-                                 Tensor* dw) {
+                                 Tensor* dw, float dw_beta) {
   if (tp_size_ == 1)
-    return ops::lm_head_loss(h, w, targets, grad_scale, chunk_tokens, count, dh, dw);
+    return ops::lm_head_loss(h, w, targets, grad_scale, chunk_tokens, count, dh, dw, dw_beta);
   const char* op = "TensorParallel::head_loss";
   IEVO_CHECK(h.defined() && h.dim() == 2 && h.is_contiguous(), op, ": tensor 'h' must be a contiguous [N, D]");
   IEVO_CHECK(w.defined() && w.dim() == 2, op, ": tensor 'w' must be [V_local, D]");
@@ -198,10 +199,11 @@ double TensorParallel::head_loss(const Tensor& h, const Tensor& w, const Tensor&
     if (count) *count += cnt;
     if (!grad) continue;
     ops::vocab_ce_backward(lc, tc, begin, lse, grad_scale, lc);
-    if (dw && dw->defined()) ops::matmul(lc, true, hc, false, *dw, 1.0f, 1.0f);
+    if (dw && dw->defined()) ops::matmul(lc, true, hc, false, *dw, 1.0f, std::exchange(dw_beta, 1.0f));
     Tensor dhc = dh->slice(0, s, e);  // after dw: dh may alias h
     ops::matmul(lc, false, w, false, dhc);
   }
+  if (dw && dw->defined() && dw_beta == 0.0f) dw->zero_();  // no chunk: still to be written
   return total;
 }
 

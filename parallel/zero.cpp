@@ -335,8 +335,8 @@ void ZeroOptimizer::begin_step(int micro_batches) {
   writes_seen_.assign(layout_.buckets.size(), 0);
   reduced_.assign(reduced_.size(), false);
   bwd_calls_ = 0;
-  if (zc_.stage <= 1) {
-    full_g_.zero_();
+  if (zc_.stage <= 1) {  // full_g_ zeroed lazily: the first write of each gradient overwrites it
+    grads_.zero_lazily();
     return;
   }
   shard_g_.zero_();
@@ -368,6 +368,7 @@ void ZeroOptimizer::issue_grad_reduce(int b) {
     grad_buffers_[b] = Tensor();
     unbind_bucket(grads_, b);
   } else {
+    for (size_t i : B.tensors) grads_.materialize(i);  // one the backward did not write: zero
     bucket = full_g_.slice(0, B.full_offset, B.full_offset + B.padded);
   }
   Tensor own = bucket.slice(0, shard_rank_ * B.piece, (shard_rank_ + 1) * B.piece);
@@ -589,6 +590,7 @@ double ZeroOptimizer::local_sum_squares() {
 
 double ZeroOptimizer::finish_gradients() {
   const int nb = static_cast<int>(layout_.buckets.size());
+  grads_.materialize_all();  // full_g_ is read whole below
   drain_all();
   release_prefetched();
   if (zc_.pre_reduce) zc_.pre_reduce(grads_);  // deferred (stages 0-1: all) gradients whole
@@ -620,6 +622,7 @@ double ZeroOptimizer::finish_gradients() {
 }
 
 void ZeroOptimizer::step(double lr, double grad_scale) {
+  grads_.materialize_all();
   drain_all();
   release_prefetched();  // a gather in flight reads the weight shard AdamW rewrites
   wait_weight_gathers();

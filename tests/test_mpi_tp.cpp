@@ -166,7 +166,7 @@ TEST(TensorParallelRegions, VocabularyParallelEmbeddingAndLoss) {
   const double loss = ops::lm_head_loss(h, w, targets, scale, 8, &count, &dh, &dw);
   Tensor pdh = Tensor::empty({N, D}, DType::F64), pdw = Tensor::zeros({vl, D}, DType::F64);
   int64_t pcount = 0;
-  const double ploss = tp.head_loss(h, rows(w, t, vl), targets, scale, 8, &pcount, &pdh, &pdw);
+  const double ploss = tp.head_loss(h, rows(w, t, vl), targets, scale, 8, &pcount, &pdh, &pdw, 1.0f);
   EXPECT_EQ(pcount, count);  // counted once, not T times
   EXPECT_EQ(count, N - 2);
   EXPECT_NEAR(ploss, loss, 1e-12 * loss);
@@ -177,7 +177,7 @@ TEST(TensorParallelRegions, VocabularyParallelEmbeddingAndLoss) {
   EXPECT_LT(test::rel_l2(pdw, rows(dw, t, vl)), 1e-12);
   // Forward only.
   int64_t fcount = 0;
-  EXPECT_NEAR(tp.head_loss(h, rows(w, t, vl), targets, 1.0, 1000, &fcount, nullptr, nullptr), loss, 1e-12 * loss);
+  EXPECT_NEAR(tp.head_loss(h, rows(w, t, vl), targets, 1.0, 1000, &fcount, nullptr, nullptr, 1.0f), loss, 1e-12 * loss);
   EXPECT_EQ(fcount, count);
 }
 

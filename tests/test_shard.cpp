@@ -168,3 +168,36 @@ TEST(Shard, WholeModelCallsRefuseAStage) {
 }
 
 }  // namespace
+
+// ParamStore::zero_lazily: no pass over the buffer; the first writer of a tensor overwrites it
+// (accumulator's beta 0, once), any other access finds it zeroed, padding stays as it was.
+TEST(ParamStore, LazyZeroOverwritesOrZeroesOnFirstAccess) {
+  std::vector<ParamSpec> specs = {{"a", {3, 2}}, {"b", {5}}, {"c", {2, 2}}};
+  ParamStore g(specs, DType::F32, Device::CPU);
+  Tensor flat = g.flat();
+  float* f = flat.data<float>();
+  for (int64_t i = 0; i < flat.numel(); ++i) f[i] = 7.0f;  // stale values, padding too
+  g.zero_lazily();
+  // a: overwritten by its first writer (beta 0), then accumulated (beta 1).
+  ParamStore::Accumulator first = g.accumulator(0);
+  EXPECT_EQ(first.beta, 0.0f);
+  EXPECT_EQ(first.tensor.data<float>(), f);
+  ParamStore::Accumulator second = g.accumulator(0);
+  EXPECT_EQ(second.beta, 1.0f);
+  EXPECT_EQ(g[0].data<float>()[0], 7.0f);  // written by nobody here: a's values are the caller's
+  // b: a plain access zeroes it; later accumulators add to it.
+  const ParamStore& cg = g;
+  for (int64_t i = 0; i < 5; ++i) EXPECT_EQ(cg[1].data<float>()[i], 0.0f);
+  EXPECT_EQ(g.accumulator(1).beta, 1.0f);
+  // c: untouched until the whole buffer is read, which zeroes it but not the padding.
+  EXPECT_EQ(f[g.offset(2)], 7.0f);
+  g.flat();
+  for (int64_t i = 0; i < 4; ++i) EXPECT_EQ(f[g.offset(2) + i], 0.0f);
+  EXPECT_EQ(f[g.offset(2) + 4], 7.0f);  // padding after c
+  EXPECT_EQ(g.accumulator(2).beta, 1.0f);
+  // zero() is eager and clears the marks.
+  g.zero_lazily();
+  g.zero();
+  EXPECT_EQ(g.accumulator(0).beta, 1.0f);
+  EXPECT_EQ(f[g.offset(2) + 4], 0.0f);
+}

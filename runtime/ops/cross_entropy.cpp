@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <utility>
 #include <vector>
 
 #include "runtime/ops/cpu_common.h"
@@ -127,7 +128,7 @@ double cross_entropy_forward_backward(const Tensor& logits, const Tensor& target
 }
 
 double lm_head_loss(const Tensor& h, const Tensor& w, const Tensor& targets, double grad_scale,
-                    int64_t chunk_tokens, int64_t* count, Tensor* dh, Tensor* dw) {
+                    int64_t chunk_tokens, int64_t* count, Tensor* dh, Tensor* dw, float dw_beta) {
   const char* op = "lm_head_loss";
   IEVO_CHECK(h.defined() && h.dim() == 2, op, ": tensor 'h' must be [N, D]");
   IEVO_CHECK(w.defined() && w.dim() == 2, op, ": tensor 'w' must be [V, D]");
@@ -156,10 +157,11 @@ double lm_head_loss(const Tensor& h, const Tensor& w, const Tensor& targets, dou
     }
     total += cross_entropy_forward_backward(lc, tc, grad_scale, lossc, &cnt, lc);
     if (count) *count += cnt;
-    if (dw && dw->defined()) matmul(lc, true, hc, false, *dw, 1.0f, 1.0f);
+    if (dw && dw->defined()) matmul(lc, true, hc, false, *dw, 1.0f, std::exchange(dw_beta, 1.0f));
     Tensor dhc = dh->slice(0, s, e);  // after dw: dh may alias h
     matmul(lc, false, w, false, dhc);
   }
+  if (dw && dw->defined() && dw_beta == 0.0f) dw->zero_();  // no chunk: still to be written
   return total;
 }
 

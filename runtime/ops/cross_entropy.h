@@ -29,8 +29,9 @@ double cross_entropy_forward_backward(const Tensor& logits, const Tensor& target
 // Fused LM head + loss, forward and backward, over chunks of `chunk_tokens` tokens:
 //   h [N, D] (final-norm output), w [V, D], targets [N].
 //   Returns the summed loss over non-ignored tokens; adds their count to *count.
-//   If dh is defined: dh = grad_scale * d(sum loss)/dh (written; may alias h); dw += grad_scale * d/dw.
+//   If dh is defined: dh = grad_scale * d(sum loss)/dh (written; may alias h); dw = dw_beta * dw +
+//   grad_scale * d/dw (dw_beta 0: dw is overwritten, its old values never read).
 double lm_head_loss(const Tensor& h, const Tensor& w, const Tensor& targets, double grad_scale,
-                    int64_t chunk_tokens, int64_t* count, Tensor* dh, Tensor* dw);
+                    int64_t chunk_tokens, int64_t* count, Tensor* dh, Tensor* dw, float dw_beta = 1.0f);
 
 }  // namespace ievo::ops
