@@ -129,6 +129,16 @@ ZeroOptimizer::ZeroOptimizer(std::vector<ParamSpec> specs, std::vector<HookLayer
       if (s < e) segments_.push_back({static_cast<int>(b), s - p0, e - s, specs_[i].decay, i});
     }
   }
+  // AdamW runs: consecutive segments of one piece with the same weight decay, the padding between
+  // them included (zero gradient, moments and weight stay zero): one launch per run, not per
+  // tensor (a Llama layer's 9 tensors in at most 4 runs).
+  for (const Segment& s : segments_) {
+    Segment* last = adamw_runs_.empty() ? nullptr : &adamw_runs_.back();
+    if (last && last->bucket == s.bucket && last->decay == s.decay && s.start >= last->start + last->len)
+      last->len = s.start + s.len - last->start;
+    else
+      adamw_runs_.push_back(s);
+  }
   // Weighted norm: runs of segments with one weight, padding between them included (it is zero).
   if (std::any_of(zc_.norm_weight.begin(), zc_.norm_weight.end(), [](double w) { return w != 1.0; }))
     for (const Segment& s : segments_) {
@@ -627,7 +637,7 @@ void ZeroOptimizer::step(double lr, double grad_scale) {
   release_prefetched();  // a gather in flight reads the weight shard AdamW rewrites
   wait_weight_gathers();
   ++t_;
-  for (const Segment& s : segments_) {
+  for (const Segment& s : adamw_runs_) {
     ops::AdamWHyper h;
     h.lr = lr;
     h.beta1 = oc_.beta1;

@@ -218,6 +218,8 @@ class ZeroOptimizer final : public LayerHooks {
     bool decay;
     size_t param;    // parameter index
   };
+  // segments_ merged where adjacent with the same decay (the AdamW launches; param: the first's)
+  std::vector<Segment> adamw_runs_;
   struct NormRun {   // consecutive segments of one piece with the same norm weight
     int bucket;
     int64_t start, len;
