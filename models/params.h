@@ -52,6 +52,8 @@ class ParamStore {
   // separate pass; any other access (operator[], get, flat) zeroes a still-unwritten tensor first,
   // so readers and accumulating writers never see stale values. Padding between tensors is never
   // written and stays as it was (zero). Bound tensors (unbound stores) must stay bound meanwhile.
+  // The marks belong to this object: a copy shares the tensors but not the marks, so pass a
+  // lazily zeroed store by reference (as ZeroOptimizer::grads() is).
   void zero_lazily() { unwritten_.assign(specs_.size(), 1); }
 
   // The tensor to accumulate into, and the beta to accumulate with: 0 when it is still unwritten
