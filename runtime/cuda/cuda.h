@@ -15,7 +15,9 @@
 #include <cuda_runtime_api.h>
 
 #include <cstddef>
+#include <limits>
 #include <string>
+#include <vector>
 
 namespace ievo::cuda {
 
@@ -87,6 +89,35 @@ class Event {
  private:
   cudaEvent_t e_ = nullptr;
 };
+
+// Autotuning (cuBLASLt algorithms, cuDNN attention plans): times candidates 0..count-1 on stream
+// s, each with one warm-up run and 3 timed runs between two events; launch(i) runs candidate i
+// once and returns false when it refuses (the candidate is skipped). Returns the fastest's index
+// (-1: none ran); times (if given) gets each candidate's mean ms a run (infinity: skipped).
+template <typename Launch>
+int fastest_candidate(int count, cudaStream_t s, Launch&& launch, std::vector<float>* times = nullptr) {
+  const float inf = std::numeric_limits<float>::infinity();
+  if (times) times->assign(static_cast<size_t>(count), inf);
+  Event t0(true), t1(true);
+  float best_ms = inf;
+  int best = -1;
+  for (int i = 0; i < count; ++i) {
+    if (!launch(i)) continue;  // the warm-up
+    t0.record(s);
+    bool ok = true;
+    for (int r = 0; r < 3 && ok; ++r) ok = launch(i);
+    t1.record(s);
+    t1.synchronize();
+    if (!ok) continue;
+    const float ms = t1.elapsed_ms(t0) / 3;
+    if (times) (*times)[static_cast<size_t>(i)] = ms;
+    if (ms < best_ms) {
+      best_ms = ms;
+      best = i;
+    }
+  }
+  return best;
+}
 
 // Page-locked host memory (fast, asynchronous host<->device copies), freed with the object.
 class PinnedBuffer {

@@ -27,17 +27,18 @@
 #include <cudnn.h>
 #include <cudnn_frontend.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
-#include <limits>
-#include <string>
-#include <utility>
 #include <map>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <tuple>
 #include <unordered_map>
+#include <utility>
+#include <vector>
 
 #include "runtime/cuda/attention_aux.h"
 #include "runtime/cuda/check.h"
@@ -271,38 +272,28 @@ Aux make_aux(const int32_t* cu, int num_seqs, int64_t b, int64_t smax, int64_t h
 // A plan that fails to run is skipped; if none runs, the heuristic's first plan stays.
 void tune(Entry& e, cudnnHandle_t h, std::unordered_map<int64_t, void*>& pack, cudaStream_t s) {
   e.tune = false;
-  const int64_t count = e.graph->get_execution_plan_count();
-  cudaEvent_t t0, t1;
-  IEVO_CUDA_CHECK(cudaEventCreate(&t0));
-  IEVO_CUDA_CHECK(cudaEventCreate(&t1));
-  float best = std::numeric_limits<float>::infinity();
-  std::string log;
-  for (int64_t i = 0; i < count; ++i) {
-    int64_t wsz = 0;
-    if (!e.graph->get_workspace_size_plan_at_index(i, wsz).is_good()) continue;
-    DeviceBuffer ws(static_cast<size_t>(std::max<int64_t>(wsz, 1)));
-    if (!e.graph->execute_plan_at_index(h, pack, ws.data(), i).is_good()) continue;
-    IEVO_CUDA_CHECK(cudaEventRecord(t0, s));
-    bool ok = true;
-    for (int r = 0; r < 3 && ok; ++r) ok = e.graph->execute_plan_at_index(h, pack, ws.data(), i).is_good();
-    IEVO_CUDA_CHECK(cudaEventRecord(t1, s));
-    IEVO_CUDA_CHECK(cudaEventSynchronize(t1));
-    if (!ok) continue;
-    float ms = 0;
-    IEVO_CUDA_CHECK(cudaEventElapsedTime(&ms, t0, t1));
-    ms /= 3;
-    log += detail::cat("\n  plan ", i, ": ", ms * 1000.0f, " us");
-    if (ms < best) {
-      best = ms;
-      e.plan = i;
-      e.workspace = wsz;
-    }
+  const int count = static_cast<int>(e.graph->get_execution_plan_count());
+  std::vector<int64_t> wsz(static_cast<size_t>(count), -1);  // -1: the plan did not build
+  int64_t most = 1;
+  for (int i = 0; i < count; ++i) {
+    int64_t w = 0;
+    if (e.graph->get_workspace_size_plan_at_index(i, w).is_good()) most = std::max(most, wsz[i] = w);
   }
-  IEVO_CUDA_CHECK(cudaEventDestroy(t0));
-  IEVO_CUDA_CHECK(cudaEventDestroy(t1));
-  if (autotune_mode() == 2)
-    std::fprintf(stderr, "ievo: cuDNN attention autotune: %lld plans, plan %lld kept%s\n",
-                 static_cast<long long>(count), static_cast<long long>(e.plan), log.c_str());
+  DeviceBuffer ws(static_cast<size_t>(most));
+  std::vector<float> ms;
+  const int best = fastest_candidate(count, s, [&](int i) {
+    return wsz[i] >= 0 && e.graph->execute_plan_at_index(h, pack, ws.data(), i).is_good();
+  }, &ms);
+  if (best >= 0) {
+    e.plan = best;
+    e.workspace = wsz[best];
+  }
+  if (autotune_mode() == 2) {
+    std::string log;
+    for (int i = 0; i < count; ++i) log += detail::cat("\n  plan ", i, ": ", ms[i] * 1000.0f, " us");
+    std::fprintf(stderr, "ievo: cuDNN attention autotune: %d plans, plan %lld kept%s\n", count,
+                 static_cast<long long>(e.plan), log.c_str());
+  }
 }
 
 void run(State& st, Entry& e, std::unordered_map<int64_t, void*>& pack, cudaStream_t s) {

@@ -16,7 +16,6 @@
 #include <climits>
 #include <cstdlib>
 #include <cstring>
-#include <limits>
 #include <map>
 #include <mutex>
 #include <tuple>
@@ -119,28 +118,12 @@ int fastest(Blas& b, const Plan& p, const cublasLtMatmulHeuristicResult_t* res, 
   }
   void* ws = workspace(b, op.stream);
   const float one = 1.0f, zero = 0.0f;
-  Event t0(true), t1(true);
-  float best_ms = std::numeric_limits<float>::infinity();
-  int best = 0;
-  for (int i = 0; i < count; ++i) {
-    if (res[i].state != CUBLAS_STATUS_SUCCESS || res[i].workspaceSize > kWorkspace) continue;
-    auto launch = [&] {
-      return cublasLtMatmul(b.lt, p.desc, &one, op.b, p.la, op.a, p.lb, &zero, d, p.lc, d, p.lc,
-                            &res[i].algo, ws, kWorkspace, op.stream);
-    };
-    if (launch() != CUBLAS_STATUS_SUCCESS) continue;  // warm-up; a refusal skips the candidate
-    t0.record(op.stream);
-    bool ok = true;
-    for (int r = 0; r < 3 && ok; ++r) ok = launch() == CUBLAS_STATUS_SUCCESS;
-    t1.record(op.stream);
-    t1.synchronize();
-    const float ms = t1.elapsed_ms(t0);
-    if (ok && ms < best_ms) {
-      best_ms = ms;
-      best = i;
-    }
-  }
-  return best;
+  const int best = fastest_candidate(count, op.stream, [&](int i) {
+    return res[i].state == CUBLAS_STATUS_SUCCESS && res[i].workspaceSize <= kWorkspace &&
+           cublasLtMatmul(b.lt, p.desc, &one, op.b, p.la, op.a, p.lb, &zero, d, p.lc, d, p.lc,
+                          &res[i].algo, ws, kWorkspace, op.stream) == CUBLAS_STATUS_SUCCESS;
+  });
+  return best < 0 ? 0 : best;  // none ran: the heuristic's first
 }
 
 Plan make_plan(Blas& b, const PlanKey& key, cudaDataType_t dt, const Operands& op) {
