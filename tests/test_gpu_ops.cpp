@@ -13,6 +13,7 @@
 #include <cstring>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "runtime/ops/adamw.h"
@@ -294,9 +295,10 @@ TEST(GpuRmsNorm, ForwardBackwardDeterministic) {
   REQUIRE_GPU();
   // 100: bf16 element path, f32 packs; 768: one pack per thread in narrow blocks (96 threads for
   // bf16); 2048/3000: packed paths (1-4 packs per thread); 12000: element path with the dw
-  // partial in global scratch.
+  // partial in global scratch. 768 and 2048 with 2600 rows: more rows than the backward's blocks,
+  // so a block handles several.
   for (int64_t d : {int64_t{100}, int64_t{768}, int64_t{2048}, int64_t{3000}, int64_t{12000}}) {
-    const int64_t n = d > 4096 ? 9 : 37;
+    const int64_t n = d > 4096 ? 9 : (d == 768 || d == 2048) ? 2600 : 37;
     for (DType dt : {DType::F32, DType::BF16}) {
       Tensor x = rand({n, d}, 61), w = rand({d}, 62, 0.5, 1.5), dy = rand({n, d}, 63);
       Tensor rx = seen(x, dt), rw = seen(w, dt), rdy = seen(dy, dt);
@@ -326,6 +328,10 @@ TEST(GpuRmsNorm, ForwardBackwardDeterministic) {
       ops::rmsnorm_backward(gpu(dy, dt), gx, gw, grstd, gdx3, gdw3, gpu(res, dt));
       expect_close("rmsnorm_backward dx + residual " + tag, host(gdx3), rdx, tol(dt));
       expect_close("rmsnorm_backward dw (residual call) " + tag, host(gdw3), dw, tol(dt));
+      // In place, as the model calls it: dx written over x.
+      Tensor gx4 = gpu(x, dt), gdw4 = gdw_init.to(Device::CUDA);
+      ops::rmsnorm_backward(gpu(dy, dt), gx4, gw, grstd, gx4, gdw4, gpu(res, dt));
+      expect_close("rmsnorm_backward dx over x " + tag, host(gx4), rdx, tol(dt));
     }
   }
 }
@@ -333,13 +339,14 @@ TEST(GpuRmsNorm, ForwardBackwardDeterministic) {
 // ---------------------------------------------------------------------------------------------
 TEST(GpuRope, ForwardBackwardInPlace) {
   REQUIRE_GPU();
-  const int64_t n = 37, h = 3;
+  const int64_t n = 37;
   std::vector<int32_t> pv(n);
   for (int64_t i = 0; i < n; ++i) pv[i] = static_cast<int32_t>((i * 97) % 2048);
   Tensor pos = Tensor::from_vector(pv, {n});
   Tensor gpos = pos.to(Device::CUDA);
-  // hd 64: 4 pairs a thread in bf16; hd 12 (6 pairs): one pair a thread.
-  for (int64_t hd : {int64_t{64}, int64_t{12}})
+  // bf16, hd 64 and 128: 4 pairs a thread, 3 heads (fewer than the 4 loaded at a time) and 6
+  // (4 + 2); hd 12 (6 pairs): one pair a thread.
+  for (auto [hd, h] : {std::pair<int64_t, int64_t>{64, 3}, {128, 6}, {12, 3}})
   for (DType dt : {DType::F32, DType::BF16}) {
     Tensor x = rand({n, h, hd}, 71);
     Tensor y = Tensor::empty({n, h, hd}, DType::F32);
