@@ -110,6 +110,54 @@ void BM_matmul(benchmark::State& state, int64_t m, int64_t n, int64_t k, bool tb
   flop_rate(state, 2.0 * m * n * k);
 }
 
+// InternLM2's MLP gate/up GEMMs (N 16384 tokens, d 2048, F 8192) as the model runs them, gate
+// and up apart (joint = false: two GEMMs, the input gradient's second accumulating with beta 1),
+// and as one GEMM over the adjacent [Wg; Wu] (joint = true): the forward y = x W^T, the input
+// gradient dx = dy W, the weight gradient dW = dy^T x. The same FLOPs either way.
+enum class MlpGemm { Forward, InputGrad, WeightGrad };
+void BM_mlp_gate_up(benchmark::State& state, MlpGemm which, bool joint) {
+  if (skip(state)) return;
+  constexpr int64_t N = 16384, D = 2048, F = 8192;
+  auto bf16 = [](const Shape& s) { return Tensor::empty(s, DType::BF16, Device::CUDA); };
+  const bool grads = which != MlpGemm::Forward;
+  Tensor x = rnd({N, D}, DType::BF16), w = rnd({2 * F, D}, DType::BF16);
+  // dy: [dy1 | dy2] for the joint GEMM; the split ones get two separate buffers, as in the model.
+  Tensor dy = grads && joint ? rnd({N, 2 * F}, DType::BF16) : Tensor();
+  Tensor dy1 = grads && !joint ? rnd({N, F}, DType::BF16) : Tensor();
+  Tensor dy2 = grads && !joint ? rnd({N, F}, DType::BF16) : Tensor();
+  Tensor y = !grads && joint ? bf16({N, 2 * F}) : Tensor();
+  Tensor y1 = !grads && !joint ? bf16({N, F}) : Tensor(), y2 = !grads && !joint ? bf16({N, F}) : Tensor();
+  Tensor dx = bf16({N, D}), dw = bf16({2 * F, D});
+  const Tensor wg = w.slice(0, 0, F), wu = w.slice(0, F, 2 * F);
+  Tensor dwg = dw.slice(0, 0, F), dwu = dw.slice(0, F, 2 * F);
+  timed(state, [&] {
+    switch (which) {
+      case MlpGemm::Forward:
+        if (joint) ops::matmul(x, false, w, true, y);
+        else {
+          ops::matmul(x, false, wg, true, y1);
+          ops::matmul(x, false, wu, true, y2);
+        }
+        break;
+      case MlpGemm::InputGrad:
+        if (joint) ops::matmul(dy, false, w, false, dx);
+        else {
+          ops::matmul(dy1, false, wg, false, dx);
+          ops::matmul(dy2, false, wu, false, dx, 1.0f, 1.0f);
+        }
+        break;
+      case MlpGemm::WeightGrad:
+        if (joint) ops::matmul(dy, true, x, false, dw);
+        else {
+          ops::matmul(dy1, true, x, false, dwg);
+          ops::matmul(dy2, true, x, false, dwu);
+        }
+        break;
+    }
+  });
+  flop_rate(state, 2.0 * N * 2 * F * D);
+}
+
 // Attention of B sequences of T tokens, Hq query / Hkv kv heads of dim hd.
 struct AttnShape {
   int64_t B, T, Hq, Hkv, hd;
@@ -236,12 +284,16 @@ void BM_cross_entropy(benchmark::State& state) {
   });
 }
 
-// The LM head's fused loss + gradient, in place (models/llama.cpp); GB/s counts one read and one
-// write of the logits (the kernel reads each row twice: the second read mostly from L2).
+// The LM head's fused loss + gradient (models/llama.cpp); GB/s counts one read of the logits and
+// one write of the gradient. The gradient goes to its own buffer, not over the logits as in the
+// model: in place, every call after the first would see the previous call's near-zero gradient
+// instead of logits (the online max's branches and rescalings then never happen).
 void BM_cross_entropy_fused(benchmark::State& state, int64_t vocab) {
-  cross_entropy_bench(state, vocab, 2.0, [](Tensor& logits, const Tensor& targets, Tensor& losses) {
+  Tensor grad;
+  cross_entropy_bench(state, vocab, 2.0, [&](Tensor& logits, const Tensor& targets, Tensor& losses) {
+    if (!grad.defined()) grad = Tensor::empty(logits.shape(), logits.dtype(), logits.device());
     int64_t cnt = 0;
-    ops::cross_entropy_forward_backward(logits, targets, 1e-9, losses, &cnt, logits);
+    ops::cross_entropy_forward_backward(logits, targets, 1.0 / 4096, losses, &cnt, grad);
   });
 }
 
@@ -250,6 +302,12 @@ BENCHMARK_CAPTURE(BM_matmul, qkv_proj, kN, kD + 2 * kHkv * kHd, kD, true)->UseMa
 BENCHMARK_CAPTURE(BM_matmul, mlp_up, kN, 2 * kF, kD, true)->UseManualTime()->Unit(benchmark::kMillisecond);
 BENCHMARK_CAPTURE(BM_matmul, lm_head_chunk, 4096, kV, kD, true)->UseManualTime()->Unit(benchmark::kMillisecond);
 BENCHMARK_CAPTURE(BM_matmul, square8192, 8192, 8192, 8192, true)->UseManualTime()->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(BM_mlp_gate_up, forward_split, MlpGemm::Forward, false)->UseManualTime()->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(BM_mlp_gate_up, forward_joint, MlpGemm::Forward, true)->UseManualTime()->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(BM_mlp_gate_up, input_grad_split, MlpGemm::InputGrad, false)->UseManualTime()->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(BM_mlp_gate_up, input_grad_joint, MlpGemm::InputGrad, true)->UseManualTime()->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(BM_mlp_gate_up, weight_grad_split, MlpGemm::WeightGrad, false)->UseManualTime()->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(BM_mlp_gate_up, weight_grad_joint, MlpGemm::WeightGrad, true)->UseManualTime()->Unit(benchmark::kMillisecond);
 BENCHMARK_CAPTURE(BM_attention, flash_fwd, B::Flash, false, kTinyLlama)->UseManualTime()->Unit(benchmark::kMillisecond);
 BENCHMARK_CAPTURE(BM_attention, flash_fwd_mma_sync, B::Flash, false, kTinyLlama, false, false, true)->UseManualTime()->Unit(benchmark::kMillisecond);
 BENCHMARK_CAPTURE(BM_attention, flash_bwd, B::Flash, true, kTinyLlama)->UseManualTime()->Unit(benchmark::kMillisecond);
