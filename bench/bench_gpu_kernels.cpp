@@ -121,38 +121,25 @@ void BM_mlp_gate_up(benchmark::State& state, MlpGemm which, bool joint) {
   auto bf16 = [](const Shape& s) { return Tensor::empty(s, DType::BF16, Device::CUDA); };
   const bool grads = which != MlpGemm::Forward;
   Tensor x = rnd({N, D}, DType::BF16), w = rnd({2 * F, D}, DType::BF16);
-  // dy: [dy1 | dy2] for the joint GEMM; the split ones get two separate buffers, as in the model.
-  Tensor dy = grads && joint ? rnd({N, 2 * F}, DType::BF16) : Tensor();
-  Tensor dy1 = grads && !joint ? rnd({N, F}, DType::BF16) : Tensor();
-  Tensor dy2 = grads && !joint ? rnd({N, F}, DType::BF16) : Tensor();
-  Tensor y = !grads && joint ? bf16({N, 2 * F}) : Tensor();
-  Tensor y1 = !grads && !joint ? bf16({N, F}) : Tensor(), y2 = !grads && !joint ? bf16({N, F}) : Tensor();
   Tensor dx = bf16({N, D}), dw = bf16({2 * F, D});
-  const Tensor wg = w.slice(0, 0, F), wu = w.slice(0, F, 2 * F);
-  Tensor dwg = dw.slice(0, 0, F), dwu = dw.slice(0, F, 2 * F);
+  // The operands of each GEMM: one over [Wg; Wu], or gate and up with their own output (forward)
+  // or output-gradient (backward) buffers, as in the model.
+  struct Part {
+    Tensor w, dw, y, dy;
+  };
+  std::vector<Part> parts;
+  const int64_t rows = joint ? 2 * F : F;
+  for (int64_t r = 0; r < 2 * F; r += rows)
+    parts.push_back({w.slice(0, r, r + rows), dw.slice(0, r, r + rows),
+                     grads ? Tensor() : bf16({N, rows}), grads ? rnd({N, rows}, DType::BF16) : Tensor()});
   timed(state, [&] {
-    switch (which) {
-      case MlpGemm::Forward:
-        if (joint) ops::matmul(x, false, w, true, y);
-        else {
-          ops::matmul(x, false, wg, true, y1);
-          ops::matmul(x, false, wu, true, y2);
-        }
-        break;
-      case MlpGemm::InputGrad:
-        if (joint) ops::matmul(dy, false, w, false, dx);
-        else {
-          ops::matmul(dy1, false, wg, false, dx);
-          ops::matmul(dy2, false, wu, false, dx, 1.0f, 1.0f);
-        }
-        break;
-      case MlpGemm::WeightGrad:
-        if (joint) ops::matmul(dy, true, x, false, dw);
-        else {
-          ops::matmul(dy1, true, x, false, dwg);
-          ops::matmul(dy2, true, x, false, dwu);
-        }
-        break;
+    for (size_t i = 0; i < parts.size(); ++i) {
+      Part& p = parts[i];
+      switch (which) {
+        case MlpGemm::Forward: ops::matmul(x, false, p.w, true, p.y); break;
+        case MlpGemm::InputGrad: ops::matmul(p.dy, false, p.w, false, dx, 1.0f, i == 0 ? 0.0f : 1.0f); break;
+        case MlpGemm::WeightGrad: ops::matmul(p.dy, true, x, false, p.dw); break;
+      }
     }
   });
   flop_rate(state, 2.0 * N * 2 * F * D);
