@@ -3,6 +3,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <exception>
 #include <filesystem>
 #include <fstream>
 #include <memory>
@@ -275,6 +276,28 @@ class Trainer {
     return sequence_slice(load_batch(*source_, first, B, device_), topo_.sp(), topo_.sp_rank());
   }
 
+  // The next step's micro-batches, read and copied to the device at the end of a step, while the
+  // device still runs its optimizer (a data loader's prefetch: the host's batch work no longer
+  // leaves the device idle at the start of the step). micro_batch is a function of the step, so
+  // a prefetch that is not used (a stop, a resume) changes nothing; a failure is kept and raised
+  // by the step that takes the batches, after this step's metrics and checkpoint.
+  void prefetch_batches(int64_t step) {
+    next_ = NextBatches{step, {}, nullptr};
+    try {
+      for (int64_t j = 0; j < accum_; ++j) next_.micros.push_back(micro_batch(step, j));
+    } catch (...) {
+      next_.micros.clear();
+      next_.error = std::current_exception();
+    }
+  }
+  std::vector<Batch> step_batches(int64_t step) {
+    if (next_.step != step) prefetch_batches(step);
+    NextBatches taken = std::move(next_);
+    next_ = NextBatches{};
+    if (taken.error) std::rethrow_exception(taken.error);
+    return std::move(taken.micros);
+  }
+
   void evaluate(int64_t step, MetricsLogger& metrics) {
     const EvalResult ev = validator_->run(*model_, zero_->weights(), dp_comm_.get(),
                                           pipeline_ ? &pipeline_->executor() : nullptr);
@@ -287,12 +310,9 @@ class Trainer {
   StepMetrics train_step(int64_t step) {
     const auto t0 = std::chrono::steady_clock::now();
     if (opt_.phases) opt_.phases->begin_step();
-    std::vector<Batch> micros;
+    std::vector<Batch> micros = step_batches(step);
     int64_t targets = 0;
-    for (int64_t j = 0; j < accum_; ++j) {
-      micros.push_back(micro_batch(step, j));
-      targets += micros.back().num_targets();
-    }
+    for (const Batch& b : micros) targets += b.num_targets();
     targets = dp_comm_->all_reduce_sum(targets);  // over the whole global batch
     phase(Phase::Data);
     IEVO_CHECK(targets > 0, "step ", step, ": the global batch has no target tokens");
@@ -338,6 +358,7 @@ class Trainer {
       zero_->step(m.lr, coef / loss_scale);
     }
     phase(Phase::Optimizer);
+    if (step < cfg_.train.steps) prefetch_batches(step + 1);  // while the device runs the optimizer
     sync_device(device_);
     if (opt_.phases) opt_.phases->end_step();
     m.step_time_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -424,6 +445,12 @@ class Trainer {
   std::unique_ptr<ZeroOptimizer> zero_;  // weights, gradients, AdamW (parallel/zero.h)
   LrSchedule sched_;
   std::unique_ptr<SampleSource> source_;
+  struct NextBatches {
+    int64_t step = -1;
+    std::vector<Batch> micros;
+    std::exception_ptr error;
+  };
+  NextBatches next_;  // prefetch_batches
   std::unique_ptr<Validator> validator_;  // data.valid_paths
   std::unique_ptr<Llama> model_;
   std::unique_ptr<Checkpointer> ckpt_;  // one process: writes checkpoints (launch/checkpointer.h)
