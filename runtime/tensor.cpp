@@ -79,6 +79,7 @@ static Tensor from_vec(const std::vector<T>& v, const Shape& shape, DType dt) {
 Tensor Tensor::from_vector(const std::vector<float>& v, const Shape& s) { return from_vec(v, s, DType::F32); }
 Tensor Tensor::from_vector(const std::vector<double>& v, const Shape& s) { return from_vec(v, s, DType::F64); }
 Tensor Tensor::from_vector(const std::vector<int32_t>& v, const Shape& s) { return from_vec(v, s, DType::I32); }
+Tensor Tensor::from_vector(const std::vector<int64_t>& v, const Shape& s) { return from_vec(v, s, DType::I64); }
 
 bool Tensor::is_contiguous() const { return strides_ == contiguous_strides(shape_); }
 

@@ -41,6 +41,7 @@ class Tensor {
   static Tensor from_vector(const std::vector<float>& v, const Shape& shape);
   static Tensor from_vector(const std::vector<double>& v, const Shape& shape);
   static Tensor from_vector(const std::vector<int32_t>& v, const Shape& shape);
+  static Tensor from_vector(const std::vector<int64_t>& v, const Shape& shape);
 
   bool defined() const { return storage_ != nullptr; }
   const Shape& shape() const { return shape_; }

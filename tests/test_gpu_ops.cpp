@@ -453,6 +453,26 @@ TEST(GpuCrossEntropy, LmHeadLossChunked) {
   EXPECT_NEAR(gloss, loss, 1e-5 * loss);
   expect_close("lm_head_loss dh f32", host(gdh), dh, kTolF32);
   expect_close("lm_head_loss dw f32", host(gdw), dw, kTolF32);
+  // The forward alone (evaluation); the count adds to the caller's. The chunks' totals stay on the
+  // device until the end of the head (one read-back), so check the sum over all 3 chunks.
+  int64_t fcount = 5;
+  const double floss = ops::lm_head_loss(h.to(Device::CUDA), w.to(Device::CUDA), targets.to(Device::CUDA),
+                                         1.0, 16, &fcount, nullptr, nullptr);
+  EXPECT_EQ(fcount, 5 + count);
+  EXPECT_NEAR(floss, loss, 1e-5 * loss);
+  // A target outside the vocabulary in the third chunk: an error naming it and its row of the head,
+  // with and without gradients.
+  Tensor bad = targets.clone();
+  bad.data<int32_t>()[37] = 1000;
+  for (bool grads : {true, false}) {
+    try {
+      ops::lm_head_loss(h.to(Device::CUDA), w.to(Device::CUDA), bad.to(Device::CUDA), 1.0, 16, nullptr,
+                        grads ? &gdh : nullptr, grads ? &gdw : nullptr);
+      ADD_FAILURE() << "no error for target 1000";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find("target 1000 at row 37"), std::string::npos) << e.what();
+    }
+  }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -8,6 +8,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <limits>
 #include <utility>
 #include <vector>
 
@@ -127,6 +129,65 @@ double cross_entropy_forward_backward(const Tensor& logits, const Tensor& target
   return sum;
 }
 
+namespace {
+
+// The loss sum and count over an LM head's chunks. On the CPU each chunk's call returns them (and
+// fails at once for a bad target); on CUDA they stay on the device (cuda::cross_entropy_accumulate)
+// and read() fetches them once: one synchronisation per head instead of one per chunk, so the
+// device never waits for the host between chunks. A target outside the vocabulary then fails in
+// read(), naming it and its row of the head, before the loss or the gradients are used.
+class ChunkTotals {
+ public:
+  explicit ChunkTotals(Device d) {
+#ifdef IEVO_CUDA
+    if (d == Device::CUDA) {
+      const std::vector<int64_t> init{0, 0, std::numeric_limits<int64_t>::max()};  // sum 0.0: all bits 0
+      dev_ = Tensor::from_vector(init, {3}).to(d);
+    }
+#else
+    (void)d;
+#endif
+  }
+  // Rows [row0, row0 + n) of the head: the forward, or with dlogits also the backward.
+  void add(const Tensor& logits, const Tensor& targets, double grad_scale, Tensor& losses,
+           Tensor* dlogits, int64_t row0) {
+#ifdef IEVO_CUDA
+    if (dev_.defined()) {
+      cuda::cross_entropy_accumulate(logits, targets, grad_scale, losses, dlogits, row0, dev_);
+      return;
+    }
+#endif
+    (void)row0;
+    int64_t cnt = 0;
+    sum_ += dlogits ? cross_entropy_forward_backward(logits, targets, grad_scale, losses, &cnt, *dlogits)
+                    : cross_entropy_forward(logits, targets, losses, &cnt);
+    count_ += cnt;
+  }
+  // targets: the head's [N]; vocab: V (for the error).
+  double read(const Tensor& targets, int64_t vocab, int64_t* count) {
+    if (dev_.defined()) {
+      const Tensor host = dev_.to(Device::CPU);
+      const int64_t* v = host.data<int64_t>();
+      std::memcpy(&sum_, &v[0], sizeof(double));
+      count_ = v[1];
+      if (v[2] != std::numeric_limits<int64_t>::max()) {
+        const int32_t t = targets.slice(0, v[2], v[2] + 1).to(Device::CPU).data<int32_t>()[0];
+        IEVO_FAIL("lm_head_loss: target ", t, " at row ", v[2], " is outside the vocabulary [0, ", vocab,
+                  ") and is not the ignore index ", kIgnoreIndex);
+      }
+    }
+    *count = count_;
+    return sum_;
+  }
+
+ private:
+  Tensor dev_;  // CUDA: i64 [3]: the sum's f64 bits, the count, the first bad row (INT64_MAX: none)
+  double sum_ = 0;
+  int64_t count_ = 0;
+};
+
+}  // namespace
+
 double lm_head_loss(const Tensor& h, const Tensor& w, const Tensor& targets, double grad_scale,
                     int64_t chunk_tokens, int64_t* count, Tensor* dh, Tensor* dw, float dw_beta) {
   const char* op = "lm_head_loss";
@@ -143,25 +204,22 @@ double lm_head_loss(const Tensor& h, const Tensor& w, const Tensor& targets, dou
   const int64_t rows = std::min(chunk_tokens, n);
   Tensor logits = Tensor::empty({rows, vocab}, h.dtype(), h.device());
   Tensor losses = Tensor::empty({rows}, h.dtype(), h.device());
-  double total = 0;
+  ChunkTotals totals(h.device());
   for (int64_t s = 0; s < n; s += chunk_tokens) {
     const int64_t e = std::min(n, s + chunk_tokens);
     const Tensor hc = h.slice(0, s, e), tc = targets.slice(0, s, e);
     Tensor lc = logits.slice(0, 0, e - s), lossc = losses.slice(0, 0, e - s);
     matmul(hc, false, w, true, lc);
-    int64_t cnt = 0;
-    if (!grad) {
-      total += cross_entropy_forward(lc, tc, lossc, &cnt);
-      if (count) *count += cnt;
-      continue;
-    }
-    total += cross_entropy_forward_backward(lc, tc, grad_scale, lossc, &cnt, lc);
-    if (count) *count += cnt;
+    totals.add(lc, tc, grad_scale, lossc, grad ? &lc : nullptr, s);
+    if (!grad) continue;
     if (dw && dw->defined()) matmul(lc, true, hc, false, *dw, 1.0f, std::exchange(dw_beta, 1.0f));
     Tensor dhc = dh->slice(0, s, e);  // after dw: dh may alias h
     matmul(lc, false, w, false, dhc);
   }
   if (dw && dw->defined() && dw_beta == 0.0f) dw->zero_();  // no chunk: still to be written
+  int64_t cnt = 0;
+  const double total = totals.read(targets, vocab, &cnt);
+  if (count) *count += cnt;
   return total;
 }
 

@@ -96,12 +96,20 @@ __global__ void ce_fwd(const T* logits, const int32_t* targets, int64_t v, L* lo
   }
 }
 
+// The first bad row's "none": every byte 0x7f (set by a memset, no host copy), above any row.
+constexpr int kNoBadRowByte = 0x7f;
+constexpr int kNoBadRow = 0x7f7f7f7f;
+
 struct Totals {
   double sum;
   long long count;
 };
 
-__global__ void ce_total(const float* row_loss, const int32_t* targets, int64_t n, Totals* out) {
+// The rows' loss sum and count: written to *out, or with acc added to acc's running totals (i64
+// [3]: the sum's f64 bits, the count, the first bad row of the whole head; one block, launched in
+// stream order, so no atomics) with the call's first bad row, offset by row0.
+__global__ void ce_total(const float* row_loss, const int32_t* targets, int64_t n, Totals* out,
+                         long long* acc, const int* bad_row, long long row0) {
   __shared__ double s1[32];
   __shared__ long long s2[32];
   double s = 0;
@@ -112,7 +120,14 @@ __global__ void ce_total(const float* row_loss, const int32_t* targets, int64_t 
   }
   s = block_sum(s, s1);
   c = block_sum(c, s2);
-  if (threadIdx.x == 0) *out = Totals{s, c};
+  if (threadIdx.x != 0) return;
+  if (!acc) {
+    *out = Totals{s, c};
+    return;
+  }
+  acc[0] = __double_as_longlong(__longlong_as_double(acc[0]) + s);
+  acc[1] += c;
+  if (*bad_row != kNoBadRow && row0 + *bad_row < acc[2]) acc[2] = row0 + *bad_row;
 }
 
 // g = gs * (softmax(x) - onehot(t)) for one row, given its lse. Same element-to-thread map as
@@ -153,7 +168,7 @@ void check_args(const Tensor& logits, const Tensor& targets, const char* op) {
              shape_str(logits.shape()));
   check_dtype(targets, DType::I32, "targets");
   check_shape(targets, {logits.size(0)}, "targets");
-  IEVO_CHECK(logits.size(0) < INT_MAX, op, ": too many rows");
+  IEVO_CHECK(logits.size(0) < kNoBadRow, op, ": too many rows");
 }
 
 // Rows can be read as 16-byte packs: row length a multiple of the pack, both bases aligned.
@@ -205,9 +220,11 @@ __global__ void ce_fwd_bwd(const T* logits, const int32_t* targets, int64_t v, f
 namespace {
 
 // The forward, or with dlogits the fused forward + backward: one launch, the totals summed on the
-// device and read back with the first bad row (one synchronisation).
+// device and read back with the first bad row (one synchronisation); with acc (i64 [3] on the
+// device) added to acc's running totals instead, without a synchronisation (returns 0).
 double ce_forward_impl(const Tensor& logits, const Tensor& targets, Tensor& losses, int64_t* count,
-                       double grad_scale, Tensor* dlogits, const char* op) {
+                       double grad_scale, Tensor* dlogits, const char* op, Tensor* acc = nullptr,
+                       int64_t row0 = 0) {
   check_args(logits, targets, op);
   expect_cuda(losses, "losses", op);
   check_shape(losses, {logits.size(0)}, "losses");
@@ -218,6 +235,11 @@ double ce_forward_impl(const Tensor& logits, const Tensor& targets, Tensor& loss
     expect_cuda(*dlogits, "dlogits", op);
     check_shape(*dlogits, logits.shape(), "dlogits");
     check_dtype(*dlogits, logits.dtype(), "dlogits");
+  }
+  if (acc) {
+    expect_cuda(*acc, "totals", op);
+    check_dtype(*acc, DType::I64, "totals");
+    check_shape(*acc, {3}, "totals");
   }
   const int64_t n = logits.size(0), v = logits.size(1);
   if (n == 0) {
@@ -231,8 +253,7 @@ double ce_forward_impl(const Tensor& logits, const Tensor& targets, Tensor& loss
   float* row_loss = buf.as<float>();
   auto* totals = reinterpret_cast<Totals*>(buf.as<char>() + (n * sizeof(float) + 15) / 16 * 16);
   DeviceBuffer bad(sizeof(int));
-  const int init = INT_MAX;
-  IEVO_CUDA_CHECK(cudaMemcpyAsync(bad.data(), &init, sizeof(int), cudaMemcpyHostToDevice, s));
+  IEVO_CUDA_CHECK(cudaMemsetAsync(bad.data(), kNoBadRowByte, sizeof(int), s));
   dispatch_fp(logits.dtype(), op, [&](auto tag) {
     using T = decltype(tag);
     auto launch = [&](auto nc) {
@@ -254,14 +275,16 @@ double ce_forward_impl(const Tensor& logits, const Tensor& targets, Tensor& loss
     else launch(std::integral_constant<int, 1>{});
     IEVO_CUDA_LAUNCH_CHECK(dlogits ? "ce_fwd_bwd" : "ce_fwd");
   });
-  ce_total<<<1, 1024, 0, s>>>(row_loss, targets.data<int32_t>(), n, totals);
+  ce_total<<<1, 1024, 0, s>>>(row_loss, targets.data<int32_t>(), n, totals,
+                              acc ? acc->data<long long>() : nullptr, bad.as<int>(), row0);
   IEVO_CUDA_LAUNCH_CHECK("ce_total");
+  if (acc) return 0.0;  // the scratch is freed in stream order
   Totals host{};
   int bad_row = 0;
   IEVO_CUDA_CHECK(cudaMemcpyAsync(&host, totals, sizeof(Totals), cudaMemcpyDeviceToHost, s));
   IEVO_CUDA_CHECK(cudaMemcpyAsync(&bad_row, bad.data(), sizeof(int), cudaMemcpyDeviceToHost, s));
   IEVO_CUDA_CHECK(cudaStreamSynchronize(s));
-  if (bad_row != INT_MAX) fail_target(targets, bad_row, v, op);
+  if (bad_row != kNoBadRow) fail_target(targets, bad_row, v, op);
   if (count) *count = host.count;
   return host.sum;
 }
@@ -279,6 +302,12 @@ double cross_entropy_forward_backward(const Tensor& logits, const Tensor& target
                          "cross_entropy_forward_backward");
 }
 
+void cross_entropy_accumulate(const Tensor& logits, const Tensor& targets, double grad_scale,
+                              Tensor& losses, Tensor* dlogits, int64_t row0, Tensor& totals) {
+  ce_forward_impl(logits, targets, losses, nullptr, grad_scale, dlogits,
+                  dlogits ? "cross_entropy_forward_backward" : "cross_entropy_forward", &totals, row0);
+}
+
 void cross_entropy_backward(const Tensor& logits, const Tensor& targets, double grad_scale,
                             Tensor& dlogits) {
   const char* op = "cross_entropy_backward";
@@ -290,8 +319,7 @@ void cross_entropy_backward(const Tensor& logits, const Tensor& targets, double 
   if (n == 0 || v == 0) return;
   cudaStream_t s = current_stream();
   DeviceBuffer bad(sizeof(int));
-  const int init = INT_MAX;
-  IEVO_CUDA_CHECK(cudaMemcpyAsync(bad.data(), &init, sizeof(int), cudaMemcpyHostToDevice, s));
+  IEVO_CUDA_CHECK(cudaMemsetAsync(bad.data(), kNoBadRowByte, sizeof(int), s));
   dispatch_fp(logits.dtype(), op, [&](auto tag) {
     using T = decltype(tag);
     if (packed_rows<T>(logits, dlogits))
@@ -306,7 +334,7 @@ void cross_entropy_backward(const Tensor& logits, const Tensor& targets, double 
   int bad_row = 0;
   IEVO_CUDA_CHECK(cudaMemcpyAsync(&bad_row, bad.data(), sizeof(int), cudaMemcpyDeviceToHost, s));
   IEVO_CUDA_CHECK(cudaStreamSynchronize(s));
-  if (bad_row != INT_MAX) fail_target(targets, bad_row, v, op);
+  if (bad_row != kNoBadRow) fail_target(targets, bad_row, v, op);
 }
 
 }  // namespace ievo::ops::cuda

@@ -49,6 +49,11 @@ void cross_entropy_backward(const Tensor& logits, const Tensor& targets, double 
                             Tensor& dlogits);
 double cross_entropy_forward_backward(const Tensor& logits, const Tensor& targets, double grad_scale,
                                       Tensor& losses, int64_t* count, Tensor& dlogits);
+// The forward (dlogits null) or forward + backward of rows [row0, row0 + n) of an LM head, their
+// loss sum and count added to `totals` (i64 [3] on the device: the sum's f64 bits, the count, the
+// first row whose target is outside the vocabulary, INT64_MAX for none) without a synchronisation.
+void cross_entropy_accumulate(const Tensor& logits, const Tensor& targets, double grad_scale,
+                              Tensor& losses, Tensor* dlogits, int64_t row0, Tensor& totals);
 
 void adamw_step(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v, const AdamWHyper& h,
                 Tensor* param_lowp);
