@@ -281,20 +281,25 @@ class Trainer {
   // leaves the device idle at the start of the step). micro_batch is a function of the step, so
   // a prefetch that is not used (a stop, a resume) changes nothing; a failure is kept and raised
   // by the step that takes the batches, after this step's metrics and checkpoint.
+  // Their target tokens are counted then too (a read-back of the device's copy).
   void prefetch_batches(int64_t step) {
-    next_ = NextBatches{step, {}, nullptr};
+    next_ = NextBatches{step, {}, 0, nullptr};
     try {
-      for (int64_t j = 0; j < accum_; ++j) next_.micros.push_back(micro_batch(step, j));
+      for (int64_t j = 0; j < accum_; ++j) {
+        next_.micros.push_back(micro_batch(step, j));
+        next_.targets += next_.micros.back().num_targets();
+      }
     } catch (...) {
       next_.micros.clear();
       next_.error = std::current_exception();
     }
   }
-  std::vector<Batch> step_batches(int64_t step) {
+  std::vector<Batch> step_batches(int64_t step, int64_t* targets) {
     if (next_.step != step) prefetch_batches(step);
     NextBatches taken = std::move(next_);
     next_ = NextBatches{};
     if (taken.error) std::rethrow_exception(taken.error);
+    *targets = taken.targets;
     return std::move(taken.micros);
   }
 
@@ -310,9 +315,8 @@ class Trainer {
   StepMetrics train_step(int64_t step) {
     const auto t0 = std::chrono::steady_clock::now();
     if (opt_.phases) opt_.phases->begin_step();
-    std::vector<Batch> micros = step_batches(step);
-    int64_t targets = 0;
-    for (const Batch& b : micros) targets += b.num_targets();
+    int64_t targets = 0;  // this rank's target tokens
+    std::vector<Batch> micros = step_batches(step, &targets);
     targets = dp_comm_->all_reduce_sum(targets);  // over the whole global batch
     phase(Phase::Data);
     IEVO_CHECK(targets > 0, "step ", step, ": the global batch has no target tokens");
@@ -448,6 +452,7 @@ class Trainer {
   struct NextBatches {
     int64_t step = -1;
     std::vector<Batch> micros;
+    int64_t targets = 0;  // their target tokens
     std::exception_ptr error;
   };
   NextBatches next_;  // prefetch_batches
