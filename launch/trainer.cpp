@@ -7,6 +7,7 @@
 #include <filesystem>
 #include <fstream>
 #include <memory>
+#include <string>
 
 #include <nlohmann/json.hpp>
 
@@ -314,6 +315,9 @@ class Trainer {
 
   StepMetrics train_step(int64_t step) {
     const auto t0 = std::chrono::steady_clock::now();
+    // "step_<N>": tools/kernel_profile.sh profiles one warm step by this range (ncu --nvtx-include)
+    const std::string step_range = "step_" + std::to_string(step);
+    IEVO_NVTX_RANGE(step_range.c_str());
     if (opt_.phases) opt_.phases->begin_step();
     int64_t targets = 0;  // this rank's target tokens
     std::vector<Batch> micros = step_batches(step, &targets);

@@ -24,6 +24,7 @@ KINDS = [  # first match wins; patterns are searched in the demangled kernel nam
     ("add/elementwise", r"add|axpy|elementwise|vectorized|unrolled"),
     ("cast/copy", r"cast|convert|copy|fill|memset"),
 ]
+SLIM_COLUMNS = ["ID", "Kernel Name", "Grid Size", "Block Size", "Stream", "gpu__time_duration.sum"]
 UNIT = {"nsecond": 1e-3, "ns": 1e-3, "usecond": 1.0, "us": 1.0, "msecond": 1e3, "ms": 1e3, "second": 1e6, "s": 1e6}
 
 
@@ -38,6 +39,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("csv")
     ap.add_argument("--top", type=int, default=30)
+    ap.add_argument("--slim", action="store_true",
+                    help="rewrite the CSV with only the columns read here (ncu's raw page repeats "
+                         "~250 device attributes on every row: ~2 KB a kernel)")
     a = ap.parse_args()
     lines = [l for l in open(a.csv, errors="replace") if l.startswith('"')]
     rows = list(csv.reader(lines))
@@ -46,6 +50,15 @@ def main():
     head, units = rows[0], rows[1]
     ki = head.index("Kernel Name")
     ti = head.index("gpu__time_duration.sum")
+    if a.slim:
+        keep = [head.index(c) for c in SLIM_COLUMNS if c in head]
+        with open(a.csv, "w", newline="") as f:
+            w = csv.writer(f, quoting=csv.QUOTE_ALL)
+            for r in rows:
+                w.writerow([r[i] if i < len(r) else "" for i in keep])
+        ki, ti = keep.index(ki), keep.index(ti)
+        rows = [[r[i] if i < len(r) else "" for i in keep] for r in rows]
+        head, units = rows[0], rows[1]
     scale = UNIT.get(units[ti], 1.0)
     per_kind = collections.Counter()
     per_name = collections.defaultdict(lambda: [0, 0.0])
