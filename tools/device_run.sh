@@ -9,6 +9,7 @@
 #   the bundle small), IEVO_PACK_TESTS="test_gpu_a test_gpu_b" only those tests (each binary is
 #   ~12 MB: all of them and the bench no longer fit one carry), IEVO_PACK_IEVO=1 also bundles the
 #   ievo binary, IEVO_PACK_BENCH=1 bench/bench_gpu_kernels (run it with IEVO_BENCH=1),
+#   IEVO_PACK_TRACE=1 the CUPTI tracer with its libcupti (tools/cupti_trace.sh; 4 MB),
 #   IEVO_PACK_NOBUILD=1 bundles what is already built. The bundle mirrors the build tree: the
 #   gpu-labelled test executables (debug info stripped), every CTestTestfile.cmake, the non-system
 #   shared libraries they need that the device image may lack (build-dev/lib-all; run links in
@@ -58,6 +59,11 @@ pack() {
     cp "$build/$b" "$DEV/$b"
     strip --strip-debug "$DEV/$b"
   done
+  if [ "${IEVO_PACK_TRACE:-0}" = 1 ]; then  # the CUPTI tracer (tools/cupti_trace.sh) and its libcupti
+    mkdir -p "$DEV/tools"
+    cp "$build/tools/libievo_cupti_trace.so" "$DEV/tools/"
+    cp -L "$(ldd "$build/tools/libievo_cupti_trace.so" | awk '/libcupti/ {print $3}')" "$DEV/tools/"
+  fi
   # Shared libraries outside glibc/libstdc++ and CUDA: the device image (Ubuntu 24.04, CUDA 13)
   # may not have them; run links in only those it lacks.
   for b in $bins; do ldd "$build/$b"; done | awk '/=> \//{print $1" "$3}' | sort -u | while read -r name path; do
