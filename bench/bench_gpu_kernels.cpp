@@ -17,6 +17,7 @@
 #include "runtime/ops/adamw.h"
 #include "runtime/ops/attention.h"
 #include "runtime/ops/cross_entropy.h"
+#include "runtime/ops/elementwise.h"
 #include "runtime/ops/matmul.h"
 #include "runtime/ops/rmsnorm.h"
 #include "runtime/ops/rope.h"
@@ -392,6 +393,86 @@ void BM_adamw_forward_overlap(benchmark::State& state, OptOverlap mode) {
   state.counters["adamw_GB"] = benchmark::Counter(26.0 * kLayers * P / 1e9);
 }
 
+// Probe (session 11, docs/performance.md): what a CUDA graph would save on the 134M model, whose
+// step runs at full clock and is 2.0 ms longer than its kernels' sum (650 kernels). The 12 blocks'
+// forward at its shape (N 32768 = B 32 x T 1024, d 768, 12 heads of 64, ffn 2048: RMSNorm, the
+// q/k/v/o and gate/up/down GEMMs, RoPE on q and k, cuDNN attention, SwiGLU, the residual adds in
+// the o/down GEMMs), 12 kernels a block: launched from the stream (eager) or replayed as one
+// graph captured from the same calls after a warm-up (plans and autotuning done outside it).
+enum class Launch { Eager, Graph };
+void BM_blocks_graph(benchmark::State& state, Launch mode) {
+  if (skip(state)) return;
+  constexpr int kLayers = 12;
+  constexpr int64_t B = 32, T = 1024, N = B * T, D = 768, H = 12, Hd = 64, F = 2048;
+  cudaStream_t s = nullptr;
+  IEVO_CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+  cudaGraph_t graph = nullptr;
+  cudaGraphExec_t exec = nullptr;
+  {
+    cuda::StreamGuard guard(s);
+    auto bf16 = [](const Shape& sh) { return Tensor::empty(sh, DType::BF16, Device::CUDA); };
+    std::vector<Tensor> w;  // per layer: q, k, v, o, gate, up, down, two norm weights
+    for (int l = 0; l < kLayers; ++l)
+      for (const Shape& sh : {Shape{D, D}, Shape{D, D}, Shape{D, D}, Shape{D, D}, Shape{F, D},
+                              Shape{F, D}, Shape{D, F}, Shape{D}, Shape{D}}) {
+        Tensor t = rnd(sh, DType::BF16);
+        if (sh.size() == 2) ops::scale(t, 0.05);  // the residual stream stays O(1) over 12 blocks
+        w.push_back(t);
+      }
+    Tensor x = rnd({N, D}, DType::BF16), y = bf16({N, D}), rstd = Tensor::empty({N}, DType::F32, Device::CUDA);
+    Tensor q = bf16({N, D}), k = bf16({N, D}), v = bf16({N, D}), o = bf16({N, D});
+    Tensor gate = bf16({N, F}), up = bf16({N, F}), h = bf16({N, F});
+    Tensor lse = Tensor::empty({H, N}, DType::F32, Device::CUDA);
+    std::vector<int32_t> cu, p(N);
+    for (int64_t b = 0; b <= B; ++b) cu.push_back(static_cast<int32_t>(b * T));
+    for (int64_t i = 0; i < N; ++i) p[static_cast<size_t>(i)] = static_cast<int32_t>(i % T);
+    Tensor hcu = Tensor::from_vector(cu, {B + 1}), gcu = hcu.to(Device::CUDA);
+    Tensor pos = Tensor::from_vector(p, {N}).to(Device::CUDA);
+    auto blocks = [&] {
+      for (int l = 0; l < kLayers; ++l) {
+        const Tensor* wl = &w[static_cast<size_t>(l) * 9];
+        ops::rmsnorm_forward(x, wl[7], 1e-5, y, rstd);
+        ops::matmul(y, false, wl[0], true, q);
+        ops::matmul(y, false, wl[1], true, k);
+        ops::matmul(y, false, wl[2], true, v);
+        Tensor q3 = q.view({N, H, Hd}), k3 = k.view({N, H, Hd}), o3 = o.view({N, H, Hd});
+        ops::rope_forward(q3, pos, 10000.0, q3);
+        ops::rope_forward(k3, pos, 10000.0, k3);
+        ops::attention_forward(q3, k3, v.view({N, H, Hd}), gcu, static_cast<int>(T), o3, lse, hcu);
+        ops::matmul_add(o, false, wl[3], true, x, x);  // x += o Wo^T
+        ops::rmsnorm_forward(x, wl[8], 1e-5, y, rstd);
+        ops::matmul(y, false, wl[4], true, gate);
+        ops::matmul(y, false, wl[5], true, up);
+        ops::swiglu_forward(gate, up, h);
+        ops::matmul_add(h, false, wl[6], true, x, x);  // x += h Wd^T
+      }
+    };
+    try {
+      blocks();  // plans, autotuning, cuDNN graphs: outside the capture
+      cuda::synchronize();
+      if (mode == Launch::Graph) {
+        IEVO_CUDA_CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeRelaxed));
+        blocks();
+        IEVO_CUDA_CHECK(cudaStreamEndCapture(s, &graph));
+        IEVO_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+        size_t nodes = 0;
+        IEVO_CUDA_CHECK(cudaGraphGetNodes(graph, nullptr, &nodes));
+        state.counters["nodes"] = benchmark::Counter(static_cast<double>(nodes));
+        timed(state, [&] { IEVO_CUDA_CHECK(cudaGraphLaunch(exec, s)); });
+      } else {
+        timed(state, blocks);
+      }
+    } catch (const Error& e) {
+      state.SkipWithError(e.what());
+    }
+    IEVO_CUDA_CHECK(cudaStreamSynchronize(s));
+  }
+  if (exec) IEVO_CUDA_CHECK(cudaGraphExecDestroy(exec));
+  if (graph) IEVO_CUDA_CHECK(cudaGraphDestroy(graph));
+  allocator(Device::CUDA).empty_cache();
+  IEVO_CUDA_CHECK(cudaStreamDestroy(s));
+}
+
 using B = ops::AttentionBackend;
 BENCHMARK_CAPTURE(BM_matmul, qkv_proj, kN, kD + 2 * kHkv * kHd, kD, true)->UseManualTime()->Unit(benchmark::kMillisecond);
 BENCHMARK_CAPTURE(BM_matmul, mlp_up, kN, 2 * kF, kD, true)->UseManualTime()->Unit(benchmark::kMillisecond);
@@ -429,6 +510,8 @@ BENCHMARK_CAPTURE(BM_adamw, remainders, true)->UseManualTime()->Unit(benchmark::
 BENCHMARK_CAPTURE(BM_adamw_forward_overlap, sequential, OptOverlap::Sequential)->UseManualTime()->Unit(benchmark::kMillisecond);
 BENCHMARK_CAPTURE(BM_adamw_forward_overlap, overlapped, OptOverlap::Overlapped)->UseManualTime()->Unit(benchmark::kMillisecond);
 BENCHMARK_CAPTURE(BM_adamw_forward_overlap, overlapped_priority, OptOverlap::OverlappedPriority)->UseManualTime()->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(BM_blocks_graph, eager, Launch::Eager)->UseManualTime()->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(BM_blocks_graph, graph, Launch::Graph)->UseManualTime()->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_cross_entropy)->UseManualTime()->Unit(benchmark::kMillisecond);
 BENCHMARK_CAPTURE(BM_cross_entropy_fused, v32000, 32000)->UseManualTime()->Unit(benchmark::kMillisecond);
 BENCHMARK_CAPTURE(BM_cross_entropy_fused, v92544, 92544)->UseManualTime()->Unit(benchmark::kMillisecond);
