@@ -5,7 +5,7 @@
 namespace ievo {
 
 int64_t Batch::num_targets() const {
-  Tensor t = targets.is_cpu() ? targets : targets.to(Device::CPU);
+  Tensor t = targets.is_cpu() ? targets : targets_host.defined() ? targets_host : targets.to(Device::CPU);
   int64_t n = 0;
   const int32_t* p = t.data<int32_t>();
   for (int64_t i = 0; i < t.numel(); ++i) n += p[i] != -100;
@@ -18,11 +18,14 @@ Batch Batch::to(Device d) const {
   b.targets = targets.to(d);
   b.positions = positions.to(d);
   b.cu_seqlens = cu_seqlens.to(d);
-  if (d != Device::CPU)
+  if (d != Device::CPU) {
     b.cu_seqlens_host = cu_seqlens.is_cpu() ? cu_seqlens
                         : cu_seqlens_host.defined() ? cu_seqlens_host : cu_seqlens.to(Device::CPU);
-  else
-    b.cu_seqlens_host = Tensor();
+    b.inputs_host = inputs.is_cpu() ? inputs : inputs_host;  // never read back for this
+    b.targets_host = targets.is_cpu() ? targets : targets_host;
+  } else {
+    b.cu_seqlens_host = b.inputs_host = b.targets_host = Tensor();
+  }
   return b;
 }
 

@@ -15,6 +15,8 @@ struct Batch {
   Tensor cu_seqlens;  // [S+1] i32
   Tensor cu_seqlens_host;  // the same on the host once the batch is on a device (to(): attention
                            // reads the boundaries there, without a device round trip)
+  Tensor inputs_host;      // likewise the ids (the embedding checks them there) and the targets
+  Tensor targets_host;     // (num_targets counts them there)
   int max_seqlen = 0;
 
   int64_t num_tokens() const { return inputs.numel(); }

@@ -231,7 +231,7 @@ void Llama::recompute_dropped(const ParamStore& p, int layer, BlockActs& a) cons
 Tensor Llama::embed(const ParamStore& p, const Batch& b) {
   Tensor e = Tensor::empty({b.num_tokens(), c_.hidden_size}, p.dtype(), p.device());
   before(0, LayerHooks::Pass::Forward);
-  mp_->embedding_forward(p[embed_], b.inputs, e);
+  mp_->embedding_forward(p[embed_], b.inputs, e, b.inputs_host);
   after(0, LayerHooks::Pass::Forward);
   return mp_->reduce_output(e);
 }
@@ -330,7 +330,7 @@ Tensor Llama::stage_backward(const ParamStore& p, int chunk, const Batch& b, Sta
   acts.blocks.clear();
   if (!first) return dx;
   before(0, P::Backward);
-  mp_->embedding_backward(mp_->gather_output_grad(dx), b.inputs, g[embed_]);
+  mp_->embedding_backward(mp_->gather_output_grad(dx), b.inputs, g[embed_], b.inputs_host);
   after(0, P::Backward);
   return Tensor();
 }

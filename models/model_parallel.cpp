@@ -5,12 +5,14 @@
 
 namespace ievo {
 
-void ModelParallel::embedding_forward(const Tensor& table, const Tensor& ids, Tensor& out) {
-  ops::embedding_forward(table, ids, out);
+void ModelParallel::embedding_forward(const Tensor& table, const Tensor& ids, Tensor& out,
+                                      const Tensor& ids_host) {
+  ops::embedding_forward(table, ids, out, ids_host);
 }
 
-void ModelParallel::embedding_backward(const Tensor& dout, const Tensor& ids, Tensor& dtable) {
-  ops::embedding_backward(dout, ids, dtable);
+void ModelParallel::embedding_backward(const Tensor& dout, const Tensor& ids, Tensor& dtable,
+                                       const Tensor& ids_host) {
+  ops::embedding_backward(dout, ids, dtable, ids_host);
 }
 
 double ModelParallel::head_loss(const Tensor& h, const Tensor& w, const Tensor& targets,

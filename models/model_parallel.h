@@ -44,8 +44,9 @@ class ModelParallel {
   // Embedding of ids [n] with this rank's rows of the table: out [n, d] (a partial sum under
   // vocabulary parallelism: rows of other ranks' tokens are zero; the model then calls
   // reduce_output). Backward: adds dout's rows into dtable for the ids this rank holds.
-  virtual void embedding_forward(const Tensor& table, const Tensor& ids, Tensor& out);
-  virtual void embedding_backward(const Tensor& dout, const Tensor& ids, Tensor& dtable);
+  // ids_host: the ids on the host, checked there (ops::embedding_forward); may be undefined
+  virtual void embedding_forward(const Tensor& table, const Tensor& ids, Tensor& out, const Tensor& ids_host);
+  virtual void embedding_backward(const Tensor& dout, const Tensor& ids, Tensor& dtable, const Tensor& ids_host);
 
   // The fused LM head and cross-entropy (ops::lm_head_loss) with this rank's rows of the head
   // (vocabulary-parallel: never gathers the logits). h [N, d]; returns the summed loss over the

@@ -36,6 +36,8 @@ Batch sequence_slice(const Batch& b, int S, int rank) {
   out.inputs = b.inputs.slice(0, rank * n, (rank + 1) * n);
   out.targets = b.targets.slice(0, rank * n, (rank + 1) * n);
   out.positions = b.positions.slice(0, rank * n, (rank + 1) * n);
+  if (b.inputs_host.defined()) out.inputs_host = b.inputs_host.slice(0, rank * n, (rank + 1) * n);
+  if (b.targets_host.defined()) out.targets_host = b.targets_host.slice(0, rank * n, (rank + 1) * n);
   return out;
 }
 
@@ -153,13 +155,15 @@ Tensor TensorParallel::gather_heads(const Tensor& x) {
   return out;
 }
 
-void TensorParallel::embedding_forward(const Tensor& table, const Tensor& ids, Tensor& out) {
-  if (tp_size_ == 1) return ops::embedding_forward(table, ids, out);
+void TensorParallel::embedding_forward(const Tensor& table, const Tensor& ids, Tensor& out,
+                                       const Tensor& ids_host) {
+  if (tp_size_ == 1) return ops::embedding_forward(table, ids, out, ids_host);
   ops::embedding_forward_range(table, ids, shard_.vocab_begin(c_), c_.vocab_size, out);
 }
 
-void TensorParallel::embedding_backward(const Tensor& dout, const Tensor& ids, Tensor& dtable) {
-  if (tp_size_ == 1) return ops::embedding_backward(dout, ids, dtable);
+void TensorParallel::embedding_backward(const Tensor& dout, const Tensor& ids, Tensor& dtable,
+                                        const Tensor& ids_host) {
+  if (tp_size_ == 1) return ops::embedding_backward(dout, ids, dtable, ids_host);
   ops::embedding_backward_range(dout, ids, shard_.vocab_begin(c_), c_.vocab_size, dtable);
 }
 

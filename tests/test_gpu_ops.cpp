@@ -16,6 +16,8 @@
 #include <utility>
 #include <vector>
 
+#include "models/batch.h"
+#include "parallel/tensor_parallel.h"
 #include "runtime/ops/adamw.h"
 #include "runtime/ops/attention.h"
 #include "runtime/ops/cross_entropy.h"
@@ -288,6 +290,72 @@ TEST(GpuEmbedding, ForwardBackwardDeterministic) {
     EXPECT_NE(std::string(e.what()).find("5000"), std::string::npos) << e.what();
     EXPECT_NE(std::string(e.what()).find("position 123"), std::string::npos) << e.what();
   }
+  // With the ids' host copy (ids_host): the same rows and gradients, and the same error, found
+  // on the host with no device round trip (a bad id on the device alone is then not looked at).
+  Tensor table = rand({vocab, d}, 57);
+  Tensor o1 = Tensor::empty({n, d}, DType::F32, Device::CUDA), o2 = Tensor::empty({n, d}, DType::F32, Device::CUDA);
+  ops::embedding_forward(table.to(Device::CUDA), gids, o1);
+  ops::embedding_forward(table.to(Device::CUDA), gids, o2, ids);
+  EXPECT_TRUE(bit_equal(o1, o2)) << "embedding_forward with ids_host";
+  Tensor d1 = Tensor::zeros({vocab, d}, DType::F32, Device::CUDA), d2 = Tensor::zeros({vocab, d}, DType::F32, Device::CUDA);
+  ops::embedding_backward(gpu(dout, DType::F32), gids, d1);
+  ops::embedding_backward(gpu(dout, DType::F32), gids, d2, ids);
+  EXPECT_TRUE(bit_equal(d1, d2)) << "embedding_backward with ids_host";
+  for (int pass = 0; pass < 2; ++pass) {
+    try {
+      if (pass == 0) ops::embedding_forward(table.to(Device::CUDA), gids, o1, bad);
+      else ops::embedding_backward(gpu(dout, DType::F32), gids, d1, bad);
+      ADD_FAILURE() << "no error for id 5000 in ids_host, pass " << pass;
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find("5000"), std::string::npos) << e.what();
+      EXPECT_NE(std::string(e.what()).find("position 123"), std::string::npos) << e.what();
+      EXPECT_NE(std::string(e.what()).find(pass == 0 ? "embedding_forward" : "embedding_backward"),
+                std::string::npos) << e.what();
+    }
+  }
+  EXPECT_THROW(ops::embedding_forward(table.to(Device::CUDA), gids, o1, ids.slice(0, 0, n - 1)), Error)
+      << "ids_host of another length";
+}
+
+// A copy from pageable host memory to the device does not wait for the stream (it returns once
+// the source is staged): the source may be overwritten at once, behind a kernel still running.
+TEST(GpuCopy, PageableToDeviceSourceReusableAtOnce) {
+  REQUIRE_GPU();
+  const int64_t n = 1 << 16;
+  Tensor big = rand({4096, 4096}, 58).to(Device::CUDA), c = Tensor::empty({4096, 4096}, DType::F32, Device::CUDA);
+  Tensor src = Tensor::empty({n}, DType::F32);
+  std::vector<Tensor> dev;
+  for (int r = 0; r < 4; ++r) {
+    ops::matmul(big, false, big, false, c);  // ~1 ms of device work queued ahead of the copy
+    for (int64_t i = 0; i < n; ++i) src.data<float>()[i] = static_cast<float>(r * n + i);
+    dev.push_back(src.to(Device::CUDA));
+  }
+  for (int r = 0; r < 4; ++r) {
+    Tensor h = dev[static_cast<size_t>(r)].to(Device::CPU);
+    int64_t wrong = 0;
+    for (int64_t i = 0; i < n; ++i) wrong += h.data<float>()[i] != static_cast<float>(r * n + i);
+    EXPECT_EQ(wrong, 0) << "copy " << r;
+  }
+}
+
+// A batch copied to the device keeps its ids and targets on the host too (the embedding checks
+// the ids there, num_targets counts there), sliced along with the device tensors (Ulysses).
+TEST(GpuBatch, HostCopiesOfIdsAndTargets) {
+  REQUIRE_GPU();
+  std::vector<int32_t> rows;
+  for (int i = 0; i < 2 * 5; ++i) rows.push_back(i + 1);
+  Batch b = make_batch(rows, 2, 4);
+  b.targets.data<int32_t>()[6] = -100;
+  const Batch g = b.to(Device::CUDA);
+  EXPECT_EQ(g.inputs_host.raw(), b.inputs.raw()) << "the host tensor itself, no copy";
+  EXPECT_EQ(g.targets_host.raw(), b.targets.raw());
+  EXPECT_EQ(g.num_targets(), 7);
+  const Batch s = sequence_slice(g, 2, 1);
+  ASSERT_EQ(s.inputs_host.numel(), 4);
+  EXPECT_EQ(test::max_abs_diff(s.inputs.to(Device::CPU), s.inputs_host), 0.0);
+  EXPECT_EQ(test::max_abs_diff(s.targets.to(Device::CPU), s.targets_host), 0.0);
+  EXPECT_EQ(s.num_targets(), 3);
+  EXPECT_FALSE(g.to(Device::CPU).inputs_host.defined());
 }
 
 // ---------------------------------------------------------------------------------------------

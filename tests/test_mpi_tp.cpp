@@ -146,13 +146,13 @@ TEST(TensorParallelRegions, VocabularyParallelEmbeddingAndLoss) {
   Tensor ids = Tensor::from_vector(idv, {N});
   Tensor table = same_everywhere({V, D}, 120);
   Tensor out = Tensor::empty({N, D}, DType::F64), whole = Tensor::empty({N, D}, DType::F64);
-  tp.embedding_forward(rows(table, t, vl), ids, out);
+  tp.embedding_forward(rows(table, t, vl), ids, out, Tensor());
   ops::embedding_forward(table, ids, whole);
   EXPECT_EQ(test::max_abs_diff(tp.reduce_output(out), whole), 0.0);  // one nonzero row per token
   Tensor dout = same_everywhere({N, D}, 121), dtable = Tensor::zeros({V, D}, DType::F64),
          dpart = Tensor::zeros({vl, D}, DType::F64);
   ops::embedding_backward(dout, ids, dtable);
-  tp.embedding_backward(dout, ids, dpart);
+  tp.embedding_backward(dout, ids, dpart, Tensor());
   EXPECT_EQ(test::max_abs_diff(dpart, rows(dtable, t, vl)), 0.0);
 
   // Loss: chunks of 8 (37 = 4 x 8 + 5), some targets ignored.

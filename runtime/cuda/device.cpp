@@ -39,11 +39,24 @@ void ensure_init() {
   }
 }
 
+// Whether p is pageable host memory (not page-locked or registered with CUDA).
+bool pageable(const void* p) {
+  cudaPointerAttributes a{};
+  if (cudaPointerGetAttributes(&a, p) != cudaSuccess) {
+    (void)cudaGetLastError();  // older drivers: an error for unregistered memory
+    return true;
+  }
+  return a.type == cudaMemoryTypeUnregistered;
+}
+
 void copy_fn(void* dst, Device dd, const void* src, Device sd, size_t bytes) {
   cudaStream_t s = current_stream();
   IEVO_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, s));
-  // Host memory on either side: wait, so the caller may read or free it at once.
-  if (dd == Device::CPU || sd == Device::CPU) IEVO_CUDA_CHECK(cudaStreamSynchronize(s));
+  // Host memory on either side: wait, so the caller may read or free it at once. Except a copy
+  // from pageable host memory to the device: cudaMemcpyAsync returns once it has staged the
+  // source (CUDA's API synchronisation rules), so the caller may already free it, and the stream
+  // need not drain (a batch copied while the device still runs the optimizer).
+  if (dd == Device::CPU || (sd == Device::CPU && !pageable(src))) IEVO_CUDA_CHECK(cudaStreamSynchronize(s));
 }
 
 void zero_fn(void* dst, size_t bytes) {

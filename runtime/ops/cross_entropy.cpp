@@ -9,7 +9,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
-#include <limits>
 #include <utility>
 #include <vector>
 
@@ -140,10 +139,7 @@ class ChunkTotals {
  public:
   explicit ChunkTotals(Device d) {
 #ifdef IEVO_CUDA
-    if (d == Device::CUDA) {
-      const std::vector<int64_t> init{0, 0, std::numeric_limits<int64_t>::max()};  // sum 0.0: all bits 0
-      dev_ = Tensor::from_vector(init, {3}).to(d);
-    }
+    if (d == Device::CUDA) dev_ = Tensor::zeros({3}, DType::I64, d);  // a memset: no host copy
 #else
     (void)d;
 #endif
@@ -170,9 +166,10 @@ class ChunkTotals {
       const int64_t* v = host.data<int64_t>();
       std::memcpy(&sum_, &v[0], sizeof(double));
       count_ = v[1];
-      if (v[2] != std::numeric_limits<int64_t>::max()) {
-        const int32_t t = targets.slice(0, v[2], v[2] + 1).to(Device::CPU).data<int32_t>()[0];
-        IEVO_FAIL("lm_head_loss: target ", t, " at row ", v[2], " is outside the vocabulary [0, ", vocab,
+      if (v[2] != 0) {
+        const int64_t row = v[2] - 1;
+        const int32_t t = targets.slice(0, row, row + 1).to(Device::CPU).data<int32_t>()[0];
+        IEVO_FAIL("lm_head_loss: target ", t, " at row ", row, " is outside the vocabulary [0, ", vocab,
                   ") and is not the ignore index ", kIgnoreIndex);
       }
     }
@@ -181,7 +178,7 @@ class ChunkTotals {
   }
 
  private:
-  Tensor dev_;  // CUDA: i64 [3]: the sum's f64 bits, the count, the first bad row (INT64_MAX: none)
+  Tensor dev_;  // CUDA: i64 [3]: the sum's f64 bits, the count, the first bad row + 1 (0: none)
   double sum_ = 0;
   int64_t count_ = 0;
 };

@@ -106,8 +106,8 @@ struct Totals {
 };
 
 // The rows' loss sum and count: written to *out, or with acc added to acc's running totals (i64
-// [3]: the sum's f64 bits, the count, the first bad row of the whole head; one block, launched in
-// stream order, so no atomics) with the call's first bad row, offset by row0.
+// [3]: the sum's f64 bits, the count, the first bad row of the whole head + 1; one block, launched
+// in stream order, so no atomics) with the call's first bad row, offset by row0.
 __global__ void ce_total(const float* row_loss, const int32_t* targets, int64_t n, Totals* out,
                          long long* acc, const int* bad_row, long long row0) {
   __shared__ double s1[32];
@@ -127,7 +127,8 @@ __global__ void ce_total(const float* row_loss, const int32_t* targets, int64_t 
   }
   acc[0] = __double_as_longlong(__longlong_as_double(acc[0]) + s);
   acc[1] += c;
-  if (*bad_row != kNoBadRow && row0 + *bad_row < acc[2]) acc[2] = row0 + *bad_row;
+  // acc[2]: the first bad row + 1 (0: none yet), so that all-zero bytes are the initial totals
+  if (*bad_row != kNoBadRow && (acc[2] == 0 || row0 + *bad_row + 1 < acc[2])) acc[2] = row0 + *bad_row + 1;
 }
 
 // g = gs * (softmax(x) - onehot(t)) for one row, given its lse. Same element-to-thread map as

@@ -22,8 +22,8 @@ void cast(const Tensor& src, Tensor& dst);
 double sum_squares(const Tensor& x);
 bool all_finite(const Tensor& x);
 
-void embedding_forward(const Tensor& table, const Tensor& ids, Tensor& out);
-void embedding_backward(const Tensor& dout, const Tensor& ids, Tensor& dtable);
+void embedding_forward(const Tensor& table, const Tensor& ids, Tensor& out, const Tensor& ids_host);
+void embedding_backward(const Tensor& dout, const Tensor& ids, Tensor& dtable, const Tensor& ids_host);
 
 void rmsnorm_forward(const Tensor& x, const Tensor& w, double eps, Tensor& y, Tensor& rstd);
 void rmsnorm_backward(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& rstd,
@@ -50,8 +50,9 @@ void cross_entropy_backward(const Tensor& logits, const Tensor& targets, double 
 double cross_entropy_forward_backward(const Tensor& logits, const Tensor& targets, double grad_scale,
                                       Tensor& losses, int64_t* count, Tensor& dlogits);
 // The forward (dlogits null) or forward + backward of rows [row0, row0 + n) of an LM head, their
-// loss sum and count added to `totals` (i64 [3] on the device: the sum's f64 bits, the count, the
-// first row whose target is outside the vocabulary, INT64_MAX for none) without a synchronisation.
+// loss sum and count added to `totals` (i64 [3] on the device: the sum's f64 bits, the count, and
+// 1 + the first row whose target is outside the vocabulary, 0 for none; zeros to begin) without a
+// synchronisation.
 void cross_entropy_accumulate(const Tensor& logits, const Tensor& targets, double grad_scale,
                               Tensor& losses, Tensor* dlogits, int64_t row0, Tensor& totals);
 

@@ -10,9 +10,8 @@
 #include "runtime/ops/cuda_ops.h"
 
 namespace ievo::ops {
-namespace {
 
-void check_ids(const Tensor& ids, int64_t vocab, const char* op) {
+void check_token_ids(const Tensor& ids, int64_t vocab, const char* op) {
   cpu::expect_cpu(ids, "ids", op);
   check_dtype(ids, DType::I32, "ids");
   IEVO_CHECK(ids.dim() == 1, op, ": tensor 'ids' must be 1-D, has shape ", shape_str(ids.shape()));
@@ -23,19 +22,18 @@ void check_ids(const Tensor& ids, int64_t vocab, const char* op) {
                 vocab, ")");
 }
 
-}  // namespace
-
-void embedding_forward(const Tensor& table, const Tensor& ids, Tensor& out) {
+void embedding_forward(const Tensor& table, const Tensor& ids, Tensor& out, const Tensor& ids_host) {
 #ifdef IEVO_CUDA
-  if (!out.is_cpu()) return cuda::embedding_forward(table, ids, out);
+  if (!out.is_cpu()) return cuda::embedding_forward(table, ids, out, ids_host);
 #endif
+  (void)ids_host;  // ids are on the host already
   const char* op = "embedding_forward";
   cpu::expect_float(table, "table", op);
   cpu::expect_float(out, "out", op);
   IEVO_CHECK(table.dim() == 2, op, ": tensor 'table' must be [V, D], has shape ",
              shape_str(table.shape()));
   check_dtype(out, table.dtype(), "out");
-  check_ids(ids, table.size(0), op);
+  check_token_ids(ids, table.size(0), op);
   const int64_t n_tok = ids.numel(), d = table.size(1);
   check_shape(out, {n_tok, d}, "out");
   const size_t row_bytes = static_cast<size_t>(d) * dtype_size(table.dtype());
@@ -47,17 +45,18 @@ void embedding_forward(const Tensor& table, const Tensor& ids, Tensor& out) {
     std::memcpy(dst + n * row_bytes, src + static_cast<int64_t>(id[n]) * row_bytes, row_bytes);
 }
 
-void embedding_backward(const Tensor& dout, const Tensor& ids, Tensor& dtable) {
+void embedding_backward(const Tensor& dout, const Tensor& ids, Tensor& dtable, const Tensor& ids_host) {
 #ifdef IEVO_CUDA
-  if (!dtable.is_cpu()) return cuda::embedding_backward(dout, ids, dtable);
+  if (!dtable.is_cpu()) return cuda::embedding_backward(dout, ids, dtable, ids_host);
 #endif
+  (void)ids_host;
   const char* op = "embedding_backward";
   cpu::expect_float(dtable, "dtable", op);
   cpu::expect_float(dout, "dout", op);
   IEVO_CHECK(dtable.dim() == 2, op, ": tensor 'dtable' must be [V, D], has shape ",
              shape_str(dtable.shape()));
   check_dtype(dout, dtable.dtype(), "dout");
-  check_ids(ids, dtable.size(0), op);
+  check_token_ids(ids, dtable.size(0), op);
   const int64_t n_tok = ids.numel(), d = dtable.size(1);
   check_shape(dout, {n_tok, d}, "dout");
   cpu::dispatch_float(dtable.dtype(), op, [&](auto tag) {

@@ -7,7 +7,14 @@
 
 namespace ievo::ops {
 
-void embedding_forward(const Tensor& table, const Tensor& ids, Tensor& out);
-void embedding_backward(const Tensor& dout, const Tensor& ids, Tensor& dtable);
+// ids_host (optional, with ids on a device): the same ids on the host. They are checked there, so
+// nothing is read back from the device (as attention's cu_seqlens_host); without it the device
+// checks them and the host waits for the answer.
+void embedding_forward(const Tensor& table, const Tensor& ids, Tensor& out, const Tensor& ids_host = Tensor());
+void embedding_backward(const Tensor& dout, const Tensor& ids, Tensor& dtable,
+                        const Tensor& ids_host = Tensor());
+
+// Throws naming the first of the host's ids outside [0, vocab), and its position.
+void check_token_ids(const Tensor& ids, int64_t vocab, const char* op);
 
 }  // namespace ievo::ops
