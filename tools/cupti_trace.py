@@ -9,11 +9,12 @@ is put down to
     made meanwhile are listed;
   - the launch latency, when the call had been made before (the queue was not empty).
 
-  python3 tools/cupti_trace.py trace.csv [--range step_3] [--top 20]
+  python3 tools/cupti_trace.py trace.csv[.gz] [--range step_3] [--top 20]
 """
 import argparse
 import collections
 import csv
+import gzip
 import re
 import sys
 
@@ -29,7 +30,8 @@ SYNC = re.compile(r"Synchronize|^cudaMemcpy(_v\d+)?$|^cuMemcpyDtoH|^cuMemcpyHtoD
 def load(path):
     work, api, marks = [], {}, {}
     api_rows = []
-    with open(path, newline="") as f:
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt", newline="") as f:
         for r in csv.DictReader(f):
             k = r["kind"]
             s, e, w, c, n = int(r["start_ns"]), int(r["end_ns"]), int(r["where"]), int(r["corr"]), r["name"]
