@@ -89,7 +89,7 @@ def main():
                 syncs = [(ce - cs, n) for (cs, ce, n, t) in api_rows if cs < launch and ce > end and blocking(n, ce - cs)]
                 why = ", ".join(f"{n} x{c}" for n, c in calls.most_common(4))
                 if syncs:
-                    why = "after " + max(syncs)[1] + "; " + why
+                    why = "; ".join(x for x in ("after " + max(syncs)[1], why) if x)
             else:
                 h, why = 0, "launch latency"
             host_late += h
