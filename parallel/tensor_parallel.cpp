@@ -158,13 +158,13 @@ Tensor TensorParallel::gather_heads(const Tensor& x) {
 void TensorParallel::embedding_forward(const Tensor& table, const Tensor& ids, Tensor& out,
                                        const Tensor& ids_host) {
   if (tp_size_ == 1) return ops::embedding_forward(table, ids, out, ids_host);
-  ops::embedding_forward_range(table, ids, shard_.vocab_begin(c_), c_.vocab_size, out);
+  ops::embedding_forward_range(table, ids, shard_.vocab_begin(c_), c_.vocab_size, out, ids_host);
 }
 
 void TensorParallel::embedding_backward(const Tensor& dout, const Tensor& ids, Tensor& dtable,
                                         const Tensor& ids_host) {
   if (tp_size_ == 1) return ops::embedding_backward(dout, ids, dtable, ids_host);
-  ops::embedding_backward_range(dout, ids, shard_.vocab_begin(c_), c_.vocab_size, dtable);
+  ops::embedding_backward_range(dout, ids, shard_.vocab_begin(c_), c_.vocab_size, dtable, ids_host);
 }
 
 double TensorParallel::head_loss(const Tensor& h, const Tensor& w, const Tensor& targets,

@@ -12,6 +12,7 @@ is put down to
   python3 tools/cupti_trace.py trace.csv[.gz] [--range step_3] [--top 20]
 """
 import argparse
+import bisect
 import collections
 import csv
 import gzip
@@ -136,7 +137,6 @@ def main():
     # Each blocking call: when, how long the host waited, how long until its next device work.
     print("\nblocking calls (ms into the range, host wait us, device idle after it us, the next work):")
     starts = [x[0] for x in w]
-    import bisect
     for (cs, ce, n, t) in api_rows:
         if not (r0 <= cs <= r1 and blocking(n, ce - cs)):
             continue

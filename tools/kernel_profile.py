@@ -52,13 +52,11 @@ def main():
     ti = head.index("gpu__time_duration.sum")
     if a.slim:
         keep = [head.index(c) for c in SLIM_COLUMNS if c in head]
-        with open(a.csv, "w", newline="") as f:
-            w = csv.writer(f, quoting=csv.QUOTE_ALL)
-            for r in rows:
-                w.writerow([r[i] if i < len(r) else "" for i in keep])
         ki, ti = keep.index(ki), keep.index(ti)
         rows = [[r[i] if i < len(r) else "" for i in keep] for r in rows]
         head, units = rows[0], rows[1]
+        with open(a.csv, "w", newline="") as f:
+            csv.writer(f, quoting=csv.QUOTE_ALL).writerows(rows)
     scale = UNIT.get(units[ti], 1.0)
     per_kind = collections.Counter()
     per_name = collections.defaultdict(lambda: [0, 0.0])

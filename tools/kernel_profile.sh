@@ -7,7 +7,8 @@
 # kernels; compare the sum with the step time `ievo bench` prints to see the gaps.
 #
 #   On the device (ncu in the image, no nsys):  IEVO=build-dev/ievo tools/kernel_profile.sh llama-134m tinyllama-1.1b
-#   Writes $OUT/profile_<config>.csv (raw), $OUT/profile_<config>.txt (summary).
+#   Writes $OUT/profile_<config>.csv (ncu's raw page, slimmed to the columns kernel_profile.py reads),
+#   $OUT/profile_<config>.txt (summary).
 # Only the second of two steps is profiled (ncu --nvtx-include "step_2/", the trainer's NVTX range
 # of a step): the first step's one-time work (the GEMM and cuDNN plan autotuning's timing
 # launches, weight casts) runs unprofiled before it, so the profile holds the kernels a timed step

@@ -22,6 +22,9 @@ void cast(const Tensor& src, Tensor& dst);
 double sum_squares(const Tensor& x);
 bool all_finite(const Tensor& x);
 
+// Throws naming the first id outside [0, vocab): checked on the host when ids_host (their host
+// copy) is defined, else on the device with one round trip (runtime/ops/vocab_parallel.cu).
+void check_token_ids(const Tensor& ids, int64_t vocab, const char* op, const Tensor& ids_host);
 void embedding_forward(const Tensor& table, const Tensor& ids, Tensor& out, const Tensor& ids_host);
 void embedding_backward(const Tensor& dout, const Tensor& ids, Tensor& dtable, const Tensor& ids_host);
 

@@ -8,49 +8,11 @@
 
 #include "runtime/cuda/kernels.cuh"
 #include "runtime/ops/cuda_ops.h"
-#include "runtime/ops/embedding.h"
 
 namespace ievo::ops::cuda {
 using namespace ievo::cuda;
 
 namespace {
-
-__global__ void check_ids_kernel(const int32_t* ids, int64_t n, int vocab, int* bad_pos) {
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride)
-    if (ids[i] < 0 || ids[i] >= vocab) atomicMin(bad_pos, static_cast<int>(i));
-}
-
-constexpr int kNoBadPos = 0x7f7f7f7f;  // every byte 0x7f: set by a memset
-
-// Throws naming the first id outside [0, vocab): checked on the host when the caller has the ids
-// there (ids_host), else on the device (one round trip).
-void check_ids(const Tensor& ids, int64_t vocab, const char* op, const Tensor& ids_host) {
-  const int64_t n = ids.numel();
-  if (ids_host.defined()) {
-    IEVO_CHECK(ids_host.is_cpu() && ids_host.numel() == n, op, ": tensor 'ids_host' must be the host "
-               "copy of ids (", n, " ids on the cpu), has shape ", shape_str(ids_host.shape()), " on ",
-               device_name(ids_host.device()));
-    return ops::check_token_ids(ids_host, vocab, op);
-  }
-  if (n == 0) return;
-  IEVO_CHECK(n < kNoBadPos && vocab < INT32_MAX, op, ": too many tokens or vocabulary too large");
-  cudaStream_t s = current_stream();
-  DeviceBuffer buf(sizeof(int));
-  IEVO_CUDA_CHECK(cudaMemsetAsync(buf.data(), 0x7f, sizeof(int), s));
-  check_ids_kernel<<<grid_for(n, 256, 1024), 256, 0, s>>>(ids.data<int32_t>(), n,
-                                                          static_cast<int>(vocab), buf.as<int>());
-  IEVO_CUDA_LAUNCH_CHECK("check_ids_kernel");
-  int pos = 0;
-  IEVO_CUDA_CHECK(cudaMemcpyAsync(&pos, buf.data(), sizeof(int), cudaMemcpyDeviceToHost, s));
-  IEVO_CUDA_CHECK(cudaStreamSynchronize(s));
-  if (pos == kNoBadPos) return;
-  int32_t id = 0;
-  IEVO_CUDA_CHECK(cudaMemcpyAsync(&id, ids.data<int32_t>() + pos, sizeof(int32_t),
-                                  cudaMemcpyDeviceToHost, s));
-  IEVO_CUDA_CHECK(cudaStreamSynchronize(s));
-  IEVO_FAIL(op, ": token id ", id, " at position ", pos, " is outside the vocabulary [0, ", vocab, ")");
-}
 
 template <typename T, int N>
 __global__ void gather_rows(const T* table, const int32_t* ids, T* out, int64_t d) {
@@ -104,7 +66,7 @@ void embedding_forward(const Tensor& table, const Tensor& ids, Tensor& out, cons
   IEVO_CHECK(ids.dim() == 1, op, ": tensor 'ids' must be 1-D, has shape ", shape_str(ids.shape()));
   const int64_t n = ids.numel(), d = table.size(1);
   check_shape(out, {n, d}, "out");
-  check_ids(ids, table.size(0), op, ids_host);
+  check_token_ids(ids, table.size(0), op, ids_host);
   if (n == 0 || d == 0) return;
   const size_t es = dtype_size(table.dtype());
   cudaStream_t s = current_stream();
@@ -133,7 +95,7 @@ void embedding_backward(const Tensor& dout, const Tensor& ids, Tensor& dtable, c
   IEVO_CHECK(ids.dim() == 1, op, ": tensor 'ids' must be 1-D, has shape ", shape_str(ids.shape()));
   const int64_t n = ids.numel(), d = dtable.size(1), vocab = dtable.size(0);
   check_shape(dout, {n, d}, "dout");
-  check_ids(ids, vocab, op, ids_host);
+  check_token_ids(ids, vocab, op, ids_host);
   if (n == 0 || d == 0) return;
   cudaStream_t s = current_stream();
   // Stable sort of (id, position) pairs by id.

@@ -12,20 +12,10 @@
 
 #include "runtime/ops/cpu_common.h"
 #include "runtime/ops/cross_entropy.h"
+#include "runtime/ops/embedding.h"
 
 namespace ievo::ops {
 namespace {
-
-void check_ids(const Tensor& ids, int64_t vocab, const char* op) {
-  cpu::expect_cpu(ids, "ids", op);
-  check_dtype(ids, DType::I32, "ids");
-  IEVO_CHECK(ids.dim() == 1, op, ": tensor 'ids' must be 1-D, has shape ", shape_str(ids.shape()));
-  const int32_t* p = ids.data<int32_t>();
-  for (int64_t n = 0; n < ids.numel(); ++n)
-    if (p[n] < 0 || p[n] >= vocab)
-      IEVO_FAIL(op, ": token id ", p[n], " at position ", n, " is outside the vocabulary [0, ",
-                vocab, ")");
-}
 
 // The table shard [V_local, D] must lie inside the vocabulary.
 void check_range(const Tensor& table, int64_t begin, int64_t vocab, const char* name,
@@ -61,16 +51,17 @@ void check_logits(const Tensor& logits, int64_t begin, int64_t vocab, const char
 DType vocab_ce_stat_dtype(DType logits) { return logits == DType::F64 ? DType::F64 : DType::F32; }
 
 void embedding_forward_range(const Tensor& table, const Tensor& ids, int64_t begin, int64_t vocab,
-                             Tensor& out) {
+                             Tensor& out, const Tensor& ids_host) {
 #ifdef IEVO_CUDA
-  if (!out.is_cpu()) return cuda::embedding_forward_range(table, ids, begin, vocab, out);
+  if (!out.is_cpu()) return cuda::embedding_forward_range(table, ids, begin, vocab, out, ids_host);
 #endif
+  (void)ids_host;  // ids are on the host already
   const char* op = "embedding_forward_range";
   cpu::expect_float(table, "table", op);
   cpu::expect_float(out, "out", op);
   check_range(table, begin, vocab, "table", op);
   check_dtype(out, table.dtype(), "out");
-  check_ids(ids, vocab, op);
+  check_token_ids(ids, vocab, op);
   const int64_t n_tok = ids.numel(), d = table.size(1), rows = table.size(0);
   check_shape(out, {n_tok, d}, "out");
   const size_t row_bytes = static_cast<size_t>(d) * dtype_size(table.dtype());
@@ -86,16 +77,17 @@ void embedding_forward_range(const Tensor& table, const Tensor& ids, int64_t beg
 }
 
 void embedding_backward_range(const Tensor& dout, const Tensor& ids, int64_t begin, int64_t vocab,
-                              Tensor& dtable) {
+                              Tensor& dtable, const Tensor& ids_host) {
 #ifdef IEVO_CUDA
-  if (!dtable.is_cpu()) return cuda::embedding_backward_range(dout, ids, begin, vocab, dtable);
+  if (!dtable.is_cpu()) return cuda::embedding_backward_range(dout, ids, begin, vocab, dtable, ids_host);
 #endif
+  (void)ids_host;  // ids are on the host already
   const char* op = "embedding_backward_range";
   cpu::expect_float(dtable, "dtable", op);
   cpu::expect_float(dout, "dout", op);
   check_range(dtable, begin, vocab, "dtable", op);
   check_dtype(dout, dtable.dtype(), "dout");
-  check_ids(ids, vocab, op);
+  check_token_ids(ids, vocab, op);
   const int64_t n_tok = ids.numel(), d = dtable.size(1), rows = dtable.size(0);
   check_shape(dout, {n_tok, d}, "dout");
   cpu::dispatch_float(dtable.dtype(), op, [&](auto tag) {

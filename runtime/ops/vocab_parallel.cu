@@ -17,6 +17,7 @@
 
 #include "runtime/cuda/kernels.cuh"
 #include "runtime/ops/cross_entropy.h"
+#include "runtime/ops/embedding.h"
 #include "runtime/ops/vocab_parallel.h"
 
 namespace ievo::ops::cuda {
@@ -38,21 +39,22 @@ __global__ void first_bad(const int32_t* v, int64_t n, int64_t vocab, bool ignor
   }
 }
 
+constexpr int kNoBadPos = 0x7f7f7f7f;  // every byte 0x7f: set by a memset
+
 // Throws naming the first id / target outside the vocabulary (one device round trip).
 void check_values(const Tensor& v, int64_t vocab, bool targets, const char* op) {
   const int64_t n = v.numel();
   if (n == 0) return;
-  IEVO_CHECK(n < INT_MAX && vocab < INT_MAX, op, ": too many tokens or vocabulary too large");
+  IEVO_CHECK(n < kNoBadPos && vocab < INT_MAX, op, ": too many tokens or vocabulary too large");
   cudaStream_t s = current_stream();
   DeviceBuffer buf(sizeof(int));
-  const int init = INT_MAX;
-  IEVO_CUDA_CHECK(cudaMemcpyAsync(buf.data(), &init, sizeof(int), cudaMemcpyHostToDevice, s));
+  IEVO_CUDA_CHECK(cudaMemsetAsync(buf.data(), 0x7f, sizeof(int), s));
   first_bad<<<grid_for(n, 256, 1024), 256, 0, s>>>(v.data<int32_t>(), n, vocab, targets, buf.as<int>());
   IEVO_CUDA_LAUNCH_CHECK("first_bad");
   int pos = 0;
   IEVO_CUDA_CHECK(cudaMemcpyAsync(&pos, buf.data(), sizeof(int), cudaMemcpyDeviceToHost, s));
   IEVO_CUDA_CHECK(cudaStreamSynchronize(s));
-  if (pos == INT_MAX) return;
+  if (pos == kNoBadPos) return;
   int32_t x = 0;
   IEVO_CUDA_CHECK(cudaMemcpyAsync(&x, v.data<int32_t>() + pos, sizeof(x), cudaMemcpyDeviceToHost, s));
   IEVO_CUDA_CHECK(cudaStreamSynchronize(s));
@@ -238,8 +240,15 @@ __global__ void ce_backward(const T* logits, const int32_t* targets, int64_t vl,
 
 }  // namespace
 
+void check_token_ids(const Tensor& ids, int64_t vocab, const char* op, const Tensor& ids_host) {
+  if (!ids_host.defined()) return check_values(ids, vocab, false, op);
+  IEVO_CHECK(ids_host.numel() == ids.numel(), op, ": tensor 'ids_host' must be the host copy of ids (",
+             ids.numel(), " ids), has shape ", shape_str(ids_host.shape()));
+  ops::check_token_ids(ids_host, vocab, op);
+}
+
 void embedding_forward_range(const Tensor& table, const Tensor& ids, int64_t begin, int64_t vocab,
-                             Tensor& out) {
+                             Tensor& out, const Tensor& ids_host) {
   const char* op = "embedding_forward_range";
   expect_cuda(table, "table", op);
   expect_cuda(out, "out", op);
@@ -249,7 +258,7 @@ void embedding_forward_range(const Tensor& table, const Tensor& ids, int64_t beg
   const int64_t n = ids.numel(), d = table.size(1);
   check_i32_1d(ids, n, "ids", op);
   check_shape(out, {n, d}, "out");
-  check_values(ids, vocab, false, op);
+  check_token_ids(ids, vocab, op, ids_host);
   if (n == 0 || d == 0) return;
   cudaStream_t s = current_stream();
   dispatch_fp(table.dtype(), op, [&](auto tag) {
@@ -261,7 +270,7 @@ void embedding_forward_range(const Tensor& table, const Tensor& ids, int64_t beg
 }
 
 void embedding_backward_range(const Tensor& dout, const Tensor& ids, int64_t begin, int64_t vocab,
-                              Tensor& dtable) {
+                              Tensor& dtable, const Tensor& ids_host) {
   const char* op = "embedding_backward_range";
   expect_cuda(dout, "dout", op);
   expect_cuda(dtable, "dtable", op);
@@ -270,7 +279,7 @@ void embedding_backward_range(const Tensor& dout, const Tensor& ids, int64_t beg
   const int64_t n = ids.numel(), d = dtable.size(1), rows = dtable.size(0);
   check_i32_1d(ids, n, "ids", op);
   check_shape(dout, {n, d}, "dout");
-  check_values(ids, vocab, false, op);
+  check_token_ids(ids, vocab, op, ids_host);
   if (n == 0 || d == 0) return;
   IEVO_CHECK(rows < INT_MAX, op, ": too many rows");
   cudaStream_t s = current_stream();

@@ -35,10 +35,11 @@
 
 namespace ievo::ops {
 
+// ids_host: as in ops::embedding_forward (the ids' host copy, checked there; may be undefined).
 void embedding_forward_range(const Tensor& table, const Tensor& ids, int64_t begin, int64_t vocab,
-                             Tensor& out);
+                             Tensor& out, const Tensor& ids_host = Tensor());
 void embedding_backward_range(const Tensor& dout, const Tensor& ids, int64_t begin, int64_t vocab,
-                              Tensor& dtable);
+                              Tensor& dtable, const Tensor& ids_host = Tensor());
 
 void vocab_ce_local(const Tensor& logits, const Tensor& targets, int64_t begin, int64_t vocab,
                     Tensor& stats);
@@ -55,9 +56,9 @@ void swap_leading_dims(const Tensor& x, Tensor& out);
 #ifdef IEVO_CUDA
 namespace cuda {
 void embedding_forward_range(const Tensor& table, const Tensor& ids, int64_t begin, int64_t vocab,
-                             Tensor& out);
+                             Tensor& out, const Tensor& ids_host);
 void embedding_backward_range(const Tensor& dout, const Tensor& ids, int64_t begin, int64_t vocab,
-                              Tensor& dtable);
+                              Tensor& dtable, const Tensor& ids_host);
 void vocab_ce_local(const Tensor& logits, const Tensor& targets, int64_t begin, int64_t vocab,
                     Tensor& stats);
 double vocab_ce_combine(const Tensor& gathered, const Tensor& targets, int64_t vocab, Tensor& lse,
