@@ -186,7 +186,8 @@ Tensor Llama::block_backward(const ParamStore& p, int layer, const Batch& b, con
   swiglu_backward(dh, a.gate, a.up, dgate, dup);
   Tensor dn2 = weight_grads_then_input_grad(a.n2, {{dgate, p[L.wg], g.accumulator(L.wg)}, {dup, p[L.wu], g.accumulator(L.wu)}});
   Tensor da = a.a;  // the norm's backward + dy (the residual path)
-  rmsnorm_backward(mp_->reduce_input_grad(dn2), a.a, p[L.ln2], a.rstd2, da, g[L.ln2], dy);
+  ParamStore::Accumulator dln2 = g.accumulator(L.ln2);
+  rmsnorm_backward(mp_->reduce_input_grad(dn2), a.a, p[L.ln2], a.rstd2, da, dln2.tensor, dy, dln2.beta);
   // a = x + Wo attn
   Tensor dag = mp_->gather_output_grad(da);
   Tensor dout = Tensor::empty(a.o.shape(), dt, dev);
@@ -207,7 +208,8 @@ Tensor Llama::block_backward(const ParamStore& p, int layer, const Batch& b, con
                                                   {dk.view({N, -1}), p[L.wk], g.accumulator(L.wk)},
                                                   {dv.view({N, -1}), p[L.wv], g.accumulator(L.wv)}});
   Tensor dx = Tensor::empty({n, d}, dt, dev);
-  rmsnorm_backward(mp_->reduce_input_grad(dn1), a.x, p[L.ln1], a.rstd1, dx, g[L.ln1], da);
+  ParamStore::Accumulator dln1 = g.accumulator(L.ln1);
+  rmsnorm_backward(mp_->reduce_input_grad(dn1), a.x, p[L.ln1], a.rstd1, dx, dln1.tensor, da, dln1.beta);
   return dx;
 }
 
@@ -294,7 +296,9 @@ Tensor Llama::stage_forward(const ParamStore& p, int chunk, const Batch& b, cons
     loss->sum += mp_->head_loss(xg, head_weight(p), b.targets, grad_scale, head_chunk_tokens,
                                 &loss->count, &dxg, &dw.tensor, dw.beta);
     acts->head_dx = Tensor::empty(x.shape(), x.dtype(), x.device());
-    rmsnorm_backward(mp_->reduce_input_grad(dxg), x, p[norm_], rstd, acts->head_dx, (*g)[norm_]);
+    ParamStore::Accumulator dnorm = g->accumulator(norm_);
+    rmsnorm_backward(mp_->reduce_input_grad(dxg), x, p[norm_], rstd, acts->head_dx, dnorm.tensor, Tensor(),
+                     dnorm.beta);
   } else {
     loss->sum += mp_->head_loss(xg, head_weight(p), b.targets, 1.0, head_chunk_tokens, &loss->count,
                                 nullptr, nullptr, 1.0f);

@@ -401,6 +401,14 @@ TEST(GpuRmsNorm, ForwardBackwardDeterministic) {
       Tensor gx4 = gpu(x, dt), gdw4 = gdw_init.to(Device::CUDA);
       ops::rmsnorm_backward(gpu(dy, dt), gx4, gw, grstd, gx4, gdw4, gpu(res, dt));
       expect_close("rmsnorm_backward dx over x " + tag, host(gx4), rdx, tol(dt));
+      // dw_beta 0 (a lazily zeroed gradient's first write): a NaN-filled dw is overwritten with
+      // the same sum that accumulating into zeros gives, bit for bit.
+      Tensor gdw5 = Tensor::from_vector(std::vector<float>(d, NAN), {d}).to(Device::CUDA);
+      Tensor gdw6 = Tensor::zeros({d}, DType::F32, Device::CUDA);
+      Tensor gdx5 = Tensor::empty({n, d}, dt, Device::CUDA);
+      ops::rmsnorm_backward(gpu(dy, dt), gx, gw, grstd, gdx5, gdw5, gpu(res, dt), 0.0f);
+      ops::rmsnorm_backward(gpu(dy, dt), gx, gw, grstd, gdx5, gdw6, gpu(res, dt));
+      EXPECT_TRUE(bit_equal(gdw5, gdw6)) << "rmsnorm_backward dw_beta 0 " << tag;
     }
   }
 }

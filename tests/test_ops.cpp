@@ -259,6 +259,16 @@ TEST(RMSNorm, BackwardFiniteDifferences) {
   ops::add(dx, res, dx);
   EXPECT_LT(max_abs_diff(dx2, dx), 1e-14);
   EXPECT_LT(max_abs_diff(dw2, dw), 1e-14);
+  // dw_beta 0 (a lazily zeroed gradient's first write): dw is overwritten, its NaNs never read,
+  // and equals the sum accumulated into zeros.
+  Tensor dx3 = Tensor::empty({N, D}, DType::F64), dw3 = Tensor::from_vector(std::vector<double>(D, NAN), {D});
+  Tensor dx4 = Tensor::empty({N, D}, DType::F64), dw4 = Tensor::zeros({D}, DType::F64);
+  ops::rmsnorm_backward(r, x, w, rstd, dx3, dw3, Tensor(), 0.0f);
+  ops::rmsnorm_backward(r, x, w, rstd, dx4, dw4);
+  EXPECT_EQ(max_abs_diff(dw3, dw4), 0.0);
+  EXPECT_EQ(max_abs_diff(dx3, dx4), 0.0);
+  const std::string msg = error_message([&] { ops::rmsnorm_backward(r, x, w, rstd, dx3, dw3, Tensor(), 0.5f); });
+  EXPECT_NE(msg.find("dw_beta"), std::string::npos) << msg;
 }
 
 TEST(RMSNorm, WrongWeightShapeNamesTensor) {

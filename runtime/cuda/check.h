@@ -14,6 +14,9 @@
 namespace ievo::cuda {
 const char* cublas_status_name(cublasStatus_t s);
 bool sync_after_launch();  // IEVO_CUDA_SYNC=1
+// Whether ievo's kernels are launched with programmatic dependent launch (kernels.cuh, launch()):
+// on a Hopper or newer device unless IEVO_PDL=0.
+bool programmatic_launch();
 void check_launch(const char* kernel, const char* file, int line);
 }  // namespace ievo::cuda
 

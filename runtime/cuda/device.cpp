@@ -82,6 +82,16 @@ bool sync_after_launch() {
   return on;
 }
 
+bool programmatic_launch() {
+  static const bool on = [] {
+    if (env_int("IEVO_PDL", 1) == 0) return false;
+    int major = 0;
+    IEVO_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, current_device()));
+    return major >= 9;
+  }();
+  return on;
+}
+
 void check_launch(const char* kernel, const char* file, int line) {
   cudaError_t e = cudaGetLastError();
   if (e == cudaSuccess && sync_after_launch()) e = cudaStreamSynchronize(current_stream());

@@ -35,6 +35,7 @@ __device__ __forceinline__ void adamw_one(float& pi, float& mi, float& vi, float
 template <typename G, typename L, int V>
 __global__ void adamw_kernel(float* p, const G* grad, float* m, float* v, L* lowp, int64_t n,
                              Scalars k) {
+  pdl_begin();
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t np = n / V;
@@ -68,6 +69,7 @@ __global__ void adamw_kernel(float* p, const G* grad, float* m, float* v, L* low
 template <typename G, int V>
 __global__ void adamw_remainder_kernel(uint16_t* w, int16_t* r, const G* grad, float* m, float* v, int64_t n,
                                        Scalars k) {
+  pdl_begin();
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t np = n / V;
@@ -97,12 +99,14 @@ __global__ void adamw_remainder_kernel(uint16_t* w, int16_t* r, const G* grad, f
 }
 
 __global__ void split_kernel(const float* x, uint16_t* w, int16_t* r, int64_t n) {
+  pdl_begin();
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x)
     f32_split_bf16(x[i], w[i], r[i]);
 }
 
 __global__ void join_kernel(const uint16_t* w, const int16_t* r, float* x, int64_t n) {
+  pdl_begin();
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x)
     x[i] = f32_join_bf16(w[i], r[i]);
@@ -168,16 +172,16 @@ void adamw_step(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v, const A
       const bool vec = aligned_to(param.raw(), 16) && aligned_to(m.raw(), 16) && aligned_to(v.raw(), 16) &&
                        aligned_to(grad.raw(), 4 * sizeof(G)) && (!low || aligned_to(low, 4 * sizeof(L)));
       if (vec)
-        adamw_kernel<G, L, 4><<<grid_for(n / 4 + 1, 256, 8192), 256, 0, s>>>(
-            param.data<float>(), grad.data<G>(), m.data<float>(), v.data<float>(), low, n, k);
+        launch_kernel("adamw_kernel", adamw_kernel<G, L, 4>, grid_for(n / 4 + 1, 256, 8192), 256, 0, s,
+                      param.data<float>(), grad.data<G>(), m.data<float>(), v.data<float>(), low, n, k);
       else
-        adamw_kernel<G, L, 1><<<grid, 256, 0, s>>>(param.data<float>(), grad.data<G>(), m.data<float>(),
-                                                   v.data<float>(), low, n, k);
+        launch_kernel("adamw_kernel", adamw_kernel<G, L, 1>, grid, 256, 0, s, param.data<float>(),
+                      grad.data<G>(), m.data<float>(), v.data<float>(), low, n, k);
     };
     if (!lowp) launch(bf16{}, nullptr);
     else if (param_lowp->dtype() == DType::BF16) launch(bf16{}, param_lowp->raw());
-    else launch(f16{}, param_lowp->raw());
-    IEVO_CUDA_LAUNCH_CHECK("adamw_kernel");
+    else
+      launch(f16{}, param_lowp->raw());
   });
 }
 
@@ -188,9 +192,8 @@ void split_master(const Tensor& master, Tensor& weight, Tensor& remainder) {
   check_split(weight, remainder, master.shape(), op);
   const int64_t n = master.numel();
   if (n == 0) return;
-  split_kernel<<<grid_for(n, 256, 8192), 256, 0, current_stream()>>>(
-      master.data<float>(), weight.data<uint16_t>(), remainder.data<int16_t>(), n);
-  IEVO_CUDA_LAUNCH_CHECK("split_kernel");
+  launch_kernel("split_kernel", split_kernel, grid_for(n, 256, 8192), 256, 0, current_stream(),
+                master.data<float>(), weight.data<uint16_t>(), remainder.data<int16_t>(), n);
 }
 
 void join_master(const Tensor& weight, const Tensor& remainder, Tensor& master) {
@@ -200,9 +203,8 @@ void join_master(const Tensor& weight, const Tensor& remainder, Tensor& master) 
   check_split(weight, remainder, master.shape(), op);
   const int64_t n = master.numel();
   if (n == 0) return;
-  join_kernel<<<grid_for(n, 256, 8192), 256, 0, current_stream()>>>(
-      weight.data<uint16_t>(), remainder.data<int16_t>(), master.data<float>(), n);
-  IEVO_CUDA_LAUNCH_CHECK("join_kernel");
+  launch_kernel("join_kernel", join_kernel, grid_for(n, 256, 8192), 256, 0, current_stream(),
+                weight.data<uint16_t>(), remainder.data<int16_t>(), master.data<float>(), n);
 }
 
 void adamw_step_remainder(Tensor& weight, Tensor& remainder, const Tensor& grad, Tensor& m, Tensor& v,
@@ -221,12 +223,11 @@ void adamw_step_remainder(Tensor& weight, Tensor& remainder, const Tensor& grad,
     const bool vec = aligned_to(w, 8) && aligned_to(r, 8) && aligned_to(m.raw(), 16) &&
                      aligned_to(v.raw(), 16) && aligned_to(grad.raw(), 4 * sizeof(G));
     if (vec)
-      adamw_remainder_kernel<G, 4><<<grid_for(n / 4 + 1, 256, 8192), 256, 0, s>>>(
-          w, r, grad.data<G>(), m.data<float>(), v.data<float>(), n, k);
+      launch_kernel("adamw_remainder_kernel", adamw_remainder_kernel<G, 4>, grid_for(n / 4 + 1, 256, 8192),
+                    256, 0, s, w, r, grad.data<G>(), m.data<float>(), v.data<float>(), n, k);
     else
-      adamw_remainder_kernel<G, 1><<<grid_for(n, 256, 8192), 256, 0, s>>>(
-          w, r, grad.data<G>(), m.data<float>(), v.data<float>(), n, k);
-    IEVO_CUDA_LAUNCH_CHECK("adamw_remainder_kernel");
+      launch_kernel("adamw_remainder_kernel", adamw_remainder_kernel<G, 1>, grid_for(n, 256, 8192), 256, 0, s,
+                    w, r, grad.data<G>(), m.data<float>(), v.data<float>(), n, k);
   });
 }
 

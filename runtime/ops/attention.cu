@@ -26,6 +26,7 @@ namespace {
 __global__ void ragged_aux_kernel(const int32_t* cu, int n, int padded, int64_t q_mul,
                                   int64_t kv_mul, bool off64, int32_t* seq_len, void* q_off,
                                   void* kv_off) {
+  pdl_begin();
   const int s = blockIdx.x * blockDim.x + threadIdx.x;
   if (s > padded) return;
   if (s < padded) seq_len[s] = s < n ? cu[s + 1] - cu[s] : 0;
@@ -53,6 +54,7 @@ __device__ __forceinline__ int find_seq(const int32_t* cu, int num_seqs, int i) 
 template <bool kToPacked>
 __global__ void stats_kernel(const float* src, const int32_t* cu, int num_seqs, int heads,
                              int smax, int n_tokens, float* dst) {
+  pdl_begin();
   const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= static_cast<int64_t>(heads) * n_tokens) return;
   const int h = static_cast<int>(idx / n_tokens), i = static_cast<int>(idx % n_tokens);
@@ -67,25 +69,22 @@ __global__ void stats_kernel(const float* src, const int32_t* cu, int num_seqs, 
 void build_ragged_aux(const int32_t* cu, int num_seqs, int padded_seqs, int64_t q_mul,
                       int64_t kv_mul, bool off64, int32_t* seq_len, void* q_off, void* kv_off,
                       cudaStream_t s) {
-  ragged_aux_kernel<<<(padded_seqs + 1 + 127) / 128, 128, 0, s>>>(
-      cu, num_seqs, padded_seqs, q_mul, kv_mul, off64, seq_len, q_off, kv_off);
-  IEVO_CUDA_LAUNCH_CHECK("ragged_aux_kernel");
+  launch_kernel("ragged_aux_kernel", ragged_aux_kernel, (padded_seqs + 1 + 127) / 128, 128, 0, s, cu,
+                num_seqs, padded_seqs, q_mul, kv_mul, off64, seq_len, q_off, kv_off);
 }
 
 void padded_to_packed(const float* stats, const int32_t* cu, int num_seqs, int heads, int smax,
                       int n_tokens, float* lse, cudaStream_t s) {
   const int64_t n = static_cast<int64_t>(heads) * n_tokens;
-  stats_kernel<true><<<grid_for(n, 256, INT32_MAX), 256, 0, s>>>(stats, cu, num_seqs, heads, smax,
-                                                                 n_tokens, lse);
-  IEVO_CUDA_LAUNCH_CHECK("stats_kernel<to packed>");
+  launch_kernel("stats_kernel", stats_kernel<true>, grid_for(n, 256, INT32_MAX), 256, 0, s, stats, cu,
+                num_seqs, heads, smax, n_tokens, lse);
 }
 
 void packed_to_padded(const float* lse, const int32_t* cu, int num_seqs, int heads, int smax,
                       int n_tokens, float* stats, cudaStream_t s) {
   const int64_t n = static_cast<int64_t>(heads) * n_tokens;
-  stats_kernel<false><<<grid_for(n, 256, INT32_MAX), 256, 0, s>>>(lse, cu, num_seqs, heads, smax,
-                                                                  n_tokens, stats);
-  IEVO_CUDA_LAUNCH_CHECK("stats_kernel<to padded>");
+  launch_kernel("stats_kernel", stats_kernel<false>, grid_for(n, 256, INT32_MAX), 256, 0, s, lse, cu,
+                num_seqs, heads, smax, n_tokens, stats);
 }
 
 }  // namespace ievo::cuda::attn
@@ -130,6 +129,7 @@ __device__ __forceinline__ int64_t warp_id() {
 
 template <typename T, int KD>
 __global__ void gen_fwd(GenParams p, const T* q, const T* k, const T* v, T* out, float* lse) {
+  pdl_begin();
   const int64_t w = warp_id();
   const int lane = threadIdx.x & 31;
   if (w >= static_cast<int64_t>(p.n_tokens) * p.hq) return;
@@ -167,6 +167,7 @@ __global__ void gen_fwd(GenParams p, const T* q, const T* k, const T* v, T* out,
 // D[h, i] = dO_i . O_i
 template <typename T, int KD>
 __global__ void gen_delta(GenParams p, const T* dout, const T* out, float* delta) {
+  pdl_begin();
   const int64_t w = warp_id();
   const int lane = threadIdx.x & 31;
   if (w >= static_cast<int64_t>(p.n_tokens) * p.hq) return;
@@ -181,6 +182,7 @@ __global__ void gen_delta(GenParams p, const T* dout, const T* out, float* delta
 template <typename T, int KD>
 __global__ void gen_bwd_dq(GenParams p, const T* q, const T* k, const T* v, const T* dout,
                            const float* lse, const float* delta, T* dq) {
+  pdl_begin();
   const int64_t w = warp_id();
   const int lane = threadIdx.x & 31;
   if (w >= static_cast<int64_t>(p.n_tokens) * p.hq) return;
@@ -215,6 +217,7 @@ __global__ void gen_bwd_dq(GenParams p, const T* q, const T* k, const T* v, cons
 template <typename T, int KD>
 __global__ void gen_bwd_dkdv(GenParams p, const T* q, const T* k, const T* v, const T* dout,
                              const float* lse, const float* delta, T* dk, T* dv) {
+  pdl_begin();
   const int64_t w = warp_id();
   const int lane = threadIdx.x & 31;
   if (w >= static_cast<int64_t>(p.n_tokens) * p.hkv) return;
@@ -316,6 +319,7 @@ int uniform_length(const int32_t* p, int num_seqs) {
 }
 
 __global__ void check_cu_kernel(const int32_t* cu, int num_seqs, int n, int max_seqlen, int* bad) {
+  pdl_begin();
   const int s = blockIdx.x * blockDim.x + threadIdx.x;
   if (s == 0 && (cu[0] != 0 || cu[num_seqs] != n)) *bad = 1;
   if (s < num_seqs) {
@@ -367,9 +371,8 @@ CuSeqlens prepare_cu(const Tensor& cu, const Tensor& cu_host, int64_t n, int max
   r.dev = cu.data<int32_t>();
   DeviceBuffer flag(sizeof(int));
   IEVO_CUDA_CHECK(cudaMemsetAsync(flag.data(), 0, sizeof(int), s));
-  check_cu_kernel<<<(r.num_seqs + 128) / 128, 128, 0, s>>>(r.dev, r.num_seqs, static_cast<int>(n),
-                                                           max_seqlen, flag.as<int>());
-  IEVO_CUDA_LAUNCH_CHECK("check_cu_kernel");
+  launch_kernel("check_cu_kernel", check_cu_kernel, (r.num_seqs + 128) / 128, 128, 0, s, r.dev, r.num_seqs,
+                static_cast<int>(n), max_seqlen, flag.as<int>());
   int bad = 0;
   IEVO_CUDA_CHECK(cudaMemcpyAsync(&bad, flag.data(), sizeof(int), cudaMemcpyDeviceToHost, s));
   IEVO_CUDA_CHECK(cudaStreamSynchronize(s));
@@ -444,10 +447,9 @@ void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, const 
     const unsigned grid = warp_grid(d.n * d.hq);
     dispatch_fp(q.dtype(), op, [&](auto tag) {
       using T = decltype(tag);
-      gen_fwd<T, KD><<<grid, 32 * kWarpsPerBlock, 0, s>>>(p, q.data<T>(), k.data<T>(), v.data<T>(),
-                                                          out.data<T>(), lse.data<float>());
+      launch_kernel("gen_fwd", gen_fwd<T, KD>, grid, 32 * kWarpsPerBlock, 0, s, p, q.data<T>(), k.data<T>(),
+                    v.data<T>(), out.data<T>(), lse.data<float>());
     });
-    IEVO_CUDA_LAUNCH_CHECK("gen_fwd");
   });
 }
 
@@ -482,17 +484,14 @@ void attention_backward(const Tensor& dout, const Tensor& q, const Tensor& k, co
     constexpr int threads = 32 * kWarpsPerBlock;
     auto run = [&](auto tag) {
       using T = decltype(tag);
-      gen_delta<T, KD><<<gq, threads, 0, s>>>(p, dout.data<T>(), out.data<T>(), delta.as<float>());
-      IEVO_CUDA_LAUNCH_CHECK("gen_delta");
+      launch_kernel("gen_delta", gen_delta<T, KD>, gq, threads, 0, s, p, dout.data<T>(), out.data<T>(),
+                    delta.as<float>());
       if (impl == Impl::Flash) return;
-      gen_bwd_dq<T, KD><<<gq, threads, 0, s>>>(p, q.data<T>(), k.data<T>(), v.data<T>(),
-                                               dout.data<T>(), lse.data<float>(),
-                                               delta.as<float>(), dq.data<T>());
-      IEVO_CUDA_LAUNCH_CHECK("gen_bwd_dq");
-      gen_bwd_dkdv<T, KD><<<gk, threads, 0, s>>>(p, q.data<T>(), k.data<T>(), v.data<T>(),
-                                                 dout.data<T>(), lse.data<float>(),
-                                                 delta.as<float>(), dk.data<T>(), dv.data<T>());
-      IEVO_CUDA_LAUNCH_CHECK("gen_bwd_dkdv");
+      launch_kernel("gen_bwd_dq", gen_bwd_dq<T, KD>, gq, threads, 0, s, p, q.data<T>(), k.data<T>(),
+                    v.data<T>(), dout.data<T>(), lse.data<float>(), delta.as<float>(), dq.data<T>());
+      launch_kernel("gen_bwd_dkdv", gen_bwd_dkdv<T, KD>, gk, threads, 0, s, p, q.data<T>(), k.data<T>(),
+                    v.data<T>(), dout.data<T>(), lse.data<float>(), delta.as<float>(), dk.data<T>(),
+                    dv.data<T>());
     };
     dispatch_fp(q.dtype(), op, run);
   });

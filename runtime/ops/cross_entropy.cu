@@ -77,6 +77,7 @@ __device__ __forceinline__ bool bad_target(int32_t t, int64_t v) {
 template <typename T, typename L, int N>
 __global__ void ce_fwd(const T* logits, const int32_t* targets, int64_t v, L* losses,
                        float* row_loss, int* bad_row) {
+  pdl_begin();
   const int64_t row = blockIdx.x;
   const int32_t t = targets[row];
   if (t == kIgnoreIndex || bad_target(t, v)) {
@@ -110,6 +111,7 @@ struct Totals {
 // in stream order, so no atomics) with the call's first bad row, offset by row0.
 __global__ void ce_total(const float* row_loss, const int32_t* targets, int64_t n, Totals* out,
                          long long* acc, const int* bad_row, long long row0) {
+  pdl_begin();
   __shared__ double s1[32];
   __shared__ long long s2[32];
   double s = 0;
@@ -149,6 +151,7 @@ __device__ void row_grad(const T* x, int64_t v, int32_t t, float lse, float gs, 
 template <typename T, int N>
 __global__ void ce_bwd(const T* logits, const int32_t* targets, int64_t v, float gs, T* dlogits,
                        int* bad_row) {
+  pdl_begin();
   const int64_t row = blockIdx.x;
   const int32_t t = targets[row];
   const T* x = logits + row * v;
@@ -194,6 +197,7 @@ bool packed_rows(const Tensor& a, const Tensor& b) {
 template <typename T, typename L, int N>
 __global__ void ce_fwd_bwd(const T* logits, const int32_t* targets, int64_t v, float gs, L* losses,
                            float* row_loss, T* dlogits, int* bad_row) {
+  pdl_begin();
   const int64_t row = blockIdx.x;
   const int32_t t = targets[row];
   const T* x = logits + row * v;
@@ -262,23 +266,22 @@ double ce_forward_impl(const Tensor& logits, const Tensor& targets, Tensor& loss
       auto run = [&](auto* loss_out) {
         using L = std::remove_pointer_t<decltype(loss_out)>;
         if (dlogits)
-          ce_fwd_bwd<T, L, N><<<n, kThreads, 0, s>>>(logits.data<T>(), targets.data<int32_t>(), v,
-                                                     static_cast<float>(grad_scale), loss_out,
-                                                     row_loss, dlogits->data<T>(), bad.as<int>());
+          launch_kernel("ce_fwd_bwd", ce_fwd_bwd<T, L, N>, n, kThreads, 0, s, logits.data<T>(),
+                        targets.data<int32_t>(), v, static_cast<float>(grad_scale), loss_out, row_loss,
+                        dlogits->data<T>(), bad.as<int>());
         else
-          ce_fwd<T, L, N><<<n, kThreads, 0, s>>>(logits.data<T>(), targets.data<int32_t>(), v,
-                                                 loss_out, row_loss, bad.as<int>());
+          launch_kernel("ce_fwd", ce_fwd<T, L, N>, n, kThreads, 0, s, logits.data<T>(),
+                        targets.data<int32_t>(), v, loss_out, row_loss, bad.as<int>());
       };
       if (losses.dtype() == DType::F32) run(losses.data<float>());
       else run(losses.data<T>());
     };
     if (packed_rows<T>(logits, dlogits ? *dlogits : logits)) launch(std::integral_constant<int, 16 / sizeof(T)>{});
-    else launch(std::integral_constant<int, 1>{});
-    IEVO_CUDA_LAUNCH_CHECK(dlogits ? "ce_fwd_bwd" : "ce_fwd");
+    else
+      launch(std::integral_constant<int, 1>{});
   });
-  ce_total<<<1, 1024, 0, s>>>(row_loss, targets.data<int32_t>(), n, totals,
-                              acc ? acc->data<long long>() : nullptr, bad.as<int>(), row0);
-  IEVO_CUDA_LAUNCH_CHECK("ce_total");
+  launch_kernel("ce_total", ce_total, 1, 1024, 0, s, row_loss, targets.data<int32_t>(), n, totals,
+                acc ? acc->data<long long>() : nullptr, bad.as<int>(), row0);
   if (acc) return 0.0;  // the scratch is freed in stream order
   Totals host{};
   int bad_row = 0;
@@ -324,13 +327,12 @@ void cross_entropy_backward(const Tensor& logits, const Tensor& targets, double 
   dispatch_fp(logits.dtype(), op, [&](auto tag) {
     using T = decltype(tag);
     if (packed_rows<T>(logits, dlogits))
-      ce_bwd<T, 16 / sizeof(T)><<<n, kThreads, 0, s>>>(logits.data<T>(), targets.data<int32_t>(), v,
-                                                       static_cast<float>(grad_scale),
-                                                       dlogits.data<T>(), bad.as<int>());
+      launch_kernel("ce_bwd", ce_bwd<T, 16 / sizeof(T)>, n, kThreads, 0, s, logits.data<T>(),
+                    targets.data<int32_t>(), v, static_cast<float>(grad_scale), dlogits.data<T>(),
+                    bad.as<int>());
     else
-      ce_bwd<T, 1><<<n, kThreads, 0, s>>>(logits.data<T>(), targets.data<int32_t>(), v,
-                                          static_cast<float>(grad_scale), dlogits.data<T>(), bad.as<int>());
-    IEVO_CUDA_LAUNCH_CHECK("ce_bwd");
+      launch_kernel("ce_bwd", ce_bwd<T, 1>, n, kThreads, 0, s, logits.data<T>(), targets.data<int32_t>(), v,
+                    static_cast<float>(grad_scale), dlogits.data<T>(), bad.as<int>());
   });
   int bad_row = 0;
   IEVO_CUDA_CHECK(cudaMemcpyAsync(&bad_row, bad.data(), sizeof(int), cudaMemcpyDeviceToHost, s));

@@ -30,7 +30,7 @@ void embedding_backward(const Tensor& dout, const Tensor& ids, Tensor& dtable, c
 
 void rmsnorm_forward(const Tensor& x, const Tensor& w, double eps, Tensor& y, Tensor& rstd);
 void rmsnorm_backward(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& rstd,
-                      Tensor& dx, Tensor& dw, const Tensor& residual);
+                      Tensor& dx, Tensor& dw, const Tensor& residual, float dw_beta);
 
 void rope_forward(const Tensor& x, const Tensor& pos, double theta, Tensor& y);
 void rope_backward(const Tensor& dy, const Tensor& pos, double theta, Tensor& dx);

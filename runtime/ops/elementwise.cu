@@ -15,6 +15,7 @@ constexpr int kThreads = 256;
 // Runs op.vec(i) for the n / N full packs and op.one(j) for the tail.
 template <int N, typename Op>
 __global__ void ew_kernel(int64_t n, Op op) {
+  pdl_begin();
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t nvec = n / N;
@@ -25,8 +26,8 @@ __global__ void ew_kernel(int64_t n, Op op) {
 template <int N, typename Op>
 void launch_ew(const char* name, int64_t n, const Op& op) {
   if (n == 0) return;
-  ew_kernel<N><<<grid_for((n + N - 1) / N, kThreads), kThreads, 0, current_stream()>>>(n, op);
-  IEVO_CUDA_LAUNCH_CHECK(name);
+  launch_kernel(name, ew_kernel<N, Op>, grid_for((n + N - 1) / N, kThreads), kThreads, 0, current_stream(), n,
+                op);
 }
 
 // Chooses the packed variant (16 bytes of T per thread) when all pointers allow it.
@@ -125,6 +126,7 @@ constexpr int kSumBlocks = 1024;
 // by element.
 template <typename T, int N>
 __global__ void sumsq_partial(const T* x, int64_t n, double* partial) {
+  pdl_begin();
   __shared__ double scratch[32];
   double s = 0;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
@@ -147,6 +149,7 @@ __global__ void sumsq_partial(const T* x, int64_t n, double* partial) {
 }
 
 __global__ void sum_partials(const double* partial, int n, double* out) {
+  pdl_begin();
   __shared__ double scratch[32];
   double s = 0;
   for (int i = threadIdx.x; i < n; i += blockDim.x) s += partial[i];
@@ -156,6 +159,7 @@ __global__ void sum_partials(const double* partial, int n, double* out) {
 
 template <typename T>
 __global__ void finite_kernel(const T* x, int64_t n, int* bad) {
+  pdl_begin();
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride)
     if (!isfinite(to_f(x[i]))) *bad = 1;
@@ -262,13 +266,13 @@ double sum_squares(const Tensor& x) {
   dispatch_fp(x.dtype(), op, [&](auto tag) {
     using T = decltype(tag);
     if (aligned_to(x.raw(), 16))
-      sumsq_partial<T, 16 / sizeof(T)><<<blocks, kThreads, 0, s>>>(x.data<T>(), n, partial);
+      launch_kernel("sumsq_partial", sumsq_partial<T, 16 / sizeof(T)>, blocks, kThreads, 0, s, x.data<T>(), n,
+                    partial);
     else
-      sumsq_partial<T, 1><<<blocks, kThreads, 0, s>>>(x.data<T>(), n, partial);
-    IEVO_CUDA_LAUNCH_CHECK("sumsq_partial");
+      launch_kernel("sumsq_partial", sumsq_partial<T, 1>, blocks, kThreads, 0, s, x.data<T>(), n, partial);
   });
-  sum_partials<<<1, 1024, 0, s>>>(partial, static_cast<int>(blocks), partial + kSumBlocks);
-  IEVO_CUDA_LAUNCH_CHECK("sum_partials");
+  launch_kernel("sum_partials", sum_partials, 1, 1024, 0, s, partial, static_cast<int>(blocks),
+                partial + kSumBlocks);
   double out = 0;
   IEVO_CUDA_CHECK(cudaMemcpyAsync(&out, partial + kSumBlocks, sizeof(double),
                                   cudaMemcpyDeviceToHost, s));
@@ -286,8 +290,8 @@ bool all_finite(const Tensor& x) {
   IEVO_CUDA_CHECK(cudaMemsetAsync(buf.data(), 0, sizeof(int), s));
   dispatch_fp(x.dtype(), op, [&](auto tag) {
     using T = decltype(tag);
-    finite_kernel<T><<<grid_for(n, kThreads, 4096), kThreads, 0, s>>>(x.data<T>(), n, buf.as<int>());
-    IEVO_CUDA_LAUNCH_CHECK("finite_kernel");
+    launch_kernel("finite_kernel", finite_kernel<T>, grid_for(n, kThreads, 4096), kThreads, 0, s, x.data<T>(),
+                  n, buf.as<int>());
   });
   int bad = 0;
   IEVO_CUDA_CHECK(cudaMemcpyAsync(&bad, buf.data(), sizeof(int), cudaMemcpyDeviceToHost, s));

@@ -16,6 +16,7 @@ namespace {
 
 template <typename T, int N>
 __global__ void gather_rows(const T* table, const int32_t* ids, T* out, int64_t d) {
+  pdl_begin();
   const int64_t row = blockIdx.x;
   const T* src = table + static_cast<int64_t>(ids[row]) * d;
   T* dst = out + row * d;
@@ -24,6 +25,7 @@ __global__ void gather_rows(const T* table, const int32_t* ids, T* out, int64_t 
 }
 
 __global__ void iota_kernel(int32_t* v, int64_t n) {
+  pdl_begin();
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride)
     v[i] = static_cast<int32_t>(i);
@@ -33,6 +35,7 @@ __global__ void iota_kernel(int32_t* v, int64_t n) {
 template <typename G, typename T>
 __global__ void scatter_runs(const int32_t* sorted_ids, const int32_t* perm, int64_t n,
                              const G* dout, T* dtable, int64_t d) {
+  pdl_begin();
   const int64_t i = blockIdx.x;
   const int32_t id = sorted_ids[i];
   if (i > 0 && sorted_ids[i - 1] == id) return;
@@ -76,10 +79,11 @@ void embedding_forward(const Tensor& table, const Tensor& ids, Tensor& out, cons
     using T = decltype(tag);
     constexpr int N = 16 / sizeof(T);
     if ((d * es) % 16 == 0 && aligned_to(table.raw(), 16) && aligned_to(out.raw(), 16))
-      gather_rows<T, N><<<n, threads, 0, s>>>(table.data<T>(), ids.data<int32_t>(), out.data<T>(), d);
+      launch_kernel("gather_rows", gather_rows<T, N>, n, threads, 0, s, table.data<T>(), ids.data<int32_t>(),
+                    out.data<T>(), d);
     else
-      gather_rows<T, 1><<<n, threads, 0, s>>>(table.data<T>(), ids.data<int32_t>(), out.data<T>(), d);
-    IEVO_CUDA_LAUNCH_CHECK("gather_rows");
+      launch_kernel("gather_rows", gather_rows<T, 1>, n, threads, 0, s, table.data<T>(), ids.data<int32_t>(),
+                    out.data<T>(), d);
   };
   dispatch_fp(table.dtype(), op, launch);
 }
@@ -101,8 +105,7 @@ void embedding_backward(const Tensor& dout, const Tensor& ids, Tensor& dtable, c
   // Stable sort of (id, position) pairs by id.
   DeviceBuffer keys_out(n * sizeof(int32_t)), vals_in(n * sizeof(int32_t)),
       vals_out(n * sizeof(int32_t));
-  iota_kernel<<<grid_for(n, 256, 1024), 256, 0, s>>>(vals_in.as<int32_t>(), n);
-  IEVO_CUDA_LAUNCH_CHECK("iota_kernel");
+  launch_kernel("iota_kernel", iota_kernel, grid_for(n, 256, 1024), 256, 0, s, vals_in.as<int32_t>(), n);
   const int nn = static_cast<int>(n), end_bit = bits_for(vocab);
   size_t temp_bytes = 0;
   IEVO_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(nullptr, temp_bytes, ids.data<int32_t>(),
@@ -116,9 +119,8 @@ void embedding_backward(const Tensor& dout, const Tensor& ids, Tensor& dtable, c
     using G = decltype(gtag);
     dispatch_fp(dtable.dtype(), op, [&](auto ttag) {
       using T = decltype(ttag);
-      scatter_runs<G, T><<<n, 128, 0, s>>>(keys_out.as<int32_t>(), vals_out.as<int32_t>(), n,
-                                           dout.data<G>(), dtable.data<T>(), d);
-      IEVO_CUDA_LAUNCH_CHECK("scatter_runs");
+      launch_kernel("scatter_runs", scatter_runs<G, T>, n, 128, 0, s, keys_out.as<int32_t>(),
+                    vals_out.as<int32_t>(), n, dout.data<G>(), dtable.data<T>(), d);
     });
   });
 }

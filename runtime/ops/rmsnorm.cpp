@@ -2,7 +2,7 @@
 //   variance = mean(x^2) (accumulated in double, rounded to fp32), rstd = 1 / sqrt(variance + eps)
 //   in fp32, y = w * (x * rstd). For f64 everything is double.
 // Backward (r = rstd, g = w * dy):
-//   dx = r * g - x * r^3 * mean(g * x),   dw += sum_n dy * x * r.
+//   dx = r * g - x * r^3 * mean(g * x),   dw = dw_beta * dw + sum_n dy * x * r.
 // dw is reduced over rows by splitting its columns among threads: each column is summed over
 // the rows in order, so the result does not depend on the thread count.
 #include "runtime/ops/rmsnorm.h"
@@ -62,12 +62,13 @@ void rmsnorm_forward(const Tensor& x, const Tensor& w, double eps, Tensor& y, Te
 }
 
 void rmsnorm_backward(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& rstd,
-                      Tensor& dx, Tensor& dw, const Tensor& residual) {
+                      Tensor& dx, Tensor& dw, const Tensor& residual, float dw_beta) {
 #ifdef IEVO_CUDA
-  if (!x.is_cpu()) return cuda::rmsnorm_backward(dy, x, w, rstd, dx, dw, residual);
+  if (!x.is_cpu()) return cuda::rmsnorm_backward(dy, x, w, rstd, dx, dw, residual, dw_beta);
 #endif
   const char* op = "rmsnorm_backward";
   check_args(x, w, rstd, op);
+  IEVO_CHECK(dw_beta == 0.0f || dw_beta == 1.0f, op, ": dw_beta must be 0 or 1, got ", dw_beta);
   cpu::expect_float(dy, "dy", op);
   cpu::expect_float(dx, "dx", op);
   cpu::expect_float(dw, "dw", op);
@@ -104,7 +105,8 @@ void rmsnorm_backward(const Tensor& dy, const Tensor& x, const Tensor& w, const 
         for (int64_t j = c0; j < c1; ++j)
           acc[j - c0] += static_cast<double>(gp[i * d + j]) * xp[i * d + j] * r;
       }
-      for (int64_t j = c0; j < c1; ++j) dwp[j] += static_cast<T>(acc[j - c0]);
+      for (int64_t j = c0; j < c1; ++j)
+        dwp[j] = (dw_beta == 0.0f ? T(0) : dwp[j]) + static_cast<T>(acc[j - c0]);
     }
 #pragma omp parallel for schedule(static) if (n * d > cpu::kParallelMin)
     for (int64_t i = 0; i < n; ++i) {

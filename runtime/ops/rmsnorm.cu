@@ -24,6 +24,7 @@ constexpr int64_t kSmemCols = 11 * 1024;  // dw partial in shared memory (< 48 K
 
 template <typename T, typename W>
 __global__ void rms_fwd(const T* x, const W* w, float eps, T* y, float* rstd, int64_t d) {
+  pdl_begin();
   __shared__ float scratch[32];
   const int64_t row = blockIdx.x;
   const T* xr = x + row * d;
@@ -46,6 +47,7 @@ __global__ void rms_fwd(const T* x, const W* w, float eps, T* y, float* rstd, in
 template <typename T, typename W, bool kSmem>
 __global__ void rms_bwd(const T* dy, const T* x, const W* w, const float* rstd, const T* res, T* dx,
                         float* partial, int64_t n, int64_t d) {
+  pdl_begin();
   extern __shared__ float dw_s[];
   __shared__ float scratch[32];
   float* acc = kSmem ? dw_s : partial + blockIdx.x * d;
@@ -77,6 +79,7 @@ constexpr int kFastBlocks = 1024;  // backward: rows are split among this many b
 // Forward, one block per row, packs of N elements, at most P packs per thread held in registers.
 template <typename T, typename W, int N, int P>
 __global__ void rms_fwd_vec(const T* x, const W* w, float eps, T* y, float* rstd, int64_t d) {
+  pdl_begin();
   __shared__ float scratch[32];
   const int64_t row = blockIdx.x, np = d / N;
   const T* xr = x + row * d;
@@ -113,6 +116,7 @@ __global__ void rms_fwd_vec(const T* x, const W* w, float eps, T* y, float* rstd
 template <typename T, typename W, int N, int P>
 __global__ void rms_bwd_vec(const T* dy, const T* x, const W* w, const float* rstd, const T* res,
                             T* dx, float* partial, int64_t n, int64_t d) {
+  pdl_begin();
   __shared__ float scratch[32];
   const int64_t np = d / N;
   float wr[P][N], acc[P][N];
@@ -194,11 +198,13 @@ void dispatch_packs(int p, F&& f) {
 // Column sums of the blocks' partial rows [rows, d], deterministic (a fixed order for given rows
 // and d). Block (x, y) takes 32 columns and the slice of rows [y * per, (y + 1) * per): 8 groups
 // of rows each summed by one thread (4 independent sums in flight, coalesced reads), then the 8
-// sums in a fixed order. kFinal: dw[j] += the sum (one slice); else out[y * d + j] = the slice's
+// sums in a fixed order. kFinal: dw[j] += the sum (beta 1) or = the sum (beta 0); else out[y * d + j] = the slice's
 // sum, for a second pass over the slices. One pass over 1024-2730 partial rows ran 24-64 blocks
 // (16-29 us an RMSNorm backward, latency-bound); two fill the GPU.
 template <typename W, bool kFinal>
-__global__ void sum_partials_dw(const float* partial, int rows, int per, int64_t d, float* out, W* dw) {
+__global__ void sum_partials_dw(const float* partial, int rows, int per, int64_t d, float* out, W* dw,
+                                float beta) {
+  pdl_begin();
   __shared__ float sm[8][33];
   const int64_t j = static_cast<int64_t>(blockIdx.x) * 32 + threadIdx.x;
   const int r0 = static_cast<int>(blockIdx.y) * per, r1 = min(rows, r0 + per);
@@ -223,7 +229,7 @@ __global__ void sum_partials_dw(const float* partial, int rows, int per, int64_t
 #pragma unroll
     for (int y = 0; y < 8; ++y) t += sm[y][threadIdx.x];
     if constexpr (kFinal)
-      dw[j] = from_f<W>(to_f(dw[j]) + t);
+      dw[j] = from_f<W>(beta == 0.f ? t : to_f(dw[j]) + t);
     else
       out[blockIdx.y * d + j] = t;
   }
@@ -277,20 +283,18 @@ void rmsnorm_forward(const Tensor& x, const Tensor& w, double eps, Tensor& y, Te
     if (packs && aligned_to(w.raw(), sizeof(W) * (16 / sizeof(T)))) {
       dispatch_packs<0>(packs, [&](auto pc) {
         constexpr int P = decltype(pc)::value, N = 16 / sizeof(T);
-        rms_fwd_vec<T, W, N, P><<<n, pack_threads(d, N, P), 0, s>>>(x.data<T>(), w.data<W>(), static_cast<float>(eps),
-                                                       y.data<T>(), rstd.data<float>(), d);
+        launch_kernel("rms_fwd_vec", rms_fwd_vec<T, W, N, P>, n, pack_threads(d, N, P), 0, s, x.data<T>(),
+                      w.data<W>(), static_cast<float>(eps), y.data<T>(), rstd.data<float>(), d);
       });
-      IEVO_CUDA_LAUNCH_CHECK("rms_fwd_vec");
       return;
     }
-    rms_fwd<T, W><<<n, kThreads, 0, s>>>(x.data<T>(), w.data<W>(), static_cast<float>(eps),
-                                         y.data<T>(), rstd.data<float>(), d);
-    IEVO_CUDA_LAUNCH_CHECK("rms_fwd");
+    launch_kernel("rms_fwd", rms_fwd<T, W>, n, kThreads, 0, s, x.data<T>(), w.data<W>(),
+                  static_cast<float>(eps), y.data<T>(), rstd.data<float>(), d);
   });
 }
 
 void rmsnorm_backward(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& rstd,
-                      Tensor& dx, Tensor& dw, const Tensor& residual) {
+                      Tensor& dx, Tensor& dw, const Tensor& residual, float dw_beta) {
   const char* op = "rmsnorm_backward";
   check_common(x, w, rstd, op);
   expect_cuda(dy, "dy", op);
@@ -307,8 +311,12 @@ void rmsnorm_backward(const Tensor& dy, const Tensor& x, const Tensor& w, const 
     check_dtype(residual, x.dtype(), "residual");
     IEVO_CHECK(residual.is_contiguous(), op, ": tensor 'residual' must be contiguous");
   }
+  IEVO_CHECK(dw_beta == 0.0f || dw_beta == 1.0f, op, ": dw_beta must be 0 or 1, got ", dw_beta);
   const int64_t n = x.size(0), d = x.size(1);
-  if (n == 0 || d == 0) return;
+  if (n == 0 || d == 0) {
+    if (dw_beta == 0.0f) dw.zero_();
+    return;
+  }
   cudaStream_t s = current_stream();
   int blocks = 0;
   DeviceBuffer partial;
@@ -326,21 +334,17 @@ void rmsnorm_backward(const Tensor& dy, const Tensor& x, const Tensor& w, const 
     if (fast) {
       dispatch_packs<0>(packs, [&](auto pc) {
         constexpr int P = decltype(pc)::value;
-        rms_bwd_vec<T, W, N, P><<<blocks, threads, 0, s>>>(dy.data<T>(), x.data<T>(), w.data<W>(),
-                                                            rstd.data<float>(), res, dx.data<T>(),
-                                                            partial.as<float>(), n, d);
+        launch_kernel("rms_bwd_vec", rms_bwd_vec<T, W, N, P>, blocks, threads, 0, s, dy.data<T>(),
+                      x.data<T>(), w.data<W>(), rstd.data<float>(), res, dx.data<T>(), partial.as<float>(), n,
+                      d);
       });
-      IEVO_CUDA_LAUNCH_CHECK("rms_bwd_vec");
     } else if (d <= kSmemCols) {
-      rms_bwd<T, W, true><<<blocks, kThreads, d * sizeof(float), s>>>(
-          dy.data<T>(), x.data<T>(), w.data<W>(), rstd.data<float>(), res, dx.data<T>(),
-          partial.as<float>(), n, d);
-      IEVO_CUDA_LAUNCH_CHECK("rms_bwd");
+      launch_kernel("rms_bwd", rms_bwd<T, W, true>, blocks, kThreads, d * sizeof(float), s, dy.data<T>(),
+                    x.data<T>(), w.data<W>(), rstd.data<float>(), res, dx.data<T>(), partial.as<float>(), n,
+                    d);
     } else {
-      rms_bwd<T, W, false><<<blocks, kThreads, 0, s>>>(dy.data<T>(), x.data<T>(), w.data<W>(),
-                                                       rstd.data<float>(), res, dx.data<T>(),
-                                                       partial.as<float>(), n, d);
-      IEVO_CUDA_LAUNCH_CHECK("rms_bwd");
+      launch_kernel("rms_bwd", rms_bwd<T, W, false>, blocks, kThreads, 0, s, dy.data<T>(), x.data<T>(),
+                    w.data<W>(), rstd.data<float>(), res, dx.data<T>(), partial.as<float>(), n, d);
     }
   });
   // dw: the partial rows summed in slices of kSliceRows (enough blocks for the whole GPU), then the
@@ -351,17 +355,15 @@ void rmsnorm_backward(const Tensor& dy, const Tensor& x, const Tensor& w, const 
   DeviceBuffer sliced;
   if (slices > 1) {
     sliced = DeviceBuffer(static_cast<size_t>(slices) * d * sizeof(float));
-    sum_partials_dw<float, false><<<dim3(col_blocks, slices), dim3(32, 8), 0, s>>>(
-        partial.as<float>(), blocks, kSliceRows, d, sliced.as<float>(), nullptr);
-    IEVO_CUDA_LAUNCH_CHECK("sum_partials_dw<slices>");
+    launch_kernel("sum_partials_dw", sum_partials_dw<float, false>, dim3(col_blocks, slices), dim3(32, 8), 0,
+                  s, partial.as<float>(), blocks, kSliceRows, d, sliced.as<float>(), nullptr, 1.0f);
   }
   dispatch_fp(dw.dtype(), op, [&](auto wtag) {
     using W = decltype(wtag);
     const float* rows = slices > 1 ? sliced.as<float>() : partial.as<float>();
     const int n_rows = slices > 1 ? slices : blocks;
-    sum_partials_dw<W, true><<<dim3(col_blocks, 1), dim3(32, 8), 0, s>>>(rows, n_rows, n_rows, d, nullptr,
-                                                                         dw.data<W>());
-    IEVO_CUDA_LAUNCH_CHECK("sum_partials_dw");
+    launch_kernel("sum_partials_dw", sum_partials_dw<W, true>, dim3(col_blocks, 1), dim3(32, 8), 0, s, rows,
+                  n_rows, n_rows, d, nullptr, dw.data<W>(), dw_beta);
   });
 }
 

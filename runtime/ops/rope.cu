@@ -14,6 +14,7 @@ namespace {
 template <typename T>
 __global__ void rope_kernel(const T* x, const int32_t* pos, float theta, T* y, int64_t n,
                             int heads, int hd, float sign) {
+  pdl_begin();
   const int half = hd / 2;
   const int64_t total = n * half;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
@@ -39,6 +40,7 @@ __global__ void rope_kernel(const T* x, const int32_t* pos, float theta, T* y, i
 template <typename T, int K>
 __global__ void rope_kernel_vec(const T* x, const int32_t* pos, float theta, T* y, int64_t n,
                                 int heads, int hd, float sign) {
+  pdl_begin();
   const int half = hd / 2, groups = half / K;
   const int64_t total = n * groups;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
@@ -111,16 +113,14 @@ void rope_apply(const Tensor& x, const Tensor& pos, double theta, Tensor& y, flo
     using T = decltype(tag);
     constexpr int K = 8 / sizeof(T);  // 8-byte packs
     if (sizeof(T) == 2 && (hd / 2) % K == 0 && aligned_to(x.raw(), 8) && aligned_to(y.raw(), 8)) {
-      rope_kernel_vec<T, K><<<grid_for(n * hd / 2 / K, 256), 256, 0, s>>>(
-          x.data<T>(), pos.data<int32_t>(), static_cast<float>(theta), y.data<T>(), n,
-          static_cast<int>(heads), static_cast<int>(hd), sign);
-      IEVO_CUDA_LAUNCH_CHECK("rope_kernel_vec");
+      launch_kernel("rope_kernel_vec", rope_kernel_vec<T, K>, grid_for(n * hd / 2 / K, 256), 256, 0, s,
+                    x.data<T>(), pos.data<int32_t>(), static_cast<float>(theta), y.data<T>(), n,
+                    static_cast<int>(heads), static_cast<int>(hd), sign);
       return;
     }
-    rope_kernel<T><<<grid_for(n * hd / 2, 256), 256, 0, s>>>(
-        x.data<T>(), pos.data<int32_t>(), static_cast<float>(theta), y.data<T>(), n,
-        static_cast<int>(heads), static_cast<int>(hd), sign);
-    IEVO_CUDA_LAUNCH_CHECK("rope_kernel");
+    launch_kernel("rope_kernel", rope_kernel<T>, grid_for(n * hd / 2, 256), 256, 0, s, x.data<T>(),
+                  pos.data<int32_t>(), static_cast<float>(theta), y.data<T>(), n, static_cast<int>(heads),
+                  static_cast<int>(hd), sign);
   });
 }
 

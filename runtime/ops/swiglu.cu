@@ -14,6 +14,7 @@ __device__ __forceinline__ float sigmoid(float x) { return 1.0f / (1.0f + expf(-
 
 template <typename T, int N>
 __global__ void swiglu_fwd(const T* g, const T* u, T* o, int64_t n) {
+  pdl_begin();
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t nvec = n / N;
@@ -36,6 +37,7 @@ __global__ void swiglu_fwd(const T* g, const T* u, T* o, int64_t n) {
 
 template <typename T, int N>
 __global__ void swiglu_bwd(const T* dout, const T* g, const T* u, T* dg, T* du, int64_t n) {
+  pdl_begin();
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t nvec = n / N;
@@ -94,9 +96,10 @@ void swiglu_forward(const Tensor& gate, const Tensor& up, Tensor& out) {
     constexpr int N = 16 / sizeof(T);
     const T *g = gate.data<T>(), *u = up.data<T>();
     T* o = out.data<T>();
-    if (all_aligned({g, u, o})) swiglu_fwd<T, N><<<grid_for(n / N + 1, 256), 256, 0, s>>>(g, u, o, n);
-    else swiglu_fwd<T, 1><<<grid_for(n, 256), 256, 0, s>>>(g, u, o, n);
-    IEVO_CUDA_LAUNCH_CHECK("swiglu_fwd");
+    if (all_aligned({g, u, o}))
+      launch_kernel("swiglu_fwd", swiglu_fwd<T, N>, grid_for(n / N + 1, 256), 256, 0, s, g, u, o, n);
+    else
+      launch_kernel("swiglu_fwd", swiglu_fwd<T, 1>, grid_for(n, 256), 256, 0, s, g, u, o, n);
   });
 }
 
@@ -117,10 +120,9 @@ void swiglu_backward(const Tensor& dout, const Tensor& gate, const Tensor& up, T
     const T *d = dout.data<T>(), *g = gate.data<T>(), *u = up.data<T>();
     T *dg = dgate.data<T>(), *du = dup.data<T>();
     if (all_aligned({d, g, u, dg, du}))
-      swiglu_bwd<T, N><<<grid_for(n / N + 1, 256), 256, 0, s>>>(d, g, u, dg, du, n);
+      launch_kernel("swiglu_bwd", swiglu_bwd<T, N>, grid_for(n / N + 1, 256), 256, 0, s, d, g, u, dg, du, n);
     else
-      swiglu_bwd<T, 1><<<grid_for(n, 256), 256, 0, s>>>(d, g, u, dg, du, n);
-    IEVO_CUDA_LAUNCH_CHECK("swiglu_bwd");
+      launch_kernel("swiglu_bwd", swiglu_bwd<T, 1>, grid_for(n, 256), 256, 0, s, d, g, u, dg, du, n);
   });
 }
 

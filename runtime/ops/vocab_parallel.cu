@@ -31,6 +31,7 @@ constexpr int kThreads = 256;
 
 // First position whose value is outside [0, vocab) (ignore index allowed when `ignore`).
 __global__ void first_bad(const int32_t* v, int64_t n, int64_t vocab, bool ignore, int* bad) {
+  pdl_begin();
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
     const int32_t x = v[i];
@@ -49,8 +50,8 @@ void check_values(const Tensor& v, int64_t vocab, bool targets, const char* op) 
   cudaStream_t s = current_stream();
   DeviceBuffer buf(sizeof(int));
   IEVO_CUDA_CHECK(cudaMemsetAsync(buf.data(), 0x7f, sizeof(int), s));
-  first_bad<<<grid_for(n, 256, 1024), 256, 0, s>>>(v.data<int32_t>(), n, vocab, targets, buf.as<int>());
-  IEVO_CUDA_LAUNCH_CHECK("first_bad");
+  launch_kernel("first_bad", first_bad, grid_for(n, 256, 1024), 256, 0, s, v.data<int32_t>(), n, vocab,
+                targets, buf.as<int>());
   int pos = 0;
   IEVO_CUDA_CHECK(cudaMemcpyAsync(&pos, buf.data(), sizeof(int), cudaMemcpyDeviceToHost, s));
   IEVO_CUDA_CHECK(cudaStreamSynchronize(s));
@@ -82,6 +83,7 @@ void check_rows(const Tensor& t, int64_t begin, int64_t vocab, const char* name,
 template <typename T>
 __global__ void gather_rows_range(const T* table, const int32_t* ids, T* out, int64_t d,
                                   int64_t begin, int64_t rows) {
+  pdl_begin();
   const int64_t n = blockIdx.x;
   const int64_t r = ids[n] - begin;
   T* dst = out + n * d;
@@ -96,6 +98,7 @@ __global__ void gather_rows_range(const T* table, const int32_t* ids, T* out, in
 // key = local row, or `rows` for ids of other ranks; value = position.
 __global__ void local_keys(const int32_t* ids, int64_t n, int64_t begin, int64_t rows,
                            int32_t* keys, int32_t* pos) {
+  pdl_begin();
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
     const int64_t r = ids[i] - begin;
@@ -107,6 +110,7 @@ __global__ void local_keys(const int32_t* ids, int64_t n, int64_t begin, int64_t
 template <typename G, typename T>
 __global__ void scatter_runs_range(const int32_t* sorted, const int32_t* perm, int64_t n,
                                    int32_t skip, const G* dout, T* dtable, int64_t d) {
+  pdl_begin();
   const int64_t i = blockIdx.x;
   const int32_t key = sorted[i];
   if (key == skip || (i > 0 && sorted[i - 1] == key)) return;
@@ -174,6 +178,7 @@ __device__ float row_lse(const T* x, int64_t v) {
 template <typename T>
 __global__ void ce_local(const T* logits, const int32_t* targets, int64_t n, int64_t vl,
                          int64_t begin, float* stats) {
+  pdl_begin();
   const int64_t row = blockIdx.x;
   const T* x = logits + row * vl;
   const float lse = row_lse<T>(x, vl);
@@ -187,6 +192,7 @@ __global__ void ce_local(const T* logits, const int32_t* targets, int64_t n, int
 
 __global__ void ce_combine(const float* g, const int32_t* targets, int64_t parts, int64_t n,
                            float* lse, double* row_loss) {
+  pdl_begin();
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
     float m = -INFINITY;
@@ -208,6 +214,7 @@ struct Totals {
 };
 
 __global__ void ce_total(const double* row_loss, const int32_t* targets, int64_t n, Totals* out) {
+  pdl_begin();
   __shared__ double s1[32];
   __shared__ long long s2[32];
   double s = 0;
@@ -224,6 +231,7 @@ __global__ void ce_total(const double* row_loss, const int32_t* targets, int64_t
 template <typename T>
 __global__ void ce_backward(const T* logits, const int32_t* targets, int64_t vl, int64_t begin,
                             const float* lse, float gs, T* dlogits) {
+  pdl_begin();
   const int64_t row = blockIdx.x;
   const int32_t t = targets[row];
   const T* x = logits + row * vl;
@@ -263,9 +271,8 @@ void embedding_forward_range(const Tensor& table, const Tensor& ids, int64_t beg
   cudaStream_t s = current_stream();
   dispatch_fp(table.dtype(), op, [&](auto tag) {
     using T = decltype(tag);
-    gather_rows_range<T><<<n, 128, 0, s>>>(table.data<T>(), ids.data<int32_t>(), out.data<T>(), d,
-                                           begin, table.size(0));
-    IEVO_CUDA_LAUNCH_CHECK("gather_rows_range");
+    launch_kernel("gather_rows_range", gather_rows_range<T>, n, 128, 0, s, table.data<T>(),
+                  ids.data<int32_t>(), out.data<T>(), d, begin, table.size(0));
   });
 }
 
@@ -285,9 +292,8 @@ void embedding_backward_range(const Tensor& dout, const Tensor& ids, int64_t beg
   cudaStream_t s = current_stream();
   DeviceBuffer keys_in(n * sizeof(int32_t)), keys_out(n * sizeof(int32_t)),
       vals_in(n * sizeof(int32_t)), vals_out(n * sizeof(int32_t));
-  local_keys<<<grid_for(n, 256, 1024), 256, 0, s>>>(ids.data<int32_t>(), n, begin, rows,
-                                                    keys_in.as<int32_t>(), vals_in.as<int32_t>());
-  IEVO_CUDA_LAUNCH_CHECK("local_keys");
+  launch_kernel("local_keys", local_keys, grid_for(n, 256, 1024), 256, 0, s, ids.data<int32_t>(), n, begin,
+                rows, keys_in.as<int32_t>(), vals_in.as<int32_t>());
   const int nn = static_cast<int>(n), end_bit = bits_for(rows + 1);
   size_t temp_bytes = 0;
   IEVO_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(nullptr, temp_bytes, keys_in.as<int32_t>(),
@@ -301,10 +307,9 @@ void embedding_backward_range(const Tensor& dout, const Tensor& ids, int64_t beg
     using G = decltype(gtag);
     dispatch_fp(dtable.dtype(), op, [&](auto ttag) {
       using T = decltype(ttag);
-      scatter_runs_range<G, T><<<n, 128, 0, s>>>(keys_out.as<int32_t>(), vals_out.as<int32_t>(), n,
-                                                 static_cast<int32_t>(rows), dout.data<G>(),
-                                                 dtable.data<T>(), d);
-      IEVO_CUDA_LAUNCH_CHECK("scatter_runs_range");
+      launch_kernel("scatter_runs_range", scatter_runs_range<G, T>, n, 128, 0, s, keys_out.as<int32_t>(),
+                    vals_out.as<int32_t>(), n, static_cast<int32_t>(rows), dout.data<G>(), dtable.data<T>(),
+                    d);
     });
   });
 }
@@ -328,9 +333,8 @@ void vocab_ce_local(const Tensor& logits, const Tensor& targets, int64_t begin, 
   cudaStream_t s = current_stream();
   dispatch_fp(logits.dtype(), op, [&](auto tag) {
     using T = decltype(tag);
-    ce_local<T><<<n, kThreads, 0, s>>>(logits.data<T>(), targets.data<int32_t>(), n, vl, begin,
-                                       stats.data<float>());
-    IEVO_CUDA_LAUNCH_CHECK("ce_local");
+    launch_kernel("ce_local", ce_local<T>, n, kThreads, 0, s, logits.data<T>(), targets.data<int32_t>(), n,
+                  vl, begin, stats.data<float>());
   });
 }
 
@@ -355,11 +359,9 @@ double vocab_ce_combine(const Tensor& gathered, const Tensor& targets, int64_t v
   DeviceBuffer buf(n * sizeof(double) + sizeof(Totals));
   double* row_loss = buf.as<double>();
   auto* totals = reinterpret_cast<Totals*>(row_loss + n);
-  ce_combine<<<grid_for(n, 256), 256, 0, s>>>(gathered.data<float>(), targets.data<int32_t>(), parts,
-                                              n, lse.data<float>(), row_loss);
-  IEVO_CUDA_LAUNCH_CHECK("ce_combine");
-  ce_total<<<1, 1024, 0, s>>>(row_loss, targets.data<int32_t>(), n, totals);
-  IEVO_CUDA_LAUNCH_CHECK("ce_total");
+  launch_kernel("ce_combine", ce_combine, grid_for(n, 256), 256, 0, s, gathered.data<float>(),
+                targets.data<int32_t>(), parts, n, lse.data<float>(), row_loss);
+  launch_kernel("ce_total", ce_total, 1, 1024, 0, s, row_loss, targets.data<int32_t>(), n, totals);
   Totals host{};
   IEVO_CUDA_CHECK(cudaMemcpyAsync(&host, totals, sizeof(Totals), cudaMemcpyDeviceToHost, s));
   IEVO_CUDA_CHECK(cudaStreamSynchronize(s));
@@ -387,10 +389,8 @@ void vocab_ce_backward(const Tensor& logits, const Tensor& targets, int64_t begi
   cudaStream_t s = current_stream();
   dispatch_fp(logits.dtype(), op, [&](auto tag) {
     using T = decltype(tag);
-    ce_backward<T><<<n, kThreads, 0, s>>>(logits.data<T>(), targets.data<int32_t>(), vl, begin,
-                                          lse.data<float>(), static_cast<float>(grad_scale),
-                                          dlogits.data<T>());
-    IEVO_CUDA_LAUNCH_CHECK("ce_backward");
+    launch_kernel("ce_backward", ce_backward<T>, n, kThreads, 0, s, logits.data<T>(), targets.data<int32_t>(),
+                  vl, begin, lse.data<float>(), static_cast<float>(grad_scale), dlogits.data<T>());
   });
 }
 
