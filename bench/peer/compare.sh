@@ -19,7 +19,8 @@
 # (ievo with the cuBLAS of PyTorch's wheel), PEER_CUDNN_MODELS (the peer with cuDNN SDPA),
 # DENSE_OFF_MODELS (ievo with IEVO_CUDNN_ATTN_DENSE=0), HEAD_CHUNK_VARIANTS ("MODEL:TOKENS ...",
 # ievo with --set model.head_chunk_tokens=TOKENS), SET_VARIANTS ("NAME:MODEL:key=value ...", ievo
-# with --set key=value), SKIP_PEER / SKIP_KERNELS (set: ievo's runs only, or no kernel benchmarks),
+# with --set key=value), ENV_VARIANTS ("NAME:MODEL:VAR=value ...", ievo with that environment
+# variable, e.g. pdl_off:llama-134m:IEVO_PDL=0), SKIP_PEER / SKIP_KERNELS (set: ievo's runs only, or no kernel benchmarks),
 # IEVO_TIMEOUT / PEER_TIMEOUT (seconds per run), OUT.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -113,6 +114,11 @@ done
 for nmk in ${SET_VARIANTS-}; do
   rest=${nmk#*:}
   variant "${nmk%%:*}" "${rest%%:*}" -- --set "${rest#*:}"
+done
+# Any environment switch: ENV_VARIANTS="NAME:MODEL:VAR=value ..." as variant NAME.
+for nmv in ${ENV_VARIANTS-}; do
+  rest=${nmv#*:}
+  variant "${nmv%%:*}" "${rest%%:*}" "${rest#*:}" --
 done
 # The peer with PyTorch's cuDNN SDPA backend instead of flash (a stronger yardstick).
 for m in ${PEER_CUDNN_MODELS-}; do

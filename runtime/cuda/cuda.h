@@ -91,31 +91,42 @@ class Event {
 };
 
 // Autotuning (cuBLASLt algorithms, cuDNN attention plans): times candidates 0..count-1 on stream
-// s, each with one warm-up run and 3 timed runs between two events; launch(i) runs candidate i
-// once and returns false when it refuses (the candidate is skipped). Returns the fastest's index
-// (-1: none ran); times (if given) gets each candidate's mean ms a run (infinity: skipped).
+// s, each with one warm-up run and `reps` timed runs between two events, over `rounds` rounds
+// (the candidates in turn in each round, so that a card heating up under the load, or reaching
+// its power limit, weighs on all alike); launch(i) runs candidate i once and returns false when it
+// refuses (the candidate is skipped). Returns the fastest's index (-1: none ran); times (if
+// given) gets each candidate's mean ms a run (infinity: skipped).
 template <typename Launch>
-int fastest_candidate(int count, cudaStream_t s, Launch&& launch, std::vector<float>* times = nullptr) {
+int fastest_candidate(int count, cudaStream_t s, Launch&& launch, std::vector<float>* times = nullptr,
+                      int reps = 3, int rounds = 1) {
   const float inf = std::numeric_limits<float>::infinity();
-  if (times) times->assign(static_cast<size_t>(count), inf);
+  std::vector<float> total(static_cast<size_t>(count), 0.0f);
   Event t0(true), t1(true);
+  for (int round = 0; round < rounds; ++round)
+    for (int i = 0; i < count; ++i) {
+      float& t = total[static_cast<size_t>(i)];
+      if (t == inf || (round == 0 && !launch(i))) {  // skipped, or refused its warm-up
+        t = inf;
+        continue;
+      }
+      t0.record(s);
+      bool ok = true;
+      for (int r = 0; r < reps && ok; ++r) ok = launch(i);
+      t1.record(s);
+      t1.synchronize();
+      t = ok ? t + t1.elapsed_ms(t0) : inf;
+    }
   float best_ms = inf;
   int best = -1;
   for (int i = 0; i < count; ++i) {
-    if (!launch(i)) continue;  // the warm-up
-    t0.record(s);
-    bool ok = true;
-    for (int r = 0; r < 3 && ok; ++r) ok = launch(i);
-    t1.record(s);
-    t1.synchronize();
-    if (!ok) continue;
-    const float ms = t1.elapsed_ms(t0) / 3;
-    if (times) (*times)[static_cast<size_t>(i)] = ms;
+    const float ms = total[static_cast<size_t>(i)] / static_cast<float>(reps * rounds);
+    total[static_cast<size_t>(i)] = ms;
     if (ms < best_ms) {
       best_ms = ms;
       best = i;
     }
   }
+  if (times) *times = total;
   return best;
 }
 

@@ -14,10 +14,12 @@
 // written to C itself when beta = 0 and C overlaps neither input (the real call overwrites it),
 // else to a scratch buffer. Without autotuning the heuristic's first choice is used.
 #include <climits>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <map>
 #include <mutex>
+#include <string>
 #include <tuple>
 
 #include "runtime/cuda/kernels.cuh"
@@ -32,6 +34,15 @@ namespace {
 
 constexpr size_t kWorkspace = size_t{32} << 20;
 constexpr int kCandidates = 8;
+
+// IEVO_GEMM_TUNE_REPS / IEVO_GEMM_TUNE_ROUNDS: timed runs a candidate and rounds over the
+// candidates (fastest_candidate; default 3 and 1); IEVO_GEMM_TUNE_LOG=1 prints every plan's
+// candidates (their tile id, split-K count and time; * the one kept).
+int env_count(const char* name, int fallback) {
+  const char* e = std::getenv(name);
+  const int v = e ? std::atoi(e) : 0;
+  return v > 0 ? v : fallback;
+}
 
 bool autotune() {
   static const bool env_on = [] {
@@ -50,6 +61,7 @@ struct PlanKey {
 };
 
 struct Plan {
+  std::string name;  // "m x n x k, NT" (ours), for IEVO_GEMM_TUNE_LOG
   cublasLtMatmulDesc_t desc = nullptr;
   cublasLtMatrixLayout_t la = nullptr, lb = nullptr, lc = nullptr;
   cublasLtMatmulAlgo_t algo{};
@@ -118,16 +130,35 @@ int fastest(Blas& b, const Plan& p, const cublasLtMatmulHeuristicResult_t* res, 
   }
   void* ws = workspace(b, op.stream);
   const float one = 1.0f, zero = 0.0f;
-  const int best = fastest_candidate(count, op.stream, [&](int i) {
-    return res[i].state == CUBLAS_STATUS_SUCCESS && res[i].workspaceSize <= kWorkspace &&
-           cublasLtMatmul(b.lt, p.desc, &one, op.b, p.la, op.a, p.lb, &zero, d, p.lc, d, p.lc,
-                          &res[i].algo, ws, kWorkspace, op.stream) == CUBLAS_STATUS_SUCCESS;
-  });
+  static const int reps = env_count("IEVO_GEMM_TUNE_REPS", 3), rounds = env_count("IEVO_GEMM_TUNE_ROUNDS", 1);
+  static const bool log = env_count("IEVO_GEMM_TUNE_LOG", 0) > 0;
+  std::vector<float> times;
+  const int best = fastest_candidate(
+      count, op.stream,
+      [&](int i) {
+        return res[i].state == CUBLAS_STATUS_SUCCESS && res[i].workspaceSize <= kWorkspace &&
+               cublasLtMatmul(b.lt, p.desc, &one, op.b, p.la, op.a, p.lb, &zero, d, p.lc, d, p.lc,
+                              &res[i].algo, ws, kWorkspace, op.stream) == CUBLAS_STATUS_SUCCESS;
+      },
+      &times, reps, rounds);
+  if (log) {
+    std::fprintf(stderr, "gemm plan %s: candidates (tile, splitk: ms)", p.name.c_str());
+    for (int i = 0; i < count; ++i) {
+      int tile = -1, splitk = -1;
+      size_t w = 0;
+      cublasLtMatmulAlgoConfigGetAttribute(&res[i].algo, CUBLASLT_ALGO_CONFIG_TILE_ID, &tile, sizeof(tile), &w);
+      cublasLtMatmulAlgoConfigGetAttribute(&res[i].algo, CUBLASLT_ALGO_CONFIG_SPLITK_NUM, &splitk, sizeof(splitk), &w);
+      std::fprintf(stderr, "%s %d,%d: %.4f", i == best ? " *" : "  ", tile, splitk, times[i]);
+    }
+    std::fprintf(stderr, "\n");
+  }
   return best < 0 ? 0 : best;  // none ran: the heuristic's first
 }
 
 Plan make_plan(Blas& b, const PlanKey& key, cudaDataType_t dt, const Operands& op) {
   Plan p;
+  p.name = std::to_string(key.m) + "x" + std::to_string(key.n) + "x" + std::to_string(key.k) + " " +
+           (key.ta ? "T" : "N") + (key.tb ? "T" : "N");
   const cublasOperation_t opa = key.tb ? CUBLAS_OP_T : CUBLAS_OP_N;  // cuBLAS A = our B
   const cublasOperation_t opb = key.ta ? CUBLAS_OP_T : CUBLAS_OP_N;  // cuBLAS B = our A
   IEVO_CUBLAS_CHECK(cublasLtMatmulDescCreate(&p.desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
