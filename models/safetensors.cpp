@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cstdint>
 #include <cstring>
 #include <filesystem>
 #include <nlohmann/json.hpp>
@@ -127,9 +128,17 @@ SafetensorsFile SafetensorsFile::open(const std::string& path) {
       IEVO_CHECK(d.is_number_unsigned() || (d.is_number_integer() && d.get<int64_t>() >= 0),
                  where, ": shape ", v["shape"].dump(), " has a non-integer or negative entry");
       const uint64_t dim = d.get<uint64_t>();
+      IEVO_CHECK(dim <= static_cast<uint64_t>(INT64_MAX), where, ": shape ", v["shape"].dump(),
+                 " has an entry beyond 2^63 - 1");
       e.shape.push_back(static_cast<int64_t>(dim));
       if (dim != 0 && expect > data_size / dim) too_big = true;
       expect = too_big ? 0 : expect * dim;
+    }
+    // An empty tensor needs no bytes, whatever its other dimensions (no product is formed: it
+    // could overflow).
+    if (std::find(e.shape.begin(), e.shape.end(), int64_t{0}) != e.shape.end()) {
+      expect = 0;
+      too_big = false;
     }
     const auto& off = v["data_offsets"];
     IEVO_CHECK(off.is_array() && off.size() == 2 && off[0].is_number_unsigned() &&
@@ -138,7 +147,6 @@ SafetensorsFile SafetensorsFile::open(const std::string& path) {
     const uint64_t b = off[0].get<uint64_t>(), en = off[1].get<uint64_t>();
     IEVO_CHECK(b <= en && en <= data_size, where, ": data_offsets [", b, ", ", en,
                "] out of range of the data (", data_size, " bytes)");
-    if (shape_numel(e.shape) == 0) expect = 0;
     IEVO_CHECK(!too_big && en - b == expect, where, ": data_offsets [", b, ", ", en, "] span ",
                en - b, " bytes, but ", e.dtype_str, shape_str(e.shape), " needs ",
                too_big ? std::string("more than the file holds") : std::to_string(expect));

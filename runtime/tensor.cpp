@@ -15,6 +15,8 @@ std::string shape_str(const Shape& s) {
 }
 
 int64_t shape_numel(const Shape& s) {
+  for (auto d : s)
+    if (d == 0) return 0;  // before any product: [huge, huge, 0] is empty, not an overflow
   int64_t n = 1;
   for (auto d : s) n *= d;
   return n;

@@ -201,6 +201,11 @@ TEST(Safetensors, BadFilesNameFileAndTensor) {
   // A huge shape must not overflow into a small byte count.
   write_raw(p, R"({"w":{"dtype":"F32","shape":[4611686018427387904,4],"data_offsets":[0,0]}})", 0);
   expect_error([&] { SafetensorsFile::open(p); }, {p, "'w'"});
+  write_raw(p, R"({"w":{"dtype":"F32","shape":[18446744073709551615,0],"data_offsets":[0,0]}})", 0);
+  expect_error([&] { SafetensorsFile::open(p); }, {p, "'w'", "2^63"});
+  // An empty tensor needs no bytes, however large its other dimensions.
+  write_raw(p, R"({"w":{"dtype":"F32","shape":[4611686018427387904,4,0],"data_offsets":[0,0]}})", 0);
+  EXPECT_EQ(SafetensorsFile::open(p).get("w").numel(), 0);
   // Listed but not readable by ievo.
   write_raw(p, R"({"m":{"dtype":"U8","shape":[3],"data_offsets":[0,3]}})", 3);
   auto f = SafetensorsFile::open(p);
