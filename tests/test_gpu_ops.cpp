@@ -30,6 +30,7 @@
 #include "runtime/ops/vocab_parallel.h"
 #include "util.h"
 #ifdef IEVO_CUDA
+#include "runtime/cuda/check.h"
 #include "runtime/cuda/cuda.h"
 #include "runtime/cuda/flash_attn.h"
 #endif
@@ -247,6 +248,38 @@ TEST(GpuElementwise, SumSquaresAndAllFinite) {
   EXPECT_FALSE(ops::all_finite(x.to(Device::CUDA)));
   x.data<float>()[4321] = INFINITY;
   EXPECT_FALSE(ops::all_finite(gpu(x, DType::BF16)));
+}
+
+// Programmatic dependent launch (runtime/cuda/kernels.cuh): each kernel may launch before the one
+// before it ends, and must not touch memory until that one has. Each round: an elementwise add over
+// a table (many waves; its last wave writes the last rows), a gather of the table's rows in reverse
+// (its first blocks read the rows the add wrote last), and an add of the gathered rows into a sum
+// (it reads what the gather wrote, and the next gather overwrites what it read). Exact only if
+// every kernel waited; with the gather's wait taken out, this failed on an H100.
+TEST(GpuLaunch, DependentKernelsSeeEachOthersWrites) {
+  REQUIRE_GPU();
+#ifdef IEVO_CUDA
+  std::printf("[gpu] programmatic dependent launch: %s\n", cuda::programmatic_launch() ? "on" : "off");
+#endif
+  const int64_t v = 4096, d = 1024;
+  std::vector<int32_t> reversed(static_cast<size_t>(v));
+  for (int64_t i = 0; i < v; ++i) reversed[static_cast<size_t>(i)] = static_cast<int32_t>(v - 1 - i);
+  const Tensor ids_host = Tensor::from_vector(reversed, {v});
+  const Tensor ids = ids_host.to(Device::CUDA);
+  Tensor table = Tensor::zeros({v, d}, DType::F32, Device::CUDA);
+  Tensor rows = Tensor::empty({v, d}, DType::F32, Device::CUDA), sum = Tensor::zeros({v, d}, DType::F32, Device::CUDA);
+  const Tensor one = Tensor::from_vector(std::vector<float>(static_cast<size_t>(v * d), 1.0f), {v, d}).to(Device::CUDA);
+  constexpr int kRounds = 100;
+  for (int r = 0; r < kRounds; ++r) {
+    ops::add(table, one, table);                           // table = r + 1
+    ops::embedding_forward(table, ids, rows, ids_host);    // rows = table's rows, last first
+    ops::add(sum, rows, sum);                              // sum = 1 + 2 + ... + (r + 1)
+  }
+  const Tensor h = sum.to(Device::CPU);
+  const float expect = kRounds * (kRounds + 1) / 2.0f;
+  int64_t wrong = 0;
+  for (int64_t i = 0; i < v * d; ++i) wrong += h.data<float>()[i] != expect;
+  EXPECT_EQ(wrong, 0) << "of " << v * d << " elements, expected " << expect;
 }
 
 // ---------------------------------------------------------------------------------------------
