@@ -20,8 +20,8 @@
 # DENSE_OFF_MODELS (ievo with IEVO_CUDNN_ATTN_DENSE=0), HEAD_CHUNK_VARIANTS ("MODEL:TOKENS ...",
 # ievo with --set model.head_chunk_tokens=TOKENS), SET_VARIANTS ("NAME:MODEL:key=value ...", ievo
 # with --set key=value), ENV_VARIANTS ("NAME:MODEL:VAR=value ...", ievo with that environment
-# variable, e.g. pdl_off:llama-134m:IEVO_PDL=0), SKIP_PEER / SKIP_KERNELS (set: ievo's runs only, or no kernel benchmarks),
-# IEVO_TIMEOUT / PEER_TIMEOUT (seconds per run), OUT.
+# variable, e.g. pdl_off:llama-134m:IEVO_PDL=0), SKIP_PEER / SKIP_KERNELS (set: ievo's runs only,
+# or no kernel benchmarks), IEVO_TIMEOUT / PEER_TIMEOUT (seconds per run), OUT.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/ievo_compare}

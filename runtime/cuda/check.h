@@ -14,7 +14,8 @@
 namespace ievo::cuda {
 const char* cublas_status_name(cublasStatus_t s);
 bool sync_after_launch();  // IEVO_CUDA_SYNC=1
-// Whether ievo's kernels are launched with programmatic dependent launch (kernels.cuh, launch()):
+// Whether ievo's kernels are launched with programmatic dependent launch (kernels.cuh,
+// launch_kernel()):
 // on a Hopper or newer device unless IEVO_PDL=0.
 bool programmatic_launch();
 void check_launch(const char* kernel, const char* file, int line);

@@ -98,7 +98,7 @@ __device__ __forceinline__ void pdl_wait() {
 #endif
 }
 __device__ __forceinline__ void pdl_trigger() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && !defined(IEVO_PDL_NO_TRIGGER)
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
 }
@@ -113,7 +113,7 @@ __device__ __forceinline__ void pdl_begin() {
 // programmatic_launch() (the kernel must begin with pdl_begin()); errors name the kernel.
 template <typename... P, typename... A>
 void launch_kernel(const char* name, void (*kernel)(P...), dim3 grid, dim3 block, size_t smem,
-            cudaStream_t stream, A&&... args) {
+                   cudaStream_t stream, A&&... args) {
   cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attr[0].val.programmaticStreamSerializationAllowed = 1;
@@ -124,7 +124,7 @@ void launch_kernel(const char* name, void (*kernel)(P...), dim3 grid, dim3 block
   cfg.stream = stream;
   cfg.attrs = attr;
   cfg.numAttrs = programmatic_launch() ? 1 : 0;
-  (void)cudaLaunchKernelEx(&cfg, kernel, std::forward<A>(args)...);
+  (void)cudaLaunchKernelEx(&cfg, kernel, std::forward<A>(args)...);  // its error: cudaGetLastError
   check_launch(name, __FILE__, __LINE__);
 }
 
