@@ -85,8 +85,48 @@ Tensor Tensor::from_vector(const std::vector<int64_t>& v, const Shape& s) { retu
 
 bool Tensor::is_contiguous() const { return strides_ == contiguous_strides(shape_); }
 
+bool Tensor::rows_contiguous() const {
+  const Shape inner(shape_.begin() + (dim() > 0 ? 1 : 0), shape_.end());
+  const Shape c = contiguous_strides(inner);
+  for (size_t i = 0; i < inner.size(); ++i)
+    if (inner[i] != 1 && strides_[i + 1] != c[i]) return false;
+  return true;
+}
+
+namespace {
+
+// Strides for viewing (shape, strides) as `to` without a copy, or an empty result when a merged
+// group of dimensions is not laid out contiguously (PyTorch's computeStride).
+bool view_strides(const Shape& from, const Shape& strides, const Shape& to, Shape& out) {
+  out.assign(to.size(), 0);
+  if (from.empty() || shape_numel(from) == 0) {
+    out = contiguous_strides(to);
+    return true;
+  }
+  int64_t view_d = static_cast<int64_t>(to.size()) - 1;
+  int64_t chunk = strides.back(), tensor_numel = 1, view_numel = 1;
+  for (int64_t d = static_cast<int64_t>(from.size()) - 1; d >= 0; --d) {
+    tensor_numel *= from[d];
+    if (d == 0 || (from[d - 1] != 1 && strides[d - 1] != tensor_numel * chunk)) {
+      while (view_d >= 0 && (view_numel < tensor_numel || to[view_d] == 1)) {
+        out[view_d] = view_numel * chunk;
+        view_numel *= to[view_d];
+        --view_d;
+      }
+      if (view_numel != tensor_numel) return false;
+      if (d > 0) {
+        chunk = strides[d - 1];
+        tensor_numel = 1;
+        view_numel = 1;
+      }
+    }
+  }
+  return view_d == -1;
+}
+
+}  // namespace
+
 Tensor Tensor::view(const Shape& shape) const {
-  IEVO_CHECK(is_contiguous(), "view of a non-contiguous tensor ", describe());
   Shape s = shape;
   int64_t known = 1;
   int infer = -1;
@@ -102,7 +142,33 @@ Tensor Tensor::view(const Shape& shape) const {
   IEVO_CHECK(shape_numel(s) == numel(), "view: cannot view ", describe(), " as ", shape_str(shape));
   Tensor t = *this;
   t.shape_ = s;
-  t.strides_ = contiguous_strides(s);
+  if (is_contiguous()) {
+    t.strides_ = contiguous_strides(s);
+  } else {
+    IEVO_CHECK(view_strides(shape_, strides_, s, t.strides_), "view: ", describe(), " with strides ",
+               shape_str(strides_), " cannot be viewed as ", shape_str(shape),
+               " without a copy");
+  }
+  return t;
+}
+
+Tensor adjacent_view(const std::vector<Tensor>& parts, int dim) {
+  if (parts.empty() || !parts[0].defined()) return Tensor();
+  const Tensor& a = parts[0];
+  if (dim < 0) dim += a.dim();
+  if (dim < 0 || dim >= a.dim()) return Tensor();
+  Tensor t = a;
+  for (size_t i = 1; i < parts.size(); ++i) {
+    const Tensor& p = parts[i];
+    if (!p.defined() || p.storage_ != a.storage_ || p.dtype_ != a.dtype_ || p.dim() != a.dim() ||
+        p.strides_ != a.strides_)
+      return Tensor();
+    for (int d = 0; d < a.dim(); ++d)
+      if (d != dim && p.shape_[d] != a.shape_[d]) return Tensor();
+    const size_t next = t.offset_ + static_cast<size_t>(t.shape_[dim] * t.strides_[dim]) * dtype_size(t.dtype_);
+    if (p.offset_ != next) return Tensor();
+    t.shape_[dim] += p.shape_[dim];
+  }
   return t;
 }
 
@@ -129,8 +195,19 @@ void Tensor::copy_from(const Tensor& src) {
              shape_str(src.shape_), " into ", shape_str(shape_));
   IEVO_CHECK(src.dtype_ == dtype_, "copy_from: dtype ", dtype_name(src.dtype_), " into ",
              dtype_name(dtype_));
-  IEVO_CHECK(is_contiguous() && src.is_contiguous(), "copy_from needs contiguous tensors");
-  device_copy(raw(), device(), src.raw(), src.device(), nbytes());
+  if (is_contiguous() && src.is_contiguous()) {
+    device_copy(raw(), device(), src.raw(), src.device(), nbytes());
+    return;
+  }
+  IEVO_CHECK(src.shape_ == shape_ && dim() > 0 && rows_contiguous() && src.rows_contiguous(),
+             "copy_from: ", src.describe(), " (strides ", shape_str(src.strides_), ") into ",
+             describe(), " (strides ", shape_str(strides_), ") needs both contiguous, or rows of "
+             "contiguous elements of the same shape");
+  if (numel() == 0) return;
+  const size_t es = dtype_size(dtype_), width = static_cast<size_t>(numel() / shape_[0]) * es;
+  device_copy_2d(raw(), static_cast<size_t>(row_stride()) * es, device(), src.raw(),
+                 static_cast<size_t>(src.row_stride()) * es, src.device(), width,
+                 static_cast<size_t>(shape_[0]));
 }
 
 Tensor Tensor::to(Device d) const {
@@ -142,11 +219,12 @@ Tensor Tensor::to(Device d) const {
 
 Tensor Tensor::clone() const {
   Tensor t = empty(shape_, dtype_, device());
-  if (is_contiguous()) {
+  if (is_contiguous() || (dim() > 0 && rows_contiguous())) {
     t.copy_from(*this);
     return t;
   }
-  IEVO_CHECK(is_cpu(), "clone of a non-contiguous device tensor is not supported");
+  IEVO_CHECK(is_cpu(), "clone of a device tensor ", describe(), " with strides ", shape_str(strides_),
+             " is not supported (only rows of contiguous elements)");
   // Generic strided gather on the host.
   const size_t es = dtype_size(dtype_);
   const int64_t n = numel();
@@ -168,6 +246,7 @@ Tensor Tensor::clone() const {
 namespace {
 ZeroFn g_zero = nullptr;
 CopyFn g_copy = nullptr;
+Copy2dFn g_copy_2d = nullptr;
 
 template <typename S, typename D>
 void convert(const S* s, D* d, int64_t n) {
@@ -189,6 +268,19 @@ double read_as_double(const void* p, DType t, int64_t i) {
 }  // namespace
 
 void set_device_copy(CopyFn fn) { g_copy = fn; }
+void set_device_copy_2d(Copy2dFn fn) { g_copy_2d = fn; }
+
+void device_copy_2d(void* dst, size_t dst_pitch, Device dd, const void* src, size_t src_pitch,
+                    Device sd, size_t width, size_t rows) {
+  if (width == 0 || rows == 0) return;
+  if (dd == Device::CPU && sd == Device::CPU) {
+    for (size_t r = 0; r < rows; ++r)
+      std::memcpy(static_cast<char*>(dst) + r * dst_pitch, static_cast<const char*>(src) + r * src_pitch, width);
+    return;
+  }
+  IEVO_CHECK(g_copy_2d != nullptr, "device copy requested but this build has no CUDA backend");
+  g_copy_2d(dst, dst_pitch, dd, src, src_pitch, sd, width, rows);
+}
 void set_device_zero(ZeroFn fn) { g_zero = fn; }
 
 void device_copy(void* dst, Device dd, const void* src, Device sd, size_t bytes) {

@@ -53,13 +53,20 @@ class Tensor {
   Device device() const { return storage_ ? storage_->device : Device::CPU; }
   size_t nbytes() const { return static_cast<size_t>(numel()) * dtype_size(dtype_); }
   bool is_contiguous() const;
+  // Contiguous but for the first dimension's stride: rows of the contiguous trailing dimensions,
+  // row_stride() elements apart (e.g. a column slice of a wider matrix, or a view of one).
+  bool rows_contiguous() const;
+  int64_t row_stride() const { return dim() == 0 ? 1 : strides_[0]; }
   bool is_cpu() const { return device() == Device::CPU; }
 
   void* raw() const { return static_cast<char*>(storage_->data) + offset_; }
   template <typename T>
   T* data() const { return static_cast<T*>(raw()); }
 
-  // Same storage, new shape (contiguous tensors only); one dimension may be -1.
+  // Same storage, new shape; one dimension may be -1. A non-contiguous tensor can be viewed when
+  // the new shape only splits or merges dimensions that are laid out contiguously with one
+  // another (as PyTorch's view): a column slice [N, H * hd] of a wider matrix views as
+  // [N, H, hd] and back.
   Tensor view(const Shape& shape) const;
   // Same storage, elements [start, end) along dim.
   Tensor slice(int dim, int64_t start, int64_t end) const;
@@ -71,7 +78,8 @@ class Tensor {
   // New tensor of `dtype` (f32/f64/bf16/f16/i32/i64 conversions) on the same device.
   Tensor to(DType dtype) const;
   Tensor clone() const;
-  // Element copy from src (same shape and dtype; any devices; both contiguous).
+  // Element copy from src (same shape and dtype, or the same number of elements with both
+  // contiguous; any devices; each contiguous or rows_contiguous()).
   void copy_from(const Tensor& src);
   void zero_();
   std::string describe() const;  // "f32[2, 3] cpu"
@@ -81,6 +89,7 @@ class Tensor {
   std::vector<double> to_double_vector() const;  // any device/dtype, contiguous copy
 
  private:
+  friend Tensor adjacent_view(const std::vector<Tensor>& parts, int dim);
   std::shared_ptr<Storage> storage_;
   size_t offset_ = 0;  // bytes
   Shape shape_, strides_;
@@ -88,6 +97,12 @@ class Tensor {
 };
 
 Shape contiguous_strides(const Shape& shape);
+
+// The view that spans `parts` when they lie back to back along dimension `dim` of one storage
+// (same dtype, shapes equal but along dim, equal strides, each part starting where the one before
+// ends): e.g. weights [Wq; Wk; Wv] stored one after another, or column slices of one matrix.
+// An undefined tensor when they do not.
+Tensor adjacent_view(const std::vector<Tensor>& parts, int dim);
 
 // Shape/dtype/device checks with messages that name the tensor.
 void check_shape(const Tensor& t, const Shape& expected, const char* name);
@@ -98,6 +113,12 @@ void check_same_device(const Tensor& a, const Tensor& b, const char* op);
 using CopyFn = void (*)(void* dst, Device dst_dev, const void* src, Device src_dev, size_t bytes);
 void set_device_copy(CopyFn fn);
 void device_copy(void* dst, Device dst_dev, const void* src, Device src_dev, size_t bytes);
+// Copies `rows` rows of `width` bytes, `src_pitch` / `dst_pitch` bytes apart.
+using Copy2dFn = void (*)(void* dst, size_t dst_pitch, Device dst_dev, const void* src,
+                          size_t src_pitch, Device src_dev, size_t width, size_t rows);
+void set_device_copy_2d(Copy2dFn fn);
+void device_copy_2d(void* dst, size_t dst_pitch, Device dst_dev, const void* src, size_t src_pitch,
+                    Device src_dev, size_t width, size_t rows);
 using ZeroFn = void (*)(void* dst, size_t bytes);
 void set_device_zero(ZeroFn fn);
 

@@ -469,6 +469,17 @@ TEST(GpuRope, ForwardBackwardInPlace) {
     Tensor gdx = Tensor::empty({n, h, hd}, dt, Device::CUDA);
     ops::rope_backward(gpu(x, dt), gpos, 10000.0, gdx);
     expect_close(std::string("rope_backward ") + dn(dt) + " hd " + std::to_string(hd), host(gdx), dx, tol(dt));
+    // Strided rows, as the model's q: the middle columns of a wider matrix, in place; and from a
+    // packed input into such columns.
+    Tensor wide = Tensor::zeros({n, (h + 2) * hd}, dt, Device::CUDA);
+    Tensor sx = wide.slice(1, hd, (h + 1) * hd).view({n, h, hd});
+    sx.copy_from(gpu(x, dt));
+    ops::rope_forward(sx, gpos, 10000.0, sx);
+    expect_close(std::string("rope_forward strided ") + dn(dt) + " hd " + std::to_string(hd), host(sx), y, tol(dt));
+    EXPECT_EQ(test::max_abs_diff(host(wide.slice(1, 0, hd)), Tensor::zeros({n, hd}, DType::F32)), 0.0)
+        << "rope_forward strided wrote outside its columns";
+    ops::rope_backward(gpu(x, dt), gpos, 10000.0, sx);
+    expect_close(std::string("rope_backward strided ") + dn(dt) + " hd " + std::to_string(hd), host(sx), dx, tol(dt));
   }
 }
 
@@ -489,6 +500,27 @@ TEST(GpuSwiglu, ForwardBackward) {
     ops::swiglu_backward(gpu(dout, dt), gg, gu, gg, gu);  // in place
     expect_close(std::string("swiglu_backward dgate ") + dn(dt), host(gg), dg, tol(dt));
     expect_close(std::string("swiglu_backward dup ") + dn(dt), host(gu), du, tol(dt));
+  }
+  // Gate and up as the two halves of one [rows, 2F] matrix (a joint gate/up GEMM's output), the
+  // gradients written over them: F = 128 (16-byte packs) and 101 (one element at a time).
+  for (int64_t f : {128, 101})
+  for (DType dt : {DType::F32, DType::BF16}) {
+    const Shape sf{37, f};
+    Tensor g = rand(sf, 84, -4, 4), u = rand(sf, 85), dout = rand(sf, 86);
+    Tensor out = Tensor::empty(sf, DType::F32), dg = Tensor::empty(sf, DType::F32), du = Tensor::empty(sf, DType::F32);
+    ops::swiglu_forward(seen(g, dt), seen(u, dt), out);
+    ops::swiglu_backward(seen(dout, dt), seen(g, dt), seen(u, dt), dg, du);
+    Tensor gu = Tensor::empty({37, 2 * f}, dt, Device::CUDA);
+    Tensor sg = gu.slice(1, 0, f), su = gu.slice(1, f, 2 * f);
+    sg.copy_from(gpu(g, dt));
+    su.copy_from(gpu(u, dt));
+    Tensor gout = Tensor::empty(sf, dt, Device::CUDA);
+    ops::swiglu_forward(sg, su, gout);
+    const std::string tag = std::string(dn(dt)) + " F " + std::to_string(f);
+    expect_close("swiglu_forward strided " + tag, host(gout), out, tol(dt));
+    ops::swiglu_backward(gpu(dout, dt), sg, su, sg, su);
+    expect_close("swiglu_backward strided dgate " + tag, host(sg), dg, tol(dt));
+    expect_close("swiglu_backward strided dup " + tag, host(su), du, tol(dt));
   }
 }
 
@@ -769,6 +801,33 @@ void check_attention(const AttnCase& c, const std::vector<int32_t>& cu_v, const 
   expect_close("attention dq (deterministic) " + name, host(a1), dq, t);
   expect_close("attention dk (deterministic) " + name, host(b1), dk, t);
   expect_close("attention dv (deterministic) " + name, host(c1), dv, t);
+
+  // Strided rows, as the model passes them: q, k, v column slices of one [n, (hq + 2 hkv) hd]
+  // matrix, dq, dk, dv written into slices of another (cuDNN reads and writes them in place, the
+  // other kernels go through packed copies); then gradients into packed buffers from strided
+  // inputs (cuDNN's strides differ, so it too goes through copies).
+  const int64_t qd = c.hq * c.hd, kd = c.hkv * c.hd, w = qd + 2 * kd;
+  Tensor joint = Tensor::empty({n, w}, c.dt, Device::CUDA), djoint = Tensor::zeros({n, w}, c.dt, Device::CUDA);
+  auto part = [&](const Tensor& m, int64_t c0, int64_t heads) {
+    return m.slice(1, c0, c0 + heads * c.hd).view({n, heads, c.hd});
+  };
+  Tensor sq = part(joint, 0, c.hq), sk = part(joint, qd, c.hkv), sv = part(joint, qd + kd, c.hkv);
+  sq.copy_from(gq);
+  sk.copy_from(gk);
+  sv.copy_from(gv);
+  Tensor so = Tensor::empty(q.shape(), c.dt, Device::CUDA), sl = Tensor::empty({c.hq, n}, DType::F32, Device::CUDA);
+  ops::attention_forward(sq, sk, sv, gcu, max_seqlen, so, sl, cu);
+  expect_close("attention out (strided) " + name, host(so), out, t);
+  Tensor sdq = part(djoint, 0, c.hq), sdk = part(djoint, qd, c.hkv), sdv = part(djoint, qd + kd, c.hkv);
+  ops::attention_backward(gdo, sq, sk, sv, so, sl, cu, max_seqlen, sdq, sdk, sdv);
+  expect_close("attention dq (strided) " + name, host(sdq), dq, t);
+  expect_close("attention dk (strided) " + name, host(sdk), dk, t);
+  expect_close("attention dv (strided) " + name, host(sdv), dv, t);
+  Tensor pdq = Tensor::empty(q.shape(), c.dt, Device::CUDA), pdk = Tensor::empty(k.shape(), c.dt, Device::CUDA),
+         pdv = Tensor::empty(v.shape(), c.dt, Device::CUDA);
+  ops::attention_backward(gdo, sq, sk, sv, so, sl, cu, max_seqlen, pdq, pdk, pdv);
+  expect_close("attention dq (strided in, packed out) " + name, host(pdq), dq, t);
+  expect_close("attention dv (strided in, packed out) " + name, host(pdv), dv, t);
 }
 
 // Layouts: 3 sequences (37 < one tile, 150 = several tiles with a ragged end, 64 = one tile);

@@ -316,6 +316,15 @@ TEST(RoPE, ForwardMatchesFormula) {
     Tensor xi = x.clone();
     ops::rope_forward(xi, ids_tensor(pos), theta, xi);
     EXPECT_EQ(max_abs_diff(xi, y), 0.0);
+    // So does x as columns of a wider matrix (the model's q in its joint QKV output), in place.
+    Tensor wide = Tensor::zeros({N, H * hd + 5}, dt);
+    Tensor xs = wide.slice(1, 3, 3 + H * hd).view({N, H, hd});
+    xs.copy_from(x);
+    ops::rope_forward(xs, ids_tensor(pos), theta, xs);
+    EXPECT_EQ(max_abs_diff(xs.clone(), y), 0.0);
+    EXPECT_EQ(max_abs_diff(wide.slice(1, 0, 3).clone(), Tensor::zeros({N, 3}, dt)), 0.0);
+    ops::rope_backward(xs, ids_tensor(pos), theta, xs);  // and back, to x up to rounding
+    EXPECT_LT(max_abs_diff(xs.clone(), x), 1e-5) << dtype_name(dt);
   }
 }
 
@@ -406,6 +415,40 @@ TEST(Attention, BackwardFiniteDifferencesGQA) {
   EXPECT_LT(rel_l2(dv, numeric_grad(v, loss)), kFdTol);
 }
 
+// Every [N, H, hd] tensor may be a column slice of a wider matrix (the model's joint QKV output
+// and its gradient buffer): the same values as packed tensors, exactly, and nothing written
+// outside the slices.
+TEST(Attention, RowStridedTensorsGiveThePackedResults) {
+  const int64_t Hq = 4, Hkv = 2, hd = 8, N = 13, qd = Hq * hd, kd = Hkv * hd, w = qd + 2 * kd + 3;
+  const Tensor cu = ids_tensor({0, 5, 6, 13});
+  for (DType dt : kFloatTypes) {
+    Tensor q = random_tensor({N, Hq, hd}, dt, 57, -2, 2), k = random_tensor({N, Hkv, hd}, dt, 58, -2, 2);
+    Tensor v = random_tensor({N, Hkv, hd}, dt, 59), r = random_tensor({N, Hq, hd}, dt, 60);
+    Tensor out = Tensor::empty(q.shape(), dt), lse = Tensor::empty({Hq, N}, dt);
+    ops::attention_forward(q, k, v, cu, 7, out, lse);
+    Tensor dq = Tensor::empty(q.shape(), dt), dk = Tensor::empty(k.shape(), dt), dv = Tensor::empty(v.shape(), dt);
+    ops::attention_backward(r, q, k, v, out, lse, cu, 7, dq, dk, dv);
+
+    Tensor joint = Tensor::zeros({N, w}, dt), djoint = Tensor::zeros({N, w}, dt);
+    auto part = [&](const Tensor& m, int64_t c0, int64_t h) { return m.slice(1, c0, c0 + h * hd).view({N, h, hd}); };
+    Tensor sq = part(joint, 0, Hq), sk = part(joint, qd, Hkv), sv = part(joint, qd + kd, Hkv);
+    sq.copy_from(q);
+    sk.copy_from(k);
+    sv.copy_from(v);
+    Tensor so = part(Tensor::zeros({N, qd + 5}, dt), 0, Hq), sl = Tensor::empty({Hq, N}, dt);
+    ops::attention_forward(sq, sk, sv, cu, 7, so, sl);
+    EXPECT_EQ(max_abs_diff(so.clone(), out), 0.0) << dtype_name(dt);
+    EXPECT_EQ(max_abs_diff(sl, lse), 0.0) << dtype_name(dt);
+    Tensor sdq = part(djoint, 0, Hq), sdk = part(djoint, qd, Hkv), sdv = part(djoint, qd + kd, Hkv);
+    ops::attention_backward(r, sq, sk, sv, so, sl, cu, 7, sdq, sdk, sdv);
+    EXPECT_EQ(max_abs_diff(sdq.clone(), dq), 0.0) << dtype_name(dt);
+    EXPECT_EQ(max_abs_diff(sdk.clone(), dk), 0.0) << dtype_name(dt);
+    EXPECT_EQ(max_abs_diff(sdv.clone(), dv), 0.0) << dtype_name(dt);
+    EXPECT_EQ(max_abs_diff(djoint.slice(1, w - 3, w).clone(), Tensor::zeros({N, 3}, dt)), 0.0)
+        << "wrote outside the slices";
+  }
+}
+
 TEST(Attention, RejectsBadSeqlens) {
   Tensor q = Tensor::zeros({4, 2, 4}, DType::F32), k = Tensor::zeros({4, 1, 4}, DType::F32);
   Tensor out = Tensor::empty({4, 2, 4}, DType::F32), lse = Tensor::empty({2, 4}, DType::F32);
@@ -451,6 +494,18 @@ TEST(SwiGLU, ForwardAndBackward) {
   ops::swiglu_backward(r, g2, u2, g2, u2);
   EXPECT_EQ(max_abs_diff(g2, dg), 0.0);
   EXPECT_EQ(max_abs_diff(u2, du), 0.0);
+  // Gate and up as the halves of one [N, 2F] matrix (a joint gate/up GEMM's output), in place.
+  Tensor gu = Tensor::empty({N, 2 * F}, DType::F64);
+  Tensor sg = gu.slice(1, 0, F), su = gu.slice(1, F, 2 * F);
+  sg.copy_from(g);
+  su.copy_from(u);
+  Tensor out2 = Tensor::empty({N, F}, DType::F64);
+  ops::swiglu_forward(sg, su, out2);
+  ops::swiglu_forward(g, u, out);
+  EXPECT_EQ(max_abs_diff(out2, out), 0.0);
+  ops::swiglu_backward(r, sg, su, sg, su);
+  EXPECT_EQ(max_abs_diff(sg.clone(), dg), 0.0);
+  EXPECT_EQ(max_abs_diff(su.clone(), du), 0.0);
 }
 
 // -------------------------------------------------------------------------------- cross entropy

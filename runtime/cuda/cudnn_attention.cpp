@@ -2,8 +2,9 @@
 // compilation unit: the frontend headers are large.
 //
 // Layout: ievo's packed q [N, Hq, hd] is cuDNN's ragged "THD" form: dims [S, Hq, smax, hd] with
-// strides [smax*Hq*hd, hd, Hq*hd, 1] and a ragged offset tensor [S+1] giving each sequence's
-// first element (cu[s] * Hq * hd); sequence lengths [S] drive the padding mask; the causal mask
+// strides [smax*R, hd, R, 1] (R: q's row stride, Hq*hd when packed; q, k, v and their gradients
+// may be column slices of wider matrices) and a ragged offset tensor [S+1] giving each sequence's
+// first element (cu[s] * R); sequence lengths [S] drive the padding mask; the causal mask
 // is the top-left diagonal band (right bound 0), equal to bottom-right since q and kv lengths
 // match. Stats (natural-log lse) stay padded [S, Hq, smax, 1] in a scratch buffer.
 // Graphs are cached by (direction, S', smax', Hq, Hkv, hd, deterministic, dtype), where S' and smax'
@@ -60,7 +61,10 @@ struct Key {
   bool det;
   bool f16;    // io type: fp16, else bf16
   bool dense;  // b sequences of exactly smax tokens: no offsets, no padding mask
-  auto tie() const { return std::tie(bwd, b, smax, hq, hkv, hd, det, f16, dense); }
+  // Row strides (elements between tokens) of Q, K, V, and of dQ, dK, dV in the backward; O and
+  // dO are packed (hq * hd).
+  int64_t rs_q, rs_k, rs_v;
+  auto tie() const { return std::tie(bwd, b, smax, hq, hkv, hd, det, f16, dense, rs_q, rs_k, rs_v); }
   bool operator<(const Key& o) const { return tie() < o.tie(); }
 };
 
@@ -123,19 +127,18 @@ TensorPtr index_tensor(fe::graph::Graph& g, const char* name, int64_t uid, int64
                       .set_data_type(i64 ? fe::DataType_t::INT64 : fe::DataType_t::INT32));
 }
 
-// Strides of the ragged THD layout for dims [b, h, smax, hd].
-std::vector<int64_t> thd_stride(int64_t h, int64_t smax, int64_t hd) {
-  return {smax * h * hd, hd, h * hd, 1};
-}
+// Strides of the ragged THD layout for dims [b, h, smax, hd], tokens rs elements apart (h * hd
+// when packed).
+std::vector<int64_t> thd_stride(int64_t rs, int64_t smax, int64_t hd) { return {smax * rs, hd, rs, 1}; }
 
 // ragged == nullptr: the dense layout (same strides, every sequence smax long).
 TensorPtr thd_tensor(fe::graph::Graph& g, const char* name, int64_t uid, int64_t b, int64_t h,
-                     int64_t smax, int64_t hd, const TensorPtr& ragged) {
+                     int64_t smax, int64_t hd, int64_t rs, const TensorPtr& ragged) {
   auto attrs = fe::graph::Tensor_attributes()
                    .set_name(name)
                    .set_uid(uid)
                    .set_dim({b, h, smax, hd})
-                   .set_stride(thd_stride(h, smax, hd));
+                   .set_stride(thd_stride(rs, smax, hd));
   if (ragged) attrs.set_ragged_offset(ragged);
   return g.tensor(attrs);
 }
@@ -190,14 +193,14 @@ Entry build_forward(const Key& k, cudnnHandle_t h, float scale) {
                   .set_diagonal_alignment(fe::DiagonalAlignment_t::TOP_LEFT)
                   .set_diagonal_band_right_bound(0);
   const auto [off_q, off_k, off_v, off_o] = ragged_inputs(g, k, opts);
-  auto q = thd_tensor(g, "Q", kQ, k.b, k.hq, k.smax, k.hd, off_q);
-  auto kk = thd_tensor(g, "K", kK, k.b, k.hkv, k.smax, k.hd, off_k);
-  auto v = thd_tensor(g, "V", kV, k.b, k.hkv, k.smax, k.hd, off_v);
+  auto q = thd_tensor(g, "Q", kQ, k.b, k.hq, k.smax, k.hd, k.rs_q, off_q);
+  auto kk = thd_tensor(g, "K", kK, k.b, k.hkv, k.smax, k.hd, k.rs_k, off_k);
+  auto v = thd_tensor(g, "V", kV, k.b, k.hkv, k.smax, k.hd, k.rs_v, off_v);
   auto [o, stats] = g.sdpa(q, kk, v, opts);
   o->set_output(true)
       .set_uid(kO)
       .set_dim({k.b, k.hq, k.smax, k.hd})
-      .set_stride(thd_stride(k.hq, k.smax, k.hd));
+      .set_stride(thd_stride(k.hq * k.hd, k.smax, k.hd));
   if (off_o) o->set_ragged_offset(off_o);
   stats->set_output(true)
       .set_uid(kStats)
@@ -222,11 +225,11 @@ Entry build_backward(const Key& k, cudnnHandle_t h, float scale) {
                   .set_diagonal_band_right_bound(0)
                   .set_deterministic_algorithm(k.det);
   const auto [off_q, off_k, off_v, off_o] = ragged_inputs(g, k, opts);
-  auto q = thd_tensor(g, "Q", kQ, k.b, k.hq, k.smax, k.hd, off_q);
-  auto kk = thd_tensor(g, "K", kK, k.b, k.hkv, k.smax, k.hd, off_k);
-  auto v = thd_tensor(g, "V", kV, k.b, k.hkv, k.smax, k.hd, off_v);
-  auto o = thd_tensor(g, "O", kO, k.b, k.hq, k.smax, k.hd, off_o);
-  auto dout = thd_tensor(g, "dO", kDO, k.b, k.hq, k.smax, k.hd, off_o);
+  auto q = thd_tensor(g, "Q", kQ, k.b, k.hq, k.smax, k.hd, k.rs_q, off_q);
+  auto kk = thd_tensor(g, "K", kK, k.b, k.hkv, k.smax, k.hd, k.rs_k, off_k);
+  auto v = thd_tensor(g, "V", kV, k.b, k.hkv, k.smax, k.hd, k.rs_v, off_v);
+  auto o = thd_tensor(g, "O", kO, k.b, k.hq, k.smax, k.hd, k.hq * k.hd, off_o);
+  auto dout = thd_tensor(g, "dO", kDO, k.b, k.hq, k.smax, k.hd, k.hq * k.hd, off_o);
   auto stats = g.tensor(fe::graph::Tensor_attributes()
                             .set_name("Stats")
                             .set_uid(kStats)
@@ -235,11 +238,11 @@ Entry build_backward(const Key& k, cudnnHandle_t h, float scale) {
                             .set_data_type(fe::DataType_t::FLOAT));
   auto [dq, dk, dv] = g.sdpa_backward(q, kk, v, o, dout, stats, opts);
   dq->set_output(true).set_uid(kDQ).set_dim({k.b, k.hq, k.smax, k.hd})
-      .set_stride(thd_stride(k.hq, k.smax, k.hd));
+      .set_stride(thd_stride(k.rs_q, k.smax, k.hd));
   dk->set_output(true).set_uid(kDK).set_dim({k.b, k.hkv, k.smax, k.hd})
-      .set_stride(thd_stride(k.hkv, k.smax, k.hd));
+      .set_stride(thd_stride(k.rs_k, k.smax, k.hd));
   dv->set_output(true).set_uid(kDV).set_dim({k.b, k.hkv, k.smax, k.hd})
-      .set_stride(thd_stride(k.hkv, k.smax, k.hd));
+      .set_stride(thd_stride(k.rs_v, k.smax, k.hd));
   if (off_q) {
     dq->set_ragged_offset(off_q);
     dk->set_ragged_offset(off_k);
@@ -249,22 +252,24 @@ Entry build_backward(const Key& k, cudnnHandle_t h, float scale) {
   return e;
 }
 
-// Per-call scratch: lengths, ragged offsets and padded stats.
+// Per-call scratch: lengths, ragged offsets (of Q, K, V, and of O and dO) and padded stats.
 struct Aux {
-  DeviceBuffer seq_len, off_q, off_kv, stats;
+  DeviceBuffer seq_len, off_q, off_k, off_v, off_o, stats;
 };
 
-Aux make_aux(const int32_t* cu, int num_seqs, int64_t b, int64_t smax, int64_t hq, int64_t hkv,
-             int64_t hd, cudaStream_t s) {
+Aux make_aux(const int32_t* cu, int num_seqs, const Key& k, cudaStream_t s) {
   Aux a;
   const bool i64 = offsets_64();
   const size_t osz = i64 ? 8 : 4;
-  a.seq_len = DeviceBuffer(b * sizeof(int32_t));
-  a.off_q = DeviceBuffer((b + 1) * osz);
-  a.off_kv = DeviceBuffer((b + 1) * osz);
-  a.stats = DeviceBuffer(static_cast<size_t>(b * hq * smax) * sizeof(float));
-  attn::build_ragged_aux(cu, num_seqs, static_cast<int>(b), hq * hd, hkv * hd, i64,
-                         a.seq_len.as<int32_t>(), a.off_q.data(), a.off_kv.data(), s);
+  a.seq_len = DeviceBuffer(k.b * sizeof(int32_t));
+  a.off_q = DeviceBuffer((k.b + 1) * osz);
+  a.off_k = DeviceBuffer((k.b + 1) * osz);
+  a.off_v = DeviceBuffer((k.b + 1) * osz);
+  a.off_o = DeviceBuffer((k.b + 1) * osz);
+  a.stats = DeviceBuffer(static_cast<size_t>(k.b * k.hq * k.smax) * sizeof(float));
+  attn::build_ragged_aux(cu, num_seqs, static_cast<int>(k.b), {k.rs_q, k.rs_k, k.rs_v, k.hq * k.hd}, i64,
+                         a.seq_len.as<int32_t>(), {a.off_q.data(), a.off_k.data(), a.off_v.data(), a.off_o.data()},
+                         s);
   return a;
 }
 
@@ -379,8 +384,9 @@ void forward(const Tensor& q, const Tensor& k, const Tensor& v, const int32_t* c
   cudaStream_t s = current_stream();
   State& st = state();
   std::lock_guard<std::mutex> lock(st.mu);
+  const int64_t rq = q.row_stride(), rk = k.row_stride(), rv = v.row_stride();
   if (uniform_len > 0) {
-    const Key key{false, num_seqs, uniform_len, hq, hkv, hd, false, f16, true};
+    const Key key{false, num_seqs, uniform_len, hq, hkv, hd, false, f16, true, rq, rk, rv};
     if (Entry* e = dense_graph(st, key, scale)) {
       DeviceBuffer stats(static_cast<size_t>(n * hq) * sizeof(float));
       std::unordered_map<int64_t, void*> pack = {{kQ, mut(q.raw())}, {kK, mut(k.raw())},
@@ -393,13 +399,14 @@ void forward(const Tensor& q, const Tensor& k, const Tensor& v, const int32_t* c
     }
   }
   const auto [b, smax] = graph_shape(num_seqs, max_seqlen);
-  Entry& e = graph_for(st, Key{false, b, smax, hq, hkv, hd, false, f16, false}, scale);
-  Aux a = make_aux(cu, num_seqs, b, smax, hq, hkv, hd, s);
+  const Key key{false, b, smax, hq, hkv, hd, false, f16, false, rq, rk, rv};
+  Entry& e = graph_for(st, key, scale);
+  Aux a = make_aux(cu, num_seqs, key, s);
   std::unordered_map<int64_t, void*> pack = {
       {kQ, mut(q.raw())},          {kK, mut(k.raw())},          {kV, mut(v.raw())},
       {kO, out.raw()},             {kStats, a.stats.data()},    {kSeqQ, a.seq_len.data()},
-      {kSeqKV, a.seq_len.data()},  {kOffQ, a.off_q.data()},     {kOffK, a.off_kv.data()},
-      {kOffV, a.off_kv.data()},    {kOffO, a.off_q.data()}};
+      {kSeqKV, a.seq_len.data()},  {kOffQ, a.off_q.data()},     {kOffK, a.off_k.data()},
+      {kOffV, a.off_v.data()},     {kOffO, a.off_o.data()}};
   run(st, e, pack, s);
   attn::padded_to_packed(a.stats.as<float>(), cu, num_seqs, static_cast<int>(hq),
                          static_cast<int>(smax), static_cast<int>(n), lse.data<float>(), s);
@@ -414,8 +421,11 @@ void backward(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor
   cudaStream_t s = current_stream();
   State& st = state();
   std::lock_guard<std::mutex> lock(st.mu);
+  const int64_t rq = q.row_stride(), rk = k.row_stride(), rv = v.row_stride();
+  IEVO_CHECK(dq.row_stride() == rq && dk.row_stride() == rk && dv.row_stride() == rv,
+             "cuDNN attention backward: dq, dk, dv need the row strides of q, k, v");
   if (uniform_len > 0) {
-    const Key key{true, num_seqs, uniform_len, hq, hkv, hd, deterministic(), f16, true};
+    const Key key{true, num_seqs, uniform_len, hq, hkv, hd, deterministic(), f16, true, rq, rk, rv};
     if (Entry* e = dense_graph(st, key, scale)) {
       DeviceBuffer stats(static_cast<size_t>(n * hq) * sizeof(float));
       attn::packed_to_padded(lse.data<float>(), cu, num_seqs, static_cast<int>(hq), uniform_len,
@@ -429,8 +439,9 @@ void backward(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor
     }
   }
   const auto [b, smax] = graph_shape(num_seqs, max_seqlen);
-  Entry& e = graph_for(st, Key{true, b, smax, hq, hkv, hd, deterministic(), f16, false}, scale);
-  Aux a = make_aux(cu, num_seqs, b, smax, hq, hkv, hd, s);
+  const Key key{true, b, smax, hq, hkv, hd, deterministic(), f16, false, rq, rk, rv};
+  Entry& e = graph_for(st, key, scale);
+  Aux a = make_aux(cu, num_seqs, key, s);
   IEVO_CUDA_CHECK(cudaMemsetAsync(a.stats.data(), 0, a.stats.size(), s));
   attn::packed_to_padded(lse.data<float>(), cu, num_seqs, static_cast<int>(hq),
                          static_cast<int>(smax), static_cast<int>(n), a.stats.as<float>(), s);
@@ -439,7 +450,7 @@ void backward(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor
       {kO, mut(out.raw())},      {kDO, mut(dout.raw())},     {kStats, a.stats.data()},
       {kDQ, dq.raw()},           {kDK, dk.raw()},            {kDV, dv.raw()},
       {kSeqQ, a.seq_len.data()}, {kSeqKV, a.seq_len.data()}, {kOffQ, a.off_q.data()},
-      {kOffK, a.off_kv.data()},  {kOffV, a.off_kv.data()},   {kOffO, a.off_q.data()}};
+      {kOffK, a.off_k.data()},   {kOffV, a.off_v.data()},    {kOffO, a.off_o.data()}};
   run(st, e, pack, s);
 }
 

@@ -59,6 +59,13 @@ void copy_fn(void* dst, Device dd, const void* src, Device sd, size_t bytes) {
   if (dd == Device::CPU || (sd == Device::CPU && !pageable(src))) IEVO_CUDA_CHECK(cudaStreamSynchronize(s));
 }
 
+void copy_2d_fn(void* dst, size_t dst_pitch, Device dd, const void* src, size_t src_pitch, Device sd,
+                size_t width, size_t rows) {
+  cudaStream_t s = current_stream();
+  IEVO_CUDA_CHECK(cudaMemcpy2DAsync(dst, dst_pitch, src, src_pitch, width, rows, cudaMemcpyDefault, s));
+  if (dd == Device::CPU || sd == Device::CPU) IEVO_CUDA_CHECK(cudaStreamSynchronize(s));
+}
+
 void zero_fn(void* dst, size_t bytes) {
   IEVO_CUDA_CHECK(cudaMemsetAsync(dst, 0, bytes, current_stream()));
 }
@@ -66,6 +73,7 @@ void zero_fn(void* dst, size_t bytes) {
 void register_hooks() {
   set_allocator(Device::CUDA, caching_allocator());
   set_device_copy(&copy_fn);
+  set_device_copy_2d(&copy_2d_fn);
   set_device_zero(&zero_fn);
 }
 

@@ -136,6 +136,14 @@ inline void expect_cuda(const Tensor& t, const char* name, const char* op) {
   IEVO_CHECK(t.is_contiguous(), op, ": tensor '", name, "' (", t.describe(),
              ") must be contiguous");
 }
+// As expect_cuda, but the rows (first dimension) may be strided: Tensor::rows_contiguous().
+inline void expect_cuda_rows(const Tensor& t, const char* name, const char* op) {
+  IEVO_CHECK(t.defined(), op, ": tensor '", name, "' is undefined");
+  IEVO_CHECK(t.device() == Device::CUDA, op, ": tensor '", name, "' is on ",
+             device_name(t.device()), " while the other arguments are on cuda");
+  IEVO_CHECK(t.rows_contiguous(), op, ": tensor '", name, "' (", t.describe(), ", strides ",
+             shape_str(t.strides()), ") must be contiguous but for its row stride");
+}
 inline void expect_dtype_in(const Tensor& t, const char* name, const char* op,
                             std::initializer_list<DType> allowed) {
   for (DType d : allowed)

@@ -6,7 +6,8 @@
 // Backward, with P_ij = exp(s_ij - lse_i) recomputed from the saved lse:
 //   D_i = dO_i . O_i,  dS_ij = P_ij (dO_i . v_j - D_i),
 //   dq_i = scale sum_j dS_ij k_j,  dk_j = scale sum_{h in g, i} dS_ij q_i,  dv_j = sum P_ij dO_i.
-// The forward runs one task per (sequence, query head); the backward one task per
+// Every [N, H, hd] tensor may have its own row stride (q, k, v as column slices of a joint QKV
+// projection's output; dq, dk, dv written into one). The forward runs one task per (sequence, query head); the backward one task per
 // (sequence, kv head), which owns dk/dv of that kv head and dq of its query heads (no races).
 #include "runtime/ops/attention.h"
 
@@ -29,9 +30,9 @@ struct Dims {
 };
 
 Dims check_qkv(const Tensor& q, const Tensor& k, const Tensor& v, const char* op) {
-  cpu::expect_float(q, "q", op);
-  cpu::expect_float(k, "k", op);
-  cpu::expect_float(v, "v", op);
+  cpu::expect_float_rows(q, "q", op);
+  cpu::expect_float_rows(k, "k", op);
+  cpu::expect_float_rows(v, "v", op);
   IEVO_CHECK(q.dim() == 3, op, ": tensor 'q' must be [N, Hq, hd], has shape ",
              shape_str(q.shape()));
   IEVO_CHECK(k.dim() == 3, op, ": tensor 'k' must be [N, Hkv, hd], has shape ",
@@ -47,7 +48,7 @@ Dims check_qkv(const Tensor& q, const Tensor& k, const Tensor& v, const char* op
 }
 
 void check_like(const Tensor& t, const Shape& shape, DType dt, const char* name, const char* op) {
-  cpu::expect_float(t, name, op);
+  cpu::expect_float_rows(t, name, op);
   check_shape(t, shape, name);
   check_dtype(t, dt, name);
 }
@@ -97,8 +98,10 @@ void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, const 
   const Dims d = check_qkv(q, k, v, op);
   check_like(out, q.shape(), q.dtype(), "out", op);
   check_like(lse, {d.hq, d.n}, q.dtype(), "lse", op);
+  cpu::expect_float(lse, "lse", op);
   const std::vector<int64_t> cu = read_cu_seqlens(cu_seqlens, d.n, max_seqlen, op);
   const int64_t nseq = static_cast<int64_t>(cu.size()) - 1, rep = d.hq / d.hkv;
+  const int64_t qs = q.row_stride(), ks = k.row_stride(), vs = v.row_stride(), os = out.row_stride();
   const double scale = 1.0 / std::sqrt(static_cast<double>(d.hd));
   cpu::dispatch_float(q.dtype(), op, [&](auto tag) {
     using T = decltype(tag);
@@ -111,10 +114,10 @@ void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, const 
       const int64_t b = cu[s], e = cu[s + 1];
       std::vector<double> sc(static_cast<size_t>(e - b)), o(static_cast<size_t>(d.hd));
       for (int64_t i = b; i < e; ++i) {
-        const T* qi = qp + (i * d.hq + h) * d.hd;
+        const T* qi = qp + i * qs + h * d.hd;
         double m = -std::numeric_limits<double>::infinity();
         for (int64_t j = b; j <= i; ++j) {
-          sc[j - b] = scale * dot(qi, kp + (j * d.hkv + g) * d.hd, d.hd);
+          sc[j - b] = scale * dot(qi, kp + j * ks + g * d.hd, d.hd);
           m = std::max(m, sc[j - b]);
         }
         double l = 0;
@@ -122,10 +125,10 @@ void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, const 
         for (int64_t j = b; j <= i; ++j) {
           const double p = std::exp(sc[j - b] - m);
           l += p;
-          const T* vj = vp + (j * d.hkv + g) * d.hd;
+          const T* vj = vp + j * vs + g * d.hd;
           for (int64_t c = 0; c < d.hd; ++c) o[c] += p * vj[c];
         }
-        T* oi = op_ + (i * d.hq + h) * d.hd;
+        T* oi = op_ + i * os + h * d.hd;
         for (int64_t c = 0; c < d.hd; ++c) oi[c] = static_cast<T>(o[c] / l);
         lp[h * d.n + i] = static_cast<T>(m + std::log(l));
       }
@@ -152,8 +155,12 @@ void attention_backward(const Tensor& dout, const Tensor& q, const Tensor& k, co
   check_like(dq, q.shape(), q.dtype(), "dq", op);
   check_like(dk, k.shape(), q.dtype(), "dk", op);
   check_like(dv, v.shape(), q.dtype(), "dv", op);
+  cpu::expect_float(lse, "lse", op);
   const std::vector<int64_t> cu = read_cu_seqlens(cu_seqlens, d.n, max_seqlen, op);
   const int64_t nseq = static_cast<int64_t>(cu.size()) - 1, rep = d.hq / d.hkv, hd = d.hd;
+  const int64_t qs = q.row_stride(), ks = k.row_stride(), vs = v.row_stride(), os = out.row_stride(),
+                gs = dout.row_stride(), dqs = dq.row_stride(), dks = dk.row_stride(),
+                dvs = dv.row_stride();
   const double scale = 1.0 / std::sqrt(static_cast<double>(hd));
   cpu::dispatch_float(q.dtype(), op, [&](auto tag) {
     using T = decltype(tag);
@@ -169,14 +176,14 @@ void attention_backward(const Tensor& dout, const Tensor& q, const Tensor& k, co
       std::vector<double> dq_acc(static_cast<size_t>(hd));
       for (int64_t h = g * rep; h < (g + 1) * rep; ++h) {
         for (int64_t i = b; i < e; ++i) {
-          const T* qi = qp + (i * d.hq + h) * hd;
-          const T* gi = gp + (i * d.hq + h) * hd;
-          const double di = dot(gi, op_ + (i * d.hq + h) * hd, hd);
+          const T* qi = qp + i * qs + h * hd;
+          const T* gi = gp + i * gs + h * hd;
+          const double di = dot(gi, op_ + i * os + h * hd, hd);
           const double lse_i = lp[h * d.n + i];
           std::fill(dq_acc.begin(), dq_acc.end(), 0.0);
           for (int64_t j = b; j <= i; ++j) {
-            const T* kj = kp + (j * d.hkv + g) * hd;
-            const T* vj = vp + (j * d.hkv + g) * hd;
+            const T* kj = kp + j * ks + g * hd;
+            const T* vj = vp + j * vs + g * hd;
             const double p = std::exp(scale * dot(qi, kj, hd) - lse_i);
             const double ds = p * (dot(gi, vj, hd) - di);
             double* dkj = dk_acc.data() + (j - b) * hd;
@@ -187,13 +194,13 @@ void attention_backward(const Tensor& dout, const Tensor& q, const Tensor& k, co
               dvj[c] += p * gi[c];
             }
           }
-          T* dqi = dqp + (i * d.hq + h) * hd;
+          T* dqi = dqp + i * dqs + h * hd;
           for (int64_t c = 0; c < hd; ++c) dqi[c] = static_cast<T>(scale * dq_acc[c]);
         }
       }
       for (int64_t j = b; j < e; ++j) {
-        T* dkj = dkp + (j * d.hkv + g) * hd;
-        T* dvj = dvp + (j * d.hkv + g) * hd;
+        T* dkj = dkp + j * dks + g * hd;
+        T* dvj = dvp + j * dvs + g * hd;
         for (int64_t c = 0; c < hd; ++c) {
           dkj[c] = static_cast<T>(scale * dk_acc[(j - b) * hd + c]);
           dvj[c] = static_cast<T>(dv_acc[(j - b) * hd + c]);

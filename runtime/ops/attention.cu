@@ -23,20 +23,17 @@
 namespace ievo::cuda::attn {
 namespace {
 
-__global__ void ragged_aux_kernel(const int32_t* cu, int n, int padded, int64_t q_mul,
-                                  int64_t kv_mul, bool off64, int32_t* seq_len, void* q_off,
-                                  void* kv_off) {
+__global__ void ragged_aux_kernel(const int32_t* cu, int n, int padded, OffsetMuls mul, bool off64,
+                                  int32_t* seq_len, OffsetPtrs off) {
   pdl_begin();
   const int s = blockIdx.x * blockDim.x + threadIdx.x;
   if (s > padded) return;
   if (s < padded) seq_len[s] = s < n ? cu[s + 1] - cu[s] : 0;
   const int64_t start = cu[s < n ? s : n];
-  if (off64) {
-    static_cast<int64_t*>(q_off)[s] = start * q_mul;
-    static_cast<int64_t*>(kv_off)[s] = start * kv_mul;
-  } else {
-    static_cast<int32_t*>(q_off)[s] = static_cast<int32_t>(start * q_mul);
-    static_cast<int32_t*>(kv_off)[s] = static_cast<int32_t>(start * kv_mul);
+#pragma unroll
+  for (int i = 0; i < kOffsets; ++i) {
+    if (off64) static_cast<int64_t*>(off.v[i])[s] = start * mul.v[i];
+    else static_cast<int32_t*>(off.v[i])[s] = static_cast<int32_t>(start * mul.v[i]);
   }
 }
 
@@ -66,11 +63,10 @@ __global__ void stats_kernel(const float* src, const int32_t* cu, int num_seqs, 
 
 }  // namespace
 
-void build_ragged_aux(const int32_t* cu, int num_seqs, int padded_seqs, int64_t q_mul,
-                      int64_t kv_mul, bool off64, int32_t* seq_len, void* q_off, void* kv_off,
-                      cudaStream_t s) {
+void build_ragged_aux(const int32_t* cu, int num_seqs, int padded_seqs, OffsetMuls mul, bool off64,
+                      int32_t* seq_len, OffsetPtrs off, cudaStream_t s) {
   launch_kernel("ragged_aux_kernel", ragged_aux_kernel, (padded_seqs + 1 + 127) / 128, 128, 0, s, cu,
-                num_seqs, padded_seqs, q_mul, kv_mul, off64, seq_len, q_off, kv_off);
+                num_seqs, padded_seqs, mul, off64, seq_len, off);
 }
 
 void padded_to_packed(const float* stats, const int32_t* cu, int num_seqs, int heads, int smax,
@@ -276,9 +272,9 @@ struct Dims {
 };
 
 Dims check_qkv(const Tensor& q, const Tensor& k, const Tensor& v, const char* op) {
-  expect_cuda(q, "q", op);
-  expect_cuda(k, "k", op);
-  expect_cuda(v, "v", op);
+  expect_cuda_rows(q, "q", op);
+  expect_cuda_rows(k, "k", op);
+  expect_cuda_rows(v, "v", op);
   expect_dtype_in(q, "q", op, {DType::F32, DType::BF16, DType::F16});
   IEVO_CHECK(q.dim() == 3, op, ": tensor 'q' must be [N, Hq, hd], has shape ", shape_str(q.shape()));
   IEVO_CHECK(k.dim() == 3, op, ": tensor 'k' must be [N, Hkv, hd], has shape ", shape_str(k.shape()));
@@ -293,10 +289,27 @@ Dims check_qkv(const Tensor& q, const Tensor& k, const Tensor& v, const char* op
   return d;
 }
 
-void check_like(const Tensor& t, const Shape& shape, DType dt, const char* name, const char* op) {
-  expect_cuda(t, name, op);
+// rows: the tensor may have any row stride (q, k, v and their gradients), else it is packed.
+void check_like(const Tensor& t, const Shape& shape, DType dt, const char* name, const char* op,
+                bool rows = false) {
+  if (rows) expect_cuda_rows(t, name, op);
+  else expect_cuda(t, name, op);
   check_shape(t, shape, name);
   check_dtype(t, dt, name);
+}
+
+bool all_packed(std::initializer_list<const Tensor*> ts) {
+  for (const Tensor* t : ts)
+    if (!t->is_contiguous()) return false;
+  return true;
+}
+Tensor packed(const Tensor& t) { return t.is_contiguous() ? t : t.clone(); }
+// cuDNN takes strided rows 16-byte aligned: each start and row stride.
+bool cudnn_rows(std::initializer_list<const Tensor*> ts) {
+  for (const Tensor* t : ts)
+    if (!t->is_contiguous() && (!aligned_to(t->raw(), 16) || (t->row_stride() * dtype_size(t->dtype())) % 16 != 0))
+      return false;
+  return true;
 }
 
 // cu_seqlens on the device. A host tensor is validated on the host and copied; a device
@@ -427,10 +440,14 @@ void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, const 
   const Dims d = check_qkv(q, k, v, op);
   check_like(out, q.shape(), q.dtype(), "out", op);
   check_like(lse, {d.hq, d.n}, DType::F32, "lse", op);
+  const Impl impl = choose(q.dtype(), d.hd, op);
+  if (!(impl == Impl::Cudnn && cudnn_rows({&q, &k, &v})) && !all_packed({&q, &k, &v}))  // only cuDNN reads strided rows itself
+    return attention_forward(packed(q), packed(k), packed(v), cu_seqlens, max_seqlen, out, lse,
+                             cu_seqlens_host);
   CuSeqlens cu = prepare_cu(cu_seqlens, cu_seqlens_host, d.n, max_seqlen, op);
   if (d.n == 0 || cu.num_seqs == 0) return;
   cudaStream_t s = current_stream();
-  switch (choose(q.dtype(), d.hd, op)) {
+  switch (impl) {
     case Impl::Cudnn:
 #ifdef IEVO_HAVE_CUDNN_FRONTEND
       cudnn_attn::forward(q, k, v, cu.dev, cu.num_seqs, max_seqlen, cu.uniform_len, out, lse);
@@ -462,13 +479,30 @@ void attention_backward(const Tensor& dout, const Tensor& q, const Tensor& k, co
   check_like(dout, q.shape(), q.dtype(), "dout", op);
   check_like(out, q.shape(), q.dtype(), "out", op);
   check_like(lse, {d.hq, d.n}, DType::F32, "lse", op);
-  check_like(dq, q.shape(), q.dtype(), "dq", op);
-  check_like(dk, k.shape(), q.dtype(), "dk", op);
-  check_like(dv, v.shape(), q.dtype(), "dv", op);
+  check_like(dq, q.shape(), q.dtype(), "dq", op, true);
+  check_like(dk, k.shape(), q.dtype(), "dk", op, true);
+  check_like(dv, v.shape(), q.dtype(), "dv", op, true);
+  const Impl impl = choose(q.dtype(), d.hd, op);
+  // cuDNN reads and writes strided rows itself when each gradient has its input's strides; the
+  // other kernels (and other layouts) work on packed copies, the gradients copied back.
+  const bool native = impl == Impl::Cudnn && dq.row_stride() == q.row_stride() &&
+                      dk.row_stride() == k.row_stride() && dv.row_stride() == v.row_stride() &&
+                      cudnn_rows({&q, &k, &v, &dq, &dk, &dv});
+  if (!native && !all_packed({&q, &k, &v, &dq, &dk, &dv})) {
+    auto out_buf = [](const Tensor& t) {
+      return t.is_contiguous() ? t : Tensor::empty(t.shape(), t.dtype(), t.device());
+    };
+    Tensor dq2 = out_buf(dq), dk2 = out_buf(dk), dv2 = out_buf(dv);
+    attention_backward(dout, packed(q), packed(k), packed(v), out, lse, cu_seqlens, max_seqlen, dq2, dk2,
+                       dv2, cu_seqlens_host);
+    if (!dq.is_contiguous()) dq.copy_from(dq2);
+    if (!dk.is_contiguous()) dk.copy_from(dk2);
+    if (!dv.is_contiguous()) dv.copy_from(dv2);
+    return;
+  }
   CuSeqlens cu = prepare_cu(cu_seqlens, cu_seqlens_host, d.n, max_seqlen, op);
   if (d.n == 0 || cu.num_seqs == 0) return;
   cudaStream_t s = current_stream();
-  const Impl impl = choose(q.dtype(), d.hd, op);
   if (impl == Impl::Cudnn) {
 #ifdef IEVO_HAVE_CUDNN_FRONTEND
     cudnn_attn::backward(dout, q, k, v, out, lse, cu.dev, cu.num_seqs, max_seqlen, cu.uniform_len,

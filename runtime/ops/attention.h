@@ -5,6 +5,11 @@
 //   scale = 1/sqrt(hd). lse [Hq, N] f32 (f64 for f64 inputs): log-sum-exp of the scaled scores of
 //   each query, saved for the backward.
 //   backward: given dout, q, k, v, out, lse -> dq, dk, dv (written, not accumulated).
+//   q, k, v, dq, dk, dv (and on the CPU every [N, H, hd] tensor) may have any row stride, each
+//   contiguous within a token: the model passes column slices of its joint QKV projection's
+//   output and of the gradient buffer that its backward GEMMs read as one. cuDNN reads and writes
+//   them in place when q/dq, k/dk and v/dv have equal strides; the other CUDA kernels work on
+//   contiguous copies.
 // Implementations: CPU reference; CUDA: cuDNN SDPA and ievo's flash kernel (select with
 // set_attention_backend).
 #pragma once

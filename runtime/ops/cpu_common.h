@@ -48,6 +48,17 @@ inline void expect_float(const Tensor& t, const char* name, const char* op) {
              "' has dtype ", dtype_name(t.dtype()), ", the CPU kernels take f32 or f64");
 }
 
+// As expect_float, but the rows (first dimension) may be strided: Tensor::rows_contiguous().
+inline void expect_float_rows(const Tensor& t, const char* name, const char* op) {
+  IEVO_CHECK(t.defined(), op, ": tensor '", name, "' is undefined");
+  IEVO_CHECK(t.is_cpu(), op, ": tensor '", name, "' is on ", device_name(t.device()),
+             " while the other arguments are on the cpu");
+  IEVO_CHECK(t.rows_contiguous(), op, ": tensor '", name, "' (", t.describe(), ", strides ",
+             shape_str(t.strides()), ") must be contiguous but for its row stride");
+  IEVO_CHECK(t.dtype() == DType::F32 || t.dtype() == DType::F64, op, ": tensor '", name,
+             "' has dtype ", dtype_name(t.dtype()), ", the CPU kernels take f32 or f64");
+}
+
 // Calls f(T{}) with T = float or double according to dt.
 template <typename F>
 decltype(auto) dispatch_float(DType dt, const char* op, F&& f) {

@@ -15,12 +15,12 @@
 namespace ievo::ops {
 namespace {
 
-// y = R(sign * angle) x, y may alias x.
+// y = R(sign * angle) x, y may alias x (with the same strides). Rows (tokens) may be strided.
 // xn / yn name x and y in messages.
 void rope_apply(const Tensor& x, const Tensor& pos, double theta, Tensor& y, int sign,
                 const char* op, const char* xn, const char* yn) {
-  cpu::expect_float(x, xn, op);
-  cpu::expect_float(y, yn, op);
+  cpu::expect_float_rows(x, xn, op);
+  cpu::expect_float_rows(y, yn, op);
   cpu::expect_cpu(pos, "pos", op);
   IEVO_CHECK(x.dim() == 3, op, ": tensor '", xn, "' must be [N, H, hd], has shape ",
              shape_str(x.shape()));
@@ -29,6 +29,7 @@ void rope_apply(const Tensor& x, const Tensor& pos, double theta, Tensor& y, int
   check_dtype(pos, DType::I32, "pos");
   check_shape(pos, {x.size(0)}, "pos");
   const int64_t n = x.size(0), heads = x.size(1), hd = x.size(2), half = hd / 2;
+  const int64_t xs = x.row_stride(), ys = y.row_stride();
   IEVO_CHECK(hd % 2 == 0, op, ": head dim ", hd, " of tensor '", xn, "' must be even");
   IEVO_CHECK(theta > 0, op, ": rope theta must be positive, got ", theta);
   std::vector<float> inv_freq(static_cast<size_t>(half));
@@ -49,8 +50,8 @@ void rope_apply(const Tensor& x, const Tensor& pos, double theta, Tensor& y, int
         s[i] = static_cast<T>(sign) * static_cast<T>(std::sin(angle));
       }
       for (int64_t h = 0; h < heads; ++h) {
-        const T* xr = xp + (t * heads + h) * hd;
-        T* yr = yp + (t * heads + h) * hd;
+        const T* xr = xp + t * xs + h * hd;
+        T* yr = yp + t * ys + h * hd;
         for (int64_t i = 0; i < half; ++i) {
           const T a = xr[i], b = xr[i + half];
           yr[i] = a * c[i] - b * s[i];

@@ -2,7 +2,8 @@
 //   inv_freq[i] = 1 / theta^(float(2i) / hd), angle = float(pos) * inv_freq[i]
 // One thread per (token, i < hd/2) computes cos/sin once and rotates the pair (i, i + hd/2) of
 // every head (bf16/f16: 4 consecutive pairs per thread, 8-byte loads, 4 heads' loads in flight);
-// each pair is read before it is written, so y may alias x.
+// each pair is read before it is written, so y may alias x. Rows (tokens) of x and y are xs and ys
+// elements apart (a joint QKV output's q or k columns).
 #include "runtime/cuda/kernels.cuh"
 #include "runtime/ops/cuda_ops.h"
 
@@ -13,7 +14,7 @@ namespace {
 
 template <typename T>
 __global__ void rope_kernel(const T* x, const int32_t* pos, float theta, T* y, int64_t n,
-                            int heads, int hd, float sign) {
+                            int heads, int hd, float sign, int64_t xs, int64_t ys) {
   pdl_begin();
   const int half = hd / 2;
   const int64_t total = n * half;
@@ -26,8 +27,8 @@ __global__ void rope_kernel(const T* x, const int32_t* pos, float theta, T* y, i
     const float angle = static_cast<float>(pos[t]) * inv_freq;
     const float c = cosf(angle), s = sign * sinf(angle);
     for (int h = 0; h < heads; ++h) {
-      const T* xr = x + (t * heads + h) * hd;
-      T* yr = y + (t * heads + h) * hd;
+      const T* xr = x + t * xs + h * hd;
+      T* yr = y + t * ys + h * hd;
       const float a = to_f(xr[i]), b = to_f(xr[i + half]);
       yr[i] = from_f<T>(a * c - b * s);
       yr[i + half] = from_f<T>(b * c + a * s);
@@ -39,7 +40,7 @@ __global__ void rope_kernel(const T* x, const int32_t* pos, float theta, T* y, i
 // (token, i / K); the angles are computed as above, element by element.
 template <typename T, int K>
 __global__ void rope_kernel_vec(const T* x, const int32_t* pos, float theta, T* y, int64_t n,
-                                int heads, int hd, float sign) {
+                                int heads, int hd, float sign, int64_t xs, int64_t ys) {
   pdl_begin();
   const int half = hd / 2, groups = half / K;
   const int64_t total = n * groups;
@@ -62,8 +63,8 @@ __global__ void rope_kernel_vec(const T* x, const int32_t* pos, float theta, T* 
     // loads a thread in flight left the kernel latency-bound (2.2 TB/s; 4 heads: see
     // docs/performance.md).
     constexpr int kHeads = 4;
-    const T* xt = x + t * heads * hd + i0;
-    T* yt = y + t * heads * hd + i0;
+    const T* xt = x + t * xs + i0;
+    T* yt = y + t * ys + i0;
     auto rotate = [&](const Pack<T, K>& pa, const Pack<T, K>& pb, T* yr) {
       Pack<T, K> ra, rb;
 #pragma unroll
@@ -95,8 +96,8 @@ __global__ void rope_kernel_vec(const T* x, const int32_t* pos, float theta, T* 
 
 void rope_apply(const Tensor& x, const Tensor& pos, double theta, Tensor& y, float sign,
                 const char* op, const char* xn, const char* yn) {
-  expect_cuda(x, xn, op);
-  expect_cuda(y, yn, op);
+  expect_cuda_rows(x, xn, op);
+  expect_cuda_rows(y, yn, op);
   expect_cuda(pos, "pos", op);
   IEVO_CHECK(x.dim() == 3, op, ": tensor '", xn, "' must be [N, H, hd], has shape ",
              shape_str(x.shape()));
@@ -105,6 +106,7 @@ void rope_apply(const Tensor& x, const Tensor& pos, double theta, Tensor& y, flo
   check_dtype(pos, DType::I32, "pos");
   check_shape(pos, {x.size(0)}, "pos");
   const int64_t n = x.size(0), heads = x.size(1), hd = x.size(2);
+  const int64_t xs = x.row_stride(), ys = y.row_stride();
   IEVO_CHECK(hd % 2 == 0, op, ": head dim ", hd, " of tensor '", xn, "' must be even");
   IEVO_CHECK(theta > 0, op, ": rope theta must be positive, got ", theta);
   if (n == 0 || heads == 0 || hd == 0) return;
@@ -112,15 +114,16 @@ void rope_apply(const Tensor& x, const Tensor& pos, double theta, Tensor& y, flo
   dispatch_fp(x.dtype(), op, [&](auto tag) {
     using T = decltype(tag);
     constexpr int K = 8 / sizeof(T);  // 8-byte packs
-    if (sizeof(T) == 2 && (hd / 2) % K == 0 && aligned_to(x.raw(), 8) && aligned_to(y.raw(), 8)) {
+    if (sizeof(T) == 2 && (hd / 2) % K == 0 && xs % K == 0 && ys % K == 0 && aligned_to(x.raw(), 8) &&
+        aligned_to(y.raw(), 8)) {
       launch_kernel("rope_kernel_vec", rope_kernel_vec<T, K>, grid_for(n * hd / 2 / K, 256), 256, 0, s,
                     x.data<T>(), pos.data<int32_t>(), static_cast<float>(theta), y.data<T>(), n,
-                    static_cast<int>(heads), static_cast<int>(hd), sign);
+                    static_cast<int>(heads), static_cast<int>(hd), sign, xs, ys);
       return;
     }
     launch_kernel("rope_kernel", rope_kernel<T>, grid_for(n * hd / 2, 256), 256, 0, s, x.data<T>(),
                   pos.data<int32_t>(), static_cast<float>(theta), y.data<T>(), n, static_cast<int>(heads),
-                  static_cast<int>(hd), sign);
+                  static_cast<int>(hd), sign, xs, ys);
   });
 }
 
