@@ -114,39 +114,52 @@ void BM_matmul(benchmark::State& state, int64_t m, int64_t n, int64_t k, bool tb
   flop_rate(state, 2.0 * m * n * k);
 }
 
-// InternLM2's MLP gate/up GEMMs (N 16384 tokens, d 2048, F 8192) as the model runs them, gate
-// and up apart (joint = false: two GEMMs, the input gradient's second accumulating with beta 1),
-// and as one GEMM over the adjacent [Wg; Wu] (joint = true): the forward y = x W^T, the input
-// gradient dx = dy W, the weight gradient dW = dy^T x. The same FLOPs either way.
-enum class MlpGemm { Forward, InputGrad, WeightGrad };
-void BM_mlp_gate_up(benchmark::State& state, MlpGemm which, bool joint) {
+// The linear layers that read one input: q/k/v of the attention, gate/up of the MLP, at each
+// preset's shapes (N tokens of width D; the parts' output widths). As the model runs them
+// (joint = false: one GEMM a part, the input gradient's later parts accumulating with beta 1), and
+// as one GEMM over the adjacent weights [W0; W1; ...] (joint = true): the forward y = x W^T, the
+// input gradient dx = dy W, the weight gradient dW = dy^T x. The same FLOPs either way.
+struct JointShape {
+  int64_t N, D;
+  std::vector<int64_t> parts;
+};
+const JointShape kQkv134m{32768, 768, {768, 768, 768}}, kGateUp134m{32768, 768, {2048, 2048}},
+    kQkvTiny{16384, 2048, {2048, 256, 256}}, kGateUpTiny{16384, 2048, {5632, 5632}},
+    kQkvIlm2{16384, 2048, {2048, 1024, 1024}}, kGateUpIlm2{16384, 2048, {8192, 8192}};
+enum class LinGemm { Forward, InputGrad, WeightGrad };
+void BM_joint_linear(benchmark::State& state, JointShape sh, LinGemm which, bool joint) {
   if (skip(state)) return;
-  constexpr int64_t N = 16384, D = 2048, F = 8192;
+  const int64_t N = sh.N, D = sh.D;
+  int64_t F = 0;
+  for (int64_t p : sh.parts) F += p;
   auto bf16 = [](const Shape& s) { return Tensor::empty(s, DType::BF16, Device::CUDA); };
-  const bool grads = which != MlpGemm::Forward;
-  Tensor x = rnd({N, D}, DType::BF16), w = rnd({2 * F, D}, DType::BF16);
-  Tensor dx = bf16({N, D}), dw = bf16({2 * F, D});
-  // The operands of each GEMM: one over [Wg; Wu], or gate and up with their own output (forward)
-  // or output-gradient (backward) buffers, as in the model.
+  const bool grads = which != LinGemm::Forward;
+  Tensor x = rnd({N, D}, DType::BF16), w = rnd({F, D}, DType::BF16);
+  Tensor dx = bf16({N, D}), dw = bf16({F, D});
+  // The operands of each GEMM: one over the joint weight, or each part with its own output
+  // (forward) or output-gradient (backward) buffer, as in the model.
   struct Part {
     Tensor w, dw, y, dy;
   };
   std::vector<Part> parts;
-  const int64_t rows = joint ? 2 * F : F;
-  for (int64_t r = 0; r < 2 * F; r += rows)
+  std::vector<int64_t> widths = joint ? std::vector<int64_t>{F} : sh.parts;
+  int64_t r = 0;
+  for (int64_t rows : widths) {
     parts.push_back({w.slice(0, r, r + rows), dw.slice(0, r, r + rows),
                      grads ? Tensor() : bf16({N, rows}), grads ? rnd({N, rows}, DType::BF16) : Tensor()});
+    r += rows;
+  }
   timed(state, [&] {
     for (size_t i = 0; i < parts.size(); ++i) {
       Part& p = parts[i];
       switch (which) {
-        case MlpGemm::Forward: ops::matmul(x, false, p.w, true, p.y); break;
-        case MlpGemm::InputGrad: ops::matmul(p.dy, false, p.w, false, dx, 1.0f, i == 0 ? 0.0f : 1.0f); break;
-        case MlpGemm::WeightGrad: ops::matmul(p.dy, true, x, false, p.dw); break;
+        case LinGemm::Forward: ops::matmul(x, false, p.w, true, p.y); break;
+        case LinGemm::InputGrad: ops::matmul(p.dy, false, p.w, false, dx, 1.0f, i == 0 ? 0.0f : 1.0f); break;
+        case LinGemm::WeightGrad: ops::matmul(p.dy, true, x, false, p.dw); break;
       }
     }
   });
-  flop_rate(state, 2.0 * N * 2 * F * D);
+  flop_rate(state, 2.0 * N * F * D);
 }
 
 // Attention of B sequences of T tokens, Hq query / Hkv kv heads of dim hd.
@@ -478,12 +491,42 @@ BENCHMARK_CAPTURE(BM_matmul, qkv_proj, kN, kD + 2 * kHkv * kHd, kD, true)->UseMa
 BENCHMARK_CAPTURE(BM_matmul, mlp_up, kN, 2 * kF, kD, true)->UseManualTime()->Unit(benchmark::kMillisecond);
 BENCHMARK_CAPTURE(BM_matmul, lm_head_chunk, 4096, kV, kD, true)->UseManualTime()->Unit(benchmark::kMillisecond);
 BENCHMARK_CAPTURE(BM_matmul, square8192, 8192, 8192, 8192, true)->UseManualTime()->Unit(benchmark::kMillisecond);
-BENCHMARK_CAPTURE(BM_mlp_gate_up, forward_split, MlpGemm::Forward, false)->UseManualTime()->Unit(benchmark::kMillisecond);
-BENCHMARK_CAPTURE(BM_mlp_gate_up, forward_joint, MlpGemm::Forward, true)->UseManualTime()->Unit(benchmark::kMillisecond);
-BENCHMARK_CAPTURE(BM_mlp_gate_up, input_grad_split, MlpGemm::InputGrad, false)->UseManualTime()->Unit(benchmark::kMillisecond);
-BENCHMARK_CAPTURE(BM_mlp_gate_up, input_grad_joint, MlpGemm::InputGrad, true)->UseManualTime()->Unit(benchmark::kMillisecond);
-BENCHMARK_CAPTURE(BM_mlp_gate_up, weight_grad_split, MlpGemm::WeightGrad, false)->UseManualTime()->Unit(benchmark::kMillisecond);
-BENCHMARK_CAPTURE(BM_mlp_gate_up, weight_grad_joint, MlpGemm::WeightGrad, true)->UseManualTime()->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(BM_joint_linear, 134m_qkv_forward_split, kQkv134m, LinGemm::Forward, false)->UseManualTime()->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(BM_joint_linear, 134m_qkv_forward_joint, kQkv134m, LinGemm::Forward, true)->UseManualTime()->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(BM_joint_linear, 134m_qkv_input_grad_split, kQkv134m, LinGemm::InputGrad, false)->UseManualTime()->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(BM_joint_linear, 134m_qkv_input_grad_joint, kQkv134m, LinGemm::InputGrad, true)->UseManualTime()->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(BM_joint_linear, 134m_qkv_weight_grad_split, kQkv134m, LinGemm::WeightGrad, false)->UseManualTime()->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(BM_joint_linear, 134m_qkv_weight_grad_joint, kQkv134m, LinGemm::WeightGrad, true)->UseManualTime()->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(BM_joint_linear, 134m_gate_up_forward_split, kGateUp134m, LinGemm::Forward, false)->UseManualTime()->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(BM_joint_linear, 134m_gate_up_forward_joint, kGateUp134m, LinGemm::Forward, true)->UseManualTime()->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(BM_joint_linear, 134m_gate_up_input_grad_split, kGateUp134m, LinGemm::InputGrad, false)->UseManualTime()->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(BM_joint_linear, 134m_gate_up_input_grad_joint, kGateUp134m, LinGemm::InputGrad, true)->UseManualTime()->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(BM_joint_linear, 134m_gate_up_weight_grad_split, kGateUp134m, LinGemm::WeightGrad, false)->UseManualTime()->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(BM_joint_linear, 134m_gate_up_weight_grad_joint, kGateUp134m, LinGemm::WeightGrad, true)->UseManualTime()->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(BM_joint_linear, tiny_qkv_forward_split, kQkvTiny, LinGemm::Forward, false)->UseManualTime()->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(BM_joint_linear, tiny_qkv_forward_joint, kQkvTiny, LinGemm::Forward, true)->UseManualTime()->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(BM_joint_linear, tiny_qkv_input_grad_split, kQkvTiny, LinGemm::InputGrad, false)->UseManualTime()->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(BM_joint_linear, tiny_qkv_input_grad_joint, kQkvTiny, LinGemm::InputGrad, true)->UseManualTime()->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(BM_joint_linear, tiny_qkv_weight_grad_split, kQkvTiny, LinGemm::WeightGrad, false)->UseManualTime()->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(BM_joint_linear, tiny_qkv_weight_grad_joint, kQkvTiny, LinGemm::WeightGrad, true)->UseManualTime()->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(BM_joint_linear, tiny_gate_up_forward_split, kGateUpTiny, LinGemm::Forward, false)->UseManualTime()->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(BM_joint_linear, tiny_gate_up_forward_joint, kGateUpTiny, LinGemm::Forward, true)->UseManualTime()->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(BM_joint_linear, tiny_gate_up_input_grad_split, kGateUpTiny, LinGemm::InputGrad, false)->UseManualTime()->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(BM_joint_linear, tiny_gate_up_input_grad_joint, kGateUpTiny, LinGemm::InputGrad, true)->UseManualTime()->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(BM_joint_linear, tiny_gate_up_weight_grad_split, kGateUpTiny, LinGemm::WeightGrad, false)->UseManualTime()->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(BM_joint_linear, tiny_gate_up_weight_grad_joint, kGateUpTiny, LinGemm::WeightGrad, true)->UseManualTime()->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(BM_joint_linear, ilm2_qkv_forward_split, kQkvIlm2, LinGemm::Forward, false)->UseManualTime()->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(BM_joint_linear, ilm2_qkv_forward_joint, kQkvIlm2, LinGemm::Forward, true)->UseManualTime()->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(BM_joint_linear, ilm2_qkv_input_grad_split, kQkvIlm2, LinGemm::InputGrad, false)->UseManualTime()->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(BM_joint_linear, ilm2_qkv_input_grad_joint, kQkvIlm2, LinGemm::InputGrad, true)->UseManualTime()->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(BM_joint_linear, ilm2_qkv_weight_grad_split, kQkvIlm2, LinGemm::WeightGrad, false)->UseManualTime()->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(BM_joint_linear, ilm2_qkv_weight_grad_joint, kQkvIlm2, LinGemm::WeightGrad, true)->UseManualTime()->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(BM_joint_linear, ilm2_gate_up_forward_split, kGateUpIlm2, LinGemm::Forward, false)->UseManualTime()->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(BM_joint_linear, ilm2_gate_up_forward_joint, kGateUpIlm2, LinGemm::Forward, true)->UseManualTime()->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(BM_joint_linear, ilm2_gate_up_input_grad_split, kGateUpIlm2, LinGemm::InputGrad, false)->UseManualTime()->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(BM_joint_linear, ilm2_gate_up_input_grad_joint, kGateUpIlm2, LinGemm::InputGrad, true)->UseManualTime()->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(BM_joint_linear, ilm2_gate_up_weight_grad_split, kGateUpIlm2, LinGemm::WeightGrad, false)->UseManualTime()->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(BM_joint_linear, ilm2_gate_up_weight_grad_joint, kGateUpIlm2, LinGemm::WeightGrad, true)->UseManualTime()->Unit(benchmark::kMillisecond);
 BENCHMARK_CAPTURE(BM_attention, flash_fwd, B::Flash, false, kTinyLlama)->UseManualTime()->Unit(benchmark::kMillisecond);
 BENCHMARK_CAPTURE(BM_attention, flash_fwd_mma_sync, B::Flash, false, kTinyLlama, false, false, true)->UseManualTime()->Unit(benchmark::kMillisecond);
 BENCHMARK_CAPTURE(BM_attention, flash_bwd, B::Flash, true, kTinyLlama)->UseManualTime()->Unit(benchmark::kMillisecond);

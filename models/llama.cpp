@@ -1,8 +1,13 @@
 #include "models/llama.h"
 
+#include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <cstdlib>
 #include <exception>
 #include <initializer_list>
+#include <string>
+#include <vector>
 
 #include "runtime/ops/attention.h"
 #include "runtime/ops/cross_entropy.h"
@@ -36,7 +41,78 @@ void linear_backward(const Tensor& dy, const Tensor& x, const Tensor& w, Tensor&
   matmul(dy, true, x, false, dw.tensor, 1.0f, dw.beta);
 }
 
-// One projection y = x W^T of a shared input x: its output gradient, weight and weight gradient.
+// Projections of one input whose weights lie back to back in the store (a layer's q/k/v, its
+// gate/up) run as one GEMM over the joint weight [W0; W1; ...], their outputs column slices of
+// one matrix, and so do their weight and input gradients: fewer, larger GEMMs (docs/performance.md,
+// eleventh round). Llama::set_joint_linears(false) or IEVO_JOINT_LINEAR=0: one GEMM each.
+std::atomic<bool> g_joint_linears{[] {
+  const char* e = std::getenv("IEVO_JOINT_LINEAR");
+  return !(e && std::string(e) == "0");
+}()};
+bool joint_linears() { return g_joint_linears.load(); }
+
+// The parts as one tensor along `dim`: the view that spans them when they lie back to back (a
+// layer's weights in the store; ZeRO keeps such a group in one bucket), else a copy (ZeRO
+// buckets that must split it, e.g. k's gradient deferred and q's not). The joint GEMMs then run
+// the same whatever the layout, and every parallel layout rounds as one process.
+Tensor joined(const std::vector<Tensor>& parts, int dim) {
+  Tensor v = adjacent_view(parts, dim);
+  if (v.defined()) return v;
+  Shape s = parts[0].shape();
+  s[dim] = 0;
+  for (const Tensor& p : parts) s[dim] += p.size(dim);
+  Tensor t = Tensor::empty(s, parts[0].dtype(), parts[0].device());
+  int64_t c = 0;
+  for (const Tensor& p : parts) {
+    Tensor dst = t.slice(dim, c, c + p.size(dim));
+    dst.copy_from(p);
+    c += p.size(dim);
+  }
+  return t;
+}
+
+// y_i = x W_i^T for the weights `ws`: column slices of one GEMM's output over the joint weight,
+// or one GEMM each with joint_linears() off.
+std::vector<Tensor> linears(const Tensor& x, std::initializer_list<const Tensor*> ws) {
+  std::vector<Tensor> parts;
+  for (const Tensor* w : ws) parts.push_back(*w);
+  std::vector<Tensor> ys;
+  if (!joint_linears() || parts.size() < 2) {
+    for (const Tensor& w : parts) ys.push_back(linear(x, w));
+    return ys;
+  }
+  const Tensor y = linear(x, joined(parts, 0));
+  int64_t c = 0;
+  for (const Tensor& w : parts) {
+    ys.push_back(y.slice(1, c, c + w.size(0)));
+    c += w.size(0);
+  }
+  return ys;
+}
+
+// Empty gradient buffers shaped as `xs`: column slices of one matrix when `xs` are (each viewed
+// as [rows, -1]), so that the backward GEMMs read them as one; else one buffer each.
+std::vector<Tensor> grads_like(std::initializer_list<const Tensor*> xs) {
+  std::vector<Tensor> flat;
+  for (const Tensor* x : xs) flat.push_back(x->view({x->size(0), -1}));
+  const Tensor joint = adjacent_view(flat, 1);
+  std::vector<Tensor> out;
+  if (!joint.defined()) {
+    for (const Tensor* x : xs) out.push_back(Tensor::empty(x->shape(), x->dtype(), x->device()));
+    return out;
+  }
+  const Tensor buf = Tensor::empty(joint.shape(), joint.dtype(), joint.device());
+  int64_t c = 0;
+  for (size_t i = 0; i < flat.size(); ++i) {
+    const Tensor* x = xs.begin()[i];
+    out.push_back(buf.slice(1, c, c + flat[i].size(1)).view(x->shape()));
+    c += flat[i].size(1);
+  }
+  return out;
+}
+
+// One projection y = x W^T of a shared input x: its output gradient [N, out], weight and weight
+// gradient.
 struct LinearGrad {
   const Tensor& dy;
   const Tensor& w;
@@ -44,10 +120,39 @@ struct LinearGrad {
 };
 
 // Backward of projections y_i = x W_i^T of one input x that is not needed afterwards: every
-// dW_i (+)= dy_i^T x first (they read x), then dx = sum_i dy_i W_i written over x's buffer (returned).
+// dW_i (+)= dy_i^T x first (they read x), then dx = sum_i dy_i W_i written over x's buffer
+// (returned). When the dy_i are column slices of one matrix (the joint forward's gradients), one
+// GEMM each over the joint W and dW (joined(): copies where they lie apart, the gradient scattered
+// back): dW = dy^T x, dx = dy W with K = the sum of the outputs (the sum over the projections in
+// the GEMM's fp32 accumulator, rounded once). Else (Ulysses' gathered heads) one GEMM each.
 Tensor weight_grads_then_input_grad(const Tensor& x, std::initializer_list<LinearGrad> ps) {
-  for (const LinearGrad& p : ps) matmul(p.dy, true, x, false, p.dw.tensor, 1.0f, p.dw.beta);
   Tensor dx = x;
+  std::vector<Tensor> dys;
+  for (const LinearGrad& p : ps) dys.push_back(p.dy);
+  const Tensor dy = ps.size() > 1 && joint_linears() ? adjacent_view(dys, 1) : Tensor();
+  if (dy.defined()) {
+    std::vector<Tensor> ws, dws;
+    float beta = 0.0f;
+    for (const LinearGrad& p : ps) beta = std::max(beta, p.dw.beta);
+    for (const LinearGrad& p : ps) {
+      ws.push_back(p.w);
+      if (p.dw.beta != beta) p.dw.tensor.zero_();  // a still-unwritten gradient among written ones
+      dws.push_back(p.dw.tensor);
+    }
+    Tensor dw = adjacent_view(dws, 0);
+    const bool apart = !dw.defined();
+    if (apart)  // a gathered copy, holding what beta adds to
+      dw = beta != 0.0f ? joined(dws, 0) : Tensor::empty({dy.size(1), x.size(1)}, x.dtype(), x.device());
+    matmul(dy, true, x, false, dw, 1.0f, beta);
+    int64_t r = 0;
+    for (Tensor& part : dws) {
+      if (apart) part.copy_from(dw.slice(0, r, r + part.size(0)));
+      r += part.size(0);
+    }
+    matmul(dy, false, joined(ws, 0), false, dx, 1.0f, 0.0f);
+    return dx;
+  }
+  for (const LinearGrad& p : ps) matmul(p.dy, true, x, false, p.dw.tensor, 1.0f, p.dw.beta);
   float beta = 0.0f;
   for (const LinearGrad& p : ps) {
     matmul(p.dy, false, p.w, false, dx, 1.0f, beta);
@@ -68,6 +173,9 @@ constexpr size_t kAbsent = static_cast<size_t>(-1);
 }  // namespace
 
 ModelParallel Llama::one_rank_;
+
+void Llama::set_joint_linears(bool on) { g_joint_linears.store(on); }
+bool Llama::joint_linears() { return ievo::joint_linears(); }
 
 int64_t Llama::default_head_chunk_tokens(int64_t v_local) {
   int64_t tokens = 1024;
@@ -135,9 +243,8 @@ void Llama::block_forward(const ParamStore& p, int layer, const Batch& b, const 
   // Attention branch.
   a.n1 = mp_->gather_input(rmsnorm(x, p[L.ln1], c_.norm_eps, a.rstd1));
   const int64_t N = a.n1.size(0);
-  Tensor q = linear(a.n1, p[L.wq]).view({N, -1, hd});
-  Tensor k = linear(a.n1, p[L.wk]).view({N, -1, hd});
-  Tensor v = linear(a.n1, p[L.wv]).view({N, -1, hd});
+  const std::vector<Tensor> qkv = linears(a.n1, {&p[L.wq], &p[L.wk], &p[L.wv]});
+  Tensor q = qkv[0].view({N, -1, hd}), k = qkv[1].view({N, -1, hd}), v = qkv[2].view({N, -1, hd});
   rope_forward(q, b.positions, c_.rope_theta, q);
   rope_forward(k, b.positions, c_.rope_theta, k);
   a.q = mp_->scatter_heads(q);
@@ -150,8 +257,9 @@ void Llama::block_forward(const ParamStore& p, int layer, const Batch& b, const 
   a.a = residual_linear(a.o.view({N, -1}), p[L.wo], x);
   // MLP branch (its down projection runs in the caller, inside the layer's hooks).
   a.n2 = mp_->gather_input(rmsnorm(a.a, p[L.ln2], c_.norm_eps, a.rstd2));
-  a.gate = linear(a.n2, p[L.wg]);
-  a.up = linear(a.n2, p[L.wu]);
+  const std::vector<Tensor> gate_up = linears(a.n2, {&p[L.wg], &p[L.wu]});
+  a.gate = gate_up[0];
+  a.up = gate_up[1];
   a.h = Tensor::empty(a.gate.shape(), dt, dev);
   swiglu_forward(a.gate, a.up, a.h);
 }
@@ -194,9 +302,8 @@ Tensor Llama::block_backward(const ParamStore& p, int layer, const Batch& b, con
   Tensor dout2 = dout.view({N, -1});
   linear_backward(dag, a.o.view({N, -1}), p[L.wo], dout2, false, g.accumulator(L.wo));
   Tensor dattn = mp_->scatter_heads(dout);
-  Tensor dq = Tensor::empty(a.q.shape(), dt, dev);
-  Tensor dk = Tensor::empty(a.k.shape(), dt, dev);
-  Tensor dv = Tensor::empty(a.v.shape(), dt, dev);
+  const std::vector<Tensor> dqkv = grads_like({&a.q, &a.k, &a.v});  // laid out as q, k, v
+  Tensor dq = dqkv[0], dk = dqkv[1], dv = dqkv[2];
   attention_backward(dattn, a.q, a.k, a.v, a.attn, a.lse, b.cu_seqlens, b.max_seqlen, dq, dk, dv,
                      b.cu_seqlens_host);
   dq = mp_->gather_heads(dq);

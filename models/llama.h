@@ -135,6 +135,13 @@ class Llama {
   // gained nothing: TinyLlama with 8192 ran 0.8% slower).
   static int64_t default_head_chunk_tokens(int64_t v_local);
 
+  // Projections of one input whose weights lie back to back in the store (a layer's q/k/v and
+  // its gate/up, as ParamStore lays them out) run as one GEMM over the joint weight, forward and
+  // backward (the default), or one GEMM each (false; IEVO_JOINT_LINEAR=0 in the environment sets
+  // that at start). The same math; the sums are ordered differently (docs/performance.md).
+  static void set_joint_linears(bool on);
+  static bool joint_linears();
+
   // Hooks (not owned; nullptr: none). Layers as in LayerHooks, numbered over the whole model
   // (num_layers + 2 of them); a pipeline stage's hook_layers() has empty entries for the layers
   // it does not hold, and parameter indices into its own ParamStore (specs()).

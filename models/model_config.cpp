@@ -38,11 +38,14 @@ std::vector<ParamSpec> param_specs(const ModelConfig& c) {
     s.push_back({p + "input_layernorm.weight", {d}, false});
     s.push_back({p + "self_attn.q_proj.weight", {c.q_dim(), d}, true});
     s.push_back({p + "self_attn.k_proj.weight", {c.kv_dim(), d}, true});
+    s.back().joins_previous = true;
     s.push_back({p + "self_attn.v_proj.weight", {c.kv_dim(), d}, true});
+    s.back().joins_previous = true;
     s.push_back({p + "self_attn.o_proj.weight", {d, c.q_dim()}, true});
     s.push_back({p + "post_attention_layernorm.weight", {d}, false});
     s.push_back({p + "mlp.gate_proj.weight", {F, d}, true});
     s.push_back({p + "mlp.up_proj.weight", {F, d}, true});
+    s.back().joins_previous = true;
     s.push_back({p + "mlp.down_proj.weight", {d, F}, true});
   }
   s.push_back({"model.norm.weight", {d}, false});

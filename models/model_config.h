@@ -56,6 +56,10 @@ struct ParamSpec {
   int split_dim = -1;
   int64_t split_offset = 0;
   int replicas = 1;
+  // Stored right after the previous spec and used with it as one matrix (k and v after q, up
+  // after gate: the model's joint projections, models/llama.cpp), so a ZeRO bucket does not
+  // end between the two.
+  bool joins_previous = false;
   const Shape& global() const { return global_shape.empty() ? shape : global_shape; }
 };
 

@@ -58,7 +58,7 @@ ZeroLayout make_zero_layout(const std::vector<ParamSpec>& specs, const std::vect
     const int64_t n = shape_numel(specs[i].shape), size = aligned(n);
     L.numel += n;
     if (!cur.tensors.empty() &&
-        (cur.hi - cur.lo + size > bucket_elems ||
+        ((cur.hi - cur.lo + size > bucket_elems && !specs[i].joins_previous) ||
          (split_at_layers && layer_of[i] != layer_of[cur.tensors.back()]) ||
          is_deferred(i) != is_deferred(cur.tensors.back())))
       close();

@@ -10,8 +10,8 @@
 // interleaved V = 2), every schedule, and pp x dp and pp x tp (plain and Megatron sequence
 // parallelism) on 4 ranks with ZeRO 0-2: every step's loss and
 // gradient norm, and the final weights and Adam moments of the checkpoint, equal the
-// one-process run of the same config within 1e-5 relative (fp32; the Adam moments 5e-5 with
-// tensor parallelism, see below). Bad layouts (ZeRO-3, more
+// one-process run of the same config within 1e-5 relative (fp32; with tensor parallelism the
+// Adam moments 5e-5 and the weights 2e-5, see below). Bad layouts (ZeRO-3, more
 // stages than layers, V > 1 without interleaving, interleaved with m not a multiple of P, a
 // wrong parallel.pipeline_layers) fail with errors naming the keys before any step.
 #include <gtest/gtest.h>
@@ -332,14 +332,17 @@ TEST_P(PipelineTraining, EqualsOneProcess) {
   // the partial matmuls are summed in another order than one process's: gradient elements near
   // zero differ by more than 1e-5 relatively, the moments m and v (~g^2) record that (up to 2.4e-5
   // observed on the 8-layer model after 6 steps, 1.5e-5 after 3), and AdamW's m / sqrt(v) passes
-  // some of it on to the weights (8.8e-6, lm_head, after 3 steps; the pipeline alone stays below
-  // 5e-7): the moments get 5e-5 there and the 8-layer tp runs 3 steps.
-  const double moment_tol = k.tp > 1 ? 5e-5 : 1e-5;
+  // some of it on to the weights (lm_head after 3 steps: 8.8e-6 with one GEMM per projection,
+  // 1.02e-5 since q/k/v run as one GEMM, whose input gradient one process sums over all heads
+  // at once and each tensor rank over its own; the pipeline alone stays below 1e-6, the loss and
+  // the gradient norm within 2.2e-7): the moments get 5e-5 there, the weights 2e-5, and the
+  // 8-layer tp runs 3 steps.
+  const double moment_tol = k.tp > 1 ? 5e-5 : 1e-5, weight_tol = k.tp > 1 ? 2e-5 : 1e-5;
   double worst_w = 0, worst_m = 0, worst_v = 0;
   for (size_t i = 0; i < p.size(); ++i) {
     const std::string& name = p.spec(i).name;
     const double ew = test::rel_l2(p[i], rp[i]), em = test::rel_l2(m[i], rm[i]), ev = test::rel_l2(v[i], rv[i]);
-    EXPECT_LT(ew, 1e-5) << name;
+    EXPECT_LT(ew, weight_tol) << name;
     EXPECT_LT(em, moment_tol) << "exp_avg " << name;
     EXPECT_LT(ev, moment_tol) << "exp_avg_sq " << name;
     worst_w = std::max(worst_w, ew);

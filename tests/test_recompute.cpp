@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <map>
+#include <string>
 #include <vector>
 
 #include "models/batch.h"
@@ -37,8 +38,9 @@ struct Result {
   int64_t peak = 0;   // allocator peak above the live bytes at the start of forward_backward
 };
 
-Result run(Recompute mode, int64_t head_chunk_tokens = 0) {
+Result run(Recompute mode, int64_t head_chunk_tokens = 0, bool joint = true) {
   const ModelConfig c = model();
+  Llama::set_joint_linears(joint);
   ParamStore p(param_specs(c), DType::F32, Device::CPU);
   init_params(c, p, 3);
   ParamStore g(param_specs(c), DType::F32, Device::CPU);
@@ -61,10 +63,30 @@ Result run(Recompute mode, int64_t head_chunk_tokens = 0) {
   r.loss = ls.sum;
   r.count = ls.count;
   r.grads = g.flat();
+  Llama::set_joint_linears(true);
   return r;
 }
 
 }  // namespace
+
+// The joint projections (q/k/v and gate/up as one GEMM each over their adjacent weights, forward
+// and backward) against one GEMM per projection: the same loss and gradients up to the order of
+// f32 sums, under every checkpointing mode. The store lays the weights, and the gradients, out
+// back to back, which the joint path needs.
+TEST(Recompute, JointProjectionsMatchOneGemmEach) {
+  const ModelConfig c = model();
+  ParamStore p(param_specs(c), DType::F32, Device::CPU);
+  auto w = [&](const std::string& n) { return p.get("model.layers.1." + n); };
+  EXPECT_TRUE(adjacent_view({w("self_attn.q_proj.weight"), w("self_attn.k_proj.weight"), w("self_attn.v_proj.weight")}, 0).defined());
+  EXPECT_TRUE(adjacent_view({w("mlp.gate_proj.weight"), w("mlp.up_proj.weight")}, 0).defined());
+  for (Recompute mode : {Recompute::None, Recompute::Full, Recompute::Selective}) {
+    const Result joint = run(mode), split = run(mode, 0, false);
+    EXPECT_EQ(joint.count, split.count);
+    EXPECT_NEAR(joint.loss, split.loss, 1e-6 * std::abs(split.loss));
+    EXPECT_LE(test::rel_l2(joint.grads, split.grads), 1e-6);
+    EXPECT_GT(test::max_abs_diff(split.grads, Tensor::zeros(split.grads.shape(), DType::F32)), 0.0);
+  }
+}
 
 TEST(Recompute, FullAndSelectiveMatchNoneAndSaveMemory) {
   const Result none = run(Recompute::None), full = run(Recompute::Full), sel = run(Recompute::Selective);
