@@ -22,7 +22,7 @@ fi
 
 # The GCIDE dictionary for the real-text example and tests/test_slow_gcide (14.8 MB .deb,
 # unpacked into .cache/gcide; skipped when already there).
-tools/gcide_example.sh fetch || echo "setup: dict-gcide not fetched (test_slow_gcide will skip)"
+tools/gcide_example.sh fetch || echo "setup: dict-gcide not fetched (test_slow_gcide will fail until it is)"
 
 BUILD_DIR=${IEVO_BUILD_DIR:-build}
 CUDA_OPT=${IEVO_CUDA:-AUTO}
