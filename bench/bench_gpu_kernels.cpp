@@ -11,6 +11,8 @@
 
 #include <chrono>
 #include <memory>
+#include <string>
+#include <utility>
 #include <vector>
 
 #include "runtime/allocator.h"
@@ -154,7 +156,9 @@ void BM_joint_linear(benchmark::State& state, JointShape sh, LinGemm which, bool
       Part& p = parts[i];
       switch (which) {
         case LinGemm::Forward: ops::matmul(x, false, p.w, true, p.y); break;
-        case LinGemm::InputGrad: ops::matmul(p.dy, false, p.w, false, dx, 1.0f, i == 0 ? 0.0f : 1.0f); break;
+        case LinGemm::InputGrad:
+          ops::matmul(p.dy, false, p.w, false, dx, 1.0f, i == 0 ? 0.0f : 1.0f);
+          break;
         case LinGemm::WeightGrad: ops::matmul(p.dy, true, x, false, p.dw); break;
       }
     }
@@ -491,42 +495,23 @@ BENCHMARK_CAPTURE(BM_matmul, qkv_proj, kN, kD + 2 * kHkv * kHd, kD, true)->UseMa
 BENCHMARK_CAPTURE(BM_matmul, mlp_up, kN, 2 * kF, kD, true)->UseManualTime()->Unit(benchmark::kMillisecond);
 BENCHMARK_CAPTURE(BM_matmul, lm_head_chunk, 4096, kV, kD, true)->UseManualTime()->Unit(benchmark::kMillisecond);
 BENCHMARK_CAPTURE(BM_matmul, square8192, 8192, 8192, 8192, true)->UseManualTime()->Unit(benchmark::kMillisecond);
-BENCHMARK_CAPTURE(BM_joint_linear, 134m_qkv_forward_split, kQkv134m, LinGemm::Forward, false)->UseManualTime()->Unit(benchmark::kMillisecond);
-BENCHMARK_CAPTURE(BM_joint_linear, 134m_qkv_forward_joint, kQkv134m, LinGemm::Forward, true)->UseManualTime()->Unit(benchmark::kMillisecond);
-BENCHMARK_CAPTURE(BM_joint_linear, 134m_qkv_input_grad_split, kQkv134m, LinGemm::InputGrad, false)->UseManualTime()->Unit(benchmark::kMillisecond);
-BENCHMARK_CAPTURE(BM_joint_linear, 134m_qkv_input_grad_joint, kQkv134m, LinGemm::InputGrad, true)->UseManualTime()->Unit(benchmark::kMillisecond);
-BENCHMARK_CAPTURE(BM_joint_linear, 134m_qkv_weight_grad_split, kQkv134m, LinGemm::WeightGrad, false)->UseManualTime()->Unit(benchmark::kMillisecond);
-BENCHMARK_CAPTURE(BM_joint_linear, 134m_qkv_weight_grad_joint, kQkv134m, LinGemm::WeightGrad, true)->UseManualTime()->Unit(benchmark::kMillisecond);
-BENCHMARK_CAPTURE(BM_joint_linear, 134m_gate_up_forward_split, kGateUp134m, LinGemm::Forward, false)->UseManualTime()->Unit(benchmark::kMillisecond);
-BENCHMARK_CAPTURE(BM_joint_linear, 134m_gate_up_forward_joint, kGateUp134m, LinGemm::Forward, true)->UseManualTime()->Unit(benchmark::kMillisecond);
-BENCHMARK_CAPTURE(BM_joint_linear, 134m_gate_up_input_grad_split, kGateUp134m, LinGemm::InputGrad, false)->UseManualTime()->Unit(benchmark::kMillisecond);
-BENCHMARK_CAPTURE(BM_joint_linear, 134m_gate_up_input_grad_joint, kGateUp134m, LinGemm::InputGrad, true)->UseManualTime()->Unit(benchmark::kMillisecond);
-BENCHMARK_CAPTURE(BM_joint_linear, 134m_gate_up_weight_grad_split, kGateUp134m, LinGemm::WeightGrad, false)->UseManualTime()->Unit(benchmark::kMillisecond);
-BENCHMARK_CAPTURE(BM_joint_linear, 134m_gate_up_weight_grad_joint, kGateUp134m, LinGemm::WeightGrad, true)->UseManualTime()->Unit(benchmark::kMillisecond);
-BENCHMARK_CAPTURE(BM_joint_linear, tiny_qkv_forward_split, kQkvTiny, LinGemm::Forward, false)->UseManualTime()->Unit(benchmark::kMillisecond);
-BENCHMARK_CAPTURE(BM_joint_linear, tiny_qkv_forward_joint, kQkvTiny, LinGemm::Forward, true)->UseManualTime()->Unit(benchmark::kMillisecond);
-BENCHMARK_CAPTURE(BM_joint_linear, tiny_qkv_input_grad_split, kQkvTiny, LinGemm::InputGrad, false)->UseManualTime()->Unit(benchmark::kMillisecond);
-BENCHMARK_CAPTURE(BM_joint_linear, tiny_qkv_input_grad_joint, kQkvTiny, LinGemm::InputGrad, true)->UseManualTime()->Unit(benchmark::kMillisecond);
-BENCHMARK_CAPTURE(BM_joint_linear, tiny_qkv_weight_grad_split, kQkvTiny, LinGemm::WeightGrad, false)->UseManualTime()->Unit(benchmark::kMillisecond);
-BENCHMARK_CAPTURE(BM_joint_linear, tiny_qkv_weight_grad_joint, kQkvTiny, LinGemm::WeightGrad, true)->UseManualTime()->Unit(benchmark::kMillisecond);
-BENCHMARK_CAPTURE(BM_joint_linear, tiny_gate_up_forward_split, kGateUpTiny, LinGemm::Forward, false)->UseManualTime()->Unit(benchmark::kMillisecond);
-BENCHMARK_CAPTURE(BM_joint_linear, tiny_gate_up_forward_joint, kGateUpTiny, LinGemm::Forward, true)->UseManualTime()->Unit(benchmark::kMillisecond);
-BENCHMARK_CAPTURE(BM_joint_linear, tiny_gate_up_input_grad_split, kGateUpTiny, LinGemm::InputGrad, false)->UseManualTime()->Unit(benchmark::kMillisecond);
-BENCHMARK_CAPTURE(BM_joint_linear, tiny_gate_up_input_grad_joint, kGateUpTiny, LinGemm::InputGrad, true)->UseManualTime()->Unit(benchmark::kMillisecond);
-BENCHMARK_CAPTURE(BM_joint_linear, tiny_gate_up_weight_grad_split, kGateUpTiny, LinGemm::WeightGrad, false)->UseManualTime()->Unit(benchmark::kMillisecond);
-BENCHMARK_CAPTURE(BM_joint_linear, tiny_gate_up_weight_grad_joint, kGateUpTiny, LinGemm::WeightGrad, true)->UseManualTime()->Unit(benchmark::kMillisecond);
-BENCHMARK_CAPTURE(BM_joint_linear, ilm2_qkv_forward_split, kQkvIlm2, LinGemm::Forward, false)->UseManualTime()->Unit(benchmark::kMillisecond);
-BENCHMARK_CAPTURE(BM_joint_linear, ilm2_qkv_forward_joint, kQkvIlm2, LinGemm::Forward, true)->UseManualTime()->Unit(benchmark::kMillisecond);
-BENCHMARK_CAPTURE(BM_joint_linear, ilm2_qkv_input_grad_split, kQkvIlm2, LinGemm::InputGrad, false)->UseManualTime()->Unit(benchmark::kMillisecond);
-BENCHMARK_CAPTURE(BM_joint_linear, ilm2_qkv_input_grad_joint, kQkvIlm2, LinGemm::InputGrad, true)->UseManualTime()->Unit(benchmark::kMillisecond);
-BENCHMARK_CAPTURE(BM_joint_linear, ilm2_qkv_weight_grad_split, kQkvIlm2, LinGemm::WeightGrad, false)->UseManualTime()->Unit(benchmark::kMillisecond);
-BENCHMARK_CAPTURE(BM_joint_linear, ilm2_qkv_weight_grad_joint, kQkvIlm2, LinGemm::WeightGrad, true)->UseManualTime()->Unit(benchmark::kMillisecond);
-BENCHMARK_CAPTURE(BM_joint_linear, ilm2_gate_up_forward_split, kGateUpIlm2, LinGemm::Forward, false)->UseManualTime()->Unit(benchmark::kMillisecond);
-BENCHMARK_CAPTURE(BM_joint_linear, ilm2_gate_up_forward_joint, kGateUpIlm2, LinGemm::Forward, true)->UseManualTime()->Unit(benchmark::kMillisecond);
-BENCHMARK_CAPTURE(BM_joint_linear, ilm2_gate_up_input_grad_split, kGateUpIlm2, LinGemm::InputGrad, false)->UseManualTime()->Unit(benchmark::kMillisecond);
-BENCHMARK_CAPTURE(BM_joint_linear, ilm2_gate_up_input_grad_joint, kGateUpIlm2, LinGemm::InputGrad, true)->UseManualTime()->Unit(benchmark::kMillisecond);
-BENCHMARK_CAPTURE(BM_joint_linear, ilm2_gate_up_weight_grad_split, kGateUpIlm2, LinGemm::WeightGrad, false)->UseManualTime()->Unit(benchmark::kMillisecond);
-BENCHMARK_CAPTURE(BM_joint_linear, ilm2_gate_up_weight_grad_joint, kGateUpIlm2, LinGemm::WeightGrad, true)->UseManualTime()->Unit(benchmark::kMillisecond);
+// BM_joint_linear/<preset>_<group>_<pass>_<split|joint> for each preset's q/k/v and gate/up.
+const bool g_joint_linear_registered = [] {
+  const std::pair<const char*, JointShape> shapes[] = {
+      {"134m_qkv", kQkv134m},   {"134m_gate_up", kGateUp134m}, {"tiny_qkv", kQkvTiny},
+      {"tiny_gate_up", kGateUpTiny}, {"ilm2_qkv", kQkvIlm2},   {"ilm2_gate_up", kGateUpIlm2}};
+  const std::pair<const char*, LinGemm> passes[] = {
+      {"forward", LinGemm::Forward}, {"input_grad", LinGemm::InputGrad}, {"weight_grad", LinGemm::WeightGrad}};
+  for (const auto& [sn, sh] : shapes)
+    for (const auto& [pn, pass] : passes)
+      for (bool joint : {false, true}) {
+        const std::string name = std::string("BM_joint_linear/") + sn + "_" + pn + (joint ? "_joint" : "_split");
+        benchmark::RegisterBenchmark(name.c_str(), BM_joint_linear, sh, pass, joint)
+            ->UseManualTime()
+            ->Unit(benchmark::kMillisecond);
+      }
+  return true;
+}();
 BENCHMARK_CAPTURE(BM_attention, flash_fwd, B::Flash, false, kTinyLlama)->UseManualTime()->Unit(benchmark::kMillisecond);
 BENCHMARK_CAPTURE(BM_attention, flash_fwd_mma_sync, B::Flash, false, kTinyLlama, false, false, true)->UseManualTime()->Unit(benchmark::kMillisecond);
 BENCHMARK_CAPTURE(BM_attention, flash_bwd, B::Flash, true, kTinyLlama)->UseManualTime()->Unit(benchmark::kMillisecond);

@@ -71,43 +71,49 @@ Tensor joined(const std::vector<Tensor>& parts, int dim) {
   return t;
 }
 
+// Consecutive column slices of m, of the given widths.
+std::vector<Tensor> column_slices(const Tensor& m, const std::vector<int64_t>& widths) {
+  std::vector<Tensor> out;
+  int64_t c = 0;
+  for (int64_t w : widths) {
+    out.push_back(m.slice(1, c, c + w));
+    c += w;
+  }
+  return out;
+}
+
 // y_i = x W_i^T for the weights `ws`: column slices of one GEMM's output over the joint weight,
 // or one GEMM each with joint_linears() off.
 std::vector<Tensor> linears(const Tensor& x, std::initializer_list<const Tensor*> ws) {
   std::vector<Tensor> parts;
-  for (const Tensor* w : ws) parts.push_back(*w);
+  std::vector<int64_t> widths;
+  for (const Tensor* w : ws) {
+    parts.push_back(*w);
+    widths.push_back(w->size(0));
+  }
+  if (joint_linears() && parts.size() > 1) return column_slices(linear(x, joined(parts, 0)), widths);
   std::vector<Tensor> ys;
-  if (!joint_linears() || parts.size() < 2) {
-    for (const Tensor& w : parts) ys.push_back(linear(x, w));
-    return ys;
-  }
-  const Tensor y = linear(x, joined(parts, 0));
-  int64_t c = 0;
-  for (const Tensor& w : parts) {
-    ys.push_back(y.slice(1, c, c + w.size(0)));
-    c += w.size(0);
-  }
+  for (const Tensor& w : parts) ys.push_back(linear(x, w));
   return ys;
 }
 
 // Empty gradient buffers shaped as `xs`: column slices of one matrix when `xs` are (each viewed
 // as [rows, -1]), so that the backward GEMMs read them as one; else one buffer each.
 std::vector<Tensor> grads_like(std::initializer_list<const Tensor*> xs) {
-  std::vector<Tensor> flat;
-  for (const Tensor* x : xs) flat.push_back(x->view({x->size(0), -1}));
+  std::vector<Tensor> flat, out;
+  std::vector<int64_t> widths;
+  for (const Tensor* x : xs) {
+    flat.push_back(x->view({x->size(0), -1}));
+    widths.push_back(flat.back().size(1));
+  }
   const Tensor joint = adjacent_view(flat, 1);
-  std::vector<Tensor> out;
   if (!joint.defined()) {
     for (const Tensor* x : xs) out.push_back(Tensor::empty(x->shape(), x->dtype(), x->device()));
     return out;
   }
-  const Tensor buf = Tensor::empty(joint.shape(), joint.dtype(), joint.device());
-  int64_t c = 0;
-  for (size_t i = 0; i < flat.size(); ++i) {
-    const Tensor* x = xs.begin()[i];
-    out.push_back(buf.slice(1, c, c + flat[i].size(1)).view(x->shape()));
-    c += flat[i].size(1);
-  }
+  const std::vector<Tensor> cols =
+      column_slices(Tensor::empty(joint.shape(), joint.dtype(), joint.device()), widths);
+  for (size_t i = 0; i < cols.size(); ++i) out.push_back(cols[i].view(xs.begin()[i]->shape()));
   return out;
 }
 
@@ -142,7 +148,8 @@ Tensor weight_grads_then_input_grad(const Tensor& x, std::initializer_list<Linea
     Tensor dw = adjacent_view(dws, 0);
     const bool apart = !dw.defined();
     if (apart)  // a gathered copy, holding what beta adds to
-      dw = beta != 0.0f ? joined(dws, 0) : Tensor::empty({dy.size(1), x.size(1)}, x.dtype(), x.device());
+      dw = beta != 0.0f ? joined(dws, 0)
+                        : Tensor::empty({dy.size(1), x.size(1)}, x.dtype(), x.device());
     matmul(dy, true, x, false, dw, 1.0f, beta);
     int64_t r = 0;
     for (Tensor& part : dws) {
@@ -175,7 +182,6 @@ constexpr size_t kAbsent = static_cast<size_t>(-1);
 ModelParallel Llama::one_rank_;
 
 void Llama::set_joint_linears(bool on) { g_joint_linears.store(on); }
-bool Llama::joint_linears() { return ievo::joint_linears(); }
 
 int64_t Llama::default_head_chunk_tokens(int64_t v_local) {
   int64_t tokens = 1024;

@@ -140,7 +140,6 @@ class Llama {
   // backward (the default), or one GEMM each (false; IEVO_JOINT_LINEAR=0 in the environment sets
   // that at start). The same math; the sums are ordered differently (docs/performance.md).
   static void set_joint_linears(bool on);
-  static bool joint_linears();
 
   // Hooks (not owned; nullptr: none). Layers as in LayerHooks, numbered over the whole model
   // (num_layers + 2 of them); a pipeline stage's hook_layers() has empty entries for the layers

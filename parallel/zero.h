@@ -14,8 +14,9 @@
 // Layout. The parameters keep ParamStore's order and 64-element alignment. Consecutive tensors
 // are grouped into buckets of about parallel.bucket_mb (stage 3: never across hook layers, so a
 // layer is gathered bucket by bucket; never between a tensor and the one it joins,
-// ParamSpec::joins_previous, so the model's joint projections find q/k/v and gate/up adjacent); each bucket is padded to a multiple of N*64 elements
-// (N = data-parallel size; 1 for stage 0) and split evenly: rank r owns elements
+// ParamSpec::joins_previous, so the model's joint projections find q/k/v and gate/up adjacent);
+// each bucket is padded to a multiple of N*64 elements (N = data-parallel size; 1 for stage 0)
+// and split evenly: rank r owns elements
 // [r*S, (r+1)*S) of every bucket (S = padded / N). A rank's shard is its pieces of all buckets,
 // back to back; the full buffers hold the padded buckets back to back. A piece may span tensors
 // (or end in padding), so AdamW runs per segment = one tensor's part of a piece, with that

@@ -267,9 +267,9 @@ Aux make_aux(const int32_t* cu, int num_seqs, const Key& k, cudaStream_t s) {
   a.off_v = DeviceBuffer((k.b + 1) * osz);
   a.off_o = DeviceBuffer((k.b + 1) * osz);
   a.stats = DeviceBuffer(static_cast<size_t>(k.b * k.hq * k.smax) * sizeof(float));
-  attn::build_ragged_aux(cu, num_seqs, static_cast<int>(k.b), {k.rs_q, k.rs_k, k.rs_v, k.hq * k.hd}, i64,
-                         a.seq_len.as<int32_t>(), {a.off_q.data(), a.off_k.data(), a.off_v.data(), a.off_o.data()},
-                         s);
+  const attn::OffsetMuls muls{{k.rs_q, k.rs_k, k.rs_v, k.hq * k.hd}};
+  const attn::OffsetPtrs offs{{a.off_q.data(), a.off_k.data(), a.off_v.data(), a.off_o.data()}};
+  attn::build_ragged_aux(cu, num_seqs, static_cast<int>(k.b), muls, i64, a.seq_len.as<int32_t>(), offs, s);
   return a;
 }
 

@@ -16,8 +16,9 @@ bool usable(std::string* why = nullptr);
 bool supports_head_dim(int64_t hd);  // multiple of 8, <= 128
 
 // q, k, v, dq, dk, dv: any row stride (contiguous within a token), dq/dk/dv the strides of
-// q/k/v; out, dout, lse packed. cu: device cu_seqlens [num_seqs + 1]. uniform_len > 0: every sequence is that long (known on
-// the host), so the dense graph may be used; 0: unknown or ragged.
+// q/k/v; out, dout, lse packed. cu: device cu_seqlens [num_seqs + 1]. uniform_len > 0: every
+// sequence is that long (known on the host), so the dense graph may be used; 0: unknown or
+// ragged.
 void forward(const Tensor& q, const Tensor& k, const Tensor& v, const int32_t* cu, int num_seqs,
              int max_seqlen, int uniform_len, Tensor& out, Tensor& lse);
 void backward(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,

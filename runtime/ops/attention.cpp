@@ -7,8 +7,9 @@
 //   D_i = dO_i . O_i,  dS_ij = P_ij (dO_i . v_j - D_i),
 //   dq_i = scale sum_j dS_ij k_j,  dk_j = scale sum_{h in g, i} dS_ij q_i,  dv_j = sum P_ij dO_i.
 // Every [N, H, hd] tensor may have its own row stride (q, k, v as column slices of a joint QKV
-// projection's output; dq, dk, dv written into one). The forward runs one task per (sequence, query head); the backward one task per
-// (sequence, kv head), which owns dk/dv of that kv head and dq of its query heads (no races).
+// projection's output; dq, dk, dv written into one). The forward runs one task per (sequence,
+// query head); the backward one task per (sequence, kv head), which owns dk/dv of that kv head
+// and dq of its query heads (no races).
 #include "runtime/ops/attention.h"
 
 #include <algorithm>

@@ -306,9 +306,10 @@ bool all_packed(std::initializer_list<const Tensor*> ts) {
 Tensor packed(const Tensor& t) { return t.is_contiguous() ? t : t.clone(); }
 // cuDNN takes strided rows 16-byte aligned: each start and row stride.
 bool cudnn_rows(std::initializer_list<const Tensor*> ts) {
-  for (const Tensor* t : ts)
-    if (!t->is_contiguous() && (!aligned_to(t->raw(), 16) || (t->row_stride() * dtype_size(t->dtype())) % 16 != 0))
-      return false;
+  for (const Tensor* t : ts) {
+    const bool aligned = aligned_to(t->raw(), 16) && t->row_stride() * dtype_size(t->dtype()) % 16 == 0;
+    if (!t->is_contiguous() && !aligned) return false;
+  }
   return true;
 }
 
@@ -441,7 +442,8 @@ void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, const 
   check_like(out, q.shape(), q.dtype(), "out", op);
   check_like(lse, {d.hq, d.n}, DType::F32, "lse", op);
   const Impl impl = choose(q.dtype(), d.hd, op);
-  if (!(impl == Impl::Cudnn && cudnn_rows({&q, &k, &v})) && !all_packed({&q, &k, &v}))  // only cuDNN reads strided rows itself
+  // Only cuDNN reads strided rows itself; the other kernels get packed copies.
+  if (!(impl == Impl::Cudnn && cudnn_rows({&q, &k, &v})) && !all_packed({&q, &k, &v}))
     return attention_forward(packed(q), packed(k), packed(v), cu_seqlens, max_seqlen, out, lse,
                              cu_seqlens_host);
   CuSeqlens cu = prepare_cu(cu_seqlens, cu_seqlens_host, d.n, max_seqlen, op);
