@@ -3,8 +3,8 @@
 // multi-GPU issue). Label gpu; skipped without a GPU or in CPU-only builds.
 //   - every collective on f32 / f64 / bf16 / i32 device tensors (a group of one: the identity),
 //     in place and not, and the host scalar sums;
-//   - ZeroOptimizer stages 0-3 on CUDA over NCCL: three steps equal the CPU run within 1e-5
-//     (fp32), and bf16 stage 3 equals bf16 stage 0 within 1e-6;
+//   - ZeroOptimizer stages 0-3 on CUDA over NCCL: three steps equal the CPU run within 2e-5
+//     (fp32, see the test), and bf16 stage 3 equals bf16 stage 0 within 1e-6;
 //   - the trainer with run.device: cuda over NCCL (mpi world of one, ZeRO-3) matches HF's run.
 #include <gtest/gtest.h>
 
@@ -124,7 +124,11 @@ TEST_F(Gpu, ZeroStagesOverNcclEqualTheCpu) {
   for (int stage = 0; stage <= 3; ++stage) {
     SCOPED_TRACE("ZeRO-" + std::to_string(stage));
     const ParamStore gpu = three_steps(mc, init, Device::CUDA, DType::F32, stage, *comm);
-    for (size_t i = 0; i < gpu.size(); ++i) EXPECT_LT(test::rel_l2(gpu[i], cpu[i]), 1e-5) << gpu.spec(i).name;
+    // cuBLASLt and OpenBLAS sum in other orders, and AdamW's m / sqrt(v) turns the relative
+    // difference of near-zero gradient elements into whole-size update differences (as in
+    // test_mpi_pipeline): q_proj's weights end 1.21-1.26e-5 apart since q/k/v run as one GEMM,
+    // depending on the algorithm autotuning picks for it (below 1e-5 with one GEMM each).
+    for (size_t i = 0; i < gpu.size(); ++i) EXPECT_LT(test::rel_l2(gpu[i], cpu[i]), 2e-5) << gpu.spec(i).name;
     const ParamStore bf16 = three_steps(mc, init, Device::CUDA, DType::BF16, stage, *comm);
     if (stage == 0) {
       bf16_stage0 = bf16;
