@@ -271,6 +271,16 @@ void BM_adamw(benchmark::State& state, bool remainders) {
   byte_rate(state, (remainders ? 26.0 : 28.0) * n);
 }
 
+// The gradient norm's sum of squares (before clipping; ZeroOptimizer::local_sum_squares reads the
+// whole gradient buffer at ZeRO stage 0) over 2^27 bf16 gradients.
+void BM_sum_squares(benchmark::State& state) {
+  if (skip(state)) return;
+  const int64_t n = int64_t{1} << 27;
+  Tensor g = rnd({n}, DType::BF16);
+  timed(state, [&] { benchmark::DoNotOptimize(ops::sum_squares(g)); });
+  byte_rate(state, 2.0 * n);
+}
+
 // Cross-entropy on one LM-head chunk: 4096 rows of bf16 logits over `vocab`, every target 7;
 // `passes` over the logits per call for the GB/s counter.
 template <typename F>
@@ -535,6 +545,7 @@ BENCHMARK_CAPTURE(BM_rope, fwd, false)->UseManualTime()->Unit(benchmark::kMillis
 BENCHMARK_CAPTURE(BM_rope, bwd, true)->UseManualTime()->Unit(benchmark::kMillisecond);
 BENCHMARK_CAPTURE(BM_adamw, f32_master, false)->UseManualTime()->Unit(benchmark::kMillisecond);
 BENCHMARK_CAPTURE(BM_adamw, remainders, true)->UseManualTime()->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_sum_squares)->UseManualTime()->Unit(benchmark::kMillisecond);
 BENCHMARK_CAPTURE(BM_adamw_forward_overlap, sequential, OptOverlap::Sequential)->UseManualTime()->Unit(benchmark::kMillisecond);
 BENCHMARK_CAPTURE(BM_adamw_forward_overlap, overlapped, OptOverlap::Overlapped)->UseManualTime()->Unit(benchmark::kMillisecond);
 BENCHMARK_CAPTURE(BM_adamw_forward_overlap, overlapped_priority, OptOverlap::OverlappedPriority)->UseManualTime()->Unit(benchmark::kMillisecond);
