@@ -6,8 +6,8 @@
 //     keys (ids of other ranks get the key V_local, skipped) are radix-sorted with their positions
 //     (stable), and the block at the start of each run of equal keys sums dout over the run in
 //     position order and adds the sum to the row once.
-//   ce_local / ce_backward: one block per row, a single pass with a running (max, sum of exp) per
-//     thread merged in a fixed order (as cross_entropy.cu).
+//   ce_local / ce_backward: one block per row, the row functions of softmax_rows.cuh (as
+//     cross_entropy.cu: one SFU exp an element, 16-byte packs where the rows allow them).
 //   ce_combine: one thread per row over the T parts; the total is summed in double by one block
 //     in a fixed order and read back with the count and the first row with a bad target.
 //   swap_leading_dims: B strided 2-D copies (cudaMemcpy2DAsync), no kernel.
@@ -18,14 +18,13 @@
 #include "runtime/cuda/kernels.cuh"
 #include "runtime/ops/cross_entropy.h"
 #include "runtime/ops/embedding.h"
+#include "runtime/ops/softmax_rows.cuh"
 #include "runtime/ops/vocab_parallel.h"
 
 namespace ievo::ops::cuda {
 using namespace ievo::cuda;
 
 namespace {
-
-constexpr int kThreads = 256;
 
 // ---------------------------------------------------------------- argument checks
 
@@ -132,56 +131,13 @@ int bits_for(int64_t keys) {
 
 // ---------------------------------------------------------------- cross-entropy
 
-struct MaxSum {
-  float m, s;
-};
-
-__device__ __forceinline__ MaxSum merge(MaxSum a, MaxSum b) {
-  if (a.m == -INFINITY) return b;
-  if (b.m == -INFINITY) return a;
-  const float m = fmaxf(a.m, b.m);
-  return {m, a.s * expf(a.m - m) + b.s * expf(b.m - m)};
-}
-
-__device__ __forceinline__ void add_elem(MaxSum& a, float x) {
-  if (x > a.m) {
-    a.s = a.s * expf(a.m - x) + 1.f;
-    a.m = x;
-  } else {
-    a.s += expf(x - a.m);
-  }
-}
-
-// log sum exp of one row over the block (every thread gets it).
-template <typename T>
-__device__ float row_lse(const T* x, int64_t v) {
-  __shared__ float sm[32], ss[32];
-  MaxSum a{-INFINITY, 0.f};
-  for (int64_t j = threadIdx.x; j < v; j += blockDim.x) add_elem(a, to_f(x[j]));
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1)
-    a = merge(a, MaxSum{__shfl_xor_sync(0xffffffffu, a.m, o), __shfl_xor_sync(0xffffffffu, a.s, o)});
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
-  __syncthreads();
-  if (lane == 0) {
-    sm[warp] = a.m;
-    ss[warp] = a.s;
-  }
-  __syncthreads();
-  MaxSum r = lane < nwarps ? MaxSum{sm[lane], ss[lane]} : MaxSum{-INFINITY, 0.f};
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1)
-    r = merge(r, MaxSum{__shfl_xor_sync(0xffffffffu, r.m, o), __shfl_xor_sync(0xffffffffu, r.s, o)});
-  return r.m == -INFINITY ? -INFINITY : r.m + logf(r.s);
-}
-
-template <typename T>
+template <typename T, int N>
 __global__ void ce_local(const T* logits, const int32_t* targets, int64_t n, int64_t vl,
                          int64_t begin, float* stats) {
   pdl_begin();
   const int64_t row = blockIdx.x;
   const T* x = logits + row * vl;
-  const float lse = row_lse<T>(x, vl);
+  const float lse = row_lse<T, N>(x, vl);
   if (threadIdx.x == 0) {
     const int32_t t = targets[row];
     const int64_t local = static_cast<int64_t>(t) - begin;
@@ -228,7 +184,7 @@ __global__ void ce_total(const double* row_loss, const int32_t* targets, int64_t
   if (threadIdx.x == 0) *out = Totals{s, c};
 }
 
-template <typename T>
+template <typename T, int N>
 __global__ void ce_backward(const T* logits, const int32_t* targets, int64_t vl, int64_t begin,
                             const float* lse, float gs, T* dlogits) {
   pdl_begin();
@@ -240,10 +196,7 @@ __global__ void ce_backward(const T* logits, const int32_t* targets, int64_t vl,
     for (int64_t j = threadIdx.x; j < vl; j += blockDim.x) g[j] = from_f<T>(0.f);
     return;
   }
-  const float l = lse[row];
-  const int64_t local = static_cast<int64_t>(t) - begin;
-  for (int64_t j = threadIdx.x; j < vl; j += blockDim.x)
-    g[j] = from_f<T>(gs * (expf(to_f(x[j]) - l) - (j == local ? 1.f : 0.f)));
+  row_grad<T, N>(x, vl, static_cast<int64_t>(t) - begin, lse[row], gs, g);
 }
 
 }  // namespace
@@ -333,8 +286,13 @@ void vocab_ce_local(const Tensor& logits, const Tensor& targets, int64_t begin, 
   cudaStream_t s = current_stream();
   dispatch_fp(logits.dtype(), op, [&](auto tag) {
     using T = decltype(tag);
-    launch_kernel("ce_local", ce_local<T>, n, kThreads, 0, s, logits.data<T>(), targets.data<int32_t>(), n,
-                  vl, begin, stats.data<float>());
+    auto launch = [&](auto kernel, int64_t packs) {
+      launch_kernel("ce_local", kernel, n, row_threads(packs), 0, s, logits.data<T>(), targets.data<int32_t>(),
+                    n, vl, begin, stats.data<float>());
+    };
+    constexpr int N = 16 / sizeof(T);
+    if (packed_rows<T>(logits, logits)) launch(ce_local<T, N>, vl / N);
+    else launch(ce_local<T, 1>, vl);
   });
 }
 
@@ -389,8 +347,14 @@ void vocab_ce_backward(const Tensor& logits, const Tensor& targets, int64_t begi
   cudaStream_t s = current_stream();
   dispatch_fp(logits.dtype(), op, [&](auto tag) {
     using T = decltype(tag);
-    launch_kernel("ce_backward", ce_backward<T>, n, kThreads, 0, s, logits.data<T>(), targets.data<int32_t>(),
-                  vl, begin, lse.data<float>(), static_cast<float>(grad_scale), dlogits.data<T>());
+    auto launch = [&](auto kernel, int64_t packs) {
+      launch_kernel("ce_backward", kernel, n, row_threads(packs), 0, s, logits.data<T>(),
+                    targets.data<int32_t>(), vl, begin, lse.data<float>(), static_cast<float>(grad_scale),
+                    dlogits.data<T>());
+    };
+    constexpr int N = 16 / sizeof(T);
+    if (packed_rows<T>(logits, dlogits)) launch(ce_backward<T, N>, vl / N);
+    else launch(ce_backward<T, 1>, vl);
   });
 }
 
