@@ -183,6 +183,10 @@ ModelParallel Llama::one_rank_;
 
 void Llama::set_joint_linears(bool on) { g_joint_linears.store(on); }
 
+std::vector<Tensor> Llama::projections(const Tensor& x, std::initializer_list<const Tensor*> ws) {
+  return linears(x, ws);
+}
+
 int64_t Llama::default_head_chunk_tokens(int64_t v_local) {
   int64_t tokens = 1024;
   while (tokens < 4096 && tokens * 2 * v_local <= (int64_t{1} << 29)) tokens *= 2;

@@ -161,6 +161,9 @@ class Llama {
   Tensor block_backward(const ParamStore& p, int layer, const Batch& b, const BlockActs& a,
                         const Tensor& dy, ParamStore& g);
   Tensor residual_linear(const Tensor& h, const Tensor& w, const Tensor& x);  // x + g(h W^T)
+  // y_i = x W_i^T for weights back to back in the store (q/k/v, gate/up): column slices of one
+  // GEMM's output (set_joint_linears), for the decode path as for training.
+  static std::vector<Tensor> projections(const Tensor& x, std::initializer_list<const Tensor*> ws);
   void drop_recomputable(BlockActs& a) const;                     // Recompute::Selective
   void recompute_dropped(const ParamStore& p, int layer, BlockActs& a) const;
   const Tensor& head_weight(const ParamStore& p) const;

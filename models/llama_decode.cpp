@@ -1,5 +1,6 @@
 // Llama::forward_step: the forward of logits() for new tokens only, attending over a KV cache.
-//   x = embed(tokens); per block: q, k, v of the new tokens (RoPE at their absolute positions),
+//   x = embed(tokens); per block: q, k, v of the new tokens (one GEMM, as in training; RoPE at
+//   their absolute positions),
 //   k, v appended to the cache, attention_decode(q, cache[0, length + n)), then the output
 //   projection, MLP and residuals exactly as block_forward; final norm and LM head.
 #include "models/llama.h"
@@ -69,9 +70,10 @@ Tensor Llama::forward_step(const ParamStore& p, const std::vector<int32_t>& toke
     const int hl = static_cast<int>(l) + 1;
     before(hl, P::Forward);
     Tensor n1 = rmsnorm(x, p[L.ln1], c_.norm_eps);
-    Tensor q = linear(n1, p[L.wq]).view({n, c_.num_heads, hd});
-    Tensor k = linear(n1, p[L.wk]).view({n, c_.num_kv_heads, hd});
-    Tensor v = linear(n1, p[L.wv]).view({n, c_.num_kv_heads, hd});
+    const std::vector<Tensor> qkv = projections(n1, {&p[L.wq], &p[L.wk], &p[L.wv]});  // row-strided
+    Tensor q = qkv[0].view({n, c_.num_heads, hd});
+    Tensor k = qkv[1].view({n, c_.num_kv_heads, hd});
+    Tensor v = qkv[2].view({n, c_.num_kv_heads, hd});
     rope_forward(q, positions, c_.rope_theta, q);
     rope_forward(k, positions, c_.rope_theta, k);
     Tensor kdst = cache.k[l].slice(0, past, past + n), vdst = cache.v[l].slice(0, past, past + n);
@@ -82,9 +84,9 @@ Tensor Llama::forward_step(const ParamStore& p, const std::vector<int32_t>& toke
     Tensor a = linear(attn.view({n, c_.q_dim()}), p[L.wo]);
     add(a, x, a);
     Tensor n2 = rmsnorm(a, p[L.ln2], c_.norm_eps);
-    Tensor gate = linear(n2, p[L.wg]), up = linear(n2, p[L.wu]);
-    Tensor h = Tensor::empty(gate.shape(), dt, dev);
-    swiglu_forward(gate, up, h);
+    const std::vector<Tensor> gu = projections(n2, {&p[L.wg], &p[L.wu]});
+    Tensor h = Tensor::empty(gu[0].shape(), dt, dev);
+    swiglu_forward(gu[0], gu[1], h);
     x = linear(h, p[L.wd]);
     add(x, a, x);
     after(hl, P::Forward);

@@ -37,7 +37,7 @@ void attention_decode(const Tensor& q, const Tensor& k, const Tensor& v, Tensor&
     out.copy_from(of.slice(0, past, total));
     return;
   }
-  cpu::expect_float(q, "q", op);
+  cpu::expect_float_rows(q, "q", op);
   cpu::expect_float(k, "k", op);
   cpu::expect_float(v, "v", op);
   cpu::expect_float(out, "out", op);
@@ -50,7 +50,7 @@ void attention_decode(const Tensor& q, const Tensor& k, const Tensor& v, Tensor&
 #pragma omp parallel for schedule(dynamic)
     for (int64_t task = 0; task < n * hq; ++task) {
       const int64_t i = task / hq, h = task % hq, g = h / rep, last = past + i;
-      const T* qi = qp + (i * hq + h) * hd;
+      const T* qi = qp + i * q.row_stride() + h * hd;
       std::vector<double> sc(static_cast<size_t>(last + 1)), o(static_cast<size_t>(hd), 0.0);
       double m = -std::numeric_limits<double>::infinity();
       for (int64_t j = 0; j <= last; ++j) {

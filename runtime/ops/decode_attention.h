@@ -1,5 +1,6 @@
 // Attention of new tokens over a KV cache, for incremental decoding (models/generate.h).
-//   q [n, Hq, hd]: queries of the n newest tokens, at positions past .. past + n - 1;
+//   q [n, Hq, hd]: queries of the n newest tokens, at positions past .. past + n - 1 (its rows may
+//     be strided: a column slice of the joint q/k/v projection);
 //   k, v [past + n, Hkv, hd]: keys and values of every token so far, the n new ones last;
 //   out [n, Hq, hd]: query i attends keys 0 .. past + i (causal), query head h uses kv head
 //   h / (Hq / Hkv), scale 1/sqrt(hd) -- exactly rows past .. past + n - 1 of attention_forward
