@@ -391,8 +391,7 @@ Tensor Llama::run_blocks(const ParamStore& p, const LayerRange& r, const Batch& 
 }
 
 Tensor Llama::stage_forward(const ParamStore& p, int chunk, const Batch& b, const Tensor& input,
-                            StageActs* acts, double grad_scale, ParamStore* g, LossSum* loss,
-                            ops::PendingLoss* pending) {
+                            StageActs* acts, double grad_scale, ParamStore* g, LossSum* loss) {
   IEVO_CHECK(chunk >= 0 && chunk < static_cast<int>(ranges_.size()), "stage_forward: chunk ", chunk,
              " of ", ranges_.size());
   const bool first = chunk == 0 && shard_.first;
@@ -412,7 +411,7 @@ Tensor Llama::stage_forward(const ParamStore& p, int chunk, const Batch& b, cons
     Tensor dxg = xg;  // the head's input gradient over its input (peak memory)
     ParamStore::Accumulator dw = g->accumulator(head_);
     loss->sum += mp_->head_loss(xg, head_weight(p), b.targets, grad_scale, head_chunk_tokens,
-                                &loss->count, &dxg, &dw.tensor, dw.beta, pending);
+                                &loss->count, &dxg, &dw.tensor, dw.beta);
     acts->head_dx = Tensor::empty(x.shape(), x.dtype(), x.device());
     ParamStore::Accumulator dnorm = g->accumulator(norm_);
     rmsnorm_backward(mp_->reduce_input_grad(dxg), x, p[norm_], rstd, acts->head_dx, dnorm.tensor, Tensor(),
@@ -467,13 +466,8 @@ LossSum Llama::forward_backward(const ParamStore& p, const Batch& b, double grad
   check_single_stage("forward_backward");
   StageActs acts;
   LossSum ls;
-  // The loss is read after the backward is issued, so the device never waits for the host
-  // between the head and the blocks' backward (a target outside the vocabulary still fails here,
-  // before the gradients are used).
-  ops::PendingLoss pending;
-  stage_forward(p, 0, b, Tensor(), &acts, grad_scale, &g, &ls, &pending);
+  stage_forward(p, 0, b, Tensor(), &acts, grad_scale, &g, &ls);
   stage_backward(p, 0, b, acts, Tensor(), g);
-  pending.resolve(&ls.sum, &ls.count);
   return ls;
 }
 

@@ -107,11 +107,9 @@ class Llama {
   // the summed loss into *loss; with `acts` it also runs the head's backward right away (it is
   // fused), so grads g receive the head's gradients (grad_scale as in forward_backward) and
   // acts->head_dx keeps the gradient for stage_backward. acts == nullptr: forward only (no
-  // activations kept, g unused and may be nullptr). With `pending`, the loss and count may stay on
-  // the device there instead (ops::PendingLoss; forward_backward resolves them after the backward).
+  // activations kept, g unused and may be nullptr).
   Tensor stage_forward(const ParamStore& params, int chunk, const Batch& b, const Tensor& input,
-                       StageActs* acts, double grad_scale, ParamStore* g, LossSum* loss,
-                       ops::PendingLoss* pending = nullptr);
+                       StageActs* acts, double grad_scale, ParamStore* g, LossSum* loss);
   // stage_backward: dy = d loss / d(this chunk's output) (ignored on the last stage, which uses
   // acts.head_dx). Adds this shard's block (and embedding) gradients into g, frees acts, and
   // returns d loss / d(input) for the previous stage (undefined on the first stage).

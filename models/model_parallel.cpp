@@ -17,8 +17,8 @@ void ModelParallel::embedding_backward(const Tensor& dout, const Tensor& ids, Te
 
 double ModelParallel::head_loss(const Tensor& h, const Tensor& w, const Tensor& targets,
                                 double grad_scale, int64_t chunk_tokens, int64_t* count, Tensor* dh,
-                                Tensor* dw, float dw_beta, ops::PendingLoss* pending) {
-  return ops::lm_head_loss(h, w, targets, grad_scale, chunk_tokens, count, dh, dw, dw_beta, pending);
+                                Tensor* dw, float dw_beta) {
+  return ops::lm_head_loss(h, w, targets, grad_scale, chunk_tokens, count, dh, dw, dw_beta);
 }
 
 }  // namespace ievo

@@ -14,7 +14,6 @@
 #pragma once
 #include <cstdint>
 
-#include "runtime/ops/cross_entropy.h"
 #include "runtime/tensor.h"
 
 namespace ievo {
@@ -53,11 +52,9 @@ class ModelParallel {
   // (vocabulary-parallel: never gathers the logits). h [N, d]; returns the summed loss over the
   // targets and adds their count to *count (the same on every rank of the group); dh (if
   // defined, may alias h) gets the rank's partial d loss/dh (the model calls reduce_input_grad), dw
-  // = dw_beta dw + its rows (ParamStore::accumulator's beta). With `pending`, a layout that can
-  // may leave the loss and count on the device there instead (ops::lm_head_loss; returns 0).
+  // = dw_beta dw + its rows (ParamStore::accumulator's beta).
   virtual double head_loss(const Tensor& h, const Tensor& w, const Tensor& targets, double grad_scale,
-                           int64_t chunk_tokens, int64_t* count, Tensor* dh, Tensor* dw, float dw_beta,
-                           ops::PendingLoss* pending = nullptr);
+                           int64_t chunk_tokens, int64_t* count, Tensor* dh, Tensor* dw, float dw_beta);
 };
 
 }  // namespace ievo

@@ -169,9 +169,9 @@ void TensorParallel::embedding_backward(const Tensor& dout, const Tensor& ids, T
 
 double TensorParallel::head_loss(const Tensor& h, const Tensor& w, const Tensor& targets,
                                  double grad_scale, int64_t chunk_tokens, int64_t* count, Tensor* dh,
-                                 Tensor* dw, float dw_beta, ops::PendingLoss* pending) {
-  if (tp_size_ == 1)  // vocabulary-parallel below: its totals are reduced over the group at once
-    return ops::lm_head_loss(h, w, targets, grad_scale, chunk_tokens, count, dh, dw, dw_beta, pending);
+                                 Tensor* dw, float dw_beta) {
+  if (tp_size_ == 1)
+    return ops::lm_head_loss(h, w, targets, grad_scale, chunk_tokens, count, dh, dw, dw_beta);
   const char* op = "TensorParallel::head_loss";
   IEVO_CHECK(h.defined() && h.dim() == 2 && h.is_contiguous(), op, ": tensor 'h' must be a contiguous [N, D]");
   IEVO_CHECK(w.defined() && w.dim() == 2, op, ": tensor 'w' must be [V_local, D]");

@@ -82,8 +82,8 @@ class TensorParallel final : public ModelParallel {
   void embedding_forward(const Tensor& table, const Tensor& ids, Tensor& out, const Tensor& ids_host) override;
   void embedding_backward(const Tensor& dout, const Tensor& ids, Tensor& dtable, const Tensor& ids_host) override;
   double head_loss(const Tensor& h, const Tensor& w, const Tensor& targets, double grad_scale,
-                   int64_t chunk_tokens, int64_t* count, Tensor* dh, Tensor* dw, float dw_beta,
-                   ops::PendingLoss* pending = nullptr) override;
+                   int64_t chunk_tokens, int64_t* count, Tensor* dh, Tensor* dw,
+                   float dw_beta) override;
 
   SequenceParallel mode() const { return mode_; }
 

@@ -130,22 +130,6 @@ double cross_entropy_forward_backward(const Tensor& logits, const Tensor& target
 
 namespace {
 
-// totals: i64 [3] on the device (ChunkTotals below) -> *sum, *count; fails naming the first bad
-// target and its row of the head.
-void read_device_totals(const Tensor& totals, const Tensor& targets, int64_t vocab, double* sum,
-                        int64_t* count) {
-  const Tensor host = totals.to(Device::CPU);
-  const int64_t* v = host.data<int64_t>();
-  std::memcpy(sum, &v[0], sizeof(double));
-  *count = v[1];
-  if (v[2] != 0) {
-    const int64_t row = v[2] - 1;
-    const int32_t t = targets.slice(0, row, row + 1).to(Device::CPU).data<int32_t>()[0];
-    IEVO_FAIL("lm_head_loss: target ", t, " at row ", row, " is outside the vocabulary [0, ", vocab,
-              ") and is not the ignore index ", kIgnoreIndex);
-  }
-}
-
 // The loss sum and count over an LM head's chunks. On the CPU each chunk's call returns them (and
 // fails at once for a bad target); on CUDA they stay on the device (cuda::cross_entropy_accumulate)
 // and read() fetches them once: one synchronisation per head instead of one per chunk, so the
@@ -175,11 +159,20 @@ class ChunkTotals {
                     : cross_entropy_forward(logits, targets, losses, &cnt);
     count_ += cnt;
   }
-  // The totals left on the device (undefined on the CPU).
-  const Tensor& device_totals() const { return dev_; }
   // targets: the head's [N]; vocab: V (for the error).
   double read(const Tensor& targets, int64_t vocab, int64_t* count) {
-    if (dev_.defined()) read_device_totals(dev_, targets, vocab, &sum_, &count_);
+    if (dev_.defined()) {
+      const Tensor host = dev_.to(Device::CPU);
+      const int64_t* v = host.data<int64_t>();
+      std::memcpy(&sum_, &v[0], sizeof(double));
+      count_ = v[1];
+      if (v[2] != 0) {
+        const int64_t row = v[2] - 1;
+        const int32_t t = targets.slice(0, row, row + 1).to(Device::CPU).data<int32_t>()[0];
+        IEVO_FAIL("lm_head_loss: target ", t, " at row ", row, " is outside the vocabulary [0, ", vocab,
+                  ") and is not the ignore index ", kIgnoreIndex);
+      }
+    }
     *count = count_;
     return sum_;
   }
@@ -192,21 +185,8 @@ class ChunkTotals {
 
 }  // namespace
 
-void PendingLoss::resolve(double* sum, int64_t* count) {
-  if (empty()) return;
-  double s = 0;
-  int64_t c = 0;
-  const Tensor totals = std::move(totals_), targets = std::move(targets_);
-  totals_ = Tensor();
-  targets_ = Tensor();
-  read_device_totals(totals, targets, vocab_, &s, &c);
-  *sum += s;
-  *count += c;
-}
-
 double lm_head_loss(const Tensor& h, const Tensor& w, const Tensor& targets, double grad_scale,
-                    int64_t chunk_tokens, int64_t* count, Tensor* dh, Tensor* dw, float dw_beta,
-                    PendingLoss* pending) {
+                    int64_t chunk_tokens, int64_t* count, Tensor* dh, Tensor* dw, float dw_beta) {
   const char* op = "lm_head_loss";
   IEVO_CHECK(h.defined() && h.dim() == 2, op, ": tensor 'h' must be [N, D]");
   IEVO_CHECK(w.defined() && w.dim() == 2, op, ": tensor 'w' must be [V, D]");
@@ -234,13 +214,6 @@ double lm_head_loss(const Tensor& h, const Tensor& w, const Tensor& targets, dou
     matmul(lc, false, w, false, dhc);
   }
   if (dw && dw->defined() && dw_beta == 0.0f) dw->zero_();  // no chunk: still to be written
-  if (pending && totals.device_totals().defined()) {
-    IEVO_CHECK(pending->empty(), op, ": the pending loss of an earlier head was not resolved");
-    pending->totals_ = totals.device_totals();
-    pending->targets_ = targets;
-    pending->vocab_ = vocab;
-    return 0.0;
-  }
   int64_t cnt = 0;
   const double total = totals.read(targets, vocab, &cnt);
   if (count) *count += cnt;

@@ -26,32 +26,12 @@ void cross_entropy_backward(const Tensor& logits, const Tensor& targets, double 
 double cross_entropy_forward_backward(const Tensor& logits, const Tensor& targets, double grad_scale,
                                       Tensor& losses, int64_t* count, Tensor& dlogits);
 
-// An LM head's loss totals left on the device (CUDA) by lm_head_loss, so that the host can go on
-// issuing the backward while the device finishes the head; resolve() reads them (one
-// synchronisation) and fails, naming the target and its row, if a target was outside the
-// vocabulary. Empty (nothing to add) when the totals were read at once (the CPU).
-class PendingLoss {
- public:
-  bool empty() const { return !totals_.defined(); }
-  // Adds the loss sum to *sum and the target count to *count, and empties this.
-  void resolve(double* sum, int64_t* count);
-
- private:
-  friend double lm_head_loss(const Tensor&, const Tensor&, const Tensor&, double, int64_t, int64_t*,
-                             Tensor*, Tensor*, float, PendingLoss*);
-  Tensor totals_;   // i64 [3]: the sum's f64 bits, the count, the first bad row + 1 (0: none)
-  Tensor targets_;  // the head's, for the error
-  int64_t vocab_ = 0;
-};
-
 // Fused LM head + loss, forward and backward, over chunks of `chunk_tokens` tokens:
 //   h [N, D] (final-norm output), w [V, D], targets [N].
-//   Returns the summed loss over non-ignored tokens; adds their count to *count. With `pending`
-//   on CUDA, returns 0 and leaves both in *pending (which must be empty) for a later resolve().
+//   Returns the summed loss over non-ignored tokens; adds their count to *count.
 //   If dh is defined: dh = grad_scale * d(sum loss)/dh (written; may alias h); dw = dw_beta * dw +
 //   grad_scale * d/dw (dw_beta 0: dw is overwritten, its old values never read).
 double lm_head_loss(const Tensor& h, const Tensor& w, const Tensor& targets, double grad_scale,
-                    int64_t chunk_tokens, int64_t* count, Tensor* dh, Tensor* dw, float dw_beta = 1.0f,
-                    PendingLoss* pending = nullptr);
+                    int64_t chunk_tokens, int64_t* count, Tensor* dh, Tensor* dw, float dw_beta = 1.0f);
 
 }  // namespace ievo::ops
