@@ -8,6 +8,7 @@
 
 #include "runtime/ops/cpu_common.h"
 #include "runtime/ops/cuda_ops.h"
+#include "runtime/ops/row_layout.h"
 
 namespace ievo::ops {
 namespace {
@@ -16,11 +17,6 @@ void check_like(const Tensor& t, const Tensor& ref, const char* name, const char
   cpu::expect_float_rows(t, name, op);
   check_shape(t, ref.shape(), name);
   check_dtype(t, ref.dtype(), name);
-}
-
-// Element i of t, viewed as rows of `cols` elements (row_stride() apart when `strided`).
-inline int64_t at(const Tensor& t, int64_t i, int64_t cols, bool strided) {
-  return strided ? i / cols * t.row_stride() + i % cols : i;
 }
 
 }  // namespace
@@ -33,18 +29,19 @@ void swiglu_forward(const Tensor& gate, const Tensor& up, Tensor& out) {
   cpu::expect_float_rows(gate, "gate", op);
   check_like(up, gate, "up", op);
   check_like(out, gate, "out", op);
-  const bool strided = !(gate.is_contiguous() && up.is_contiguous() && out.is_contiguous());
-  const int64_t n = gate.numel(), cols = gate.dim() > 0 && gate.size(0) > 0 ? n / gate.size(0) : 1;
+  const Rows d = rows_of({&gate, &up, &out});
+  const int64_t gs = stride_of(gate, d), us = stride_of(up, d), os = stride_of(out, d);
   cpu::dispatch_float(gate.dtype(), op, [&](auto tag) {
     using T = decltype(tag);
     const T *g = gate.data<T>(), *u = up.data<T>();
     T* o = out.data<T>();
-#pragma omp parallel for schedule(static) if (n > cpu::kParallelMin)
-    for (int64_t i = 0; i < n; ++i) {
-      const T x = g[at(gate, i, cols, strided)];
-      const T sig = T(1) / (T(1) + std::exp(-x));
-      o[at(out, i, cols, strided)] = x * sig * u[at(up, i, cols, strided)];
-    }
+#pragma omp parallel for collapse(2) schedule(static) if (gate.numel() > cpu::kParallelMin)
+    for (int64_t r = 0; r < d.rows; ++r)
+      for (int64_t c = 0; c < d.cols; ++c) {
+        const T x = g[r * gs + c];
+        const T sig = T(1) / (T(1) + std::exp(-x));
+        o[r * os + c] = x * sig * u[r * us + c];
+      }
   });
 }
 
@@ -59,21 +56,21 @@ void swiglu_backward(const Tensor& dout, const Tensor& gate, const Tensor& up, T
   check_like(dout, gate, "dout", op);
   check_like(dgate, gate, "dgate", op);
   check_like(dup, gate, "dup", op);
-  const bool strided = !(dout.is_contiguous() && gate.is_contiguous() && up.is_contiguous() &&
-                         dgate.is_contiguous() && dup.is_contiguous());
-  const int64_t n = gate.numel(), cols = gate.dim() > 0 && gate.size(0) > 0 ? n / gate.size(0) : 1;
+  const Rows d = rows_of({&dout, &gate, &up, &dgate, &dup});
+  const int64_t ds = stride_of(dout, d), gs = stride_of(gate, d), us = stride_of(up, d),
+                dgs = stride_of(dgate, d), dus = stride_of(dup, d);
   cpu::dispatch_float(gate.dtype(), op, [&](auto tag) {
     using T = decltype(tag);
     const T *go = dout.data<T>(), *g = gate.data<T>(), *u = up.data<T>();
     T *dg = dgate.data<T>(), *du = dup.data<T>();
-#pragma omp parallel for schedule(static) if (n > cpu::kParallelMin)
-    for (int64_t i = 0; i < n; ++i) {
-      const T x = g[at(gate, i, cols, strided)], y = u[at(up, i, cols, strided)],
-              d = go[at(dout, i, cols, strided)];
-      const T sig = T(1) / (T(1) + std::exp(-x));
-      dg[at(dgate, i, cols, strided)] = d * y * (sig * (T(1) + x * (T(1) - sig)));
-      du[at(dup, i, cols, strided)] = d * (x * sig);
-    }
+#pragma omp parallel for collapse(2) schedule(static) if (gate.numel() > cpu::kParallelMin)
+    for (int64_t r = 0; r < d.rows; ++r)
+      for (int64_t c = 0; c < d.cols; ++c) {
+        const T x = g[r * gs + c], y = u[r * us + c], dv = go[r * ds + c];
+        const T sig = T(1) / (T(1) + std::exp(-x));
+        dg[r * dgs + c] = dv * y * (sig * (T(1) + x * (T(1) - sig)));
+        du[r * dus + c] = dv * (x * sig);
+      }
   });
 }
 

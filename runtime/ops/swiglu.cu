@@ -9,6 +9,7 @@
 
 #include "runtime/cuda/kernels.cuh"
 #include "runtime/ops/cuda_ops.h"
+#include "runtime/ops/row_layout.h"
 
 namespace ievo::ops::cuda {
 using namespace ievo::cuda;
@@ -17,12 +18,9 @@ namespace {
 
 __device__ __forceinline__ float sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
 
-// The tensors are [rows, cols] with row strides in elements (gs, us, ...); a contiguous call is
-// one row of every element. Blocks: x over a row's packs of N elements, y over rows (both
-// grid-stride); a row's last cols % N elements are done one by one.
-struct Rows {
-  int64_t rows, cols;
-};
+// The tensors are [rows, cols] with row strides in elements (gs, us, ...; row_layout.h); a
+// contiguous call is one row of every element. Blocks: x over a row's packs of N elements, y over
+// rows (both grid-stride); a row's last cols % N elements are done one by one.
 
 template <typename T, int N>
 __global__ void swiglu_fwd(const T* g, const T* u, T* o, Rows d, int64_t gs, int64_t us, int64_t os) {
@@ -102,17 +100,6 @@ void check_like(const Tensor& t, const Tensor& ref, const char* name, const char
   check_shape(t, ref.shape(), name);
   check_dtype(t, ref.dtype(), name);
 }
-
-// The call's shape as rows: one row of every element when all tensors are contiguous, else
-// [size(0), numel / size(0)].
-Rows rows_of(std::initializer_list<const Tensor*> ts) {
-  const Tensor& a = **ts.begin();
-  bool contiguous = true;
-  for (const Tensor* t : ts) contiguous = contiguous && t->is_contiguous();
-  if (contiguous || a.dim() == 0) return {1, a.numel()};
-  return {a.size(0), a.numel() / a.size(0)};
-}
-int64_t stride_of(const Tensor& t, const Rows& d) { return d.rows == 1 ? d.cols : t.row_stride(); }
 
 // 16-byte packs need every row start 16-byte aligned.
 template <typename T>
