@@ -255,8 +255,7 @@ void Llama::block_forward(const ParamStore& p, int layer, const Batch& b, const 
   const int64_t N = a.n1.size(0);
   const std::vector<Tensor> qkv = linears(a.n1, {&p[L.wq], &p[L.wk], &p[L.wv]});
   Tensor q = qkv[0].view({N, -1, hd}), k = qkv[1].view({N, -1, hd}), v = qkv[2].view({N, -1, hd});
-  rope_forward(q, b.positions, c_.rope_theta, q);
-  rope_forward(k, b.positions, c_.rope_theta, k);
+  rotate_qk(q, k, b.positions, false);
   a.q = mp_->scatter_heads(q);
   a.k = mp_->scatter_heads(k);
   a.v = mp_->scatter_heads(v);
@@ -272,6 +271,22 @@ void Llama::block_forward(const ParamStore& p, int layer, const Batch& b, const 
   a.up = gate_up[1];
   a.h = Tensor::empty(a.gate.shape(), dt, dev);
   swiglu_forward(a.gate, a.up, a.h);
+}
+
+void Llama::rotate_qk(Tensor& q, Tensor& k, const Tensor& positions, bool backward) const {
+  auto rotate = [&](Tensor& t) {
+    if (backward)
+      rope_backward(t, positions, c_.rope_theta, t);
+    else
+      rope_forward(t, positions, c_.rope_theta, t);
+  };
+  Tensor qk = adjacent_view({q, k}, 1);
+  if (qk.defined()) {
+    rotate(qk);
+    return;
+  }
+  rotate(q);
+  rotate(k);
 }
 
 // x + g(h W^T) for an output projection: one GEMM with the add in its epilogue when g is the
@@ -319,8 +334,7 @@ Tensor Llama::block_backward(const ParamStore& p, int layer, const Batch& b, con
   dq = mp_->gather_heads(dq);
   dk = mp_->gather_heads(dk);
   dv = mp_->gather_heads(dv);
-  rope_backward(dq, b.positions, c_.rope_theta, dq);
-  rope_backward(dk, b.positions, c_.rope_theta, dk);
+  rotate_qk(dq, dk, b.positions, true);
   Tensor dn1 = weight_grads_then_input_grad(a.n1, {{dq.view({N, -1}), p[L.wq], g.accumulator(L.wq)},
                                                   {dk.view({N, -1}), p[L.wk], g.accumulator(L.wk)},
                                                   {dv.view({N, -1}), p[L.wv], g.accumulator(L.wv)}});

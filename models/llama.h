@@ -162,6 +162,9 @@ class Llama {
   // y_i = x W_i^T for weights back to back in the store (q/k/v, gate/up): column slices of one
   // GEMM's output (set_joint_linears), for the decode path as for training.
   static std::vector<Tensor> projections(const Tensor& x, std::initializer_list<const Tensor*> ws);
+  // RoPE (or its backward) on q [N, Hq, hd] and k [N, Hk, hd] in place: one launch over the
+  // Hq + Hk heads when they lie side by side (the joint projection's columns), else one each.
+  void rotate_qk(Tensor& q, Tensor& k, const Tensor& positions, bool backward) const;
   void drop_recomputable(BlockActs& a) const;                     // Recompute::Selective
   void recompute_dropped(const ParamStore& p, int layer, BlockActs& a) const;
   const Tensor& head_weight(const ParamStore& p) const;

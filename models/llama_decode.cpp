@@ -9,7 +9,6 @@
 #include "runtime/ops/embedding.h"
 #include "runtime/ops/matmul.h"
 #include "runtime/ops/rmsnorm.h"
-#include "runtime/ops/rope.h"
 #include "runtime/ops/swiglu.h"
 
 namespace ievo {
@@ -74,8 +73,7 @@ Tensor Llama::forward_step(const ParamStore& p, const std::vector<int32_t>& toke
     Tensor q = qkv[0].view({n, c_.num_heads, hd});
     Tensor k = qkv[1].view({n, c_.num_kv_heads, hd});
     Tensor v = qkv[2].view({n, c_.num_kv_heads, hd});
-    rope_forward(q, positions, c_.rope_theta, q);
-    rope_forward(k, positions, c_.rope_theta, k);
+    rotate_qk(q, k, positions, false);
     Tensor kdst = cache.k[l].slice(0, past, past + n), vdst = cache.v[l].slice(0, past, past + n);
     kdst.copy_from(k);
     vdst.copy_from(v);
