@@ -7,12 +7,14 @@
 // f32 runs with CUBLAS_COMPUTE_32F (no TF32), bf16/f16 with fp32 accumulation; alpha/beta are
 // fp32. Plans (descriptors + algorithm) are cached per shape, layout and alignment.
 //
-// Algorithm choice: cuBLASLt's heuristic ranks up to kCandidates algorithms; with autotuning (the
-// default; IEVO_GEMM_AUTOTUNE=0 turns it off, and run.deterministic does, so that a run's
-// algorithms never depend on timing noise) each candidate is timed once on the plan's first call
-// with its real operands (1 warm-up + 3 runs, CUDA events) and the fastest is kept; the output is
-// written to C itself when beta = 0 and C overlaps neither input (the real call overwrites it),
-// else to a scratch buffer. Without autotuning the heuristic's first choice is used.
+// Algorithm choice: cuBLASLt's heuristic ranks up to 8 algorithms (IEVO_GEMM_CANDIDATES); with
+// autotuning (the default; IEVO_GEMM_AUTOTUNE=0 turns it off, and run.deterministic does, so that
+// a run's algorithms never depend on timing noise) each candidate is timed once on the plan's
+// first call with its real operands (1 warm-up + 3 runs, CUDA events) and the fastest is kept; the
+// output is written to C itself when beta = 0 and C overlaps neither input (the real call
+// overwrites it), else to a scratch buffer. Without autotuning the heuristic's first choice is
+// used.
+#include <algorithm>
 #include <climits>
 #include <cstdio>
 #include <cstdlib>
@@ -33,9 +35,10 @@ using namespace ievo::cuda;
 namespace {
 
 constexpr size_t kWorkspace = size_t{32} << 20;
-constexpr int kCandidates = 8;
+constexpr int kMaxCandidates = 32;
 
-// IEVO_GEMM_TUNE_REPS / IEVO_GEMM_TUNE_ROUNDS: timed runs a candidate and rounds over the
+// IEVO_GEMM_CANDIDATES: how many of cuBLASLt's heuristic candidates are timed (default 8, at most
+// 32); IEVO_GEMM_TUNE_REPS / IEVO_GEMM_TUNE_ROUNDS: timed runs a candidate and rounds over the
 // candidates (fastest_candidate; default 3 and 1); IEVO_GEMM_TUNE_LOG=1 prints every plan's
 // candidates (their tile id, split-K count and time; * the one kept).
 int env_count(const char* name, int fallback) {
@@ -178,11 +181,12 @@ Plan make_plan(Blas& b, const PlanKey& key, cudaDataType_t dt, const Operands& o
   IEVO_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &al_b, sizeof(al_b)));
   IEVO_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &al_c, sizeof(al_c)));
   IEVO_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &al_c, sizeof(al_c)));
-  cublasLtMatmulHeuristicResult_t res[kCandidates] = {};
+  cublasLtMatmulHeuristicResult_t res[kMaxCandidates] = {};
   int count = 0;
   const bool tune = autotune();
+  static const int candidates = std::min(env_count("IEVO_GEMM_CANDIDATES", 8), kMaxCandidates);
   cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(b.lt, p.desc, p.la, p.lb, p.lc, p.lc, pref,
-                                                     tune ? kCandidates : 1, res, &count);
+                                                     tune ? candidates : 1, res, &count);
   cublasLtMatmulPreferenceDestroy(pref);
   if (st == CUBLAS_STATUS_SUCCESS && count > 0) {
     const int pick = tune && count > 1 ? fastest(b, p, res, count, op) : 0;
