@@ -250,6 +250,43 @@ void BM_rope(benchmark::State& state, bool backward) {
   byte_rate(state, 2.0 * kN * kHq * kHd * 2);
 }
 
+// The ceiling of a kernel that reads and writes each byte once (RoPE, the RMSNorm forward): a
+// device-to-device copy of [N, d] bf16 (GB/s counts both).
+void BM_copy(benchmark::State& state) {
+  if (skip(state)) return;
+  Tensor x = rnd({kN, kD}, DType::BF16), y = Tensor::empty({kN, kD}, DType::BF16, Device::CUDA);
+  timed(state, [&] { y.copy_from(x); });
+  byte_rate(state, 2.0 * kN * kD * 2);
+}
+
+// The 134M model's shapes (N 32768, d 768, 12 + 12 heads of 64), as the model calls them: the
+// RMSNorm forward, its backward with the residual stream's gradient (4 passes), and RoPE on q|k in
+// place, the first 1536 of the joint projection's 2304 columns (one launch, Llama::rotate_qk).
+constexpr int64_t kSmallN = 32768, kSmallD = 768, kSmallHd = 64;
+void BM_rmsnorm_134m(benchmark::State& state, bool backward) {
+  if (skip(state)) return;
+  Tensor x = rnd({kSmallN, kSmallD}, DType::BF16), dy = rnd({kSmallN, kSmallD}, DType::BF16);
+  Tensor res = rnd({kSmallN, kSmallD}, DType::BF16), w = rnd({kSmallD}, DType::BF16);
+  Tensor y = Tensor::empty({kSmallN, kSmallD}, DType::BF16, Device::CUDA);
+  Tensor rstd = Tensor::empty({kSmallN}, DType::F32, Device::CUDA);
+  Tensor dw = Tensor::zeros({kSmallD}, DType::BF16, Device::CUDA);
+  ops::rmsnorm_forward(x, w, 1e-5, y, rstd);
+  if (backward) timed(state, [&] { ops::rmsnorm_backward(dy, x, w, rstd, y, dw, res); });
+  else timed(state, [&] { ops::rmsnorm_forward(x, w, 1e-5, y, rstd); });
+  byte_rate(state, (backward ? 4.0 : 2.0) * kSmallN * kSmallD * 2);
+}
+
+void BM_rope_qk_134m(benchmark::State& state) {
+  if (skip(state)) return;
+  Tensor qkv = rnd({kSmallN, 3 * kSmallD}, DType::BF16);
+  Tensor qk = qkv.slice(1, 0, 2 * kSmallD).view({kSmallN, 2 * kSmallD / kSmallHd, kSmallHd});
+  std::vector<int32_t> p(kSmallN);
+  for (int64_t i = 0; i < kSmallN; ++i) p[static_cast<size_t>(i)] = static_cast<int32_t>(i % 1024);
+  Tensor pos = Tensor::from_vector(p, {kSmallN}).to(Device::CUDA);
+  timed(state, [&] { ops::rope_forward(qk, pos, 10000.0, qk); });
+  byte_rate(state, 2.0 * kSmallN * 2 * kSmallD * 2);
+}
+
 // AdamW over 2^27 parameters with bf16 gradients: an f32 master plus the bf16 weight copy (28
 // bytes a parameter), or the master as remainders of the bf16 weights (26; optim.param_remainders).
 void BM_adamw(benchmark::State& state, bool remainders) {
@@ -543,6 +580,10 @@ BENCHMARK_CAPTURE(BM_swiglu, fwd, false)->UseManualTime()->Unit(benchmark::kMill
 BENCHMARK_CAPTURE(BM_swiglu, bwd, true)->UseManualTime()->Unit(benchmark::kMillisecond);
 BENCHMARK_CAPTURE(BM_rope, fwd, false)->UseManualTime()->Unit(benchmark::kMillisecond);
 BENCHMARK_CAPTURE(BM_rope, bwd, true)->UseManualTime()->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_copy)->UseManualTime()->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(BM_rmsnorm_134m, fwd, false)->UseManualTime()->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(BM_rmsnorm_134m, bwd_residual, true)->UseManualTime()->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_rope_qk_134m)->UseManualTime()->Unit(benchmark::kMillisecond);
 BENCHMARK_CAPTURE(BM_adamw, f32_master, false)->UseManualTime()->Unit(benchmark::kMillisecond);
 BENCHMARK_CAPTURE(BM_adamw, remainders, true)->UseManualTime()->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_sum_squares)->UseManualTime()->Unit(benchmark::kMillisecond);

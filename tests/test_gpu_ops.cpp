@@ -394,13 +394,16 @@ TEST(GpuBatch, HostCopiesOfIdsAndTargets) {
 // ---------------------------------------------------------------------------------------------
 TEST(GpuRmsNorm, ForwardBackwardDeterministic) {
   REQUIRE_GPU();
-  // 100: bf16 element path, f32 packs; 768: one pack per thread in narrow blocks (96 threads for
-  // bf16); 2048/3000: packed paths (1-4 packs per thread); 12000: element path with the dw
-  // partial in global scratch. 768 and 2048 with 2600 rows: more rows than the backward's blocks,
-  // so a block handles several, and dw's partial rows summed in 16 / 8 slices of 128; 1536 with
-  // 1000 rows (1000 blocks for bf16): 8 slices, the last one of 104 rows; the others one slice.
-  for (int64_t d : {int64_t{100}, int64_t{768}, int64_t{1536}, int64_t{2048}, int64_t{3000}, int64_t{12000}}) {
-    const int64_t n = d > 4096 ? 9 : (d == 768 || d == 2048) ? 2600 : d == 1536 ? 1000 : 37;
+  // 100: bf16 element path, f32 packs (the forward a warp per row, 25 of 32 lanes busy); 512 (f32,
+  // bf16) and 768 (bf16): the forward a warp per row (4, 2 and 3 packs a lane; 9001 rows leave the
+  // last block of 8 rows one), the backward one pack per thread in narrow blocks;
+  // 2048/3000: packed paths (1-4 packs per thread); 12000: element path with the dw partial in
+  // global scratch. 768 and 2048 with 2600 rows: more rows than the backward's blocks, so a block
+  // handles several, and dw's partial rows summed in 16 / 8 slices of 128; 1536 with 1000 rows
+  // (1000 blocks for bf16): 8 slices, the last one of 104 rows; the others one slice.
+  for (int64_t d : {int64_t{100}, int64_t{512}, int64_t{768}, int64_t{1536}, int64_t{2048}, int64_t{3000},
+                    int64_t{12000}}) {
+    const int64_t n = d > 4096 ? 9 : d == 512 ? 9001 : (d == 768 || d == 2048) ? 2600 : d == 1536 ? 1000 : 37;
     for (DType dt : {DType::F32, DType::BF16}) {
       Tensor x = rand({n, d}, 61), w = rand({d}, 62, 0.5, 1.5), dy = rand({n, d}, 63);
       Tensor rx = seen(x, dt), rw = seen(w, dt), rdy = seen(dy, dt);

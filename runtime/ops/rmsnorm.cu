@@ -8,8 +8,9 @@
 //     wide rows); a second kernel adds the per-block partials in block order.
 // x, y, dy, dx: f32/bf16/f16 (same type); w, dw: f32 or x's type; rstd: f32.
 // Fast path (rows of 16-byte-aligned packs, D <= 4 packs per thread): each thread keeps its
-// packs of x / dy / w and its dw columns in registers; otherwise element loops (dw partial in
-// shared memory, or global scratch for very wide rows).
+// packs of x / dy / w and its dw columns in registers; rows of at most 4 packs a lane (D <= 1024
+// in bf16) take a warp each instead of a block in the forward (rms_fwd_warp); otherwise element
+// loops (dw partial in shared memory, or global scratch for very wide rows).
 #include "runtime/cuda/kernels.cuh"
 #include "runtime/ops/cuda_ops.h"
 
@@ -177,6 +178,67 @@ __global__ void rms_bwd_vec(const T* dy, const T* x, const W* w, const float* rs
   }
 }
 
+// Forward of narrow rows (at most kWarpPacks packs, D <= 1024 in bf16): one warp per row,
+// kWarpRows rows a block, lane l holding packs l, l + 32, ...; the row's sum by shuffles alone.
+// With one block of 96 threads per row (D = 768), block_sum's barriers and a block's launch for
+// 1.5 KB of data held the forward at ~2.45 TB/s, against the ~2.78 of a copy; a warp per row runs
+// at ~2.73 (docs/performance.md, thirteenth round). The backward stays with blocks: the same
+// layout there (its dw columns summed over the block's warps at the end) ran 2% slower.
+constexpr int kWarpRows = 8;
+constexpr int kWarpPacks = 4;
+
+template <typename T, typename W, int N, int P>
+__global__ void rms_fwd_warp(const T* x, const W* w, float eps, T* y, float* rstd, int64_t n, int64_t d) {
+  pdl_begin();
+  const int lane = threadIdx.x & 31;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  if (row >= n) return;
+  const int64_t np = d / N;
+  const T* xr = x + row * d;
+  Pack<T, N> px[P];
+  float ss = 0.f;
+#pragma unroll
+  for (int p = 0; p < P; ++p) {
+    const int64_t c = lane + 32 * p;
+    if (c < np) {
+      px[p] = load_pack<T, N>(xr + c * N);
+#pragma unroll
+      for (int k = 0; k < N; ++k) ss += to_f(px[p].v[k]) * to_f(px[p].v[k]);
+    }
+  }
+  ss = warp_sum(ss);
+  const float r = 1.0f / sqrtf(ss / static_cast<float>(d) + eps);
+  if (lane == 0) rstd[row] = r;
+#pragma unroll
+  for (int p = 0; p < P; ++p) {
+    const int64_t c = lane + 32 * p;
+    if (c < np) {
+      const auto pw = load_pack<W, N>(w + c * N);
+      Pack<T, N> py;
+#pragma unroll
+      for (int k = 0; k < N; ++k)
+        py.v[k] = from_f<T>(to_f(pw.v[k]) * to_f(from_f<T>(to_f(px[p].v[k]) * r)));
+      store_pack<T, N>(y + row * d + c * N, py);
+    }
+  }
+}
+
+// Packs per lane of the warp-per-row forward (0: the row is too wide for it).
+template <typename T>
+int warp_packs(int64_t d) {
+  constexpr int N = 16 / sizeof(T);
+  const int64_t per = (d / N + 31) / 32;
+  return d % N == 0 && per <= kWarpPacks ? static_cast<int>(per) : 0;
+}
+
+template <typename F>
+void dispatch_warp_packs(int p, F&& f) {
+  if (p == 1) f(std::integral_constant<int, 1>{});
+  else if (p == 2) f(std::integral_constant<int, 2>{});
+  else if (p == 3) f(std::integral_constant<int, 3>{});
+  else f(std::integral_constant<int, 4>{});
+}
+
 // Packs per thread for the fast path (0: use the element kernels).
 template <typename T, typename W>
 int fast_packs(int64_t d, std::initializer_list<const void*> ptrs) {
@@ -280,6 +342,16 @@ void rmsnorm_forward(const Tensor& x, const Tensor& w, double eps, Tensor& y, Te
     using T = decltype(ttag);
     using W = decltype(wtag);
     const int packs = fast_packs<T, W>(d, {x.raw(), y.raw()});
+    const int lane_packs = warp_packs<T>(d);
+    if (packs && lane_packs && aligned_to(w.raw(), sizeof(W) * (16 / sizeof(T)))) {
+      dispatch_warp_packs(lane_packs, [&](auto pc) {
+        constexpr int P = decltype(pc)::value, N = 16 / sizeof(T);
+        launch_kernel("rms_fwd_warp", rms_fwd_warp<T, W, N, P>, static_cast<unsigned>((n + kWarpRows - 1) / kWarpRows),
+                      32 * kWarpRows, 0, s, x.data<T>(), w.data<W>(), static_cast<float>(eps), y.data<T>(),
+                      rstd.data<float>(), n, d);
+      });
+      return;
+    }
     if (packs && aligned_to(w.raw(), sizeof(W) * (16 / sizeof(T)))) {
       dispatch_packs<0>(packs, [&](auto pc) {
         constexpr int P = decltype(pc)::value, N = 16 / sizeof(T);
