@@ -8,8 +8,11 @@ is put down to
     was busy elsewhere: a synchronisation, a host computation, the allocator); the host calls
     made meanwhile are listed;
   - the launch latency, when the call had been made before (the queue was not empty).
+Then the range's device time by kernel and by family (GEMM, attention, other kernels, memsets,
+copies), each piece counted once: a kernel that starts before the one ahead of it has ended
+(programmatic dependent launch) counts only from that end.
 
-  python3 tools/cupti_trace.py trace.csv[.gz] [--range step_3] [--top 20]
+  python3 tools/cupti_trace.py trace.csv[.gz] [--range step_3] [--top 20] [--kernels 30]
 """
 import argparse
 import bisect
@@ -17,6 +20,8 @@ import collections
 import csv
 import gzip
 import re
+import shutil
+import subprocess
 import sys
 
 def blocking(name, dur_ns):
@@ -56,11 +61,49 @@ def short(n):
     return re.sub(r"\(.*", "", n)[:70]
 
 
+def demangled(names):
+    """{mangled: demangled} through c++filt where it is installed (else the names themselves)."""
+    names = sorted(set(names))
+    if not names or not shutil.which("c++filt"):
+        return {n: n for n in names}
+    out = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True).stdout.split("\n")
+    return {n: (out[i] if i < len(out) and out[i] else n) for i, n in enumerate(names)}
+
+
+def kernel_label(kind, name, plain):
+    """A kernel's function name without scopes, template arguments and parameters (cuBLAS's
+    nvjet and cuDNN's generated kernels keep their names); a memset or copy: its kind and bytes."""
+    if kind == "S":
+        return "memset " + name
+    if kind == "C":
+        return "copy " + name
+    d = plain.get(name, name)
+    if d == name and not name.startswith("_Z"):
+        return name[:70]
+    d = re.sub(r"\(.*$", "", d.replace("(anonymous namespace)", "anon"))
+    while re.search(r"<[^<>]*>", d):
+        d = re.sub(r"<[^<>]*>", "", d)
+    return d.split("::")[-1].split(" ")[-1][:70] or name[:70]
+
+
+def family(kind, name):
+    if kind == "S":
+        return "memsets"
+    if kind == "C":
+        return "copies"
+    if re.search(r"nvjet|gemm|splitKreduce|cutlass", name, re.I):
+        return "GEMM"
+    if re.search(r"cudnn|sdpa|flash|attention|fmha", name, re.I):
+        return "attention"
+    return "other kernels"
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("csv")
     ap.add_argument("--range", help="NVTX range name (default: the last step_<N>)")
     ap.add_argument("--top", type=int, default=20)
+    ap.add_argument("--kernels", type=int, default=30, help="rows of the device time by kernel")
     a = ap.parse_args()
     work, api, api_rows, ranges = load(a.csv)
     steps = [r for r in ranges if (r[0] == a.range if a.range else re.fullmatch(r"step_\d+", r[0]))]
@@ -156,6 +199,26 @@ def main():
     print("\nhost time in runtime and driver calls (a runtime call includes the driver calls it makes; top 12):")
     for n, (c, t) in sorted(per_api.items(), key=lambda x: -x[1][1])[:12]:
         print(f"  {t / 1e6:8.3f} ms {c:6d}  {n}")
+    # Device time by kernel: each piece from the later of its start and the end of all work before
+    # it, so that PDL's early starts (a kernel waiting in griddepcontrol.wait) count once.
+    plain = demangled(x[5] for x in w if x[2] == "K")
+    by_kernel = collections.defaultdict(lambda: [0, 0, 0])
+    by_family = collections.Counter()
+    end = w[0][0]
+    for (s, e, k, t, c, n) in w:
+        own = max(0, e - max(s, end))
+        end = max(end, e)
+        row = by_kernel[kernel_label(k, n, plain)]
+        row[0] += 1
+        row[1] += own
+        row[2] += e - s
+        by_family[family(k, n)] += own
+    total = sum(by_family.values())
+    print(f"\ndevice time by kernel (ms counted once, ms start to end, calls; top {a.kernels} of {len(by_kernel)}):")
+    for label, (c, own, full) in sorted(by_kernel.items(), key=lambda x: -x[1][1])[: a.kernels]:
+        print(f"  {own / 1e6:8.3f} {full / 1e6:8.3f} {c:6d}  {label}")
+    print(f"device time by family (ms, of {total / 1e6:.3f}): " +
+          ", ".join(f"{f} {t / 1e6:.3f}" for f, t in by_family.most_common()))
 
 
 if __name__ == "__main__":

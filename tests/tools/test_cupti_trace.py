@@ -7,8 +7,13 @@ One NVTX range step_2 holds, on stream 7:
   k3 [350, 400) launched at 340 (the host late: the device idle from 300 to 350, 40 us of it
   before the launch call, 10 us after it).
 Busy 100 + 1 + 95 + 50 = 246 us; idle 2 + 2 + 50 = 54 us; host late 40 us; latency 14 us.
+
+A second trace, step_5, checks the device time by kernel: a mangled ievo kernel [0, 100) us, an
+nvjet GEMM [80, 150) started early (PDL: 50 us of it counted), the same ievo kernel again
+[150, 170) and a cuDNN kernel [170, 200).
 """
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -36,14 +41,33 @@ ROWS = [
 ]
 
 
-def main():
+MANGLED = "_ZN4ievo3ops4cuda41_GLOBAL__N__a3f9b3e9_9_swiglu_cu_2e03b3e410swiglu_fwdI13__nv_bfloat16Li8EEEvPKT_S7_PS5_l"
+ROWS_PDL = [
+    ("M", 1, 0, 0, 1, "step_5"),
+    ("A", 2, 3, 3, 20, "cudaLaunchKernelExC_v11060"),
+    ("K", 10, 100, 7, 20, MANGLED),
+    ("A", 4, 5, 3, 21, "cudaLaunchKernelExC_v11060"),
+    ("K", 80, 150, 7, 21, "nvjet_sm90_tst_128x128_64x6_2x1_v_bz_TNT"),
+    ("A", 6, 7, 3, 22, "cudaLaunchKernelExC_v11060"),
+    ("K", 150, 170, 7, 22, MANGLED),
+    ("A", 8, 9, 3, 23, "cudaLaunchKernelExC_v11060"),
+    ("K", 170, 200, 7, 23, "cudnn_generated_fort_native_sdpa_sm90_flash_fprop"),
+    ("M", 0, 210, 0, 1, ""),
+]
+
+
+def run(rows):
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "trace.csv")
         with open(path, "w") as f:
             f.write("kind,start_ns,end_ns,where,corr,name\n")
-            for k, s, e, w, c, n in ROWS:
+            for k, s, e, w, c, n in rows:
                 f.write(f"{k},{s * US},{e * US},{w},{c},{n}\n")
-        out = subprocess.run([sys.executable, TOOL, path], capture_output=True, text=True, check=True).stdout
+        return subprocess.run([sys.executable, TOOL, path], capture_output=True, text=True, check=True).stdout
+
+
+def main():
+    out = run(ROWS)
     print(out)
     expect = [
         "range step_2: host 0.360 ms; device work 4 (3 kernels, 0 copies, 1 memsets)",
@@ -52,8 +76,25 @@ def main():
         "1 1.0 memset 4 -> k2 x1",
         "50.0 40.0 k2 -> k3 after cudaStreamSynchronize_v3020",
         "0.120 131.0 49.0 cudaStreamSynchronize_v3020 -> k3",
+        "0.100 0.100 1 k1",
+        "0.001 0.001 1 memset 4",
+        "device time by family (ms, of 0.246): other kernels 0.245, memsets 0.001",
     ]
     # columns are padded: compare with whitespace collapsed
+    flat = " ".join(out.split())
+    missing = [e for e in expect if " ".join(e.split()) not in flat]
+    if missing:
+        sys.exit(f"test_cupti_trace: missing {missing}")
+    out = run(ROWS_PDL)
+    print(out)
+    # the ievo kernel's name demangled where c++filt is installed
+    label = "swiglu_fwd" if shutil.which("c++filt") else MANGLED[:70]
+    expect = [
+        f"0.110 0.110 2 {label}",
+        "0.050 0.070 1 nvjet_sm90_tst_128x128_64x6_2x1_v_bz_TNT",
+        "0.030 0.030 1 cudnn_generated_fort_native_sdpa_sm90_flash_fprop",
+        "device time by family (ms, of 0.190): other kernels 0.110, GEMM 0.050, attention 0.030",
+    ]
     flat = " ".join(out.split())
     missing = [e for e in expect if " ".join(e.split()) not in flat]
     if missing:
