@@ -77,39 +77,49 @@ __global__ void rms_bwd(const T* dy, const T* x, const W* w, const float* rstd, 
 
 constexpr int kFastBlocks = 1024;  // backward: rows are split among this many blocks (at most)
 
-// Forward, one block per row, packs of N elements, at most P packs per thread held in registers.
-template <typename T, typename W, int N, int P>
-__global__ void rms_fwd_vec(const T* x, const W* w, float eps, T* y, float* rstd, int64_t d) {
-  pdl_begin();
-  __shared__ float scratch[32];
-  const int64_t row = blockIdx.x, np = d / N;
-  const T* xr = x + row * d;
+// One row of the packed forward: this thread's packs first, first + stride, ... (at most P, held
+// in registers), the row's sum of squares by `sum` (over a block or a warp); the thread with
+// first == 0 writes the row's rstd.
+template <typename T, typename W, int N, int P, typename Sum>
+__device__ __forceinline__ void rms_fwd_row(const T* xr, const W* w, float eps, T* yr, float* rstd_row,
+                                            int64_t d, int64_t first, int64_t stride, Sum&& sum) {
+  const int64_t np = d / N;
   Pack<T, N> px[P];
   float ss = 0.f;
 #pragma unroll
   for (int p = 0; p < P; ++p) {
-    const int64_t c = threadIdx.x + static_cast<int64_t>(p) * blockDim.x;
+    const int64_t c = first + p * stride;
     if (c < np) {
       px[p] = load_pack<T, N>(xr + c * N);
 #pragma unroll
       for (int k = 0; k < N; ++k) ss += to_f(px[p].v[k]) * to_f(px[p].v[k]);
     }
   }
-  ss = block_sum(ss, scratch);
+  ss = sum(ss);
   const float r = 1.0f / sqrtf(ss / static_cast<float>(d) + eps);
-  if (threadIdx.x == 0) rstd[row] = r;
+  if (first == 0) *rstd_row = r;
 #pragma unroll
   for (int p = 0; p < P; ++p) {
-    const int64_t c = threadIdx.x + static_cast<int64_t>(p) * blockDim.x;
+    const int64_t c = first + p * stride;
     if (c < np) {
       const auto pw = load_pack<W, N>(w + c * N);
       Pack<T, N> py;
 #pragma unroll
       for (int k = 0; k < N; ++k)
         py.v[k] = from_f<T>(to_f(pw.v[k]) * to_f(from_f<T>(to_f(px[p].v[k]) * r)));
-      store_pack<T, N>(y + row * d + c * N, py);
+      store_pack<T, N>(yr + c * N, py);
     }
   }
+}
+
+// Forward, one block per row, packs of N elements, at most P packs per thread held in registers.
+template <typename T, typename W, int N, int P>
+__global__ void rms_fwd_vec(const T* x, const W* w, float eps, T* y, float* rstd, int64_t d) {
+  pdl_begin();
+  __shared__ float scratch[32];
+  const int64_t row = blockIdx.x;
+  rms_fwd_row<T, W, N, P>(x + row * d, w, eps, y + row * d, rstd + row, d, threadIdx.x, blockDim.x,
+                          [&](float v) { return block_sum(v, scratch); });
 }
 
 // Backward: block b handles rows b, b + gridDim.x, ...; its threads own fixed column packs, so
@@ -190,37 +200,10 @@ constexpr int kWarpPacks = 4;
 template <typename T, typename W, int N, int P>
 __global__ void rms_fwd_warp(const T* x, const W* w, float eps, T* y, float* rstd, int64_t n, int64_t d) {
   pdl_begin();
-  const int lane = threadIdx.x & 31;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5);
   if (row >= n) return;
-  const int64_t np = d / N;
-  const T* xr = x + row * d;
-  Pack<T, N> px[P];
-  float ss = 0.f;
-#pragma unroll
-  for (int p = 0; p < P; ++p) {
-    const int64_t c = lane + 32 * p;
-    if (c < np) {
-      px[p] = load_pack<T, N>(xr + c * N);
-#pragma unroll
-      for (int k = 0; k < N; ++k) ss += to_f(px[p].v[k]) * to_f(px[p].v[k]);
-    }
-  }
-  ss = warp_sum(ss);
-  const float r = 1.0f / sqrtf(ss / static_cast<float>(d) + eps);
-  if (lane == 0) rstd[row] = r;
-#pragma unroll
-  for (int p = 0; p < P; ++p) {
-    const int64_t c = lane + 32 * p;
-    if (c < np) {
-      const auto pw = load_pack<W, N>(w + c * N);
-      Pack<T, N> py;
-#pragma unroll
-      for (int k = 0; k < N; ++k)
-        py.v[k] = from_f<T>(to_f(pw.v[k]) * to_f(from_f<T>(to_f(px[p].v[k]) * r)));
-      store_pack<T, N>(y + row * d + c * N, py);
-    }
-  }
+  rms_fwd_row<T, W, N, P>(x + row * d, w, eps, y + row * d, rstd + row, d, threadIdx.x & 31, 32,
+                          [](float v) { return warp_sum(v); });
 }
 
 // Packs per lane of the warp-per-row forward (0: the row is too wide for it).
