@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "models/llama_layers.h"
 #include "runtime/ops/attention.h"
 #include "runtime/ops/cross_entropy.h"
 #include "runtime/ops/elementwise.h"
@@ -21,17 +22,13 @@
 namespace ievo {
 
 using namespace ievo::ops;
+using layers::linear;
+using layers::linears;
+using layers::rmsnorm;
 
 namespace {
 
 DType stat_dtype(DType t) { return t == DType::F64 ? DType::F64 : DType::F32; }
-
-// y = x W^T for W [out, in]
-Tensor linear(const Tensor& x, const Tensor& w) {
-  Tensor y = Tensor::empty({x.size(0), w.size(0)}, x.dtype(), x.device());
-  matmul(x, false, w, true, y);
-  return y;
-}
 
 // Backward of y = x W^T: dx (+)= dy W, dW = beta dW + dy^T x (the accumulator's beta: 0 on the
 // step's first write of a lazily zeroed gradient, ParamStore::zero_lazily).
@@ -80,21 +77,6 @@ std::vector<Tensor> column_slices(const Tensor& m, const std::vector<int64_t>& w
     c += w;
   }
   return out;
-}
-
-// y_i = x W_i^T for the weights `ws`: column slices of one GEMM's output over the joint weight,
-// or one GEMM each with joint_linears() off.
-std::vector<Tensor> linears(const Tensor& x, std::initializer_list<const Tensor*> ws) {
-  std::vector<Tensor> parts;
-  std::vector<int64_t> widths;
-  for (const Tensor* w : ws) {
-    parts.push_back(*w);
-    widths.push_back(w->size(0));
-  }
-  if (joint_linears() && parts.size() > 1) return column_slices(linear(x, joined(parts, 0)), widths);
-  std::vector<Tensor> ys;
-  for (const Tensor& w : parts) ys.push_back(linear(x, w));
-  return ys;
 }
 
 // Empty gradient buffers shaped as `xs`: column slices of one matrix when `xs` are (each viewed
@@ -168,6 +150,31 @@ Tensor weight_grads_then_input_grad(const Tensor& x, std::initializer_list<Linea
   return dx;
 }
 
+constexpr size_t kAbsent = static_cast<size_t>(-1);
+
+}  // namespace
+
+namespace layers {
+
+Tensor linear(const Tensor& x, const Tensor& w) {
+  Tensor y = Tensor::empty({x.size(0), w.size(0)}, x.dtype(), x.device());
+  matmul(x, false, w, true, y);
+  return y;
+}
+
+std::vector<Tensor> linears(const Tensor& x, std::initializer_list<const Tensor*> ws) {
+  std::vector<Tensor> parts;
+  std::vector<int64_t> widths;
+  for (const Tensor* w : ws) {
+    parts.push_back(*w);
+    widths.push_back(w->size(0));
+  }
+  if (joint_linears() && parts.size() > 1) return column_slices(linear(x, joined(parts, 0)), widths);
+  std::vector<Tensor> ys;
+  for (const Tensor& w : parts) ys.push_back(linear(x, w));
+  return ys;
+}
+
 Tensor rmsnorm(const Tensor& x, const Tensor& w, double eps, Tensor& rstd) {
   Tensor y = Tensor::empty(x.shape(), x.dtype(), x.device());
   rstd = Tensor::empty({x.size(0)}, stat_dtype(x.dtype()), x.device());
@@ -175,17 +182,16 @@ Tensor rmsnorm(const Tensor& x, const Tensor& w, double eps, Tensor& rstd) {
   return y;
 }
 
-constexpr size_t kAbsent = static_cast<size_t>(-1);
+Tensor rmsnorm(const Tensor& x, const Tensor& w, double eps) {
+  Tensor rstd;
+  return rmsnorm(x, w, eps, rstd);
+}
 
-}  // namespace
+}  // namespace layers
 
 ModelParallel Llama::one_rank_;
 
 void Llama::set_joint_linears(bool on) { g_joint_linears.store(on); }
-
-std::vector<Tensor> Llama::projections(const Tensor& x, std::initializer_list<const Tensor*> ws) {
-  return linears(x, ws);
-}
 
 int64_t Llama::default_head_chunk_tokens(int64_t v_local) {
   int64_t tokens = 1024;

@@ -159,9 +159,6 @@ class Llama {
   Tensor block_backward(const ParamStore& p, int layer, const Batch& b, const BlockActs& a,
                         const Tensor& dy, ParamStore& g);
   Tensor residual_linear(const Tensor& h, const Tensor& w, const Tensor& x);  // x + g(h W^T)
-  // y_i = x W_i^T for weights back to back in the store (q/k/v, gate/up): column slices of one
-  // GEMM's output (set_joint_linears), for the decode path as for training.
-  static std::vector<Tensor> projections(const Tensor& x, std::initializer_list<const Tensor*> ws);
   // RoPE (or its backward) on q [N, Hq, hd] and k [N, Hk, hd] in place: one launch over the
   // Hq + Hk heads when they lie side by side (the joint projection's columns), else one each.
   void rotate_qk(Tensor& q, Tensor& k, const Tensor& positions, bool backward) const;

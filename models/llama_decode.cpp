@@ -4,34 +4,19 @@
 //   k, v appended to the cache, attention_decode(q, cache[0, length + n)), then the output
 //   projection, MLP and residuals exactly as block_forward; final norm and LM head.
 #include "models/llama.h"
+#include "models/llama_layers.h"
 #include "runtime/ops/decode_attention.h"
 #include "runtime/ops/elementwise.h"
 #include "runtime/ops/embedding.h"
-#include "runtime/ops/matmul.h"
-#include "runtime/ops/rmsnorm.h"
 #include "runtime/ops/swiglu.h"
 
 namespace ievo {
 
 using namespace ievo::ops;
 
-namespace {
-
-Tensor linear(const Tensor& x, const Tensor& w) {  // y = x W^T, W [out, in]
-  Tensor y = Tensor::empty({x.size(0), w.size(0)}, x.dtype(), x.device());
-  matmul(x, false, w, true, y);
-  return y;
-}
-
-Tensor rmsnorm(const Tensor& x, const Tensor& w, double eps) {
-  Tensor y = Tensor::empty(x.shape(), x.dtype(), x.device());
-  Tensor rstd = Tensor::empty({x.size(0)}, x.dtype() == DType::F64 ? DType::F64 : DType::F32,
-                              x.device());
-  rmsnorm_forward(x, w, eps, y, rstd);
-  return y;
-}
-
-}  // namespace
+using layers::linear;
+using layers::linears;
+using layers::rmsnorm;
 
 KvCache Llama::make_kv_cache(int64_t capacity, DType dtype, Device device) const {
   IEVO_CHECK(capacity > 0, "KV cache capacity must be > 0, got ", capacity);
@@ -69,7 +54,7 @@ Tensor Llama::forward_step(const ParamStore& p, const std::vector<int32_t>& toke
     const int hl = static_cast<int>(l) + 1;
     before(hl, P::Forward);
     Tensor n1 = rmsnorm(x, p[L.ln1], c_.norm_eps);
-    const std::vector<Tensor> qkv = projections(n1, {&p[L.wq], &p[L.wk], &p[L.wv]});  // row-strided
+    const std::vector<Tensor> qkv = linears(n1, {&p[L.wq], &p[L.wk], &p[L.wv]});  // row-strided
     Tensor q = qkv[0].view({n, c_.num_heads, hd});
     Tensor k = qkv[1].view({n, c_.num_kv_heads, hd});
     Tensor v = qkv[2].view({n, c_.num_kv_heads, hd});
@@ -82,7 +67,7 @@ Tensor Llama::forward_step(const ParamStore& p, const std::vector<int32_t>& toke
     Tensor a = linear(attn.view({n, c_.q_dim()}), p[L.wo]);
     add(a, x, a);
     Tensor n2 = rmsnorm(a, p[L.ln2], c_.norm_eps);
-    const std::vector<Tensor> gu = projections(n2, {&p[L.wg], &p[L.wu]});
+    const std::vector<Tensor> gu = linears(n2, {&p[L.wg], &p[L.wu]});
     Tensor h = Tensor::empty(gu[0].shape(), dt, dev);
     swiglu_forward(gu[0], gu[1], h);
     x = linear(h, p[L.wd]);
