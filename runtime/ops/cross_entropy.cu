@@ -206,9 +206,7 @@ double ce_forward_impl(const Tensor& logits, const Tensor& targets, Tensor& loss
       if (losses.dtype() == DType::F32) run(losses.data<float>());
       else run(losses.data<T>());
     };
-    if (packed_rows<T>(logits, dlogits ? *dlogits : logits)) launch(std::integral_constant<int, 16 / sizeof(T)>{});
-    else
-      launch(std::integral_constant<int, 1>{});
+    with_row_pack<T>(logits, dlogits ? *dlogits : logits, launch);
   });
   launch_kernel("ce_total", ce_total, 1, 1024, 0, s, row_loss, targets.data<int32_t>(), n, totals,
                 acc ? acc->data<long long>() : nullptr, bad.as<int>(), row0);
@@ -256,13 +254,11 @@ void cross_entropy_backward(const Tensor& logits, const Tensor& targets, double 
   IEVO_CUDA_CHECK(cudaMemsetAsync(bad.data(), kNoBadRowByte, sizeof(int), s));
   dispatch_fp(logits.dtype(), op, [&](auto tag) {
     using T = decltype(tag);
-    if (packed_rows<T>(logits, dlogits))
-      launch_kernel("ce_bwd", ce_bwd<T, 16 / sizeof(T)>, n, row_threads(v / (16 / sizeof(T))), 0, s, logits.data<T>(),
-                    targets.data<int32_t>(), v, static_cast<float>(grad_scale), dlogits.data<T>(),
-                    bad.as<int>());
-    else
-      launch_kernel("ce_bwd", ce_bwd<T, 1>, n, row_threads(v), 0, s, logits.data<T>(), targets.data<int32_t>(), v,
-                    static_cast<float>(grad_scale), dlogits.data<T>(), bad.as<int>());
+    with_row_pack<T>(logits, dlogits, [&](auto nc) {
+      constexpr int N = decltype(nc)::value;
+      launch_kernel("ce_bwd", ce_bwd<T, N>, n, row_threads(v / N), 0, s, logits.data<T>(),
+                    targets.data<int32_t>(), v, static_cast<float>(grad_scale), dlogits.data<T>(), bad.as<int>());
+    });
   });
   int bad_row = 0;
   IEVO_CUDA_CHECK(cudaMemcpyAsync(&bad_row, bad.data(), sizeof(int), cudaMemcpyDeviceToHost, s));

@@ -324,18 +324,19 @@ void rmsnorm_forward(const Tensor& x, const Tensor& w, double eps, Tensor& y, Te
   dispatch_tw(x.dtype(), w.dtype(), op, [&](auto ttag, auto wtag) {
     using T = decltype(ttag);
     using W = decltype(wtag);
-    const int packs = fast_packs<T, W>(d, {x.raw(), y.raw()});
-    const int lane_packs = warp_packs<T>(d);
-    if (packs && lane_packs && aligned_to(w.raw(), sizeof(W) * (16 / sizeof(T)))) {
+    const bool w_packs = aligned_to(w.raw(), sizeof(W) * (16 / sizeof(T)));
+    const int packs = w_packs ? fast_packs<T, W>(d, {x.raw(), y.raw()}) : 0;
+    const int lane_packs = packs ? warp_packs<T>(d) : 0;
+    if (lane_packs) {
       dispatch_warp_packs(lane_packs, [&](auto pc) {
         constexpr int P = decltype(pc)::value, N = 16 / sizeof(T);
-        launch_kernel("rms_fwd_warp", rms_fwd_warp<T, W, N, P>, static_cast<unsigned>((n + kWarpRows - 1) / kWarpRows),
-                      32 * kWarpRows, 0, s, x.data<T>(), w.data<W>(), static_cast<float>(eps), y.data<T>(),
-                      rstd.data<float>(), n, d);
+        const auto blocks = static_cast<unsigned>((n + kWarpRows - 1) / kWarpRows);
+        launch_kernel("rms_fwd_warp", rms_fwd_warp<T, W, N, P>, blocks, 32 * kWarpRows, 0, s, x.data<T>(),
+                      w.data<W>(), static_cast<float>(eps), y.data<T>(), rstd.data<float>(), n, d);
       });
       return;
     }
-    if (packs && aligned_to(w.raw(), sizeof(W) * (16 / sizeof(T)))) {
+    if (packs) {
       dispatch_packs<0>(packs, [&](auto pc) {
         constexpr int P = decltype(pc)::value, N = 16 / sizeof(T);
         launch_kernel("rms_fwd_vec", rms_fwd_vec<T, W, N, P>, n, pack_threads(d, N, P), 0, s, x.data<T>(),

@@ -125,4 +125,15 @@ inline bool packed_rows(const Tensor& a, const Tensor& b) {
   return (a.size(1) * sizeof(T)) % 16 == 0 && aligned_to(a.raw(), 16) && aligned_to(b.raw(), 16);
 }
 
+// Calls f(std::integral_constant<int, N>{}) with N the elements of a 16-byte pack when the rows
+// of a and b can be read so (packed_rows), else N = 1: the row kernels' template argument, and
+// their block size row_threads(v / N).
+template <typename T, typename F>
+inline void with_row_pack(const Tensor& a, const Tensor& b, F&& f) {
+  if (packed_rows<T>(a, b))
+    f(std::integral_constant<int, static_cast<int>(16 / sizeof(T))>{});
+  else
+    f(std::integral_constant<int, 1>{});
+}
+
 }  // namespace ievo::ops::cuda

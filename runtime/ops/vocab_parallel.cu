@@ -286,13 +286,11 @@ void vocab_ce_local(const Tensor& logits, const Tensor& targets, int64_t begin, 
   cudaStream_t s = current_stream();
   dispatch_fp(logits.dtype(), op, [&](auto tag) {
     using T = decltype(tag);
-    auto launch = [&](auto kernel, int64_t packs) {
-      launch_kernel("ce_local", kernel, n, row_threads(packs), 0, s, logits.data<T>(), targets.data<int32_t>(),
-                    n, vl, begin, stats.data<float>());
-    };
-    constexpr int N = 16 / sizeof(T);
-    if (packed_rows<T>(logits, logits)) launch(ce_local<T, N>, vl / N);
-    else launch(ce_local<T, 1>, vl);
+    with_row_pack<T>(logits, logits, [&](auto nc) {
+      constexpr int N = decltype(nc)::value;
+      launch_kernel("ce_local", ce_local<T, N>, n, row_threads(vl / N), 0, s, logits.data<T>(),
+                    targets.data<int32_t>(), n, vl, begin, stats.data<float>());
+    });
   });
 }
 
@@ -347,14 +345,12 @@ void vocab_ce_backward(const Tensor& logits, const Tensor& targets, int64_t begi
   cudaStream_t s = current_stream();
   dispatch_fp(logits.dtype(), op, [&](auto tag) {
     using T = decltype(tag);
-    auto launch = [&](auto kernel, int64_t packs) {
-      launch_kernel("ce_backward", kernel, n, row_threads(packs), 0, s, logits.data<T>(),
+    with_row_pack<T>(logits, dlogits, [&](auto nc) {
+      constexpr int N = decltype(nc)::value;
+      launch_kernel("ce_backward", ce_backward<T, N>, n, row_threads(vl / N), 0, s, logits.data<T>(),
                     targets.data<int32_t>(), vl, begin, lse.data<float>(), static_cast<float>(grad_scale),
                     dlogits.data<T>());
-    };
-    constexpr int N = 16 / sizeof(T);
-    if (packed_rows<T>(logits, dlogits)) launch(ce_backward<T, N>, vl / N);
-    else launch(ce_backward<T, 1>, vl);
+    });
   });
 }
 
