@@ -21,11 +21,14 @@
 # ievo with --set model.head_chunk_tokens=TOKENS), SET_VARIANTS ("NAME:MODEL:key=value ...", ievo
 # with --set key=value), ENV_VARIANTS ("NAME:MODEL:VAR=value ...", ievo with that environment
 # variable, e.g. pdl_off:llama-134m:IEVO_PDL=0), SKIP_PEER / SKIP_KERNELS (set: ievo's runs only,
-# or no kernel benchmarks), IEVO_TIMEOUT / PEER_TIMEOUT (seconds per run), OUT.
+# or no kernel benchmarks), IEVO_TIMEOUT / PEER_TIMEOUT (seconds per run), ROUNDS (1: how many
+# times the ievo/peer pairs of all models run, round after round; rounds 2.. into round<R>/, and
+# the table gives each side's median over the rounds and the range of the rounds' ratios), OUT.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/ievo_compare}
 MODELS=${MODELS:-llama-134m tinyllama-1.1b internlm2-1.8b}
+ROUNDS=${ROUNDS:-1}
 STEPS=${STEPS:-10}
 WARMUP=${WARMUP:-5}
 PEER_COMPILE=${PEER_COMPILE:-blocks}
@@ -68,14 +71,20 @@ run() {
   tar czf "$OUT/compare.tgz" -C "$work" .
 }
 
-for m in $MODELS; do
-  run "ievo_$m" "${IEVO_TIMEOUT:-200}" "$IEVO" bench "configs/$m.yaml" --steps "$STEPS" --warmup "$WARMUP" \
-    --json "$work/ievo_$m.json"
-  grep -E "tokens/s|MFU|memory" "$work/ievo_$m.log"
-  [ -n "${SKIP_PEER-}" ] && continue
-  run "peer_$m" "${PEER_TIMEOUT:-300}" python3 bench/peer/llama_peer.py --config "configs/$m.yaml" \
-    --steps "$STEPS" --warmup "$WARMUP" --compile "$PEER_COMPILE" --sdpa "$PEER_SDPA" --json "$work/peer_$m.json"
-  grep -E '"(tokens_per_s|mfu|peak_mem_bytes|first_step_s)"' "$work/peer_$m.log"
+# Each round runs every model's pair (ievo, then the peer) before the next round, so that a card
+# that drifts (clocks, heat) weighs on every pair alike.
+for r in $(seq "$ROUNDS"); do
+  sub=""
+  [ "$r" = 1 ] || { sub="round$r/"; mkdir -p "$work/$sub"; }
+  for m in $MODELS; do
+    run "${sub}ievo_$m" "${IEVO_TIMEOUT:-200}" "$IEVO" bench "configs/$m.yaml" --steps "$STEPS" --warmup "$WARMUP" \
+      --json "$work/${sub}ievo_$m.json"
+    grep -E "tokens/s|MFU|memory" "$work/${sub}ievo_$m.log"
+    [ -n "${SKIP_PEER-}" ] && continue
+    run "${sub}peer_$m" "${PEER_TIMEOUT:-300}" python3 bench/peer/llama_peer.py --config "configs/$m.yaml" \
+      --steps "$STEPS" --warmup "$WARMUP" --compile "$PEER_COMPILE" --sdpa "$PEER_SDPA" --json "$work/${sub}peer_$m.json"
+    grep -E '"(tokens_per_s|mfu|peak_mem_bytes|first_step_s)"' "$work/${sub}peer_$m.log"
+  done
 done
 
 if [ -x "$KBENCH" ] && [ -z "${SKIP_KERNELS-}" ]; then

@@ -1,9 +1,14 @@
 #!/usr/bin/env python3
 """Markdown tables from the JSON files of bench/peer/compare.sh (ievo bench, the PyTorch peer,
-bench_gpu_kernels and the peer's SDPA timings).  python3 bench/peer/table.py DIR"""
+bench_gpu_kernels and the peer's SDPA timings).  python3 bench/peer/table.py DIR
+
+With several rounds (compare.sh ROUNDS; round 1 in DIR, round R in DIR/roundR/), a model's row
+gives each side's median tokens/s over the rounds, their ratio, and the lowest and highest of the
+rounds' own ratios (each round's ievo run against the peer run right after it)."""
 import glob
 import json
 import os
+import statistics
 import sys
 
 GOALS = {"llama-134m": 1.3, "tinyllama-1.1b": 1.25, "internlm2-1.8b": 1.2}  # issue 8
@@ -22,6 +27,38 @@ def fmt(x, spec):
     return format(x, spec) if isinstance(x, (int, float)) else "—"
 
 
+def rounds(d, name):
+    """The JSON of NAME (e.g. ievo_llama-134m) in every round that has it, round 1 first, as
+    (round, result) pairs."""
+    out = [(1, load(os.path.join(d, f"{name}.json")))]
+    for sub in glob.glob(os.path.join(d, "round*")):
+        r = os.path.basename(sub)[len("round"):]
+        if r.isdigit():
+            out.append((int(r), load(os.path.join(sub, f"{name}.json"))))
+    return sorted((r, j) for r, j in out if j)
+
+
+def summary(runs):
+    """One result standing for several rounds' runs: the medians of tokens/s, MFU and the median
+    step, the highest peak memory (the single run's own values when there is one)."""
+    if len(runs) <= 1:
+        return runs[0][1] if runs else None
+    js = [j for _, j in runs]
+    out = dict(js[0])
+    for k in ("tokens_per_s", "mfu", "step_time_median_s"):
+        vals = [j[k] for j in js if isinstance(j.get(k), (int, float))]
+        if vals:
+            out[k] = statistics.median(vals)
+    out["peak_mem_bytes"] = max(j["peak_mem_bytes"] for j in js)
+    return out
+
+
+def round_ratios(iruns, pruns):
+    """Each round's ievo tokens/s over the same round's peer tokens/s."""
+    peer = dict(pruns)
+    return [j["tokens_per_s"] / peer[r]["tokens_per_s"] for r, j in iruns if r in peer]
+
+
 def main(d):
     meta = load(os.path.join(d, "meta.json")) or {}
     lines = []
@@ -29,16 +66,24 @@ def main(d):
                  f"PyTorch {meta.get('torch', '?')}; ievo commit {meta.get('commit', '?')}; "
                  f"{meta.get('steps', '?')} timed steps after {meta.get('warmup', '?')} warm-up steps.")
     lines.append("")
+    n_rounds = max([len(rounds(d, f"ievo_{m}")) for m in (meta.get("models") or [])] + [1])
+    if n_rounds > 1:
+        lines.append(f"{n_rounds} rounds: tok/s and MFU are each side's median over the rounds, peak memory "
+                     "the highest; the ratio is of the medians, with the lowest and highest of the "
+                     "rounds' own ratios.")
+        lines.append("")
     lines.append("| model | ievo tok/s | peer tok/s | ratio (goal) | ratio of median steps | ievo MFU | "
-                 "peer MFU | ievo peak GiB | peer peak GiB |")
-    lines.append("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+                 "peer MFU | ievo peak GiB | peer peak GiB |" + (" rounds' ratios |" if n_rounds > 1 else ""))
+    lines.append("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |" +
+                 (" ---: |" if n_rounds > 1 else ""))
     models = meta.get("models") or sorted({os.path.basename(p)[5:-5] for p in glob.glob(os.path.join(d, "ievo_*.json"))
                                            if "_ckpt_" not in p and "_var_" not in p})
     for m in models:
-        i, p = load(os.path.join(d, f"ievo_{m}.json")), load(os.path.join(d, f"peer_{m}.json"))
+        iruns, pruns = rounds(d, f"ievo_{m}"), rounds(d, f"peer_{m}")
+        i, p = summary(iruns), summary(pruns)
         it = i["tokens_per_s"] if i else None
         pt = p["tokens_per_s"] if p else None
-        ratio = f"{it / pt:.2f}x" if it and pt else "—"
+        ratio = f"{it / pt:.3f}x" if it and pt else "—"
         goal = GOALS.get(m)
         ratio += f" ({goal:.2f}x)" if goal else ""
         # tok/s come from the mean step time; a few slow steps on either side (host jitter, a
@@ -51,6 +96,9 @@ def main(d):
             fmt(100 * i["mfu"], ".1f") + "%" if i else "—", fmt(100 * p["mfu"], ".1f") + "%" if p else "—",
             fmt(i["peak_mem_bytes"] / GIB, ".1f") if i else "—",
             fmt(p["peak_mem_bytes"] / GIB, ".1f") if p else "—"]) + " |")
+        if n_rounds > 1:
+            rr = round_ratios(iruns, pruns)
+            lines[-1] += (f" {min(rr):.3f}–{max(rr):.3f}x ({len(rr)}) |" if rr else " — |")
     lines.append("")
     lines.append("Time per step by phase, ms (ievo: device time between phase marks, forward = "
                  "embedding + blocks, backward includes the LM head's fused forward; peer: forward "
@@ -75,7 +123,8 @@ def main(d):
             variants.append((m, "peer " + os.path.basename(path)[len(f"peer_{m}_"):-5], load(path)))
     if variants:
         lines.append("")
-        lines.append("Variants (same call; ratio and memory against the default peer run of the model):")
+        lines.append("Variants (same call; ratio and memory against the model's default peer run, its "
+                     "median over the rounds):")
         lines.append("")
         lines.append("| model | variant | tok/s | ratio | MFU | peak GiB | peer peak GiB |")
         lines.append("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
@@ -83,8 +132,8 @@ def main(d):
             if not r:
                 lines.append(f"| {m} | {v} | failed | | | | |")
                 continue
-            p = load(os.path.join(d, f"peer_{m}.json"))
-            ratio = f"{r['tokens_per_s'] / p['tokens_per_s']:.2f}x" if p else "—"
+            p = summary(rounds(d, f"peer_{m}"))
+            ratio = f"{r['tokens_per_s'] / p['tokens_per_s']:.3f}x" if p else "—"
             lines.append(f"| {m} | {v} | {r['tokens_per_s']:,.0f} | {ratio} | {100 * r['mfu']:.1f}% | "
                          f"{r['peak_mem_bytes'] / GIB:.1f} | {fmt(p['peak_mem_bytes'] / GIB, '.1f') if p else '—'} |")
     kern = load(os.path.join(d, "kernels.json"))
