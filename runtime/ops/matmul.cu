@@ -11,11 +11,14 @@
 // autotuning (the default; IEVO_GEMM_AUTOTUNE=0 turns it off, and run.deterministic does, so that
 // a run's algorithms never depend on timing noise) each candidate is timed once on the plan's
 // first call with its real operands (1 warm-up + 3 runs, CUDA events) and the fastest is kept; the
-// output is written to D itself when D overlaps no input and beta = 0 or C is another buffer (the
-// real call overwrites D), else to a scratch buffer (holding a copy of D for an accumulation in
-// place). Plans of one shape differ by the epilogue (beta = 0, D += AB, D = AB + C): cuBLASLt runs
-// another kernel for each, and the fastest for beta = 0 need not be the fastest reading C. Without
-// autotuning the heuristic's first choice is used.
+// output is written to D itself when the real call overwrites it anyway (D overlaps no input and
+// is not accumulated into), else to a scratch buffer. A GEMM that adds another matrix C (D = AB +
+// C, the residual adds) has plans of its own, timed reading C: cuBLASLt runs another kernel for
+// it, and reading C costs some candidates more than others. An accumulation in place (beta != 0,
+// C = D) shares the plan of beta = 0, timed with beta = 0: its epilogue costs every candidate ~1%
+// alike (docs/performance.md, fourteenth round), and timing it would need a scratch copy of D (an
+// fp32 gradient, 0.7 GiB for InternLM2's head) at the step's peak. Without autotuning the
+// heuristic's first choice is used.
 #include <algorithm>
 #include <climits>
 #include <cstdio>
@@ -57,20 +60,13 @@ bool autotune() {
   return env_on && !ievo::cuda::deterministic();
 }
 
-// What the GEMM's epilogue reads besides the product.
-enum class Epilogue { None, AccumulateInPlace, AddOther };  // beta = 0; beta != 0 with C = D; C != D
-
-const char* epilogue_name(Epilogue e) {
-  return e == Epilogue::None ? "" : e == Epilogue::AccumulateInPlace ? " +=" : " +C";
-}
-
 struct PlanKey {
   int dtype, ta, tb;
   int64_t m, n, k, lda, ldb, ldc;
   int align_a, align_b, align_c;
-  Epilogue epilogue;
+  bool add_other;  // D = AB + C with C another matrix than D (beta 1)
   auto tie() const {
-    return std::tie(dtype, ta, tb, m, n, k, lda, ldb, ldc, align_a, align_b, align_c, epilogue);
+    return std::tie(dtype, ta, tb, m, n, k, lda, ldb, ldc, align_a, align_b, align_c, add_other);
   }
   bool operator<(const PlanKey& o) const { return tie() < o.tie(); }
 };
@@ -122,9 +118,8 @@ int alignment(const void* p) {
 struct Operands {
   const void* a;     // ours (cuBLAS "B")
   const void* b;     // ours (cuBLAS "A")
-  const void* c_in;  // cuBLAS C (= d unless Epilogue::AddOther)
+  const void* c_in;  // cuBLAS C: another matrix than d (PlanKey::add_other, timed with beta 1), or null
   void* d;           // cuBLAS D, the output
-  float beta;
   bool d_writable;  // overwriting D loses nothing: it overlaps no input and is not accumulated into
   size_t c_bytes;   // extent of C and of D (same strides)
   cudaStream_t stream;
@@ -141,16 +136,13 @@ int fastest(Blas& b, const Plan& p, const cublasLtMatmulHeuristicResult_t* res, 
             const Operands& op) {
   DeviceBuffer scratch;
   void* d = op.d;
-  const bool in_place = op.c_in == op.d;
   if (!op.d_writable) {
     scratch = DeviceBuffer(op.c_bytes);
     d = scratch.data();
-    if (in_place && op.beta != 0.0f)  // the accumulation reads what D holds
-      IEVO_CUDA_CHECK(cudaMemcpyAsync(d, op.d, op.c_bytes, cudaMemcpyDeviceToDevice, op.stream));
   }
-  const void* c_in = in_place ? d : op.c_in;
+  const void* c_in = op.c_in ? op.c_in : d;
   void* ws = workspace(b, op.stream);
-  const float one = 1.0f;
+  const float one = 1.0f, beta = op.c_in ? 1.0f : 0.0f;
   static const int reps = env_count("IEVO_GEMM_TUNE_REPS", 3), rounds = env_count("IEVO_GEMM_TUNE_ROUNDS", 1);
   static const bool log = env_count("IEVO_GEMM_TUNE_LOG", 0) > 0;
   std::vector<float> times;
@@ -158,7 +150,7 @@ int fastest(Blas& b, const Plan& p, const cublasLtMatmulHeuristicResult_t* res, 
       count, op.stream,
       [&](int i) {
         return res[i].state == CUBLAS_STATUS_SUCCESS && res[i].workspaceSize <= kWorkspace &&
-               cublasLtMatmul(b.lt, p.desc, &one, op.b, p.la, op.a, p.lb, &op.beta, c_in, p.lc, d, p.lc,
+               cublasLtMatmul(b.lt, p.desc, &one, op.b, p.la, op.a, p.lb, &beta, c_in, p.lc, d, p.lc,
                               &res[i].algo, ws, kWorkspace, op.stream) == CUBLAS_STATUS_SUCCESS;
       },
       &times, reps, rounds);
@@ -179,7 +171,7 @@ int fastest(Blas& b, const Plan& p, const cublasLtMatmulHeuristicResult_t* res, 
 Plan make_plan(Blas& b, const PlanKey& key, cudaDataType_t dt, const Operands& op) {
   Plan p;
   p.name = std::to_string(key.m) + "x" + std::to_string(key.n) + "x" + std::to_string(key.k) + " " +
-           (key.ta ? "T" : "N") + (key.tb ? "T" : "N") + epilogue_name(key.epilogue);
+           (key.ta ? "T" : "N") + (key.tb ? "T" : "N") + (key.add_other ? " +C" : "");
   const cublasOperation_t opa = key.tb ? CUBLAS_OP_T : CUBLAS_OP_N;  // cuBLAS A = our B
   const cublasOperation_t opb = key.ta ? CUBLAS_OP_T : CUBLAS_OP_N;  // cuBLAS B = our A
   IEVO_CUBLAS_CHECK(cublasLtMatmulDescCreate(&p.desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
@@ -241,12 +233,10 @@ void gemm(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, const Te
   Blas& bl = blas();
   cudaStream_t stream = current_stream();
   std::lock_guard<std::mutex> lock(bl.mu);
-  const Epilogue ep = beta == 0.0f          ? Epilogue::None
-                     : c_in == c.raw() ? Epilogue::AccumulateInPlace
-                                       : Epilogue::AddOther;
+  const bool add_other = beta != 0.0f && c_in != c.raw();
   const PlanKey key{static_cast<int>(c.dtype()), trans_a, trans_b, m, n, k, lda, ldb, ldc,
                     alignment(a.raw()), alignment(b.raw()),
-                    std::min(alignment(c.raw()), alignment(c_in)), ep};
+                    std::min(alignment(c.raw()), alignment(c_in)), add_other};
   auto it = bl.plans.find(key);
   if (it == bl.plans.end()) {
     const size_t esize = dtype_size(c.dtype());
@@ -259,10 +249,9 @@ void gemm(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, const Te
     auto extent = [&](const Tensor& t, int64_t ld) {
       return static_cast<size_t>(ld * (t.size(0) - 1) + t.size(1)) * esize;
     };
-    const bool writable = ep != Epilogue::AccumulateInPlace && !overlaps(a.raw(), extent(a, lda)) &&
-                          !overlaps(b.raw(), extent(b, ldb)) &&
-                          (ep == Epilogue::None || !overlaps(c_in, c_bytes));
-    const Operands op{a.raw(), b.raw(), c_in, c.raw(), beta, writable, c_bytes, stream};
+    const bool writable = (beta == 0.0f || add_other) && !overlaps(a.raw(), extent(a, lda)) &&
+                          !overlaps(b.raw(), extent(b, ldb)) && !(add_other && overlaps(c_in, c_bytes));
+    const Operands op{a.raw(), b.raw(), add_other ? c_in : nullptr, c.raw(), writable, c_bytes, stream};
     it = bl.plans.emplace(key, make_plan(bl, key, dt, op)).first;
   }
   const Plan& p = it->second;
