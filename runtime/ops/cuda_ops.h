@@ -27,6 +27,13 @@ bool all_finite(const Tensor& x);
 void check_token_ids(const Tensor& ids, int64_t vocab, const char* op, const Tensor& ids_host);
 void embedding_forward(const Tensor& table, const Tensor& ids, Tensor& out, const Tensor& ids_host);
 void embedding_backward(const Tensor& dout, const Tensor& ids, Tensor& dtable, const Tensor& ids_host);
+// The embedding backwards' scatter (embedding.cu; vocab_parallel.cu's range form too): adds row i
+// of dout [n, d] to row keys[i] of dtable for every i whose key is not `skip` (keys in
+// [0, key_bound) on the device; positions[i] = i), deterministically: the (key, position) pairs
+// stably radix-sorted by key, then one block a run of equal keys sums its rows in position order
+// (fp32) and adds the sum to the row once. No checks: the callers validate the tensors.
+void add_rows_by_key(const int32_t* keys, const int32_t* positions, int64_t n, int32_t skip,
+                     int64_t key_bound, const Tensor& dout, Tensor& dtable, const char* op);
 
 void rmsnorm_forward(const Tensor& x, const Tensor& w, double eps, Tensor& y, Tensor& rstd);
 void rmsnorm_backward(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& rstd,

@@ -31,17 +31,18 @@ __global__ void iota_kernel(int32_t* v, int64_t n) {
     v[i] = static_cast<int32_t>(i);
 }
 
-// Block i handles the run of equal sorted ids starting at i (if one starts there).
+// Block i handles the run of equal sorted keys starting at i (if one starts there); the run of
+// `skip` (rows held elsewhere) is dropped.
 template <typename G, typename T>
-__global__ void scatter_runs(const int32_t* sorted_ids, const int32_t* perm, int64_t n,
+__global__ void scatter_runs(const int32_t* sorted, const int32_t* perm, int64_t n, int32_t skip,
                              const G* dout, T* dtable, int64_t d) {
   pdl_begin();
   const int64_t i = blockIdx.x;
-  const int32_t id = sorted_ids[i];
-  if (i > 0 && sorted_ids[i - 1] == id) return;
+  const int32_t key = sorted[i];
+  if (key == skip || (i > 0 && sorted[i - 1] == key)) return;
   int64_t end = i + 1;
-  while (end < n && sorted_ids[end] == id) ++end;
-  T* row = dtable + static_cast<int64_t>(id) * d;
+  while (end < n && sorted[end] == key) ++end;
+  T* row = dtable + static_cast<int64_t>(key) * d;
   for (int64_t c = threadIdx.x; c < d; c += blockDim.x) {
     float acc = 0.f;
     for (int64_t r = i; r < end; ++r) acc += to_f(dout[static_cast<int64_t>(perm[r]) * d + c]);
@@ -49,9 +50,9 @@ __global__ void scatter_runs(const int32_t* sorted_ids, const int32_t* perm, int
   }
 }
 
-int bits_for(int64_t vocab) {
+int bits_for(int64_t bound) {
   int b = 1;
-  while ((int64_t{1} << b) < vocab) ++b;
+  while ((int64_t{1} << b) < bound) ++b;
   return b;
 }
 
@@ -102,25 +103,30 @@ void embedding_backward(const Tensor& dout, const Tensor& ids, Tensor& dtable, c
   check_token_ids(ids, vocab, op, ids_host);
   if (n == 0 || d == 0) return;
   cudaStream_t s = current_stream();
-  // Stable sort of (id, position) pairs by id.
-  DeviceBuffer keys_out(n * sizeof(int32_t)), vals_in(n * sizeof(int32_t)),
-      vals_out(n * sizeof(int32_t));
-  launch_kernel("iota_kernel", iota_kernel, grid_for(n, 256, 1024), 256, 0, s, vals_in.as<int32_t>(), n);
-  const int nn = static_cast<int>(n), end_bit = bits_for(vocab);
+  DeviceBuffer positions(n * sizeof(int32_t));
+  launch_kernel("iota_kernel", iota_kernel, grid_for(n, 256, 1024), 256, 0, s, positions.as<int32_t>(), n);
+  add_rows_by_key(ids.data<int32_t>(), positions.as<int32_t>(), n, -1, vocab, dout, dtable, op);
+}
+
+void add_rows_by_key(const int32_t* keys, const int32_t* positions, int64_t n, int32_t skip,
+                     int64_t key_bound, const Tensor& dout, Tensor& dtable, const char* op) {
+  cudaStream_t s = current_stream();
+  const int64_t d = dtable.size(1);
+  // Stable sort of the (key, position) pairs by key: equal keys form runs in position order.
+  DeviceBuffer keys_out(n * sizeof(int32_t)), vals_out(n * sizeof(int32_t));
+  const int nn = static_cast<int>(n), end_bit = bits_for(key_bound);
   size_t temp_bytes = 0;
-  IEVO_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(nullptr, temp_bytes, ids.data<int32_t>(),
-                                                  keys_out.as<int32_t>(), vals_in.as<int32_t>(),
-                                                  vals_out.as<int32_t>(), nn, 0, end_bit, s));
+  IEVO_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(nullptr, temp_bytes, keys, keys_out.as<int32_t>(),
+                                                  positions, vals_out.as<int32_t>(), nn, 0, end_bit, s));
   DeviceBuffer temp(temp_bytes);
-  IEVO_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(temp.data(), temp_bytes, ids.data<int32_t>(),
-                                                  keys_out.as<int32_t>(), vals_in.as<int32_t>(),
-                                                  vals_out.as<int32_t>(), nn, 0, end_bit, s));
+  IEVO_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(temp.data(), temp_bytes, keys, keys_out.as<int32_t>(),
+                                                  positions, vals_out.as<int32_t>(), nn, 0, end_bit, s));
   dispatch_fp(dout.dtype(), op, [&](auto gtag) {
     using G = decltype(gtag);
     dispatch_fp(dtable.dtype(), op, [&](auto ttag) {
       using T = decltype(ttag);
       launch_kernel("scatter_runs", scatter_runs<G, T>, n, 128, 0, s, keys_out.as<int32_t>(),
-                    vals_out.as<int32_t>(), n, dout.data<G>(), dtable.data<T>(), d);
+                    vals_out.as<int32_t>(), n, skip, dout.data<G>(), dtable.data<T>(), d);
     });
   });
 }

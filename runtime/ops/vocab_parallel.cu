@@ -2,20 +2,18 @@
 // GPU (see vocab_parallel.h). fp32 math for f32/bf16/f16; stats and lse are f32.
 //   embedding forward: one block per token copies its row (or writes zeros when another rank
 //     holds the id).
-//   embedding backward, deterministic without atomics (as ops::embedding_backward): local row
-//     keys (ids of other ranks get the key V_local, skipped) are radix-sorted with their positions
-//     (stable), and the block at the start of each run of equal keys sums dout over the run in
-//     position order and adds the sum to the row once.
+//   embedding backward, deterministic without atomics: local row keys (ids of other ranks get the
+//     key V_local, skipped) go to embedding.cu's add_rows_by_key, as ops::embedding_backward's ids
+//     do (a stable radix sort with their positions, then one block a run of equal keys).
 //   ce_local / ce_backward: one block per row, the row functions of softmax_rows.cuh (as
 //     cross_entropy.cu: one SFU exp an element, 16-byte packs where the rows allow them).
 //   ce_combine: one thread per row over the T parts; the total is summed in double by one block
 //     in a fixed order and read back with the count and the first row with a bad target.
 //   swap_leading_dims: B strided 2-D copies (cudaMemcpy2DAsync), no kernel.
-#include <cub/device/device_radix_sort.cuh>
-
 #include <climits>
 
 #include "runtime/cuda/kernels.cuh"
+#include "runtime/ops/cuda_ops.h"
 #include "runtime/ops/cross_entropy.h"
 #include "runtime/ops/embedding.h"
 #include "runtime/ops/softmax_rows.cuh"
@@ -104,29 +102,6 @@ __global__ void local_keys(const int32_t* ids, int64_t n, int64_t begin, int64_t
     keys[i] = static_cast<int32_t>(r >= 0 && r < rows ? r : rows);
     pos[i] = static_cast<int32_t>(i);
   }
-}
-
-template <typename G, typename T>
-__global__ void scatter_runs_range(const int32_t* sorted, const int32_t* perm, int64_t n,
-                                   int32_t skip, const G* dout, T* dtable, int64_t d) {
-  pdl_begin();
-  const int64_t i = blockIdx.x;
-  const int32_t key = sorted[i];
-  if (key == skip || (i > 0 && sorted[i - 1] == key)) return;
-  int64_t end = i + 1;
-  while (end < n && sorted[end] == key) ++end;
-  T* row = dtable + static_cast<int64_t>(key) * d;
-  for (int64_t c = threadIdx.x; c < d; c += blockDim.x) {
-    float acc = 0.f;
-    for (int64_t r = i; r < end; ++r) acc += to_f(dout[static_cast<int64_t>(perm[r]) * d + c]);
-    row[c] = from_f<T>(to_f(row[c]) + acc);
-  }
-}
-
-int bits_for(int64_t keys) {
-  int b = 1;
-  while ((int64_t{1} << b) < keys) ++b;
-  return b;
 }
 
 // ---------------------------------------------------------------- cross-entropy
@@ -242,29 +217,11 @@ void embedding_backward_range(const Tensor& dout, const Tensor& ids, int64_t beg
   check_token_ids(ids, vocab, op, ids_host);
   if (n == 0 || d == 0) return;
   IEVO_CHECK(rows < INT_MAX, op, ": too many rows");
-  cudaStream_t s = current_stream();
-  DeviceBuffer keys_in(n * sizeof(int32_t)), keys_out(n * sizeof(int32_t)),
-      vals_in(n * sizeof(int32_t)), vals_out(n * sizeof(int32_t));
-  launch_kernel("local_keys", local_keys, grid_for(n, 256, 1024), 256, 0, s, ids.data<int32_t>(), n, begin,
-                rows, keys_in.as<int32_t>(), vals_in.as<int32_t>());
-  const int nn = static_cast<int>(n), end_bit = bits_for(rows + 1);
-  size_t temp_bytes = 0;
-  IEVO_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(nullptr, temp_bytes, keys_in.as<int32_t>(),
-                                                  keys_out.as<int32_t>(), vals_in.as<int32_t>(),
-                                                  vals_out.as<int32_t>(), nn, 0, end_bit, s));
-  DeviceBuffer temp(temp_bytes);
-  IEVO_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(temp.data(), temp_bytes, keys_in.as<int32_t>(),
-                                                  keys_out.as<int32_t>(), vals_in.as<int32_t>(),
-                                                  vals_out.as<int32_t>(), nn, 0, end_bit, s));
-  dispatch_fp(dout.dtype(), op, [&](auto gtag) {
-    using G = decltype(gtag);
-    dispatch_fp(dtable.dtype(), op, [&](auto ttag) {
-      using T = decltype(ttag);
-      launch_kernel("scatter_runs_range", scatter_runs_range<G, T>, n, 128, 0, s, keys_out.as<int32_t>(),
-                    vals_out.as<int32_t>(), n, static_cast<int32_t>(rows), dout.data<G>(), dtable.data<T>(),
-                    d);
-    });
-  });
+  DeviceBuffer keys(n * sizeof(int32_t)), positions(n * sizeof(int32_t));
+  launch_kernel("local_keys", local_keys, grid_for(n, 256, 1024), 256, 0, current_stream(), ids.data<int32_t>(),
+                n, begin, rows, keys.as<int32_t>(), positions.as<int32_t>());
+  add_rows_by_key(keys.as<int32_t>(), positions.as<int32_t>(), n, static_cast<int32_t>(rows), rows + 1, dout,
+                  dtable, op);
 }
 
 void vocab_ce_local(const Tensor& logits, const Tensor& targets, int64_t begin, int64_t vocab,
