@@ -3,7 +3,9 @@
 #pragma once
 #include <cstdint>
 #include <utility>
+#include <vector>
 
+#include "runtime/ops/cross_entropy.h"
 #include "runtime/tensor.h"
 
 namespace ievo::ops::cpu {
@@ -83,5 +85,18 @@ decltype(auto) dispatch_storage(DType dt, const char* op, F&& f) {
 
 // Element loops shorter than this run on one thread.
 constexpr int64_t kParallelMin = 1 << 14;
+
+// The loss sum of the rows (row[i]: row i's loss, 0 where ignored), added in row order so that it
+// is deterministic, and the count of rows whose target is not kIgnoreIndex (when count is given).
+inline double loss_total(const std::vector<double>& row, const int32_t* targets, int64_t* count) {
+  double total = 0;
+  int64_t valid = 0;
+  for (size_t i = 0; i < row.size(); ++i) {
+    total += row[i];
+    valid += targets[i] != kIgnoreIndex;
+  }
+  if (count) *count = valid;
+  return total;
+}
 
 }  // namespace ievo::ops::cpu

@@ -74,14 +74,7 @@ double cross_entropy_forward(const Tensor& logits, const Tensor& targets, Tensor
       lp[i] = static_cast<T>(row[i]);
     }
   });
-  double total = 0;  // in row order: deterministic
-  int64_t valid = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    total += row[i];
-    valid += t[i] != kIgnoreIndex;
-  }
-  if (count) *count = valid;
-  return total;
+  return cpu::loss_total(row, t, count);
 }
 
 void cross_entropy_backward(const Tensor& logits, const Tensor& targets, double grad_scale,

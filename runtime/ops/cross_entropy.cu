@@ -51,34 +51,20 @@ __global__ void ce_fwd(const T* logits, const int32_t* targets, int64_t v, L* lo
 constexpr int kNoBadRowByte = 0x7f;
 constexpr int kNoBadRow = 0x7f7f7f7f;
 
-struct Totals {
-  double sum;
-  long long count;
-};
-
 // The rows' loss sum and count: written to *out, or with acc added to acc's running totals (i64
 // [3]: the sum's f64 bits, the count, the first bad row of the whole head + 1; one block, launched
 // in stream order, so no atomics) with the call's first bad row, offset by row0.
 __global__ void ce_total(const float* row_loss, const int32_t* targets, int64_t n, Totals* out,
                          long long* acc, const int* bad_row, long long row0) {
   pdl_begin();
-  __shared__ double s1[32];
-  __shared__ long long s2[32];
-  double s = 0;
-  long long c = 0;
-  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
-    s += row_loss[i];
-    c += targets[i] != kIgnoreIndex;
-  }
-  s = block_sum(s, s1);
-  c = block_sum(c, s2);
+  const Totals t = block_totals(row_loss, targets, n);
   if (threadIdx.x != 0) return;
   if (!acc) {
-    *out = Totals{s, c};
+    *out = t;
     return;
   }
-  acc[0] = __double_as_longlong(__longlong_as_double(acc[0]) + s);
-  acc[1] += c;
+  acc[0] = __double_as_longlong(__longlong_as_double(acc[0]) + t.sum);
+  acc[1] += t.count;
   // acc[2]: the first bad row + 1 (0: none yet), so that all-zero bytes are the initial totals
   if (*bad_row != kNoBadRow && (acc[2] == 0 || row0 + *bad_row + 1 < acc[2])) acc[2] = row0 + *bad_row + 1;
 }

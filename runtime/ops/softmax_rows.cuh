@@ -1,12 +1,13 @@
 // Softmax over rows on the GPU, one block a row: the pieces that cross_entropy.cu (the whole
-// vocabulary) and vocab_parallel.cu (a rank's slice of it) share. fp32 math; a row is read in
-// packs of N elements (N > 1 when packed_rows holds, else 1).
+// vocabulary) and vocab_parallel.cu (a rank's slice of it) share, and their loss totals. fp32
+// math; a row is read in packs of N elements (N > 1 when packed_rows holds, else 1).
 #pragma once
 #include <algorithm>
 #include <cstdint>
 #include <type_traits>
 
 #include "runtime/cuda/kernels.cuh"
+#include "runtime/ops/cross_entropy.h"
 #include "runtime/tensor.h"
 
 namespace ievo::ops::cuda {
@@ -134,6 +135,27 @@ inline void with_row_pack(const Tensor& a, const Tensor& b, F&& f) {
     f(std::integral_constant<int, static_cast<int>(16 / sizeof(T))>{});
   else
     f(std::integral_constant<int, 1>{});
+}
+
+// A head's loss sum and its count of rows whose target is not kIgnoreIndex.
+struct Totals {
+  double sum;
+  long long count;
+};
+
+// The Totals of rows [0, n) (row_loss: each row's loss, 0 where ignored), summed by one block:
+// the same order in every run. Thread 0 holds the result.
+template <typename R>
+__device__ Totals block_totals(const R* row_loss, const int32_t* targets, int64_t n) {
+  __shared__ double s1[32];
+  __shared__ long long s2[32];
+  double s = 0;
+  long long c = 0;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+    s += row_loss[i];
+    c += targets[i] != kIgnoreIndex;
+  }
+  return Totals{block_sum(s, s1), block_sum(c, s2)};
 }
 
 }  // namespace ievo::ops::cuda

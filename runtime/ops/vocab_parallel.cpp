@@ -177,14 +177,7 @@ double vocab_ce_combine(const Tensor& gathered, const Tensor& targets, int64_t v
       if (t[i] != kIgnoreIndex) row[i] = l - tl;
     }
   });
-  double total = 0;  // in row order: deterministic
-  int64_t valid = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    total += row[i];
-    valid += t[i] != kIgnoreIndex;
-  }
-  if (count) *count = valid;
-  return total;
+  return cpu::loss_total(row, t, count);
 }
 
 void vocab_ce_backward(const Tensor& logits, const Tensor& targets, int64_t begin,

@@ -139,24 +139,10 @@ __global__ void ce_combine(const float* g, const int32_t* targets, int64_t parts
   }
 }
 
-struct Totals {
-  double sum;
-  long long count;
-};
-
 __global__ void ce_total(const double* row_loss, const int32_t* targets, int64_t n, Totals* out) {
   pdl_begin();
-  __shared__ double s1[32];
-  __shared__ long long s2[32];
-  double s = 0;
-  long long c = 0;
-  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
-    s += row_loss[i];
-    c += targets[i] != kIgnoreIndex;
-  }
-  s = block_sum(s, s1);
-  c = block_sum(c, s2);
-  if (threadIdx.x == 0) *out = Totals{s, c};
+  const Totals t = block_totals(row_loss, targets, n);
+  if (threadIdx.x == 0) *out = t;
 }
 
 template <typename T, int N>
