@@ -112,7 +112,7 @@ struct LinearGrad {
 // (returned). When the dy_i are column slices of one matrix (the joint forward's gradients), one
 // GEMM each over the joint W and dW (joined(): copies where they lie apart, the gradient scattered
 // back): dW = dy^T x, dx = dy W with K = the sum of the outputs (the sum over the projections in
-// the GEMM's fp32 accumulator, rounded once). Else (Ulysses' gathered heads) one GEMM each.
+// the GEMM's fp32 accumulator, rounded once). Else (the joint GEMMs switched off) one GEMM each.
 Tensor weight_grads_then_input_grad(const Tensor& x, std::initializer_list<LinearGrad> ps) {
   Tensor dx = x;
   std::vector<Tensor> dys;
@@ -262,13 +262,14 @@ void Llama::block_forward(const ParamStore& p, int layer, const Batch& b, const 
   const std::vector<Tensor> qkv = linears(a.n1, {&p[L.wq], &p[L.wk], &p[L.wv]});
   Tensor q = qkv[0].view({N, -1, hd}), k = qkv[1].view({N, -1, hd}), v = qkv[2].view({N, -1, hd});
   rotate_qk(q, k, b.positions, false);
-  a.q = mp_->scatter_heads(q);
-  a.k = mp_->scatter_heads(k);
-  a.v = mp_->scatter_heads(v);
+  const std::vector<Tensor> heads = mp_->scatter_heads({q, k, v}, true);  // the projections are dead
+  a.q = heads[0];
+  a.k = heads[1];
+  a.v = heads[2];
   a.attn = Tensor::empty(a.q.shape(), dt, dev);
   a.lse = Tensor::empty({a.q.size(1), a.q.size(0)}, stat_dtype(dt), dev);
   attention_forward(a.q, a.k, a.v, b.cu_seqlens, b.max_seqlen, a.attn, a.lse, b.cu_seqlens_host);
-  a.o = mp_->gather_heads(a.attn);
+  a.o = mp_->gather_heads({a.attn})[0];
   a.a = residual_linear(a.o.view({N, -1}), p[L.wo], x);
   // MLP branch (its down projection runs in the caller, inside the layer's hooks).
   a.n2 = mp_->gather_input(rmsnorm(a.a, p[L.ln2], c_.norm_eps, a.rstd2));
@@ -332,14 +333,15 @@ Tensor Llama::block_backward(const ParamStore& p, int layer, const Batch& b, con
   Tensor dout = Tensor::empty(a.o.shape(), dt, dev);
   Tensor dout2 = dout.view({N, -1});
   linear_backward(dag, a.o.view({N, -1}), p[L.wo], dout2, false, g.accumulator(L.wo));
-  Tensor dattn = mp_->scatter_heads(dout);
+  Tensor dattn = mp_->scatter_heads({dout}, true)[0];
   const std::vector<Tensor> dqkv = grads_like({&a.q, &a.k, &a.v});  // laid out as q, k, v
   Tensor dq = dqkv[0], dk = dqkv[1], dv = dqkv[2];
   attention_backward(dattn, a.q, a.k, a.v, a.attn, a.lse, b.cu_seqlens, b.max_seqlen, dq, dk, dv,
                      b.cu_seqlens_host);
-  dq = mp_->gather_heads(dq);
-  dk = mp_->gather_heads(dk);
-  dv = mp_->gather_heads(dv);
+  const std::vector<Tensor> dheads = mp_->gather_heads({dq, dk, dv}, true);  // column slices of one matrix
+  dq = dheads[0];
+  dk = dheads[1];
+  dv = dheads[2];
   rotate_qk(dq, dk, b.positions, true);
   Tensor dn1 = weight_grads_then_input_grad(a.n1, {{dq.view({N, -1}), p[L.wq], g.accumulator(L.wq)},
                                                   {dk.view({N, -1}), p[L.wk], g.accumulator(L.wk)},

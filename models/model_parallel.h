@@ -12,6 +12,7 @@
 //   x --rmsnorm--> gather_input --> [column-parallel matmuls] ... [row-parallel matmul] --> reduce_output --> + x
 //   backward:  reduce_input_grad <-- ...                                           <-- gather_output_grad
 #pragma once
+#include <vector>
 #include <cstdint>
 
 #include "runtime/tensor.h"
@@ -34,11 +35,20 @@ class ModelParallel {
   // output projection (x + y in the GEMM's epilogue); when it does, x is added after it.
   virtual bool reduces_output() const { return false; }
 
-  // Ulysses, around attention: q, k, v [n_local, H, hd] of this rank's tokens and all its heads
-  // -> [N, H / S, hd] of every token and 1/S of the heads (all-to-all); and back for the output
-  // (and the reverse pair for the gradients). Identity without Ulysses.
-  virtual Tensor scatter_heads(const Tensor& x) { return x; }
-  virtual Tensor gather_heads(const Tensor& x) { return x; }
+  // Ulysses, around attention: parts (q, k, v) [n_local, H_i, hd] of this rank's tokens and all
+  // its heads -> [N, H_i / S, hd] of every token and 1/S of the heads; gather_heads the inverse
+  // (the output, and q, k, v's gradients). All parts in one all-to-all, and the results are
+  // column slices of one matrix (the joint GEMMs and RoPE read them as one). With
+  // overwrite_parts, the parts' buffer may receive the results when the parts fill one buffer
+  // (the caller no longer needs them: one buffer less at the peak). Identity without Ulysses.
+  virtual std::vector<Tensor> scatter_heads(const std::vector<Tensor>& parts, bool overwrite_parts = false) {
+    (void)overwrite_parts;
+    return parts;
+  }
+  virtual std::vector<Tensor> gather_heads(const std::vector<Tensor>& parts, bool overwrite_parts = false) {
+    (void)overwrite_parts;
+    return parts;
+  }
   virtual int attention_head_split() const { return 1; }  // S
 
   // Embedding of ids [n] with this rank's rows of the table: out [n, d] (a partial sum under

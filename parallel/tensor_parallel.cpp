@@ -122,37 +122,99 @@ Tensor TensorParallel::reduce_output(const Tensor& y) { return reduce_input_grad
 
 Tensor TensorParallel::gather_output_grad(const Tensor& dy) { return gather_input(dy); }
 
-// x [n, H, hd] of this rank's n tokens -> [S n, H/S, hd]: block j of the send buffer (heads
-// [j H/S, (j+1) H/S) of every local token) goes to sequence rank j; block j received holds rank
-// j's tokens, which come j-th in the micro-batch, so the received buffer is the result.
-Tensor TensorParallel::scatter_heads(const Tensor& x) {
-  if (sp_size_ == 1) return x;
-  IEVO_CHECK(x.dim() == 3, "Ulysses scatter_heads: expected [tokens, heads, head_dim], got ",
-             x.describe());
-  const int64_t S = sp_size_, n = x.size(0), h = x.size(1), hd = x.size(2);
-  IEVO_CHECK(h % S == 0, "Ulysses: ", h, " heads are not divisible by parallel.sequence_size = ", S);
-  Tensor send = Tensor::empty({S, n, h / S, hd}, x.dtype(), x.device());
-  Tensor xc = x.is_contiguous() ? x : x.clone();
-  Tensor packed = send.view({S, n, h / S * hd});
-  ops::swap_leading_dims(xc.view({n, S, h / S * hd}), packed);
-  Tensor out = Tensor::empty({S * n, h / S, hd}, x.dtype(), x.device());
-  sp_->all_to_all(send, out);
+namespace {
+
+// The parts' shapes for Ulysses' all-to-all, named by `op`: 3-D [rows, heads, hd], the same rows,
+// heads divisible by S. Returns each part's width in a rank's block: heads / S * hd (scatter) or
+// heads * hd (gather).
+std::vector<int64_t> head_block_widths(const std::vector<Tensor>& parts, int64_t S, bool scatter, const char* op) {
+  IEVO_CHECK(!parts.empty(), op, ": no tensors");
+  std::vector<int64_t> w;
+  for (const Tensor& p : parts) {
+    IEVO_CHECK(p.dim() == 3, op, ": expected [tokens, heads, head_dim], got ", p.describe());
+    IEVO_CHECK(p.size(0) == parts[0].size(0) && p.dtype() == parts[0].dtype(), op, ": ", p.describe(),
+               " against ", parts[0].describe());
+    if (scatter)
+      IEVO_CHECK(p.size(1) % S == 0, "Ulysses: ", p.size(1), " heads are not divisible by parallel.sequence_size = ", S);
+    w.push_back((scatter ? p.size(1) / S : p.size(1)) * p.size(2));
+  }
+  return w;
+}
+
+// The parts as one contiguous [rows, sum of widths] matrix when they are its column slices, side
+// by side; else undefined.
+Tensor one_buffer(const std::vector<Tensor>& parts) {
+  std::vector<Tensor> flat;
+  for (const Tensor& p : parts) flat.push_back(p.view({p.size(0), -1}));
+  Tensor whole = adjacent_view(flat, 1);
+  return whole.defined() && whole.is_contiguous() ? whole : Tensor();
+}
+
+}  // namespace
+
+// parts [n, H_i, hd] of this rank's n tokens -> [S n, H_i/S, hd]: block j of the send buffer
+// ([n, sum_i H_i/S hd]: heads [j H_i/S, (j+1) H_i/S) of every part, side by side, for every local
+// token) goes to sequence rank j; block j received holds rank j's tokens, which come j-th in the
+// micro-batch, so the received [S n, sum_i H_i/S hd] holds the results as column slices.
+std::vector<Tensor> TensorParallel::scatter_heads(const std::vector<Tensor>& parts, bool overwrite_parts) {
+  if (sp_size_ == 1) return parts;
+  const int64_t S = sp_size_, n = parts.empty() ? 0 : parts[0].size(0);
+  const std::vector<int64_t> w = head_block_widths(parts, S, true, "Ulysses scatter_heads");
+  int64_t W = 0;
+  for (int64_t x : w) W += x;
+  const DType dt = parts[0].dtype();
+  const Device dev = parts[0].device();
+  const Tensor whole = overwrite_parts ? one_buffer(parts) : Tensor();  // read into send first
+  Tensor send = Tensor::empty({S * n, W}, dt, dev);
+  Tensor recv = whole.defined() ? whole.view({S * n, W}) : Tensor::empty({S * n, W}, dt, dev);
+  std::vector<Tensor> out;
+  int64_t c = 0;
+  for (size_t i = 0; i < parts.size(); ++i) {
+    Tensor dst = send.slice(1, c, c + w[i]).view({S, n, w[i]});
+    ops::swap_leading_dims(parts[i].view({n, S, w[i]}), dst);
+    out.push_back(recv.slice(1, c, c + w[i]).view({S * n, parts[i].size(1) / S, parts[i].size(2)}));
+    c += w[i];
+  }
+  sp_->all_to_all(send, recv);
   return out;
 }
 
-// The inverse: x [N, H/S, hd] (every token, this rank's heads) -> [N/S, H, hd].
-Tensor TensorParallel::gather_heads(const Tensor& x) {
-  if (sp_size_ == 1) return x;
-  IEVO_CHECK(x.dim() == 3, "Ulysses gather_heads: expected [tokens, heads, head_dim], got ",
-             x.describe());
-  const int64_t S = sp_size_, N = x.size(0), h = x.size(1), hd = x.size(2);
+// The inverse: parts [N, H_i/S, hd] (every token, this rank's heads) -> [N/S, H_i, hd], column
+// slices of one [N/S, sum_i H_i hd].
+std::vector<Tensor> TensorParallel::gather_heads(const std::vector<Tensor>& parts, bool overwrite_parts) {
+  if (sp_size_ == 1) return parts;
+  const int64_t S = sp_size_, N = parts.empty() ? 0 : parts[0].size(0);
   IEVO_CHECK(N % S == 0, "Ulysses: ", N, " tokens are not divisible by parallel.sequence_size = ", S);
-  Tensor recv = Tensor::empty({S, N / S, h, hd}, x.dtype(), x.device());
-  sp_->all_to_all(x.is_contiguous() ? x : x.clone(), recv);
-  Tensor out = Tensor::empty({N / S, S * h, hd}, x.dtype(), x.device());
-  Tensor o2 = out.view({N / S, S, h * hd});
-  ops::swap_leading_dims(recv.view({S, N / S, h * hd}), o2);
-  return out;
+  const std::vector<int64_t> w = head_block_widths(parts, S, false, "Ulysses gather_heads");
+  int64_t W = 0;
+  for (int64_t x : w) W += x;
+  const DType dt = parts[0].dtype();
+  const Device dev = parts[0].device();
+  Tensor send = one_buffer(parts);  // q, k, v's gradients as attention wrote them: no copy
+  const bool sent_parts = send.defined();
+  if (!sent_parts) {
+    send = Tensor::empty({N, W}, dt, dev);
+    int64_t c = 0;
+    for (size_t i = 0; i < parts.size(); ++i) {
+      Tensor dst = send.slice(1, c, c + w[i]);
+      dst.copy_from(parts[i].view({N, -1}));
+      c += w[i];
+    }
+  }
+  const int64_t n = N / S;
+  Tensor recv = Tensor::empty({N, W}, dt, dev);
+  sp_->all_to_all(send, recv);
+  // The results over what was sent, once it is sent, if the parts are no longer needed (or were copied).
+  Tensor out = overwrite_parts || !sent_parts ? send.view({n, S * W}) : Tensor::empty({n, S * W}, dt, dev);
+  std::vector<Tensor> result;
+  int64_t c = 0;
+  for (size_t i = 0; i < parts.size(); ++i) {
+    Tensor dst = out.slice(1, S * c, S * (c + w[i])).view({n, S, w[i]});
+    ops::swap_leading_dims(recv.slice(1, c, c + w[i]).view({S, n, w[i]}), dst);
+    result.push_back(out.slice(1, S * c, S * (c + w[i])).view({n, S * parts[i].size(1), parts[i].size(2)}));
+    c += w[i];
+  }
+  return result;
 }
 
 void TensorParallel::embedding_forward(const Tensor& table, const Tensor& ids, Tensor& out,

@@ -25,7 +25,8 @@
 // of a sequence group each hold a contiguous N/S of the micro-batch's tokens (inputs, targets,
 // positions; cu_seqlens and max_seqlen stay whole) and every weight. Around attention an
 // all-to-all trades tokens for heads: scatter_heads [N/S, H, hd] -> [N, H/S, hd] (all tokens, 1/S
-// of the heads, attention sees whole sequences), gather_heads back. Heads and key/value heads
+// of the heads, attention sees whole sequences), gather_heads back; q, k and v (and their
+// gradients) share one all-to-all, each rank's block of it their heads side by side. Heads and key/value heads
 // (per tensor rank) must divide by S. Gradients of the replicated weights are summed over the
 // data x sequence group (the trainer's data-parallel communicator; ZeRO shards over it).
 //
@@ -75,8 +76,8 @@ class TensorParallel final : public ModelParallel {
   Tensor gather_output_grad(const Tensor& dy) override;
   bool reduces_output() const override { return tp_size_ > 1; }
 
-  Tensor scatter_heads(const Tensor& x) override;
-  Tensor gather_heads(const Tensor& x) override;
+  std::vector<Tensor> scatter_heads(const std::vector<Tensor>& parts, bool overwrite_parts = false) override;
+  std::vector<Tensor> gather_heads(const std::vector<Tensor>& parts, bool overwrite_parts = false) override;
   int attention_head_split() const override { return sp_size_; }
 
   void embedding_forward(const Tensor& table, const Tensor& ids, Tensor& out, const Tensor& ids_host) override;

@@ -1018,6 +1018,14 @@ TEST(GpuVocabParallel, SwapLeadingDims) {
     Tensor gy = Tensor::empty({4, 6, 3, 16}, dt, Device::CUDA);
     ops::swap_leading_dims(gpu(x, dt), gy);
     EXPECT_EQ(test::max_abs_diff(host(gy), y), 0.0) << dn(dt);
+    // Column slices of wider matrices, viewed (Ulysses' joint q, k, v), against the CPU.
+    Tensor wx = seen(rand({6, 4 * 48 + 16}, 181), dt), wo = seen(rand({4 * 6, 80}, 182), dt);
+    Tensor cx = wx.slice(1, 8, 8 + 192).view({6, 4, 48}), co = wo.slice(1, 16, 64).view({4, 6, 48});
+    ops::swap_leading_dims(cx, co);
+    Tensor gwx = gpu(wx, dt), gwo = gpu(seen(rand({4 * 6, 80}, 182), dt), dt);
+    Tensor gco = gwo.slice(1, 16, 64).view({4, 6, 48});
+    ops::swap_leading_dims(gwx.slice(1, 8, 8 + 192).view({6, 4, 48}), gco);
+    EXPECT_EQ(test::max_abs_diff(host(gwo), wo), 0.0) << "strided " << dn(dt);
   }
 }
 

@@ -119,19 +119,48 @@ TEST(TensorParallelRegions, UlyssesAllToAll) {
   TensorParallel u(c, ModelShard{}, SequenceParallel::Ulysses, tp.get(), sp.get());
   EXPECT_EQ(u.attention_head_split(), S);
   const int64_t N = 4 * S, n = N / S, hd = 8;
-  for (int64_t H : {int64_t{8}, int64_t{4}}) {  // query and key/value heads
-    Tensor whole = same_everywhere({N, H, hd}, 110 + H);
-    Tensor mine = rows(whole, r, n);
-    Tensor scattered = u.scatter_heads(mine);
-    ASSERT_EQ(scattered.shape(), (Shape{N, H / S, hd}));
-    for (int64_t i = 0; i < N; ++i)  // every token, heads [r H/S, (r+1) H/S)
+  // part [N, H/S, hd] holds every token's heads [r H/S, (r+1) H/S) of whole [N, H, hd]
+  auto expect_my_heads = [&](const Tensor& part, const Tensor& whole) {
+    const int64_t H = whole.size(1);
+    ASSERT_EQ(part.shape(), (Shape{N, H / S, hd}));
+    Tensor p = part.clone();
+    for (int64_t i = 0; i < N; ++i)
       for (int64_t h = 0; h < H / S; ++h)
         for (int64_t k = 0; k < hd; ++k)
-          ASSERT_EQ(scattered.item((i * (H / S) + h) * hd + k), whole.item((i * H + r * H / S + h) * hd + k));
-    Tensor back = u.gather_heads(scattered);
+          ASSERT_EQ(p.item((i * (H / S) + h) * hd + k), whole.item((i * H + r * H / S + h) * hd + k));
+  };
+  for (int64_t H : {int64_t{8}, int64_t{4}}) {  // query and key/value heads, one at a time
+    Tensor whole = same_everywhere({N, H, hd}, 110 + H);
+    Tensor mine = rows(whole, r, n);
+    Tensor scattered = u.scatter_heads({mine})[0];
+    expect_my_heads(scattered, whole);
+    Tensor back = u.gather_heads({scattered})[0];
     EXPECT_EQ(back.shape(), mine.shape());
     EXPECT_EQ(test::max_abs_diff(back, mine), 0.0);
   }
+  // q (8 heads) and k (4) together, as the model has them: column slices of one [n, 12 hd] matrix
+  // in, one all-to-all, column slices of one matrix out (and back).
+  Tensor wq = same_everywhere({N, 8, hd}, 130), wk = same_everywhere({N, 4, hd}, 131);
+  Tensor joint = Tensor::empty({n, 12 * hd}, DType::F64);
+  Tensor q = joint.slice(1, 0, 8 * hd).view({n, 8, hd}), k = joint.slice(1, 8 * hd, 12 * hd).view({n, 4, hd});
+  q.copy_from(rows(wq, r, n));
+  k.copy_from(rows(wk, r, n));
+  const std::vector<Tensor> sc = u.scatter_heads({q, k});
+  ASSERT_EQ(sc.size(), 2u);
+  expect_my_heads(sc[0], wq);
+  expect_my_heads(sc[1], wk);
+  EXPECT_TRUE(adjacent_view({sc[0].view({N, -1}), sc[1].view({N, -1})}, 1).defined()) << "not one matrix";
+  const std::vector<Tensor> g = u.gather_heads(sc);
+  ASSERT_EQ(g.size(), 2u);
+  EXPECT_EQ(g[0].shape(), q.shape());
+  EXPECT_EQ(g[1].shape(), k.shape());
+  EXPECT_TRUE(adjacent_view({g[0].view({n, -1}), g[1].view({n, -1})}, 1).defined()) << "not one matrix";
+  EXPECT_EQ(test::max_abs_diff(g[0].clone(), rows(wq, r, n)), 0.0);
+  EXPECT_EQ(test::max_abs_diff(g[1].clone(), rows(wk, r, n)), 0.0);
+  // parts that are not side by side go through a copy, with the same result
+  const std::vector<Tensor> g2 = u.gather_heads({sc[1].clone(), sc[0].clone()});
+  EXPECT_EQ(test::max_abs_diff(g2[0].clone(), rows(wk, r, n)), 0.0);
+  EXPECT_EQ(test::max_abs_diff(g2[1].clone(), rows(wq, r, n)), 0.0);
 }
 
 // Vocabulary-parallel embedding and LM-head loss against the whole-vocabulary ops (f64).

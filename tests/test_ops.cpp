@@ -970,4 +970,21 @@ TEST(VocabParallel, SwapLeadingDims) {
   Tensor wrong = Tensor::empty({3, 4, 2, 5}, DType::F32);
   const std::string msg = error_message([&] { ops::swap_leading_dims(x, wrong); });
   EXPECT_NE(msg.find("out"), std::string::npos) << msg;
+  // Column slices of wider matrices, viewed (Ulysses' q, k, v in and out of one matrix): x's
+  // [a, b] blocks 13 columns apart a row, out's rows 17 apart; the columns around stay as they were.
+  Tensor wide_x = random_tensor({3, 4 * 10 + 13}, DType::F32, 221), wide_o = random_tensor({4 * 3, 17}, DType::F32, 222);
+  Tensor sx = wide_x.slice(1, 5, 5 + 40).view({3, 4, 10}), so = wide_o.slice(1, 2, 12).view({4, 3, 10});
+  const Tensor before = wide_o.clone();
+  ops::swap_leading_dims(sx, so);
+  for (int64_t a = 0; a < 3; ++a)
+    for (int64_t b = 0; b < 4; ++b)
+      for (int64_t c = 0; c < 10; ++c)
+        EXPECT_EQ(wide_o.item((b * 3 + a) * 17 + 2 + c), wide_x.item(a * 53 + 5 + b * 10 + c));
+  for (int64_t r = 0; r < 12; ++r)
+    for (int64_t c : {0, 1, 12, 16}) EXPECT_EQ(wide_o.item(r * 17 + c), before.item(r * 17 + c));
+  // [2, 5] blocks whose rows lie 10 apart: not contiguous, refused, naming the strides
+  Tensor gappy = random_tensor({3, 4, 2, 10}, DType::F32, 223).slice(3, 0, 5), o = Tensor::empty({4, 3, 2, 5}, DType::F32);
+  const std::string bad = error_message([&] { ops::swap_leading_dims(gappy, o); });
+  EXPECT_NE(bad.find("must be contiguous"), std::string::npos) << bad;
+  EXPECT_NE(bad.find("[80, 20, 10, 1]"), std::string::npos) << bad;
 }

@@ -234,22 +234,37 @@ void swap_leading_dims(const Tensor& x, Tensor& out) {
   std::swap(want[0], want[1]);
   check_shape(out, want, "out");
   check_dtype(out, x.dtype(), "out");
-  IEVO_CHECK(x.is_contiguous() && out.is_contiguous(), op, ": tensors must be contiguous (",
-             x.describe(), ", ", out.describe(), ")");
+  const int64_t a = x.size(0), b = x.size(1);
+  const int64_t block = x.numel() / std::max<int64_t>(1, a * b);  // elements of one [a, b] block
+  // Each [a, b] block contiguous; the two leading dimensions may have any strides that keep the
+  // blocks apart (column slices of wider matrices, viewed).
+  auto blocks_apart = [&](const Tensor& t, int rows_dim) {
+    int64_t expect = 1;
+    for (int d = t.dim() - 1; d >= 2; --d) {
+      if (t.size(d) > 1 && t.strides()[d] != expect) return false;
+      expect *= t.size(d);
+    }
+    return t.size(rows_dim) <= 1 || t.strides()[rows_dim] >= block;
+  };
+  IEVO_CHECK(blocks_apart(x, 0) && blocks_apart(out, 1), op,
+             ": each block of the trailing dimensions must be contiguous and the blocks apart (",
+             x.describe(), " strides ", shape_str(x.strides()), ", ", out.describe(), " strides ",
+             shape_str(out.strides()), ")");
   IEVO_CHECK(x.device() == out.device(), op, ": tensors on different devices (", x.describe(),
              ", ", out.describe(), ")");
   IEVO_CHECK(x.raw() != out.raw() || x.numel() == 0, op, ": out must not alias x");
 #ifdef IEVO_CUDA
   if (!x.is_cpu()) return cuda::swap_leading_dims(x, out);
 #endif
-  const int64_t a = x.size(0), b = x.size(1);
-  const size_t block = x.nbytes() / static_cast<size_t>(std::max<int64_t>(1, a * b));
+  const size_t es = dtype_size(x.dtype());
+  const int64_t xa = x.strides()[0], xb = x.strides()[1], ob = out.strides()[0], oa = out.strides()[1];
   const char* src = static_cast<const char*>(x.raw());
   char* dst = static_cast<char*>(out.raw());
 #pragma omp parallel for schedule(static) if (x.numel() > cpu::kParallelMin)
   for (int64_t i = 0; i < a; ++i)
     for (int64_t j = 0; j < b; ++j)
-      std::memcpy(dst + (j * a + i) * block, src + (i * b + j) * block, block);
+      std::memcpy(dst + static_cast<size_t>(j * ob + i * oa) * es, src + static_cast<size_t>(i * xa + j * xb) * es,
+                  static_cast<size_t>(block) * es);
 }
 
 }  // namespace ievo::ops

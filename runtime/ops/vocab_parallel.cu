@@ -9,7 +9,8 @@
 //     cross_entropy.cu: one SFU exp an element, 16-byte packs where the rows allow them).
 //   ce_combine: one thread per row over the T parts; the total is summed in double by one block
 //     in a fixed order and read back with the count and the first row with a bad target.
-//   swap_leading_dims: B strided 2-D copies (cudaMemcpy2DAsync), no kernel.
+//   swap_leading_dims: B strided 2-D copies (cudaMemcpy2DAsync), no kernel; any strides of the two
+//     leading dimensions (column slices of wider matrices).
 #include <climits>
 
 #include "runtime/cuda/kernels.cuh"
@@ -298,17 +299,23 @@ void vocab_ce_backward(const Tensor& logits, const Tensor& targets, int64_t begi
 }
 
 void swap_leading_dims(const Tensor& x, Tensor& out) {
-  // Checked by the dispatcher (shapes, dtype, contiguity, device, no aliasing).
+  // Checked by the dispatcher (shapes, dtype, contiguous blocks, device, no aliasing).
   const int64_t a = x.size(0), b = x.size(1);
   if (x.numel() == 0) return;
-  const size_t block = x.nbytes() / static_cast<size_t>(a * b);
+  const size_t es = dtype_size(x.dtype());
+  const size_t block = static_cast<size_t>(x.numel() / (a * b)) * es;
   cudaStream_t s = current_stream();
   const char* src = static_cast<const char*>(x.raw());
   char* dst = static_cast<char*>(out.raw());
-  // out[j] (a blocks, contiguous) <- x[:, j] (a blocks, pitch b blocks).
+  // The pitches (the row strides of the copies) are at least a block where a > 1; with one row
+  // any pitch will do, and cudaMemcpy2DAsync wants one >= the width.
+  const size_t spitch = a > 1 ? static_cast<size_t>(x.strides()[0]) * es : block;
+  const size_t dpitch = a > 1 ? static_cast<size_t>(out.strides()[1]) * es : block;
+  // out[j] (a blocks, dpitch apart) <- x[:, j] (a blocks, spitch apart).
   for (int64_t j = 0; j < b; ++j)
-    IEVO_CUDA_CHECK(cudaMemcpy2DAsync(dst + j * a * block, block, src + j * block, b * block, block,
-                                      a, cudaMemcpyDeviceToDevice, s));
+    IEVO_CUDA_CHECK(cudaMemcpy2DAsync(dst + static_cast<size_t>(j * out.strides()[0]) * es, dpitch,
+                                      src + static_cast<size_t>(j * x.strides()[1]) * es, spitch, block, a,
+                                      cudaMemcpyDeviceToDevice, s));
 }
 
 }  // namespace ievo::ops::cuda

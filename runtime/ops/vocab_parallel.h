@@ -27,7 +27,10 @@
 //
 // Ulysses (DeepSpeed-Ulysses all-to-all around attention):
 //   swap_leading_dims: x [A, B, rest...] -> out [B, A, rest...] (out[b, a] = x[a, b]); the
-//                      packing between [tokens, ranks x heads, hd] and per-rank blocks.
+//                      packing between [tokens, ranks x heads, hd] and per-rank blocks. Each
+//                      [rest...] block is contiguous; the two leading dimensions may have any
+//                      strides that keep the blocks apart (views of column slices: q, k and v
+//                      in and out of one joint matrix).
 #pragma once
 #include <cstdint>
 
