@@ -533,7 +533,7 @@ TEST(TensorParallelMemory, PerRankParameterBytes) {
 
 // `ievo plan`'s activation estimate for tensor / sequence layouts against the allocator's peak
 // during one measured step of this rank (fp32, CPU), as tests/test_plan.cpp does for one rank:
-// an upper bound that overcounts by at most a quarter (observed ratios 0.85-0.90, np 2 and 4).
+// an upper bound that overcounts by at most a quarter (observed ratios 0.89-0.98, np 2 and 4).
 TEST(TensorParallelMemory, ActivationEstimateBoundsAMeasuredStep) {
   const int W = world_size(), r = world_rank();
   ModelConfig c;
