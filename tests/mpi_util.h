@@ -3,11 +3,14 @@
 #include <mpi.h>
 
 #include <cmath>
+#include <functional>
+#include <map>
 #include <string>
 #include <vector>
 
 #include <gtest/gtest.h>
 
+#include "launch/checkpoint.h"
 #include "launch/config.h"
 #include "launch/trainer.h"
 #include "parallel/topology.h"
@@ -27,6 +30,39 @@ inline std::string shared_dir(const std::string& tag) {
   return d;
 }
 
+
+// A training run of a test, as this rank saw it: its metrics, its run directory, the last step's
+// checkpoint and the model trained.
+struct TrainRun {
+  std::vector<StepMetrics> metrics;
+  std::string checkpoint, dir;
+  ModelConfig model;
+};
+
+inline TrainRun train_run(const Config& cfg, MPI_Comm comm) {
+  TrainRun r;
+  r.metrics = run_train(cfg, comm);
+  r.checkpoint = checkpoint_dir(cfg.run.dir, cfg.train.steps);
+  r.dir = cfg.run.dir;
+  r.model = cfg.model.model;
+  return r;
+}
+
+// The one-process reference run NAME on this rank (MPI_COMM_SELF), trained once per test binary:
+// make(dir) gives its config for the directory <shared_dir(tag)>/NAME_rank<r>. The first call of
+// a tag is collective (shared_dir).
+inline const TrainRun& one_process_run(const std::string& tag, const std::string& name,
+                                       const std::function<Config(const std::string& dir)>& make) {
+  static std::map<std::string, std::string> bases;
+  static std::map<std::string, TrainRun> runs;
+  auto base = bases.find(tag);
+  if (base == bases.end()) base = bases.emplace(tag, shared_dir(tag)).first;
+  const std::string key = tag + "/" + name;
+  auto it = runs.find(key);
+  if (it != runs.end()) return it->second;
+  const std::string dir = base->second + "/" + name + "_rank" + std::to_string(world_rank());
+  return runs.emplace(key, train_run(make(dir), MPI_COMM_SELF)).first->second;
+}
 
 // A 2-layer Llama on the shipped tiny data (vocab 256, d 32, 4 heads / 2 kv heads, T 32, global batch 8
 // of micro-batches of 2, constant LR after 2 warm-up steps, a checkpoint every 2 steps).

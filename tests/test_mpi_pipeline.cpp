@@ -228,36 +228,18 @@ std::vector<double> val_losses(const std::string& run_dir) {
   return out;
 }
 
-struct TrainRun {
-  std::vector<StepMetrics> metrics;
-  std::string checkpoint, dir;
-  ModelConfig model;
-};
-
-TrainRun train(const Config& cfg, MPI_Comm comm) {
-  TrainRun r;
-  r.metrics = run_train(cfg, comm);
-  r.checkpoint = checkpoint_dir(cfg.run.dir, cfg.train.steps);
-  r.dir = cfg.run.dir;
-  r.model = cfg.model.model;
-  return r;
-}
+using test::TrainRun;
 
 // The one-process run of (variant, random, gbs, micro) on this rank, computed once.
 const TrainRun& reference(const std::string& variant, bool random, int gbs, int micro, int steps) {
-  static std::map<std::tuple<std::string, bool, int, int, int>, TrainRun> cache;
-  static const std::string base = test::shared_dir("pp_ref");
-  const auto key = std::make_tuple(variant, random, gbs, micro, steps);
-  auto it = cache.find(key);
-  if (it != cache.end()) return it->second;
-  const std::string dir = base + "/" + variant + (random ? "_random" : "") + "_gbs" + std::to_string(gbs) +
-                          "_micro" + std::to_string(micro) + "_steps" + std::to_string(steps) + "_rank" +
-                          std::to_string(world_rank());
-  std::vector<std::string> sets = {"train.global_batch_size=" + std::to_string(gbs),
-                                   "train.micro_batch_size=" + std::to_string(micro)};
-  if (steps > 0) sets.push_back("train.steps=" + std::to_string(steps));
-  const Config cfg = config(variant, random, dir, sets);
-  return cache.emplace(key, train(cfg, MPI_COMM_SELF)).first->second;
+  const std::string name = variant + (random ? "_random" : "") + "_gbs" + std::to_string(gbs) + "_micro" +
+                           std::to_string(micro) + "_steps" + std::to_string(steps);
+  return test::one_process_run("pp_ref", name, [&](const std::string& dir) {
+    std::vector<std::string> sets = {"train.global_batch_size=" + std::to_string(gbs),
+                                     "train.micro_batch_size=" + std::to_string(micro)};
+    if (steps > 0) sets.push_back("train.steps=" + std::to_string(steps));
+    return config(variant, random, dir, sets);
+  });
 }
 
 struct TrainCase {
@@ -298,7 +280,7 @@ TEST_P(PipelineTraining, EqualsOneProcess) {
                                    "train.micro_batch_size=" + std::to_string(k.micro)};
   if (k.steps > 0) sets.push_back("train.steps=" + std::to_string(k.steps));
   const Config cfg = config(k.variant, k.random, dir, sets);
-  TrainRun run = train(cfg, MPI_COMM_WORLD);
+  TrainRun run = test::train_run(cfg, MPI_COMM_WORLD);
   MPI_Barrier(MPI_COMM_WORLD);  // rank 0 has written the checkpoint
   const TrainRun& ref = reference(k.variant, k.random, k.gbs, k.micro, k.steps);
 

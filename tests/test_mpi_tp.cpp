@@ -266,11 +266,7 @@ Config fixture_config(const std::string& variant, const std::string& run_dir, st
   return load_config(fx + "/train.yaml", sets);
 }
 
-struct TrainRun {
-  std::vector<StepMetrics> metrics;
-  std::string checkpoint;
-  std::string dir;
-};
+using test::TrainRun;
 
 // val_loss of every evaluation in RUN_DIR/metrics.jsonl, in order.
 std::vector<double> val_losses(const std::string& dir) {
@@ -285,12 +281,7 @@ std::vector<double> val_losses(const std::string& dir) {
 
 TrainRun train(const std::string& variant, const std::string& run_dir, const std::vector<std::string>& sets,
                MPI_Comm comm) {
-  const Config cfg = fixture_config(variant, run_dir, sets);
-  TrainRun r;
-  r.metrics = run_train(cfg, comm);
-  r.checkpoint = checkpoint_dir(run_dir, cfg.train.steps);
-  r.dir = run_dir;
-  return r;
+  return test::train_run(fixture_config(variant, run_dir, sets), comm);
 }
 
 ParamStore load_params(const std::string& ckpt, const ModelConfig& c) {
@@ -301,17 +292,11 @@ ParamStore load_params(const std::string& ckpt, const ModelConfig& c) {
 
 // The one-process run of (variant, gbs, micro) on this rank, computed once.
 const TrainRun& reference(const std::string& variant, int gbs, int micro) {
-  static std::map<std::tuple<std::string, int, int>, TrainRun> cache;
-  static const std::string base = test::shared_dir("tp_ref");
-  const auto key = std::make_tuple(variant, gbs, micro);
-  auto it = cache.find(key);
-  if (it != cache.end()) return it->second;
-  const std::string dir = base + "/" + variant + "_gbs" + std::to_string(gbs) + "_micro" + std::to_string(micro) +
-                          "_rank" + std::to_string(world_rank());
-  TrainRun r = train(variant, dir,
-                     {"train.global_batch_size=" + std::to_string(gbs), "train.micro_batch_size=" + std::to_string(micro)},
-                     MPI_COMM_SELF);
-  return cache.emplace(key, std::move(r)).first->second;
+  const std::string name = variant + "_gbs" + std::to_string(gbs) + "_micro" + std::to_string(micro);
+  return test::one_process_run("tp_ref", name, [&](const std::string& dir) {
+    return fixture_config(variant, dir,
+                          {"train.global_batch_size=" + std::to_string(gbs), "train.micro_batch_size=" + std::to_string(micro)});
+  });
 }
 
 // One layout of the world's ranks. group: ranks per independent run (consecutive world ranks).
