@@ -5,10 +5,12 @@
 #include <cmath>
 #include <functional>
 #include <map>
+#include <sstream>
 #include <string>
 #include <vector>
 
 #include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
 
 #include "launch/checkpoint.h"
 #include "launch/config.h"
@@ -46,6 +48,17 @@ inline TrainRun train_run(const Config& cfg, MPI_Comm comm) {
   r.dir = cfg.run.dir;
   r.model = cfg.model.model;
   return r;
+}
+
+// val_loss of every evaluation in RUN_DIR/metrics.jsonl (written by world rank 0 of the run), in order.
+inline std::vector<double> val_losses(const std::string& run_dir) {
+  std::vector<double> out;
+  std::istringstream in(read_file(run_dir + "/metrics.jsonl"));
+  for (std::string line; std::getline(in, line);) {
+    const auto j = nlohmann::json::parse(line);
+    if (j.contains("val_loss")) out.push_back(j["val_loss"].get<double>());
+  }
+  return out;
 }
 
 // The one-process reference run NAME on this rank (MPI_COMM_SELF), trained once per test binary:

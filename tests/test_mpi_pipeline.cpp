@@ -15,12 +15,10 @@
 // stages than layers, V > 1 without interleaving, interleaved with m not a multiple of P, a
 // wrong parallel.pipeline_layers) fail with errors naming the keys before any step.
 #include <gtest/gtest.h>
-#include <nlohmann/json.hpp>
 
 #include <cmath>
 #include <filesystem>
 #include <map>
-#include <sstream>
 #include <string>
 #include <vector>
 
@@ -217,17 +215,6 @@ Config config(const std::string& variant, bool random, const std::string& run_di
   return load_config(test::fixture_dir(variant) + "/train.yaml", sets);
 }
 
-// val_loss of every evaluation in RUN_DIR/metrics.jsonl (written by world rank 0 of the run).
-std::vector<double> val_losses(const std::string& run_dir) {
-  std::vector<double> out;
-  std::istringstream in(test::read_file(run_dir + "/metrics.jsonl"));
-  for (std::string line; std::getline(in, line);) {
-    const auto j = nlohmann::json::parse(line);
-    if (j.contains("val_loss")) out.push_back(j["val_loss"].get<double>());
-  }
-  return out;
-}
-
 using test::TrainRun;
 
 // The one-process run of (variant, random, gbs, micro) on this rank, computed once.
@@ -295,7 +282,7 @@ TEST_P(PipelineTraining, EqualsOneProcess) {
     worst_norm = std::max(worst_norm, std::fabs(a.grad_norm - b.grad_norm) / b.grad_norm);
   }
   if (world_rank() == 0) {  // validation through the forward-only pipeline schedule
-    const std::vector<double> got = val_losses(cfg.run.dir), want = val_losses(ref.dir);
+    const std::vector<double> got = test::val_losses(cfg.run.dir), want = test::val_losses(ref.dir);
     const int64_t steps = cfg.train.steps;  // every 3 steps and after the last
     ASSERT_EQ(static_cast<int64_t>(got.size()), steps / 3 + (steps % 3 != 0));
     ASSERT_EQ(got.size(), want.size());

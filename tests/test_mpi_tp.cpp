@@ -15,9 +15,7 @@
 #include <cmath>
 #include <filesystem>
 #include <map>
-#include <sstream>
 
-#include <nlohmann/json.hpp>
 
 #include "launch/checkpoint.h"
 #include "launch/config.h"
@@ -268,17 +266,6 @@ Config fixture_config(const std::string& variant, const std::string& run_dir, st
 
 using test::TrainRun;
 
-// val_loss of every evaluation in RUN_DIR/metrics.jsonl, in order.
-std::vector<double> val_losses(const std::string& dir) {
-  std::vector<double> out;
-  std::istringstream in(test::read_file(dir + "/metrics.jsonl"));
-  for (std::string line; std::getline(in, line);) {
-    const auto j = nlohmann::json::parse(line);
-    if (j.contains("val_loss")) out.push_back(j["val_loss"].get<double>());
-  }
-  return out;
-}
-
 TrainRun train(const std::string& variant, const std::string& run_dir, const std::vector<std::string>& sets,
                MPI_Comm comm) {
   return test::train_run(fixture_config(variant, run_dir, sets), comm);
@@ -360,7 +347,7 @@ TEST_P(TensorParallelTraining, EqualsOneProcess) {
       worst_loss = std::max(worst_loss, std::fabs(a.loss - b.loss) / std::fabs(b.loss));
       worst_norm = std::max(worst_norm, std::fabs(a.grad_norm - b.grad_norm) / b.grad_norm);
     }
-    const std::vector<double> val = val_losses(run.dir), ref_val = val_losses(ref.dir);
+    const std::vector<double> val = test::val_losses(run.dir), ref_val = test::val_losses(ref.dir);
     ASSERT_EQ(val.size(), 2u);  // after steps 3 and 6
     ASSERT_EQ(ref_val.size(), 2u);
     double worst_val = 0;
