@@ -86,6 +86,14 @@ decltype(auto) dispatch_storage(DType dt, const char* op, F&& f) {
 // Element loops shorter than this run on one thread.
 constexpr int64_t kParallelMin = 1 << 14;
 
+// The CPU embedding's rows (embedding.cpp), for the whole table (begin 0) and for a
+// vocabulary-parallel rank's rows [begin, begin + rows) (vocab_parallel.cpp); shapes checked by
+// the callers. forward: out row n = table row ids[n] - begin, zeros where that is outside the
+// table. backward: dtable row ids[n] - begin += dout row n (column blocks a thread, tokens in
+// order: deterministic), tokens outside the table skipped.
+void embedding_rows_forward(const Tensor& table, const Tensor& ids, int64_t begin, Tensor& out);
+void embedding_rows_backward(const Tensor& dout, const Tensor& ids, int64_t begin, Tensor& dtable, const char* op);
+
 // The loss sum of the rows (row[i]: row i's loss, 0 where ignored), added in row order so that it
 // is deterministic, and the count of rows whose target is not kIgnoreIndex (when count is given).
 inline double loss_total(const std::vector<double>& row, const int32_t* targets, int64_t* count) {

@@ -62,18 +62,8 @@ void embedding_forward_range(const Tensor& table, const Tensor& ids, int64_t beg
   check_range(table, begin, vocab, "table", op);
   check_dtype(out, table.dtype(), "out");
   check_token_ids(ids, vocab, op);
-  const int64_t n_tok = ids.numel(), d = table.size(1), rows = table.size(0);
-  check_shape(out, {n_tok, d}, "out");
-  const size_t row_bytes = static_cast<size_t>(d) * dtype_size(table.dtype());
-  const char* src = static_cast<const char*>(table.raw());
-  char* dst = static_cast<char*>(out.raw());
-  const int32_t* id = ids.data<int32_t>();
-#pragma omp parallel for schedule(static) if (n_tok * d > cpu::kParallelMin)
-  for (int64_t n = 0; n < n_tok; ++n) {
-    const int64_t r = id[n] - begin;
-    if (r >= 0 && r < rows) std::memcpy(dst + n * row_bytes, src + r * row_bytes, row_bytes);
-    else std::memset(dst + n * row_bytes, 0, row_bytes);  // all-zero bits are +0.0
-  }
+  check_shape(out, {ids.numel(), table.size(1)}, "out");
+  cpu::embedding_rows_forward(table, ids, begin, out);
 }
 
 void embedding_backward_range(const Tensor& dout, const Tensor& ids, int64_t begin, int64_t vocab,
@@ -88,28 +78,8 @@ void embedding_backward_range(const Tensor& dout, const Tensor& ids, int64_t beg
   check_range(dtable, begin, vocab, "dtable", op);
   check_dtype(dout, dtable.dtype(), "dout");
   check_token_ids(ids, vocab, op);
-  const int64_t n_tok = ids.numel(), d = dtable.size(1), rows = dtable.size(0);
-  check_shape(dout, {n_tok, d}, "dout");
-  cpu::dispatch_float(dtable.dtype(), op, [&](auto tag) {
-    using T = decltype(tag);
-    const T* g = dout.data<T>();
-    T* t = dtable.data<T>();
-    const int32_t* id = ids.data<int32_t>();
-    // Column blocks per thread, tokens in order: repeated ids accumulate deterministically.
-    constexpr int64_t kCols = 64;
-    const int64_t blocks = (d + kCols - 1) / kCols;
-#pragma omp parallel for schedule(static) if (n_tok * d > cpu::kParallelMin)
-    for (int64_t b = 0; b < blocks; ++b) {
-      const int64_t c0 = b * kCols, c1 = std::min(d, c0 + kCols);
-      for (int64_t n = 0; n < n_tok; ++n) {
-        const int64_t r = id[n] - begin;
-        if (r < 0 || r >= rows) continue;
-        T* row = t + r * d;
-        const T* grow = g + n * d;
-        for (int64_t c = c0; c < c1; ++c) row[c] += grow[c];
-      }
-    }
-  });
+  check_shape(dout, {ids.numel(), dtable.size(1)}, "dout");
+  cpu::embedding_rows_backward(dout, ids, begin, dtable, op);
 }
 
 void vocab_ce_local(const Tensor& logits, const Tensor& targets, int64_t begin, int64_t vocab,
