@@ -215,17 +215,20 @@ void BM_attention(benchmark::State& state, ops::AttentionBackend be, bool backwa
   flop_rate(state, (backward ? 2.5 : 1.0) * fwd);
 }
 
-// Backward with residual: the model's call, dx = the norm's input gradient + the residual stream's
-// gradient (4 passes over [N, d]; without it 3).
-void BM_rmsnorm(benchmark::State& state, bool backward, bool residual = false) {
+// The 134M model's shapes (N 32768, d 768, 12 + 12 heads of 64) beside TinyLlama's.
+constexpr int64_t kSmallN = 32768, kSmallD = 768;
+
+// RMSNorm over [n, d] (TinyLlama's by default). Backward with residual: the model's call, dx = the
+// norm's input gradient + the residual stream's gradient (4 passes over [n, d]; without it 3).
+void BM_rmsnorm(benchmark::State& state, bool backward, bool residual = false, int64_t n = kN, int64_t d = kD) {
   if (skip(state)) return;
-  Tensor x = rnd({kN, kD}, DType::BF16), w = rnd({kD}, DType::BF16), y = Tensor::empty({kN, kD}, DType::BF16, Device::CUDA);
-  Tensor rstd = Tensor::empty({kN}, DType::F32, Device::CUDA), dw = Tensor::zeros({kD}, DType::F32, Device::CUDA);
-  Tensor res = residual ? rnd({kN, kD}, DType::BF16) : Tensor();
+  Tensor x = rnd({n, d}, DType::BF16), w = rnd({d}, DType::BF16), y = Tensor::empty({n, d}, DType::BF16, Device::CUDA);
+  Tensor rstd = Tensor::empty({n}, DType::F32, Device::CUDA), dw = Tensor::zeros({d}, DType::F32, Device::CUDA);
+  Tensor res = residual ? rnd({n, d}, DType::BF16) : Tensor();
   ops::rmsnorm_forward(x, w, 1e-5, y, rstd);
   if (backward) timed(state, [&] { ops::rmsnorm_backward(x, x, w, rstd, y, dw, res); });
   else timed(state, [&] { ops::rmsnorm_forward(x, w, 1e-5, y, rstd); });
-  byte_rate(state, (backward ? (residual ? 4.0 : 3.0) : 2.0) * kN * kD * 2);
+  byte_rate(state, (backward ? (residual ? 4.0 : 3.0) : 2.0) * n * d * 2);
 }
 
 // Forward: h = silu(gate) * up (3 passes over [N, F]); backward: dgate, dup written over gate and
@@ -238,16 +241,20 @@ void BM_swiglu(benchmark::State& state, bool backward) {
   byte_rate(state, (backward ? 5.0 : 3.0) * kN * kF * 2);
 }
 
-// RoPE on the queries [N, Hq, hd] in place (the model's call; the keys are Hkv / Hq of it).
-void BM_rope(benchmark::State& state, bool backward) {
+// RoPE in place on the first `heads` heads of rows of `row_heads` heads (hd 64), positions i % t:
+// TinyLlama's queries [N, Hq, hd] by default; 134M's q|k, the first 1536 of the joint projection's
+// 2304 columns, in one launch (Llama::rotate_qk).
+void BM_rope(benchmark::State& state, bool backward, int64_t n = kN, int64_t heads = kHq, int64_t row_heads = kHq,
+             int64_t t = kT) {
   if (skip(state)) return;
-  Tensor q = rnd({kN, kHq, kHd}, DType::BF16);
-  std::vector<int32_t> p(kN);
-  for (int64_t i = 0; i < kN; ++i) p[static_cast<size_t>(i)] = static_cast<int32_t>(i % kT);
-  Tensor pos = Tensor::from_vector(p, {kN}).to(Device::CUDA);
+  Tensor rows = rnd({n, row_heads * kHd}, DType::BF16);
+  Tensor q = rows.slice(1, 0, heads * kHd).view({n, heads, kHd});
+  std::vector<int32_t> p(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) p[static_cast<size_t>(i)] = static_cast<int32_t>(i % t);
+  Tensor pos = Tensor::from_vector(p, {n}).to(Device::CUDA);
   if (backward) timed(state, [&] { ops::rope_backward(q, pos, 10000.0, q); });
   else timed(state, [&] { ops::rope_forward(q, pos, 10000.0, q); });
-  byte_rate(state, 2.0 * kN * kHq * kHd * 2);
+  byte_rate(state, 2.0 * n * heads * kHd * 2);
 }
 
 // The ceiling of a kernel that reads and writes each byte once (RoPE, the RMSNorm forward): a
@@ -257,34 +264,6 @@ void BM_copy(benchmark::State& state) {
   Tensor x = rnd({kN, kD}, DType::BF16), y = Tensor::empty({kN, kD}, DType::BF16, Device::CUDA);
   timed(state, [&] { y.copy_from(x); });
   byte_rate(state, 2.0 * kN * kD * 2);
-}
-
-// The 134M model's shapes (N 32768, d 768, 12 + 12 heads of 64), as the model calls them: the
-// RMSNorm forward, its backward with the residual stream's gradient (4 passes), and RoPE on q|k in
-// place, the first 1536 of the joint projection's 2304 columns (one launch, Llama::rotate_qk).
-constexpr int64_t kSmallN = 32768, kSmallD = 768, kSmallHd = 64;
-void BM_rmsnorm_134m(benchmark::State& state, bool backward) {
-  if (skip(state)) return;
-  Tensor x = rnd({kSmallN, kSmallD}, DType::BF16), dy = rnd({kSmallN, kSmallD}, DType::BF16);
-  Tensor res = rnd({kSmallN, kSmallD}, DType::BF16), w = rnd({kSmallD}, DType::BF16);
-  Tensor y = Tensor::empty({kSmallN, kSmallD}, DType::BF16, Device::CUDA);
-  Tensor rstd = Tensor::empty({kSmallN}, DType::F32, Device::CUDA);
-  Tensor dw = Tensor::zeros({kSmallD}, DType::BF16, Device::CUDA);
-  ops::rmsnorm_forward(x, w, 1e-5, y, rstd);
-  if (backward) timed(state, [&] { ops::rmsnorm_backward(dy, x, w, rstd, y, dw, res); });
-  else timed(state, [&] { ops::rmsnorm_forward(x, w, 1e-5, y, rstd); });
-  byte_rate(state, (backward ? 4.0 : 2.0) * kSmallN * kSmallD * 2);
-}
-
-void BM_rope_qk_134m(benchmark::State& state) {
-  if (skip(state)) return;
-  Tensor qkv = rnd({kSmallN, 3 * kSmallD}, DType::BF16);
-  Tensor qk = qkv.slice(1, 0, 2 * kSmallD).view({kSmallN, 2 * kSmallD / kSmallHd, kSmallHd});
-  std::vector<int32_t> p(kSmallN);
-  for (int64_t i = 0; i < kSmallN; ++i) p[static_cast<size_t>(i)] = static_cast<int32_t>(i % 1024);
-  Tensor pos = Tensor::from_vector(p, {kSmallN}).to(Device::CUDA);
-  timed(state, [&] { ops::rope_forward(qk, pos, 10000.0, qk); });
-  byte_rate(state, 2.0 * kSmallN * 2 * kSmallD * 2);
 }
 
 // AdamW over 2^27 parameters with bf16 gradients: an f32 master plus the bf16 weight copy (28
@@ -581,9 +560,13 @@ BENCHMARK_CAPTURE(BM_swiglu, bwd, true)->UseManualTime()->Unit(benchmark::kMilli
 BENCHMARK_CAPTURE(BM_rope, fwd, false)->UseManualTime()->Unit(benchmark::kMillisecond);
 BENCHMARK_CAPTURE(BM_rope, bwd, true)->UseManualTime()->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_copy)->UseManualTime()->Unit(benchmark::kMillisecond);
-BENCHMARK_CAPTURE(BM_rmsnorm_134m, fwd, false)->UseManualTime()->Unit(benchmark::kMillisecond);
-BENCHMARK_CAPTURE(BM_rmsnorm_134m, bwd_residual, true)->UseManualTime()->Unit(benchmark::kMillisecond);
-BENCHMARK(BM_rope_qk_134m)->UseManualTime()->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(BM_rmsnorm, fwd_134m, false, false, kSmallN, kSmallD)->UseManualTime()->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(BM_rmsnorm, bwd_residual_134m, true, true, kSmallN, kSmallD)
+    ->UseManualTime()
+    ->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(BM_rope, qk_134m, false, kSmallN, 2 * kSmallD / kHd, 3 * kSmallD / kHd, 1024)
+    ->UseManualTime()
+    ->Unit(benchmark::kMillisecond);
 BENCHMARK_CAPTURE(BM_adamw, f32_master, false)->UseManualTime()->Unit(benchmark::kMillisecond);
 BENCHMARK_CAPTURE(BM_adamw, remainders, true)->UseManualTime()->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_sum_squares)->UseManualTime()->Unit(benchmark::kMillisecond);

@@ -214,14 +214,6 @@ int warp_packs(int64_t d) {
   return d % N == 0 && per <= kWarpPacks ? static_cast<int>(per) : 0;
 }
 
-template <typename F>
-void dispatch_warp_packs(int p, F&& f) {
-  if (p == 1) f(std::integral_constant<int, 1>{});
-  else if (p == 2) f(std::integral_constant<int, 2>{});
-  else if (p == 3) f(std::integral_constant<int, 3>{});
-  else f(std::integral_constant<int, 4>{});
-}
-
 // Packs per thread for the fast path (0: use the element kernels).
 template <typename T, typename W>
 int fast_packs(int64_t d, std::initializer_list<const void*> ptrs) {
@@ -233,11 +225,23 @@ int fast_packs(int64_t d, std::initializer_list<const void*> ptrs) {
   return per <= 1 ? 1 : per <= 2 ? 2 : per <= 4 ? 4 : 0;
 }
 
-template <int Unused, typename F>
+// The kernel's packs a thread (a lane) for p needed: the first of Ps (ascending) that holds p,
+// else the last. The block kernels are built for 1, 2, 4 (fast_packs rounds up), the warp kernel
+// for 1-4 (warp_packs).
+template <int... Ps>
+constexpr int packs_for(int p) {
+  int pick = 0, last = 0;
+  ((pick = pick == 0 && p <= Ps ? Ps : pick, last = Ps), ...);
+  return pick != 0 ? pick : last;
+}
+static_assert(packs_for<1, 2, 4>(1) == 1 && packs_for<1, 2, 4>(2) == 2 && packs_for<1, 2, 4>(3) == 4 &&
+              packs_for<1, 2, 4>(4) == 4 && packs_for<1, 2, 3, 4>(3) == 3 && packs_for<1, 2, 3, 4>(4) == 4);
+
+// Calls f(std::integral_constant<int, packs_for<Ps...>(p)>{}).
+template <int... Ps, typename F>
 void dispatch_packs(int p, F&& f) {
-  if (p == 1) f(std::integral_constant<int, 1>{});
-  else if (p == 2) f(std::integral_constant<int, 2>{});
-  else f(std::integral_constant<int, 4>{});
+  const int pick = packs_for<Ps...>(p);
+  ((pick == Ps ? f(std::integral_constant<int, Ps>{}) : void()), ...);
 }
 
 // Column sums of the blocks' partial rows [rows, d], deterministic (a fixed order for given rows
@@ -328,7 +332,7 @@ void rmsnorm_forward(const Tensor& x, const Tensor& w, double eps, Tensor& y, Te
     const int packs = w_packs ? fast_packs<T, W>(d, {x.raw(), y.raw()}) : 0;
     const int lane_packs = packs ? warp_packs<T>(d) : 0;
     if (lane_packs) {
-      dispatch_warp_packs(lane_packs, [&](auto pc) {
+      dispatch_packs<1, 2, 3, 4>(lane_packs, [&](auto pc) {
         constexpr int P = decltype(pc)::value, N = 16 / sizeof(T);
         const auto blocks = static_cast<unsigned>((n + kWarpRows - 1) / kWarpRows);
         launch_kernel("rms_fwd_warp", rms_fwd_warp<T, W, N, P>, blocks, 32 * kWarpRows, 0, s, x.data<T>(),
@@ -337,7 +341,7 @@ void rmsnorm_forward(const Tensor& x, const Tensor& w, double eps, Tensor& y, Te
       return;
     }
     if (packs) {
-      dispatch_packs<0>(packs, [&](auto pc) {
+      dispatch_packs<1, 2, 4>(packs, [&](auto pc) {
         constexpr int P = decltype(pc)::value, N = 16 / sizeof(T);
         launch_kernel("rms_fwd_vec", rms_fwd_vec<T, W, N, P>, n, pack_threads(d, N, P), 0, s, x.data<T>(),
                       w.data<W>(), static_cast<float>(eps), y.data<T>(), rstd.data<float>(), d);
@@ -388,7 +392,7 @@ void rmsnorm_backward(const Tensor& dy, const Tensor& x, const Tensor& w, const 
     blocks = static_cast<int>(std::min<int64_t>(n, fast ? kFastBlocks * (kThreads / threads) : kMaxPartialBlocks));
     partial = DeviceBuffer(static_cast<size_t>(blocks) * d * sizeof(float));
     if (fast) {
-      dispatch_packs<0>(packs, [&](auto pc) {
+      dispatch_packs<1, 2, 4>(packs, [&](auto pc) {
         constexpr int P = decltype(pc)::value;
         launch_kernel("rms_bwd_vec", rms_bwd_vec<T, W, N, P>, blocks, threads, 0, s, dy.data<T>(),
                       x.data<T>(), w.data<W>(), rstd.data<float>(), res, dx.data<T>(), partial.as<float>(), n,
