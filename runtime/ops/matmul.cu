@@ -24,6 +24,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <map>
 #include <mutex>
 #include <string>
@@ -45,7 +46,7 @@ constexpr int kMaxCandidates = 32;
 // IEVO_GEMM_CANDIDATES: how many of cuBLASLt's heuristic candidates are timed (default 8, at most
 // 32); IEVO_GEMM_TUNE_REPS / IEVO_GEMM_TUNE_ROUNDS: timed runs a candidate and rounds over the
 // candidates (fastest_candidate; default 3 and 1); IEVO_GEMM_TUNE_LOG=1 prints every plan's
-// candidates (their tile id, split-K count and time; * the one kept).
+// candidates (their tile id, split-K count, launches and time; * the one kept).
 int env_count(const char* name, int fallback) {
   const char* e = std::getenv(name);
   const int v = e ? std::atoi(e) : 0;
@@ -131,6 +132,30 @@ void* workspace(Blas& b, cudaStream_t s) {
   return ws->second.data();
 }
 
+// What call(s) enqueues on stream s, as one letter a launch (k: kernel, m: memset, ?: other), by
+// capturing it into a graph that is never run; empty if it cannot be captured.
+template <typename Call>
+std::string captured_launches(cudaStream_t s, Call&& call) {
+  cudaGraph_t g = nullptr;
+  if (cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal) != cudaSuccess) return {};
+  const bool ok = call(s);
+  const bool captured = cudaStreamEndCapture(s, &g) == cudaSuccess && g;
+  (void)cudaGetLastError();
+  std::string out;
+  size_t n = 0;
+  if (ok && captured && cudaGraphGetNodes(g, nullptr, &n) == cudaSuccess) {
+    std::vector<cudaGraphNode_t> nodes(n);
+    cudaGraphGetNodes(g, nodes.data(), &n);
+    for (cudaGraphNode_t node : nodes) {
+      cudaGraphNodeType t = cudaGraphNodeTypeEmpty;
+      cudaGraphNodeGetType(node, &t);
+      out += t == cudaGraphNodeTypeKernel ? 'k' : t == cudaGraphNodeTypeMemset ? 'm' : '?';
+    }
+  }
+  if (g) cudaGraphDestroy(g);
+  return out;
+}
+
 // Index of the fastest of the candidates on the real operands (0 if none could be timed).
 int fastest(Blas& b, const Plan& p, const cublasLtMatmulHeuristicResult_t* res, int count,
             const Operands& op) {
@@ -145,23 +170,32 @@ int fastest(Blas& b, const Plan& p, const cublasLtMatmulHeuristicResult_t* res, 
   const float one = 1.0f, beta = op.c_in ? 1.0f : 0.0f;
   static const int reps = env_count("IEVO_GEMM_TUNE_REPS", 3), rounds = env_count("IEVO_GEMM_TUNE_ROUNDS", 1);
   static const bool log = env_count("IEVO_GEMM_TUNE_LOG", 0) > 0;
+  auto run = [&](int i, cudaStream_t s) {  // candidate i once
+    return res[i].state == CUBLAS_STATUS_SUCCESS && res[i].workspaceSize <= kWorkspace &&
+           cublasLtMatmul(b.lt, p.desc, &one, op.b, p.la, op.a, p.lb, &beta, c_in, p.lc, d, p.lc,
+                          &res[i].algo, ws, kWorkspace, s) == CUBLAS_STATUS_SUCCESS;
+  };
   std::vector<float> times;
-  const int best = fastest_candidate(
-      count, op.stream,
-      [&](int i) {
-        return res[i].state == CUBLAS_STATUS_SUCCESS && res[i].workspaceSize <= kWorkspace &&
-               cublasLtMatmul(b.lt, p.desc, &one, op.b, p.la, op.a, p.lb, &beta, c_in, p.lc, d, p.lc,
-                              &res[i].algo, ws, kWorkspace, op.stream) == CUBLAS_STATUS_SUCCESS;
-      },
-      &times, reps, rounds);
+  const int best = fastest_candidate(count, op.stream, [&](int i) { return run(i, op.stream); }, &times,
+                                     reps, rounds);
   if (log) {
-    std::fprintf(stderr, "gemm plan %s: candidates (tile, splitk: ms)", p.name.c_str());
+    // What each candidate launches (k: a kernel, m: a memset), from one call captured into a graph
+    // that never runs: every candidate of the large-M GEMMs launches a memset before its kernel
+    // (docs/performance.md, fifteenth round).
+    std::vector<std::string> launches(static_cast<size_t>(count));
+    cudaStream_t cs = nullptr;
+    IEVO_CUDA_CHECK(cudaStreamCreateWithFlags(&cs, cudaStreamNonBlocking));
+    for (int i = 0; i < count; ++i)
+      if (times[static_cast<size_t>(i)] < std::numeric_limits<float>::infinity())
+        launches[static_cast<size_t>(i)] = captured_launches(cs, [&](cudaStream_t s) { return run(i, s); });
+    IEVO_CUDA_CHECK(cudaStreamDestroy(cs));
+    std::fprintf(stderr, "gemm plan %s: candidates (tile, splitk, launches: ms)", p.name.c_str());
     for (int i = 0; i < count; ++i) {
       int tile = -1, splitk = -1;
       size_t w = 0;
       cublasLtMatmulAlgoConfigGetAttribute(&res[i].algo, CUBLASLT_ALGO_CONFIG_TILE_ID, &tile, sizeof(tile), &w);
       cublasLtMatmulAlgoConfigGetAttribute(&res[i].algo, CUBLASLT_ALGO_CONFIG_SPLITK_NUM, &splitk, sizeof(splitk), &w);
-      std::fprintf(stderr, "%s %d,%d: %.4f", i == best ? " *" : "  ", tile, splitk, times[i]);
+      std::fprintf(stderr, "%s %d,%d,%s: %.4f", i == best ? " *" : "  ", tile, splitk, launches[static_cast<size_t>(i)].c_str(), times[i]);
     }
     std::fprintf(stderr, "\n");
   }
