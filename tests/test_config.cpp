@@ -52,6 +52,14 @@ std::string error_of(const std::function<void()>& f) {
   return "";
 }
 
+// The error of loading `yaml` as x.yaml; set_error: kBase with one --set override.
+std::string config_error(const std::string& yaml) {
+  return error_of([&] { load_config_string(yaml, "x.yaml"); });
+}
+std::string set_error(const std::string& set) {
+  return error_of([&] { load_config_string(kBase, "x.yaml", {set}); });
+}
+
 std::string write_file(const std::string& path, const std::string& text) {
   std::ofstream(path) << text;
   return path;
@@ -113,14 +121,14 @@ TEST(Config, UnknownKeyNamesKeyFileLineAndSuggests) {
   EXPECT_HAS(m, "train.stepz: unknown key; did you mean 'train.steps'?");
   EXPECT_HAS(m, file + ":16:3");
   // A key in the wrong section is matched by its last part.
-  m = error_of([&] { load_config_string(kBase + "optim:\n  warmup_steps: 3\n", "x.yaml"); });
+  m = config_error(kBase + "optim:\n  warmup_steps: 3\n");
   EXPECT_HAS(m, "optim.warmup_steps: unknown key; did you mean 'schedule.warmup_steps'?");
   EXPECT_HAS(m, "x.yaml:17:3");
-  m = error_of([&] { load_config_string(kBase + "colour: blue\n", "x.yaml"); });
+  m = config_error(kBase + "colour: blue\n");
   EXPECT_HAS(m, "colour: unknown key (x.yaml:16:1)");  // nothing close: no suggestion
-  m = error_of([&] { load_config_string(kBase + "optim: 3\n", "x.yaml"); });
+  m = config_error(kBase + "optim: 3\n");
   EXPECT_HAS(m, "optim: expected a mapping of optim.* keys, got '3' (x.yaml:16:1)");
-  m = error_of([&] { load_config_string(kBase + "train:\n  steps: 3\n", "x.yaml"); });
+  m = config_error(kBase + "train:\n  steps: 3\n");
   EXPECT_HAS(m, "train.steps: duplicate key (x.yaml:17:3)");
 }
 
@@ -128,32 +136,30 @@ TEST(Config, WrongTypeNamesValueAndPosition) {
   std::string m = error_of(
       [&] { load_config_string(replace(kBase, "steps: 10", "steps: ten"), "configs/x.yaml"); });
   EXPECT_HAS(m, "train.steps: expected an integer, got 'ten' (configs/x.yaml:13:10)");
-  m = error_of([&] { load_config_string(replace(kBase, "steps: 10", "steps: 2.5"), "x.yaml"); });
+  m = config_error(replace(kBase, "steps: 10", "steps: 2.5"));
   EXPECT_HAS(m, "train.steps: expected an integer, got '2.5'");
-  m = error_of([&] { load_config_string(replace(kBase, "steps: 10", "steps: [1]"), "x.yaml"); });
+  m = config_error(replace(kBase, "steps: 10", "steps: [1]"));
   EXPECT_HAS(m, "train.steps: expected an integer, got a list");
-  m = error_of([&] { load_config_string(kBase + "optim:\n  lr: fast\n", "x.yaml"); });
+  m = config_error(kBase + "optim:\n  lr: fast\n");
   EXPECT_HAS(m, "optim.lr: expected a number, got 'fast' (x.yaml:17:7)");
   // An empty section is fine (all its keys commented out); an empty unknown one is not.
   EXPECT_EQ(load_config_string(kBase + "optim:\n  # lr: 1\n", "x.yaml").optim.lr, 3e-4);
-  m = error_of([&] { load_config_string(kBase + "optimizer:\n", "x.yaml"); });
+  m = config_error(kBase + "optimizer:\n");
   EXPECT_HAS(m, "optimizer: unknown key (x.yaml:16:1)");
-  m = error_of(
-      [&] { load_config_string(replace(kBase, "paths: [a]", "paths: [a, {b: 1}]"), "x.yaml"); });
+  m = config_error(replace(kBase, "paths: [a]", "paths: [a, {b: 1}]"));
   EXPECT_HAS(m, "data.paths[1]: expected a list of strings, got a mapping (x.yaml:10:14)");
-  m = error_of([&] { load_config_string(kBase + "optim:\n  lr: .inf\n", "x.yaml"); });
+  m = config_error(kBase + "optim:\n  lr: .inf\n");
   EXPECT_HAS(m, "optim.lr: expected a number, got '.inf'");
   // Integers written as exact floats are integers; 1e3 steps is 1000.
   EXPECT_EQ(load_config_string(replace(kBase, "steps: 10", "steps: 1e3"), "x").train.steps, 1000);
 }
 
 TEST(Config, MissingRequiredKeys) {
-  std::string m = error_of(
-      [&] { load_config_string(replace(kBase, "  micro_batch_size: 4\n", ""), "x.yaml"); });
+  std::string m = config_error(replace(kBase, "  micro_batch_size: 4\n", ""));
   EXPECT_HAS(m, "train.micro_batch_size: required key is missing (x.yaml)");
-  m = error_of([&] { load_config_string(replace(kBase, "  hidden_size: 64\n", ""), "x.yaml"); });
+  m = config_error(replace(kBase, "  hidden_size: 64\n", ""));
   EXPECT_HAS(m, "model.hidden_size: required key is missing (x.yaml");
-  m = error_of([&] { load_config_string(replace(kBase, "  paths: [a]\n", ""), "x.yaml"); });
+  m = config_error(replace(kBase, "  paths: [a]\n", ""));
   EXPECT_HAS(m, "data.paths: required key is missing (x.yaml; not needed with data.synthetic");
   Config c = load_config_string(replace(kBase, "  paths: [a]\n", "  synthetic: true\n"), "x.yaml");
   EXPECT_TRUE(c.data.synthetic);
@@ -165,16 +171,14 @@ TEST(Config, MissingRequiredKeys) {
 }
 
 TEST(Config, InvalidEnumValues) {
-  std::string m = error_of(
-      [&] { load_config_string(replace(kBase, "device: cpu", "device: gpu"), "x.yaml"); });
+  std::string m = config_error(replace(kBase, "device: cpu", "device: gpu"));
   EXPECT_HAS(m, "run.device: invalid value 'gpu' (expected one of: cpu,cuda) (x.yaml:2:11)");
-  m = error_of([&] { load_config_string(kBase + "schedule:\n  kind: step\n", "x.yaml"); });
+  m = config_error(kBase + "schedule:\n  kind: step\n");
   EXPECT_HAS(m, "schedule.kind: invalid value 'step' (expected one of: constant,cosine,linear,wsd)");
-  m = error_of([&] { load_config_string(kBase, "x.yaml", {"model.arch=mistral"}); });
-  EXPECT_HAS(m, "model.arch: invalid value 'mistral' (expected one of: llama,internlm2) (--set model.arch)");
-  m = error_of([&] { load_config_string(kBase, "x.yaml", {"model.checkpointing=some"}); });
-  EXPECT_HAS(m, "model.checkpointing: invalid value 'some'");
-  m = error_of([&] { load_config_string(kBase, "x.yaml", {"model.head_chunk_tokens=-1"}); });
+  EXPECT_HAS(set_error("model.arch=mistral"),
+             "model.arch: invalid value 'mistral' (expected one of: llama,internlm2) (--set model.arch)");
+  EXPECT_HAS(set_error("model.checkpointing=some"), "model.checkpointing: invalid value 'some'");
+  m = set_error("model.head_chunk_tokens=-1");
   EXPECT_HAS(m, "model.head_chunk_tokens");
   EXPECT_HAS(m, "must be >= 0");
 }
@@ -197,41 +201,33 @@ TEST(Config, SetOverrides) {
   EXPECT_EQ(c.train.steps, 9);
   EXPECT_EQ(c.data.paths, std::vector<std::string>{"only"});
   EXPECT_EQ(c.run.dir, "runs/a=b");
-  std::string m = error_of([&] { load_config_string(kBase, "x.yaml", {"train.stepz=3"}); });
-  EXPECT_HAS(m, "--set train.stepz: unknown key; did you mean 'train.steps'?");
-  m = error_of([&] { load_config_string(kBase, "x.yaml", {"train.steps"}); });
-  EXPECT_HAS(m, "--set train.steps: expected key=value");
-  m = error_of([&] { load_config_string(kBase, "x.yaml", {"train.steps=ten"}); });
-  EXPECT_HAS(m, "train.steps: expected an integer, got 'ten' (--set train.steps)");
-  m = error_of([&] { load_config_string(kBase, "x.yaml", {"data.paths=[a, b"}); });
-  EXPECT_HAS(m, "--set data.paths: value '[a, b' is not valid YAML");
-  m = error_of([&] { load_config_string(kBase, "x.yaml", {"run.seed=-1"}); });
-  EXPECT_HAS(m, "run.seed: expected a non-negative integer, got '-1'");
+  EXPECT_HAS(set_error("train.stepz=3"), "--set train.stepz: unknown key; did you mean 'train.steps'?");
+  EXPECT_HAS(set_error("train.steps"), "--set train.steps: expected key=value");
+  EXPECT_HAS(set_error("train.steps=ten"),
+             "train.steps: expected an integer, got 'ten' (--set train.steps)");
+  EXPECT_HAS(set_error("data.paths=[a, b"), "--set data.paths: value '[a, b' is not valid YAML");
+  EXPECT_HAS(set_error("run.seed=-1"), "run.seed: expected a non-negative integer, got '-1'");
 }
 
 TEST(Config, Validation) {
-  std::string m = error_of([&] { load_config_string(kBase, "x.yaml", {"train.global_batch_size=10"}); });
-  EXPECT_HAS(m, "train.global_batch_size: 10 is not divisible by train.micro_batch_size (4) "
-                "(--set train.global_batch_size)");
-  m = error_of([&] { load_config_string(kBase, "x.yaml", {"data.weights=[1, 2]"}); });
-  EXPECT_HAS(m, "data.weights: has 2 entries but data.paths has 1");
-  m = error_of([&] { load_config_string(kBase, "x.yaml", {"train.precision=bf16"}); });
-  EXPECT_HAS(m, "train.precision: bf16 needs run.device: cuda");
+  EXPECT_HAS(set_error("train.global_batch_size=10"),
+             "train.global_batch_size: 10 is not divisible by train.micro_batch_size (4) "
+             "(--set train.global_batch_size)");
+  EXPECT_HAS(set_error("data.weights=[1, 2]"), "data.weights: has 2 entries but data.paths has 1");
+  EXPECT_HAS(set_error("train.precision=bf16"), "train.precision: bf16 needs run.device: cuda");
   EXPECT_EQ(load_config_string(kBase, "x", {"train.precision=bf16", "run.device=cuda"})
                 .train.precision, "bf16");
-  m = error_of([&] { load_config_string(kBase, "x.yaml", {"optim.min_lr=1e-3"}); });
-  EXPECT_HAS(m, "optim.min_lr: must satisfy 0 <= min_lr <= optim.lr");
-  m = error_of([&] { load_config_string(replace(kBase, "steps: 10", "steps: 0"), "x.yaml"); });
+  EXPECT_HAS(set_error("optim.min_lr=1e-3"), "optim.min_lr: must satisfy 0 <= min_lr <= optim.lr");
+  std::string m = config_error(replace(kBase, "steps: 10", "steps: 0"));
   EXPECT_HAS(m, "train.steps: must be positive, got 0 (x.yaml:13:10)");
-  m = error_of([&] { load_config_string(kBase, "x.yaml", {"model.num_kv_heads=3"}); });
+  m = set_error("model.num_kv_heads=3");
   EXPECT_HAS(m, "model.num_heads (4) is not divisible by model.num_kv_heads (3)");
   EXPECT_HAS(m, "(model.num_heads at x.yaml:7:14; model.num_kv_heads at --set model.num_kv_heads)");
-  m = error_of([&] { load_config_string(kBase, "x.yaml", {"model.max_position_embeddings=16"}); });
-  EXPECT_HAS(m, "data.seq_len: 32 exceeds model.max_position_embeddings (16)");
-  m = error_of([&] { load_config_string(kBase, "x.yaml", {"schedule.warmup_steps=11"}); });
-  EXPECT_HAS(m, "schedule.warmup_steps: must be in [0, train.steps = 10], got 11");
-  m = error_of([&] { load_config_string(kBase, "x.yaml", {"data.paths=[]"}); });
-  EXPECT_HAS(m, "data.paths: is empty");
+  EXPECT_HAS(set_error("model.max_position_embeddings=16"),
+             "data.seq_len: 32 exceeds model.max_position_embeddings (16)");
+  EXPECT_HAS(set_error("schedule.warmup_steps=11"),
+             "schedule.warmup_steps: must be in [0, train.steps = 10], got 11");
+  EXPECT_HAS(set_error("data.paths=[]"), "data.paths: is empty");
 }
 
 TEST(Config, YamlSyntaxErrorHasFileAndLine) {
