@@ -65,6 +65,21 @@ __device__ __forceinline__ void atomic_add2(float* p, float a, float b) {
 #endif
 }
 
+// A block's tile: grid (tiles, sequences, heads). Query tiles run the grid's x reversed, the
+// longest (diagonal-most) tiles first; key tiles in order, tile 0 (the most work) first. b: the
+// sequence's first token among the packed rows, len its length, row0 the tile's first row within
+// it, head: blockIdx.z (a query head, or the kv head of key tiles).
+struct BlockTile {
+  int b, len, row0, head;
+};
+template <int ROWS, bool kQueryTile>
+__device__ __forceinline__ BlockTile block_tile(const Params& p) {
+  const int tile = kQueryTile ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
+  const int seq = blockIdx.y;
+  const int b = p.cu[seq];
+  return {b, p.cu[seq + 1] - b, tile * ROWS, static_cast<int>(blockIdx.z)};
+}
+
 // Two MMAs sharing A: c0 += A B(b[0], b[1]), c1 += A B(b[2], b[3]) (a b_pair_* fragment pair).
 template <typename T>
 __device__ __forceinline__ void mma_x2(float (&c0)[4], float (&c1)[4], const uint32_t (&a)[4],
@@ -286,10 +301,8 @@ __global__ void __launch_bounds__(kThreads, 2) fwd_kernel(Params p, T* out, floa
   T* Qs = reinterpret_cast<T*>(smem_raw);
   T* Ks = Qs + BR * LD;      // [2][BC][LD]
   T* Vs = Ks + 2 * BC * LD;  // [2][BC][LD]
-  const int tile = gridDim.x - 1 - blockIdx.x;  // longest (diagonal-most) tiles first
-  const int seq = blockIdx.y, h = blockIdx.z;
-  const int b = p.cu[seq], len = p.cu[seq + 1] - b;
-  const int q0 = tile * BR;
+  const BlockTile bt = block_tile<BR, true>(p);
+  const int b = bt.b, len = bt.len, q0 = bt.row0, h = bt.head;
   if (q0 >= len) return;
   const int kvh = h / (p.hq / p.hkv);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
@@ -568,10 +581,8 @@ __global__ void __launch_bounds__(256, 1) fwd_wgmma_kernel(Params p, T* out, flo
   unsigned char* Qs = base;
   unsigned char* Ks = Qs + Cfg::kQBytes;       // [2] stages
   unsigned char* Vs = Ks + 2 * Cfg::kKVBytes;  // [2] stages
-  const int tile = gridDim.x - 1 - blockIdx.x;  // longest (diagonal-most) tiles first
-  const int seq = blockIdx.y, h = blockIdx.z;
-  const int b = p.cu[seq], len = p.cu[seq + 1] - b;
-  const int q0 = tile * BR;
+  const BlockTile bt = block_tile<BR, true>(p);
+  const int b = bt.b, len = bt.len, q0 = bt.row0, h = bt.head;
   if (q0 >= len) return;
   const int kvh = h / (p.hq / p.hkv);
   const int wg = threadIdx.x >> 7, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
@@ -741,10 +752,8 @@ __global__ void __launch_bounds__(256, 1)
   unsigned char* dSs = dOs + 2 * Cfg::kQBytes;  // dS^T [BC keys][BQ queries], M-major for dQ
   float* lse_s = reinterpret_cast<float*>(dSs + Cfg::kSBytes);  // [2][BQ]
   float* d_s = lse_s + 2 * BQ;                                  // [2][BQ]
-  const int tile = blockIdx.x;  // tile 0 has the most work: first
-  const int seq = blockIdx.y, kvh = blockIdx.z;
-  const int b = p.cu[seq], len = p.cu[seq + 1] - b;
-  const int k0 = tile * BC;
+  const BlockTile bt = block_tile<BC, false>(p);
+  const int b = bt.b, len = bt.len, k0 = bt.row0, kvh = bt.head;
   if (k0 >= len) return;
   const int wg = threadIdx.x >> 7, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;
@@ -931,6 +940,48 @@ __global__ void wgmma_probe_kernel(int* flag) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// The deterministic backward kernels' products for a warp's 16 rows (mma.sync, operands in shared
+// memory with leading dimension LD). c1 = A1 B1^T and c2 = A2 B2^T over the head dim: a1, a2 at
+// the warp's first row, b1, b2 [N rows, HD] (S and dP, or their transposes).
+template <typename T, int HD, int N, int LD>
+__device__ __forceinline__ void two_products_nt(float (&c1)[N / 8][4], float (&c2)[N / 8][4], const T* a1,
+                                                const T* a2, const T* b1, const T* b2, int lane) {
+  zero(c1);
+  zero(c2);
+#pragma unroll
+  for (int kk = 0; kk < HD / 16; ++kk) {
+    uint32_t x1[4], x2[4];
+    load_a(x1, a1 + kk * 16, LD, lane);
+    load_a(x2, a2 + kk * 16, LD, lane);
+#pragma unroll
+    for (int nt = 0; nt < N / 8; ++nt) {
+      uint32_t f0, f1;
+      load_b_nk(f0, f1, b1 + nt * 8 * LD + kk * 16, LD, lane);
+      mma16816<T>(c1[nt], x1, f0, f1);
+      load_b_nk(f0, f1, b2 + nt * 8 * LD + kk * 16, LD, lane);
+      mma16816<T>(c2[nt], x2, f0, f1);
+    }
+  }
+}
+
+// acc += C B: C (16 x N) the fragments c, rounded to T; B [N rows, HD].
+template <typename T, int HD, int N, int LD>
+__device__ __forceinline__ void accumulate_cb(float (&acc)[HD / 8][4], const float (&c)[N / 8][4],
+                                              const T* bm, int lane) {
+#pragma unroll
+  for (int kk = 0; kk < N / 16; ++kk) {
+    uint32_t a[4];
+    c_to_a<T>(a, c[2 * kk], c[2 * kk + 1]);
+#pragma unroll
+    for (int dt = 0; dt < HD / 8; ++dt) {
+      uint32_t f0, f1;
+      load_b_kn(f0, f1, bm + kk * 16 * LD + dt * 8, LD, lane);
+      mma16816<T>(acc[dt], a, f0, f1);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 template <typename T, int HD>
 __global__ void __launch_bounds__(kThreads) bwd_dq_kernel(Params p, const T* dout,
                                                           const float* lse, const float* delta,
@@ -941,10 +992,8 @@ __global__ void __launch_bounds__(kThreads) bwd_dq_kernel(Params p, const T* dou
   T* dOs = Qs + BR * LD;
   T* Ks = dOs + BR * LD;
   T* Vs = Ks + BC * LD;
-  const int tile = gridDim.x - 1 - blockIdx.x;
-  const int seq = blockIdx.y, h = blockIdx.z;
-  const int b = p.cu[seq], len = p.cu[seq + 1] - b;
-  const int q0 = tile * BR;
+  const BlockTile bt = block_tile<BR, true>(p);
+  const int b = bt.b, len = bt.len, q0 = bt.row0, h = bt.head;
   if (q0 >= len) return;
   const int kvh = h / (p.hq / p.hkv);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
@@ -963,8 +1012,7 @@ __global__ void __launch_bounds__(kThreads) bwd_dq_kernel(Params p, const T* dou
     dr[i] = row[i] < len ? delta[idx] : 0.f;
   }
   float acc[HD / 8][4];
-#pragma unroll
-  for (int i = 0; i < HD / 8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+  zero(acc);
   const int kend = min(len, q0 + BR);
   const int n_kt = (kend + BC - 1) / BC;
 
@@ -975,22 +1023,7 @@ __global__ void __launch_bounds__(kThreads) bwd_dq_kernel(Params p, const T* dou
     load_tile<HD, BC>(Vs, V, b + k0, min(BC, len - k0), p.hkv, kvh);
     __syncthreads();
     float s[BC / 8][4], dp[BC / 8][4];
-    zero(s);
-    zero(dp);
-#pragma unroll
-    for (int kk = 0; kk < HD / 16; ++kk) {
-      uint32_t aq[4], ad[4];
-      load_a(aq, Qs + warp * 16 * LD + kk * 16, LD, lane);
-      load_a(ad, dOs + warp * 16 * LD + kk * 16, LD, lane);
-#pragma unroll
-      for (int nt = 0; nt < BC / 8; ++nt) {
-        uint32_t b0, b1;
-        load_b_nk(b0, b1, Ks + nt * 8 * LD + kk * 16, LD, lane);
-        mma16816<T>(s[nt], aq, b0, b1);
-        load_b_nk(b0, b1, Vs + nt * 8 * LD + kk * 16, LD, lane);
-        mma16816<T>(dp[nt], ad, b0, b1);
-      }
-    }
+    two_products_nt<T, HD, BC, LD>(s, dp, Qs + warp * 16 * LD, dOs + warp * 16 * LD, Ks, Vs, lane);  // S, dP
 #pragma unroll
     for (int nt = 0; nt < BC / 8; ++nt) {
 #pragma unroll
@@ -1002,17 +1035,7 @@ __global__ void __launch_bounds__(kThreads) bwd_dq_kernel(Params p, const T* dou
         s[nt][r] = pv * (dp[nt][r] - dr[r >> 1]);  // dS
       }
     }
-#pragma unroll
-    for (int kk = 0; kk < BC / 16; ++kk) {
-      uint32_t a[4];
-      c_to_a<T>(a, s[2 * kk], s[2 * kk + 1]);
-#pragma unroll
-      for (int dt = 0; dt < HD / 8; ++dt) {
-        uint32_t b0, b1;
-        load_b_kn(b0, b1, Ks + kk * 16 * LD + dt * 8, LD, lane);
-        mma16816<T>(acc[dt], a, b0, b1);
-      }
-    }
+    accumulate_cb<T, HD, BC, LD>(acc, s, Ks, lane);  // dQ += dS K
   }
 
 #pragma unroll
@@ -1039,10 +1062,8 @@ __global__ void __launch_bounds__(kThreads) bwd_dkdv_kernel(Params p, const T* d
   T* dOs = Qs + BQ * LD;
   float* lse_s = reinterpret_cast<float*>(dOs + BQ * LD);
   float* d_s = lse_s + BQ;
-  const int tile = blockIdx.x;  // tile 0 has the most work: first
-  const int seq = blockIdx.y, kvh = blockIdx.z;
-  const int b = p.cu[seq], len = p.cu[seq + 1] - b;
-  const int k0 = tile * BC;
+  const BlockTile bt = block_tile<BC, false>(p);
+  const int b = bt.b, len = bt.len, k0 = bt.row0, kvh = bt.head;
   if (k0 >= len) return;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const T* Q = static_cast<const T*>(p.q);
@@ -1052,10 +1073,8 @@ __global__ void __launch_bounds__(kThreads) bwd_dkdv_kernel(Params p, const T* d
   const float sl2 = p.scale * kLog2e;
   const int key[2] = {k0 + warp * 16 + g, k0 + warp * 16 + g + 8};
   float dka[HD / 8][4], dva[HD / 8][4];
-#pragma unroll
-  for (int i = 0; i < HD / 8; ++i)
-#pragma unroll
-    for (int r = 0; r < 4; ++r) dka[i][r] = dva[i][r] = 0.f;
+  zero(dka);
+  zero(dva);
   const int rep = p.hq / p.hkv;
 
   for (int hh = kvh * rep; hh < (kvh + 1) * rep; ++hh) {
@@ -1070,23 +1089,8 @@ __global__ void __launch_bounds__(kThreads) bwd_dkdv_kernel(Params p, const T* d
         d_s[threadIdx.x] = qr < len ? delta[idx] : 0.f;
       }
       __syncthreads();
-      float st[BQ / 8][4], dpt[BQ / 8][4];
-      zero(st);
-      zero(dpt);
-#pragma unroll
-      for (int kk = 0; kk < HD / 16; ++kk) {
-        uint32_t ak[4], av[4];
-        load_a(ak, Ks + warp * 16 * LD + kk * 16, LD, lane);
-        load_a(av, Vs + warp * 16 * LD + kk * 16, LD, lane);
-#pragma unroll
-        for (int nt = 0; nt < BQ / 8; ++nt) {
-          uint32_t b0, b1;
-          load_b_nk(b0, b1, Qs + nt * 8 * LD + kk * 16, LD, lane);
-          mma16816<T>(st[nt], ak, b0, b1);  // S^T = K Q^T
-          load_b_nk(b0, b1, dOs + nt * 8 * LD + kk * 16, LD, lane);
-          mma16816<T>(dpt[nt], av, b0, b1);  // dP^T = V dO^T
-        }
-      }
+      float st[BQ / 8][4], dpt[BQ / 8][4];  // S^T = K Q^T, dP^T = V dO^T
+      two_products_nt<T, HD, BQ, LD>(st, dpt, Ks + warp * 16 * LD, Vs + warp * 16 * LD, Qs, dOs, lane);
 #pragma unroll
       for (int nt = 0; nt < BQ / 8; ++nt) {
 #pragma unroll
@@ -1099,20 +1103,8 @@ __global__ void __launch_bounds__(kThreads) bwd_dkdv_kernel(Params p, const T* d
           dpt[nt][r] = pv * (dpt[nt][r] - d_s[ql]);  // dS^T
         }
       }
-#pragma unroll
-      for (int kk = 0; kk < BQ / 16; ++kk) {
-        uint32_t ap[4], ads[4];
-        c_to_a<T>(ap, st[2 * kk], st[2 * kk + 1]);
-        c_to_a<T>(ads, dpt[2 * kk], dpt[2 * kk + 1]);
-#pragma unroll
-        for (int dt = 0; dt < HD / 8; ++dt) {
-          uint32_t b0, b1;
-          load_b_kn(b0, b1, dOs + kk * 16 * LD + dt * 8, LD, lane);
-          mma16816<T>(dva[dt], ap, b0, b1);  // dV += P^T dO
-          load_b_kn(b0, b1, Qs + kk * 16 * LD + dt * 8, LD, lane);
-          mma16816<T>(dka[dt], ads, b0, b1);  // dK += dS^T Q
-        }
-      }
+      accumulate_cb<T, HD, BQ, LD>(dva, st, dOs, lane);   // dV += P^T dO
+      accumulate_cb<T, HD, BQ, LD>(dka, dpt, Qs, lane);  // dK += dS^T Q
     }
   }
 
@@ -1148,10 +1140,8 @@ __global__ void __launch_bounds__(32 * W, 8 / W)
   T* dSs = dOs + 2 * BQ * LD;  // [BC][LDS]: dS^T of the current tile
   float* lse_s = reinterpret_cast<float*>(dSs + BC * LDS);  // [2][BQ]
   float* d_s = lse_s + 2 * BQ;                              // [2][BQ]
-  const int tile = blockIdx.x;  // tile 0 has the most work: first
-  const int seq = blockIdx.y, kvh = blockIdx.z;
-  const int b = p.cu[seq], len = p.cu[seq + 1] - b;
-  const int k0 = tile * BC;
+  const BlockTile bt = block_tile<BC, false>(p);
+  const int b = bt.b, len = bt.len, k0 = bt.row0, kvh = bt.head;
   if (k0 >= len) return;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const T* Q = static_cast<const T*>(p.q);
