@@ -179,74 +179,82 @@ Offsets ragged_inputs(fe::graph::Graph& g, const Key& k, Attributes& opts) {
           index_tensor(g, "off_v", kOffV, k.b + 1, i64), index_tensor(g, "off_o", kOffO, k.b + 1, i64)};
 }
 
-Entry build_forward(const Key& k, cudnnHandle_t h, float scale) {
-  Entry e;
+// A plan's graph: bf16 or f16 in and out, fp32 inside.
+fe::graph::Graph& new_graph(Entry& e, const Key& k) {
   e.graph = std::make_shared<fe::graph::Graph>();
-  auto& g = *e.graph;
-  g.set_io_data_type(k.f16 ? fe::DataType_t::HALF : fe::DataType_t::BFLOAT16)
+  e.graph->set_io_data_type(k.f16 ? fe::DataType_t::HALF : fe::DataType_t::BFLOAT16)
       .set_intermediate_data_type(fe::DataType_t::FLOAT)
       .set_compute_data_type(fe::DataType_t::FLOAT);
+  return *e.graph;
+}
+
+// Both directions' inputs Q, K, V (ragged or dense), with the offsets for the other tensors.
+struct Inputs {
+  TensorPtr q, k, v;
+  Offsets off;
+};
+template <typename Attributes>
+Inputs qkv_inputs(fe::graph::Graph& g, const Key& k, Attributes& opts) {
+  const Offsets off = ragged_inputs(g, k, opts);
+  return {thd_tensor(g, "Q", kQ, k.b, k.hq, k.smax, k.hd, k.rs_q, off.q),
+          thd_tensor(g, "K", kK, k.b, k.hkv, k.smax, k.hd, k.rs_k, off.k),
+          thd_tensor(g, "V", kV, k.b, k.hkv, k.smax, k.hd, k.rs_v, off.v), off};
+}
+
+// The softmax stats' attributes, the forward's output and the backward's input.
+fe::graph::Tensor_attributes& stats_attributes(fe::graph::Tensor_attributes& t, const Key& k) {
+  return t.set_uid(kStats)
+      .set_data_type(fe::DataType_t::FLOAT)
+      .set_dim({k.b, k.hq, k.smax, 1})
+      .set_stride(stats_stride(k));
+}
+
+Entry build_forward(const Key& k, cudnnHandle_t h, float scale) {
+  Entry e;
+  auto& g = new_graph(e, k);
   auto opts = fe::graph::SDPA_attributes()
                   .set_name("ievo_sdpa")
                   .set_generate_stats(true)
                   .set_attn_scale(scale)
                   .set_diagonal_alignment(fe::DiagonalAlignment_t::TOP_LEFT)
                   .set_diagonal_band_right_bound(0);
-  const auto [off_q, off_k, off_v, off_o] = ragged_inputs(g, k, opts);
-  auto q = thd_tensor(g, "Q", kQ, k.b, k.hq, k.smax, k.hd, k.rs_q, off_q);
-  auto kk = thd_tensor(g, "K", kK, k.b, k.hkv, k.smax, k.hd, k.rs_k, off_k);
-  auto v = thd_tensor(g, "V", kV, k.b, k.hkv, k.smax, k.hd, k.rs_v, off_v);
-  auto [o, stats] = g.sdpa(q, kk, v, opts);
+  const Inputs in = qkv_inputs(g, k, opts);
+  auto [o, stats] = g.sdpa(in.q, in.k, in.v, opts);
   o->set_output(true)
       .set_uid(kO)
       .set_dim({k.b, k.hq, k.smax, k.hd})
       .set_stride(thd_stride(k.hq * k.hd, k.smax, k.hd));
-  if (off_o) o->set_ragged_offset(off_o);
-  stats->set_output(true)
-      .set_uid(kStats)
-      .set_data_type(fe::DataType_t::FLOAT)
-      .set_dim({k.b, k.hq, k.smax, 1})
-      .set_stride(stats_stride(k));
+  if (in.off.o) o->set_ragged_offset(in.off.o);
+  stats_attributes(stats->set_output(true), k);
   finish_build(g, h, e);
   return e;
 }
 
 Entry build_backward(const Key& k, cudnnHandle_t h, float scale) {
   Entry e;
-  e.graph = std::make_shared<fe::graph::Graph>();
-  auto& g = *e.graph;
-  g.set_io_data_type(k.f16 ? fe::DataType_t::HALF : fe::DataType_t::BFLOAT16)
-      .set_intermediate_data_type(fe::DataType_t::FLOAT)
-      .set_compute_data_type(fe::DataType_t::FLOAT);
+  auto& g = new_graph(e, k);
   auto opts = fe::graph::SDPA_backward_attributes()
                   .set_name("ievo_sdpa_backward")
                   .set_attn_scale(scale)
                   .set_diagonal_alignment(fe::DiagonalAlignment_t::TOP_LEFT)
                   .set_diagonal_band_right_bound(0)
                   .set_deterministic_algorithm(k.det);
-  const auto [off_q, off_k, off_v, off_o] = ragged_inputs(g, k, opts);
-  auto q = thd_tensor(g, "Q", kQ, k.b, k.hq, k.smax, k.hd, k.rs_q, off_q);
-  auto kk = thd_tensor(g, "K", kK, k.b, k.hkv, k.smax, k.hd, k.rs_k, off_k);
-  auto v = thd_tensor(g, "V", kV, k.b, k.hkv, k.smax, k.hd, k.rs_v, off_v);
-  auto o = thd_tensor(g, "O", kO, k.b, k.hq, k.smax, k.hd, k.hq * k.hd, off_o);
-  auto dout = thd_tensor(g, "dO", kDO, k.b, k.hq, k.smax, k.hd, k.hq * k.hd, off_o);
-  auto stats = g.tensor(fe::graph::Tensor_attributes()
-                            .set_name("Stats")
-                            .set_uid(kStats)
-                            .set_dim({k.b, k.hq, k.smax, 1})
-                            .set_stride(stats_stride(k))
-                            .set_data_type(fe::DataType_t::FLOAT));
-  auto [dq, dk, dv] = g.sdpa_backward(q, kk, v, o, dout, stats, opts);
+  const Inputs in = qkv_inputs(g, k, opts);
+  auto o = thd_tensor(g, "O", kO, k.b, k.hq, k.smax, k.hd, k.hq * k.hd, in.off.o);
+  auto dout = thd_tensor(g, "dO", kDO, k.b, k.hq, k.smax, k.hd, k.hq * k.hd, in.off.o);
+  fe::graph::Tensor_attributes stats_in;
+  auto stats = g.tensor(stats_attributes(stats_in.set_name("Stats"), k));
+  auto [dq, dk, dv] = g.sdpa_backward(in.q, in.k, in.v, o, dout, stats, opts);
   dq->set_output(true).set_uid(kDQ).set_dim({k.b, k.hq, k.smax, k.hd})
       .set_stride(thd_stride(k.rs_q, k.smax, k.hd));
   dk->set_output(true).set_uid(kDK).set_dim({k.b, k.hkv, k.smax, k.hd})
       .set_stride(thd_stride(k.rs_k, k.smax, k.hd));
   dv->set_output(true).set_uid(kDV).set_dim({k.b, k.hkv, k.smax, k.hd})
       .set_stride(thd_stride(k.rs_v, k.smax, k.hd));
-  if (off_q) {
-    dq->set_ragged_offset(off_q);
-    dk->set_ragged_offset(off_k);
-    dv->set_ragged_offset(off_v);
+  if (in.off.q) {
+    dq->set_ragged_offset(in.off.q);
+    dk->set_ragged_offset(in.off.k);
+    dv->set_ragged_offset(in.off.v);
   }
   finish_build(g, h, e);
   return e;
