@@ -185,23 +185,24 @@ void adamw_step(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v, const A
   });
 }
 
-void split_master(const Tensor& master, Tensor& weight, Tensor& remainder) {
-  const char* op = "split_master";
+// The checks of split_master / join_master; the element count.
+int64_t check_master_split(const Tensor& master, const Tensor& weight, const Tensor& remainder,
+                           const char* op) {
   expect_cuda(master, "master", op);
   check_dtype(master, DType::F32, "master");
   check_split(weight, remainder, master.shape(), op);
-  const int64_t n = master.numel();
+  return master.numel();
+}
+
+void split_master(const Tensor& master, Tensor& weight, Tensor& remainder) {
+  const int64_t n = check_master_split(master, weight, remainder, "split_master");
   if (n == 0) return;
   launch_kernel("split_kernel", split_kernel, grid_for(n, 256, 8192), 256, 0, current_stream(),
                 master.data<float>(), weight.data<uint16_t>(), remainder.data<int16_t>(), n);
 }
 
 void join_master(const Tensor& weight, const Tensor& remainder, Tensor& master) {
-  const char* op = "join_master";
-  expect_cuda(master, "master", op);
-  check_dtype(master, DType::F32, "master");
-  check_split(weight, remainder, master.shape(), op);
-  const int64_t n = master.numel();
+  const int64_t n = check_master_split(master, weight, remainder, "join_master");
   if (n == 0) return;
   launch_kernel("join_kernel", join_kernel, grid_for(n, 256, 8192), 256, 0, current_stream(),
                 weight.data<uint16_t>(), remainder.data<int16_t>(), master.data<float>(), n);
