@@ -20,6 +20,7 @@
 #include "parallel/communicator.h"
 #include "parallel/topology.h"
 #include "parallel/zero.h"
+#include "gpu_nccl_util.h"
 #include "util.h"
 #ifdef IEVO_CUDA
 #include "runtime/cuda/cuda.h"
@@ -29,22 +30,7 @@ using namespace ievo;
 
 namespace {
 
-bool have_gpu() { return test::gpu_available(); }
-
-std::unique_ptr<Communicator> nccl() {
-#ifdef IEVO_CUDA
-  return make_nccl_communicator(MPI_COMM_WORLD);
-#else
-  IEVO_FAIL("a CPU-only build has no NCCL");
-#endif
-}
-
-class Gpu : public ::testing::Test {
- protected:
-  void SetUp() override {
-    if (!have_gpu()) GTEST_SKIP() << "no CUDA device (or a CPU-only build)";
-  }
-};
+using Gpu = test::GpuTest;
 
 // Three AdamW steps on a fixed batch through the hooks; returns the gathered master weights.
 ParamStore three_steps(const ModelConfig& mc, const ParamStore& init, Device dev, DType compute, int stage,
@@ -71,7 +57,7 @@ ParamStore three_steps(const ModelConfig& mc, const ParamStore& init, Device dev
 }  // namespace
 
 TEST_F(Gpu, NcclCollectivesInAWorldOfOne) {
-  auto comm = nccl();
+  auto comm = test::nccl_world();
   ASSERT_EQ(comm->size(), 1);
   EXPECT_STREQ(comm->backend(), "nccl");
   for (DType dt : {DType::F32, DType::F64, DType::BF16, DType::I32}) {
@@ -98,7 +84,7 @@ TEST_F(Gpu, NcclCollectivesInAWorldOfOne) {
 // ievo bench --comm's device path (fill, the checked call, the timing) over NCCL with one rank:
 // the result check passes and nothing crosses a link.
 TEST_F(Gpu, CommBenchOverNcclInAWorldOfOne) {
-  auto comm = nccl();
+  auto comm = test::nccl_world();
   CommBenchOptions o;
   o.min_bytes = 1 << 20;
   o.max_bytes = 4 << 20;
@@ -118,7 +104,7 @@ TEST_F(Gpu, ZeroStagesOverNcclEqualTheCpu) {
   ParamStore init(param_specs(mc), DType::F32, Device::CPU);
   load_hf_weights(hf, mc, init);
   auto local = make_local_communicator();
-  auto comm = nccl();
+  auto comm = test::nccl_world();
   const ParamStore cpu = three_steps(mc, init, Device::CPU, DType::F32, 0, *local);
   ParamStore bf16_stage0;
   for (int stage = 0; stage <= 3; ++stage) {
@@ -155,9 +141,4 @@ TEST_F(Gpu, TrainerOverNcclMatchesHf) {
   }
 }
 
-int main(int argc, char** argv) {
-  ::testing::InitGoogleTest(&argc, argv);
-  if (!have_gpu()) return RUN_ALL_TESTS();  // every test skips; no MPI needed
-  MpiSession mpi(&argc, &argv, /*force=*/true);  // a singleton world when not under mpirun
-  return RUN_ALL_TESTS();
-}
+int main(int argc, char** argv) { return test::gpu_mpi_main(argc, argv); }

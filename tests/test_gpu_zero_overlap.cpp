@@ -23,6 +23,7 @@
 #include "parallel/zero.h"
 #include "runtime/allocator.h"
 #include "runtime/ops/elementwise.h"
+#include "gpu_nccl_util.h"
 #include "util.h"
 #ifdef IEVO_CUDA
 #include "runtime/cuda/cuda.h"
@@ -32,18 +33,11 @@ using namespace ievo;
 
 namespace {
 
-std::unique_ptr<Communicator> nccl() {
-#ifdef IEVO_CUDA
-  return make_nccl_communicator(MPI_COMM_WORLD);
-#else
-  IEVO_FAIL("a CPU-only build has no NCCL");
-#endif
-}
-
-class Gpu : public ::testing::Test {
+class Gpu : public test::GpuTest {
  protected:
   void SetUp() override {
-    if (!test::gpu_available()) GTEST_SKIP() << "no CUDA device (or a CPU-only build)";
+    test::GpuTest::SetUp();
+    if (IsSkipped()) return;
 #ifdef IEVO_CUDA
     cuda::set_deterministic(true);  // cuDNN attention backward: the same sums every run
 #endif
@@ -122,7 +116,7 @@ Trained three_steps(const ModelConfig& mc, const ParamStore& init, Device dev, D
 }  // namespace
 
 TEST_F(Gpu, AsyncCollectivesEqualTheSynchronousOnes) {
-  auto comm = nccl();
+  auto comm = test::nccl_world();
   ASSERT_EQ(comm->size(), 1);
   for (DType dt : {DType::F32, DType::BF16}) {
     SCOPED_TRACE(dtype_name(dt));
@@ -152,7 +146,7 @@ TEST_F(Gpu, OverlapEqualsNoOverlapAndTheCpu) {
   ParamStore init(param_specs(mc), DType::F32, Device::CPU);
   load_hf_weights(hf, mc, init);
   auto local = make_local_communicator();
-  auto comm = nccl();
+  auto comm = test::nccl_world();
   const Trained cpu = three_steps(mc, init, Device::CPU, DType::F32, 0, ZeroConfig::Overlap::Off, *local);
   for (int stage = 0; stage <= 3; ++stage) {
     for (DType dt : {DType::F32, DType::BF16}) {
@@ -191,7 +185,7 @@ TEST_F(Gpu, MasterRemaindersMatchAnF32Master) {
   const ModelConfig mc = read_hf_model_config(hf);
   ParamStore init(param_specs(mc), DType::F32, Device::CPU);
   load_hf_weights(hf, mc, init);
-  auto comm = nccl();
+  auto comm = test::nccl_world();
   for (int stage = 0; stage <= 3; ++stage) {
     SCOPED_TRACE("ZeRO-" + std::to_string(stage));
     const Trained f32 = three_steps(mc, init, Device::CUDA, DType::BF16, stage, ZeroConfig::Overlap::Auto, *comm);
@@ -223,9 +217,4 @@ TEST_F(Gpu, MasterRemaindersMatchAnF32Master) {
   }
 }
 
-int main(int argc, char** argv) {
-  ::testing::InitGoogleTest(&argc, argv);
-  if (!test::gpu_available()) return RUN_ALL_TESTS();  // every test skips; no MPI needed
-  MpiSession mpi(&argc, &argv, /*force=*/true);  // a singleton world when not under mpirun
-  return RUN_ALL_TESTS();
-}
+int main(int argc, char** argv) { return test::gpu_mpi_main(argc, argv); }
