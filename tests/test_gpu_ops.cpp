@@ -457,9 +457,10 @@ TEST(GpuRope, ForwardBackwardInPlace) {
   for (int64_t i = 0; i < n; ++i) pv[i] = static_cast<int32_t>((i * 97) % 2048);
   Tensor pos = Tensor::from_vector(pv, {n});
   Tensor gpos = pos.to(Device::CUDA);
-  // bf16, hd 64 and 128: 4 pairs a thread, 3 heads (fewer than the 4 loaded at a time) and 6
-  // (4 + 2); hd 12 (6 pairs): one pair a thread.
-  for (auto [hd, h] : {std::pair<int64_t, int64_t>{64, 3}, {128, 6}, {12, 3}})
+  // bf16, hd 64 and 128: whole rows (rope_rows_kernel; 37 tokens, so the last block has fewer
+  // than its tokens); hd 24: 4 pairs a thread (rope_kernel_vec), 5 heads (4 loaded at a time + 1);
+  // hd 12 (6 pairs): one pair a thread.
+  for (auto [hd, h] : {std::pair<int64_t, int64_t>{64, 3}, {128, 6}, {24, 5}, {12, 3}})
   for (DType dt : {DType::F32, DType::BF16}) {
     Tensor x = rand({n, h, hd}, 71);
     Tensor y = Tensor::empty({n, h, hd}, DType::F32);

@@ -1,9 +1,15 @@
 // Rotary position embedding on the GPU (see rope.h), HF convention, angles in fp32 as the CPU op:
 //   inv_freq[i] = 1 / theta^(float(2i) / hd), angle = float(pos) * inv_freq[i]
-// One thread per (token, i < hd/2) computes cos/sin once and rotates the pair (i, i + hd/2) of
-// every head (bf16/f16: 4 consecutive pairs per thread, 8-byte loads, 4 heads' loads in flight);
-// each pair is read before it is written, so y may alias x. Rows (tokens) of x and y are xs and ys
-// elements apart (a joint QKV output's q or k columns).
+// bf16/f16 with hd a multiple of 16 (the models' case): rope_rows_kernel, a block of threads a
+// token, 8 pairs a thread with 16-byte loads, the token's cos/sin shared. Otherwise one thread per
+// (token, i < hd/2) computes cos/sin once and rotates the pair (i, i + hd/2) of every head
+// (bf16/f16: 4 consecutive pairs per thread, 8-byte loads, 4 heads' loads in flight). Each pair is
+// read before it is written by the same thread, so y may alias x. Rows (tokens) of x and y are xs
+// and ys elements apart (a joint QKV output's q or k columns).
+#include <algorithm>
+#include <cstdlib>
+#include <string>
+
 #include "runtime/cuda/kernels.cuh"
 #include "runtime/ops/cuda_ops.h"
 
@@ -94,6 +100,61 @@ __global__ void rope_kernel_vec(const T* x, const int32_t* pos, float theta, T* 
   }
 }
 
+// Whole rows at a time (2-byte types, hd a multiple of 16; the default where it applies): a block
+// of R x TPB threads takes TPB tokens, R = heads * hd / 16 threads a token, so that a warp's two
+// 16-byte loads cover a contiguous stretch of the row (lane c: head c / J, pairs 8j..8j+7 with
+// j = c % J, J = hd / 16; elements i and i + hd/2). The token's angles, computed as above, are
+// shared through shared memory. 2.79 TB/s on 134M's q|k (a copy's rate) against 2.40 with
+// rope_kernel_vec, whose warps touch 4 tokens' rows 64 bytes at a time (docs/performance.md,
+// fifteenth round).
+template <typename T>
+__global__ void rope_rows_kernel(const T* x, const int32_t* pos, float theta, T* y, int64_t n, int hd,
+                                 float sign, int64_t xs, int64_t ys) {
+  pdl_begin();
+  extern __shared__ float angles[];  // [TPB][half] cos, then [TPB][half] sin
+  const int half = hd / 2, J = hd / 16, R = blockDim.x, tpb = blockDim.y;
+  float* cs = angles;
+  float* sn = angles + tpb * half;
+  const int r = threadIdx.y, c = threadIdx.x, h = c / J, j = c % J;
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * tpb + r;
+  const int64_t off = h * hd + 8 * j;
+  Pack<T, 8> pa, pb;
+  if (t < n) {
+    pa = load_pack<T, 8>(x + t * xs + off);
+    pb = load_pack<T, 8>(x + t * xs + off + half);
+  }
+  for (int e = r * R + c; e < tpb * half; e += R * tpb) {
+    const int64_t te = static_cast<int64_t>(blockIdx.x) * tpb + e / half;
+    const int i = e % half;
+    const float inv_freq = 1.0f / powf(theta, static_cast<float>(2 * i) / static_cast<float>(hd));
+    const float angle = te < n ? static_cast<float>(pos[te]) * inv_freq : 0.0f;
+    cs[e] = cosf(angle);
+    sn[e] = sign * sinf(angle);
+  }
+  __syncthreads();
+  if (t >= n) return;
+  const float* ct = cs + r * half + 8 * j;
+  const float* st = sn + r * half + 8 * j;
+  Pack<T, 8> ra, rb;
+#pragma unroll
+  for (int k = 0; k < 8; ++k) {
+    const float a = to_f(pa.v[k]), b = to_f(pb.v[k]);
+    ra.v[k] = from_f<T>(a * ct[k] - b * st[k]);
+    rb.v[k] = from_f<T>(b * ct[k] + a * st[k]);
+  }
+  store_pack<T, 8>(y + t * ys + off, ra);
+  store_pack<T, 8>(y + t * ys + off + half, rb);
+}
+
+// IEVO_ROPE_ROWS=0: rope_kernel_vec instead of rope_rows_kernel (A/B).
+bool rope_rows() {
+  static const bool on = [] {
+    const char* e = std::getenv("IEVO_ROPE_ROWS");
+    return !(e && std::string(e) == "0");
+  }();
+  return on;
+}
+
 void rope_apply(const Tensor& x, const Tensor& pos, double theta, Tensor& y, float sign,
                 const char* op, const char* xn, const char* yn) {
   expect_cuda_rows(x, xn, op);
@@ -113,6 +174,17 @@ void rope_apply(const Tensor& x, const Tensor& pos, double theta, Tensor& y, flo
   cudaStream_t s = current_stream();
   dispatch_fp(x.dtype(), op, [&](auto tag) {
     using T = decltype(tag);
+    const int64_t row_threads = heads * hd / 16;
+    if (sizeof(T) == 2 && rope_rows() && hd % 16 == 0 && row_threads <= 1024 && xs % 8 == 0 && ys % 8 == 0 &&
+        aligned_to(x.raw(), 16) && aligned_to(y.raw(), 16)) {
+      const int tpb = static_cast<int>(std::max<int64_t>(1, 256 / row_threads));
+      const dim3 block(static_cast<unsigned>(row_threads), static_cast<unsigned>(tpb));
+      const unsigned grid = static_cast<unsigned>((n + tpb - 1) / tpb);
+      launch_kernel("rope_rows_kernel", rope_rows_kernel<T>, grid, block, 2 * tpb * (hd / 2) * sizeof(float), s,
+                    x.data<T>(), pos.data<int32_t>(), static_cast<float>(theta), y.data<T>(), n,
+                    static_cast<int>(hd), sign, xs, ys);
+      return;
+    }
     constexpr int K = 8 / sizeof(T);  // 8-byte packs
     if (sizeof(T) == 2 && (hd / 2) % K == 0 && xs % K == 0 && ys % K == 0 && aligned_to(x.raw(), 8) &&
         aligned_to(y.raw(), 8)) {
