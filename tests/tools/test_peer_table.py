@@ -9,7 +9,9 @@ round2/ and round3/):
   3       620,000      490,000      1.265
 Medians: ievo 620,000, peer 490,000, ratio 1.265; the rounds' ratios 1.200-1.354; ievo's peak
 memory the highest of its rounds (12 GiB). A variant (ckpt_full, 550,000) is set against the
-peer's median: 1.122. A single round gives the plain table (no rounds column).
+peer's median: 1.122. A single round gives the plain table (no rounds column). "goal met" on
+another model (internlm2-1.8b, goal 1.2): yes, by the mean only, by the median only, no, as the
+ratio of tokens/s and that of the median steps fall on either side of the goal.
 """
 import json
 import os
@@ -65,15 +67,28 @@ def main():
         assert cells[1] == "620,000" and cells[2] == "490,000", cells
         assert cells[3] == "1.265x (1.30x)", cells
         assert cells[4] == f"{0.0668 / 0.0528:.2f}x", cells  # median steps: peer 0.0668, ievo 0.0528
-        assert cells[7] == "12.0" and cells[8] == "13.0", cells
-        assert cells[9] == "1.200–1.354x (3)", cells
+        assert cells[5] == "no", cells  # 1.265 and 1.27 against 1.3
+        assert cells[8] == "12.0" and cells[9] == "13.0", cells
+        assert cells[10] == "1.200–1.354x (3)", cells
+        # internlm2-1.8b (goal 1.2), one round: by the mean only (the peer's slow steps), both,
+        # by the median only (ievo's slow steps), neither.
+        g = tempfile.mkdtemp(dir=d, prefix="goal_")
+        write(os.path.join(g, "meta.json"), {"models": ["internlm2-1.8b"]})
+        for (itps, ptps, imed, pmed), want in (((30000, 24000, 0.40, 0.46), "by the mean only"),
+                                               ((30000, 24000, 0.40, 0.50), "yes"),
+                                               ((30000, 26000, 0.40, 0.49), "by the median only"),
+                                               ((30000, 26000, 0.41, 0.46), "no")):
+            write(os.path.join(g, "ievo_internlm2-1.8b.json"), result(itps, 50, imed))
+            write(os.path.join(g, "peer_internlm2-1.8b.json"), result(ptps, 55, pmed))
+            c = row(table(g), "internlm2-1.8b")
+            assert c[5] == want, (want, c)
         assert "3 rounds" in t, t
         vrows = [line for line in t.splitlines() if "| ckpt_full |" in line]
         assert len(vrows) == 1 and "| 1.122x |" in vrows[0], vrows
 
         t1 = table(one)
         cells = row(t1, "llama-134m")
-        assert len(cells) == 9 and cells[3] == "1.200x (1.30x)", cells
+        assert len(cells) == 10 and cells[3] == "1.200x (1.30x)" and cells[5] == "no", cells
         assert "rounds" not in t1, t1
     finally:
         shutil.rmtree(d)
