@@ -18,6 +18,16 @@ using namespace ievo::cuda;
 
 namespace {
 
+// cos and sign * sin of pair i's angle at position pos (the formula at the top of the file), the
+// same in every kernel so that they all rotate alike.
+__device__ __forceinline__ void rope_cos_sin(float pos, int i, int hd, float theta, float sign, float& c,
+                                             float& s) {
+  const float inv_freq = 1.0f / powf(theta, static_cast<float>(2 * i) / static_cast<float>(hd));
+  const float angle = pos * inv_freq;
+  c = cosf(angle);
+  s = sign * sinf(angle);
+}
+
 template <typename T>
 __global__ void rope_kernel(const T* x, const int32_t* pos, float theta, T* y, int64_t n,
                             int heads, int hd, float sign, int64_t xs, int64_t ys) {
@@ -29,9 +39,8 @@ __global__ void rope_kernel(const T* x, const int32_t* pos, float theta, T* y, i
        idx += stride) {
     const int64_t t = idx / half;
     const int i = static_cast<int>(idx % half);
-    const float inv_freq = 1.0f / powf(theta, static_cast<float>(2 * i) / static_cast<float>(hd));
-    const float angle = static_cast<float>(pos[t]) * inv_freq;
-    const float c = cosf(angle), s = sign * sinf(angle);
+    float c, s;
+    rope_cos_sin(static_cast<float>(pos[t]), i, hd, theta, sign, c, s);
     for (int h = 0; h < heads; ++h) {
       const T* xr = x + t * xs + h * hd;
       T* yr = y + t * ys + h * hd;
@@ -59,10 +68,7 @@ __global__ void rope_kernel_vec(const T* x, const int32_t* pos, float theta, T* 
     const float p = static_cast<float>(pos[t]);
 #pragma unroll
     for (int k = 0; k < K; ++k) {
-      const float inv_freq = 1.0f / powf(theta, static_cast<float>(2 * (i0 + k)) / static_cast<float>(hd));
-      const float angle = p * inv_freq;
-      c[k] = cosf(angle);
-      sn[k] = sign * sinf(angle);
+      rope_cos_sin(p, i0 + k, hd, theta, sign, c[k], sn[k]);
     }
     // kHeads heads at a time, all their loads before any store: y may alias x, so the compiler
     // cannot move a head's loads above the previous head's stores itself, and one head's two
@@ -126,10 +132,7 @@ __global__ void rope_rows_kernel(const T* x, const int32_t* pos, float theta, T*
   for (int e = r * R + c; e < tpb * half; e += R * tpb) {
     const int64_t te = static_cast<int64_t>(blockIdx.x) * tpb + e / half;
     const int i = e % half;
-    const float inv_freq = 1.0f / powf(theta, static_cast<float>(2 * i) / static_cast<float>(hd));
-    const float angle = te < n ? static_cast<float>(pos[te]) * inv_freq : 0.0f;
-    cs[e] = cosf(angle);
-    sn[e] = sign * sinf(angle);
+    rope_cos_sin(te < n ? static_cast<float>(pos[te]) : 0.0f, i, hd, theta, sign, cs[e], sn[e]);
   }
   __syncthreads();
   if (t >= n) return;
