@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "models/llama_layers.h"
+#include "runtime/env.h"
 #include "runtime/ops/attention.h"
 #include "runtime/ops/cross_entropy.h"
 #include "runtime/ops/elementwise.h"
@@ -42,10 +43,7 @@ void linear_backward(const Tensor& dy, const Tensor& x, const Tensor& w, Tensor&
 // gate/up) run as one GEMM over the joint weight [W0; W1; ...], their outputs column slices of
 // one matrix, and so do their weight and input gradients: fewer, larger GEMMs (docs/performance.md,
 // eleventh round). Llama::set_joint_linears(false) or IEVO_JOINT_LINEAR=0: one GEMM each.
-std::atomic<bool> g_joint_linears{[] {
-  const char* e = std::getenv("IEVO_JOINT_LINEAR");
-  return !(e && std::string(e) == "0");
-}()};
+std::atomic<bool> g_joint_linears{env_switch_on("IEVO_JOINT_LINEAR")};
 bool joint_linears() { return g_joint_linears.load(); }
 
 // The parts as one tensor along `dim`: the view that spans them when they lie back to back (a

@@ -44,6 +44,7 @@
 #include "runtime/cuda/attention_aux.h"
 #include "runtime/cuda/check.h"
 #include "runtime/cuda/cuda.h"
+#include "runtime/env.h"
 
 namespace fe = cudnn_frontend;
 
@@ -346,10 +347,7 @@ Entry& graph_for(State& st, const Key& key, float scale) {
 // The dense graph (uniform sequences), or nullptr: turned off with IEVO_CUDNN_ATTN_DENSE=0, or
 // refused by this cuDNN (said once on stderr; the ragged graph is used from then on).
 Entry* dense_graph(State& st, const Key& key, float scale) {
-  static const bool on = [] {
-    const char* e = std::getenv("IEVO_CUDNN_ATTN_DENSE");
-    return !(e && std::string(e) == "0");
-  }();
+  static const bool on = env_switch_on("IEVO_CUDNN_ATTN_DENSE");
   if (!on || st.dense_refused) return nullptr;
   try {
     return &graph_for(st, key, scale);

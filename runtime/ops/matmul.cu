@@ -31,6 +31,7 @@
 #include <tuple>
 
 #include "runtime/cuda/kernels.cuh"
+#include "runtime/env.h"
 #include "runtime/ops/cuda_ops.h"
 #include "runtime/ops/elementwise.h"
 #include "runtime/ops/matmul.h"
@@ -54,10 +55,7 @@ int env_count(const char* name, int fallback) {
 }
 
 bool autotune() {
-  static const bool env_on = [] {
-    const char* e = std::getenv("IEVO_GEMM_AUTOTUNE");
-    return !(e && std::strcmp(e, "0") == 0);
-  }();
+  static const bool env_on = env_switch_on("IEVO_GEMM_AUTOTUNE");
   return env_on && !ievo::cuda::deterministic();
 }
 

@@ -7,10 +7,9 @@
 // read before it is written by the same thread, so y may alias x. Rows (tokens) of x and y are xs
 // and ys elements apart (a joint QKV output's q or k columns).
 #include <algorithm>
-#include <cstdlib>
-#include <string>
 
 #include "runtime/cuda/kernels.cuh"
+#include "runtime/env.h"
 #include "runtime/ops/cuda_ops.h"
 
 namespace ievo::ops::cuda {
@@ -151,10 +150,7 @@ __global__ void rope_rows_kernel(const T* x, const int32_t* pos, float theta, T*
 
 // IEVO_ROPE_ROWS=0: rope_kernel_vec instead of rope_rows_kernel (A/B).
 bool rope_rows() {
-  static const bool on = [] {
-    const char* e = std::getenv("IEVO_ROPE_ROWS");
-    return !(e && std::string(e) == "0");
-  }();
+  static const bool on = env_switch_on("IEVO_ROPE_ROWS");
   return on;
 }
 
