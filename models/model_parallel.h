@@ -12,8 +12,8 @@
 //   x --rmsnorm--> gather_input --> [column-parallel matmuls] ... [row-parallel matmul] --> reduce_output --> + x
 //   backward:  reduce_input_grad <-- ...                                           <-- gather_output_grad
 #pragma once
-#include <vector>
 #include <cstdint>
+#include <vector>
 
 #include "runtime/tensor.h"
 

@@ -1,6 +1,7 @@
 #include "parallel/tensor_parallel.h"
 
 #include <algorithm>
+#include <numeric>
 #include <utility>
 
 #include "runtime/ops/cross_entropy.h"
@@ -160,8 +161,7 @@ std::vector<Tensor> TensorParallel::scatter_heads(const std::vector<Tensor>& par
   if (sp_size_ == 1) return parts;
   const int64_t S = sp_size_, n = parts.empty() ? 0 : parts[0].size(0);
   const std::vector<int64_t> w = head_block_widths(parts, S, true, "Ulysses scatter_heads");
-  int64_t W = 0;
-  for (int64_t x : w) W += x;
+  const int64_t W = std::accumulate(w.begin(), w.end(), int64_t{0});
   const DType dt = parts[0].dtype();
   const Device dev = parts[0].device();
   const Tensor whole = overwrite_parts ? one_buffer(parts) : Tensor();  // read into send first
@@ -186,8 +186,7 @@ std::vector<Tensor> TensorParallel::gather_heads(const std::vector<Tensor>& part
   const int64_t S = sp_size_, N = parts.empty() ? 0 : parts[0].size(0);
   IEVO_CHECK(N % S == 0, "Ulysses: ", N, " tokens are not divisible by parallel.sequence_size = ", S);
   const std::vector<int64_t> w = head_block_widths(parts, S, false, "Ulysses gather_heads");
-  int64_t W = 0;
-  for (int64_t x : w) W += x;
+  const int64_t W = std::accumulate(w.begin(), w.end(), int64_t{0});
   const DType dt = parts[0].dtype();
   const Device dev = parts[0].device();
   Tensor send = one_buffer(parts);  // q, k, v's gradients as attention wrote them: no copy
