@@ -2,13 +2,15 @@
 
 #include <algorithm>
 
+#include "runtime/ops/targets.h"
+
 namespace ievo {
 
 int64_t Batch::num_targets() const {
   Tensor t = targets.is_cpu() ? targets : targets_host.defined() ? targets_host : targets.to(Device::CPU);
   int64_t n = 0;
   const int32_t* p = t.data<int32_t>();
-  for (int64_t i = 0; i < t.numel(); ++i) n += p[i] != -100;
+  for (int64_t i = 0; i < t.numel(); ++i) n += p[i] != ops::kIgnoreIndex;
   return n;
 }
 
@@ -65,7 +67,7 @@ Batch make_packed_batch(const std::vector<int32_t>& rows,
       IEVO_CHECK(s > prev && s <= T, "make_packed_batch: row ", r, ": document start ", s,
                  " not in (", prev, ", ", T, "] (starts must ascend)");
       prev = s;
-      tgt[r * T + s - 1] = -100;  // token s - 1 ends a document
+      tgt[r * T + s - 1] = ops::kIgnoreIndex;  // token s - 1 ends a document
       if (s < T) cu.push_back(static_cast<int32_t>(r * T + s));  // s = T: target-only token
     }
     cu.push_back(static_cast<int32_t>((r + 1) * T));

@@ -5,7 +5,7 @@
 #include <utility>
 #include <vector>
 
-#include "runtime/ops/cross_entropy.h"
+#include "runtime/ops/targets.h"
 #include "runtime/tensor.h"
 
 namespace ievo::ops::cpu {

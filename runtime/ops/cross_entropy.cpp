@@ -26,12 +26,7 @@ void check_args(const Tensor& logits, const Tensor& targets, const char* op) {
              shape_str(logits.shape()));
   check_dtype(targets, DType::I32, "targets");
   check_shape(targets, {logits.size(0)}, "targets");
-  const int32_t* t = targets.data<int32_t>();
-  const int64_t vocab = logits.size(1);
-  for (int64_t n = 0; n < targets.numel(); ++n)
-    if (t[n] != kIgnoreIndex && (t[n] < 0 || t[n] >= vocab))
-      IEVO_FAIL(op, ": target ", t[n], " at row ", n, " is outside the vocabulary [0, ", vocab,
-                ") and is not the ignore index ", kIgnoreIndex);
+  check_target_values(targets.data<int32_t>(), targets.numel(), logits.size(1), op);
 }
 
 // log sum exp of one row, max-subtracted, in double.
@@ -162,8 +157,7 @@ class ChunkTotals {
       if (v[2] != 0) {
         const int64_t row = v[2] - 1;
         const int32_t t = targets.slice(0, row, row + 1).to(Device::CPU).data<int32_t>()[0];
-        IEVO_FAIL("lm_head_loss: target ", t, " at row ", row, " is outside the vocabulary [0, ", vocab,
-                  ") and is not the ignore index ", kIgnoreIndex);
+        target_error("lm_head_loss", t, row, vocab);
       }
     }
     *count = count_;

@@ -103,8 +103,7 @@ void check_args(const Tensor& logits, const Tensor& targets, const char* op) {
   IEVO_CUDA_CHECK(cudaMemcpyAsync(&t, targets.data<int32_t>() + row, sizeof(t),
                                   cudaMemcpyDeviceToHost, s));
   IEVO_CUDA_CHECK(cudaStreamSynchronize(s));
-  IEVO_FAIL(op, ": target ", t, " at row ", row, " is outside the vocabulary [0, ", vocab,
-            ") and is not the ignore index ", kIgnoreIndex);
+  target_error(op, t, row, vocab);
 }
 
 // Forward and backward in one launch (the LM head's chunks): the loss as ce_fwd, then the gradient

@@ -10,11 +10,10 @@
 #pragma once
 #include <cstdint>
 
+#include "runtime/ops/targets.h"
 #include "runtime/tensor.h"
 
 namespace ievo::ops {
-
-constexpr int32_t kIgnoreIndex = -100;
 
 double cross_entropy_forward(const Tensor& logits, const Tensor& targets, Tensor& losses,
                              int64_t* count);

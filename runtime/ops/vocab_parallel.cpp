@@ -11,8 +11,8 @@
 #include <vector>
 
 #include "runtime/ops/cpu_common.h"
-#include "runtime/ops/cross_entropy.h"
 #include "runtime/ops/embedding.h"
+#include "runtime/ops/targets.h"
 
 namespace ievo::ops {
 namespace {
@@ -31,11 +31,7 @@ void check_targets(const Tensor& targets, int64_t n, int64_t vocab, const char* 
   cpu::expect_cpu(targets, "targets", op);
   check_dtype(targets, DType::I32, "targets");
   check_shape(targets, {n}, "targets");
-  const int32_t* t = targets.data<int32_t>();
-  for (int64_t i = 0; i < n; ++i)
-    if (t[i] != kIgnoreIndex && (t[i] < 0 || t[i] >= vocab))
-      IEVO_FAIL(op, ": target ", t[i], " at row ", i, " is outside the vocabulary [0, ", vocab,
-                ") and is not the ignore index ", kIgnoreIndex);
+  check_target_values(targets.data<int32_t>(), n, vocab, op);
 }
 
 void check_logits(const Tensor& logits, int64_t begin, int64_t vocab, const char* op) {

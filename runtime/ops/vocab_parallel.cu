@@ -15,9 +15,9 @@
 
 #include "runtime/cuda/kernels.cuh"
 #include "runtime/ops/cuda_ops.h"
-#include "runtime/ops/cross_entropy.h"
 #include "runtime/ops/embedding.h"
 #include "runtime/ops/softmax_rows.cuh"
+#include "runtime/ops/targets.h"
 #include "runtime/ops/vocab_parallel.h"
 
 namespace ievo::ops::cuda {
@@ -57,9 +57,7 @@ void check_values(const Tensor& v, int64_t vocab, bool targets, const char* op) 
   int32_t x = 0;
   IEVO_CUDA_CHECK(cudaMemcpyAsync(&x, v.data<int32_t>() + pos, sizeof(x), cudaMemcpyDeviceToHost, s));
   IEVO_CUDA_CHECK(cudaStreamSynchronize(s));
-  if (targets)
-    IEVO_FAIL(op, ": target ", x, " at row ", pos, " is outside the vocabulary [0, ", vocab,
-              ") and is not the ignore index ", kIgnoreIndex);
+  if (targets) target_error(op, x, pos, vocab);
   IEVO_FAIL(op, ": token id ", x, " at position ", pos, " is outside the vocabulary [0, ", vocab, ")");
 }
 
