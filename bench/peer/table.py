@@ -99,17 +99,17 @@ def main(d):
         i, p = summary(iruns), summary(pruns)
         it = i["tokens_per_s"] if i else None
         pt = p["tokens_per_s"] if p else None
-        ratio = f"{it / pt:.3f}x" if it and pt else "—"
+        r = it / pt if it and pt else None
         goal = GOALS.get(m)
-        ratio += f" ({goal:.2f}x)" if goal else ""
+        ratio = (f"{r:.3f}x" if r else "—") + (f" ({goal:.2f}x)" if goal else "")
         # tok/s come from the mean step time; a few slow steps on either side (host jitter, a
         # collection) move the mean, the median of the timed steps shows whether they did.
         im = i.get("step_time_median_s") if i else None
         pm = p.get("step_time_median_s") if p else None
-        mratio = f"{pm / im:.2f}x" if im and pm else "—"
-        met = goal_met(goal, it / pt if it and pt else None, pm / im if im and pm else None)
+        mr = pm / im if im and pm else None
         lines.append(" | ".join([
-            f"| {m}", fmt(it, ",.0f"), fmt(pt, ",.0f"), ratio, mratio, met,
+            f"| {m}", fmt(it, ",.0f"), fmt(pt, ",.0f"), ratio, f"{mr:.2f}x" if mr else "—",
+            goal_met(goal, r, mr),
             fmt(100 * i["mfu"], ".1f") + "%" if i else "—", fmt(100 * p["mfu"], ".1f") + "%" if p else "—",
             fmt(i["peak_mem_bytes"] / GIB, ".1f") if i else "—",
             fmt(p["peak_mem_bytes"] / GIB, ".1f") if p else "—"]) + " |")
